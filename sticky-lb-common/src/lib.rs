@@ -1,0 +1,289 @@
+//! Map keys and values shared by the sticky-lb XDP program and its controller.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields, so the kernel side and the user
+//! side agree on the layout byte for byte. Addresses are always 16 bytes (`[u32; 4]` holding the
+//! address bytes in network order): an IPv4 address sits in word 0 with words 1..4 zero, which
+//! leaves room for IPv6 without changing a key.
+#![no_std]
+
+pub mod hash;
+
+/// Index of a backend in the backends map. Stick entries hold this id, never a table position,
+/// so rebuilding a Maglev table never invalidates a stuck client.
+pub type BackendId = u32;
+/// Index of a service; part of every stick key so services never share entries.
+pub type ServiceId = u32;
+
+/// Bump when any map layout below changes; pinned maps of another version are not reused.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Capacity of the services map (virtual services per interface).
+pub const MAX_SERVICES: u32 = 64;
+/// Capacity of the backends map (backend ids across all services).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Default stick-table size, like HAProxy `stick-table size 1m`.
+pub const DEFAULT_STICK_TABLE_SIZE: u32 = 1 << 20;
+/// Default Maglev lookup-table size (prime, as the paper requires).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
+/// Marks an empty Maglev slot (a service with no eligible backend).
+pub const NO_BACKEND: BackendId = u32::MAX;
+/// A stick entry's last-seen time is rewritten only once it is this old, so a busy client costs a
+/// map write at most once a second instead of once a packet.
+pub const STICK_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Map names (at most 15 characters: the kernel truncates longer names and reuse by name breaks).
+pub mod map_names {
+    pub const SERVICES: &str = "slb_services";
+    pub const BACKENDS: &str = "slb_backends";
+    pub const MAGLEV: &str = "slb_maglev";
+    pub const STICK: &str = "slb_stick";
+    pub const STATS: &str = "slb_stats";
+    pub const BACKEND_STATS: &str = "slb_backend_st";
+    pub const SERVICE_STATS: &str = "slb_service_st";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKENDS,
+        MAGLEV,
+        STICK,
+        STATS,
+        BACKEND_STATS,
+        SERVICE_STATS,
+    ];
+}
+
+/// IP protocol numbers used in [`ServiceKey::protocol`].
+pub const PROTO_TCP: u8 = 6;
+
+/// Key of the services map: what a packet must be addressed to for the balancer to take it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: [u32; 4],
+    /// Destination port in network byte order, as it sits in the TCP header.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// How a service picks a backend for a client it has not seen (or whose backend is gone).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Maglev consistent hash of the masked client address.
+    IpHash = 0,
+    /// Fewest active connections per unit of weight.
+    LeastConn = 1,
+}
+
+/// How packets reach the chosen backend.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// L2 direct server return (IPVS `-g`): rewrite MACs, XDP_TX; the backend answers the client.
+    Dsr = 0,
+}
+
+/// Value of the services map: the per-service parameters the data path needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub id: ServiceId,
+    /// A [`Policy`] value.
+    pub policy: u8,
+    /// A [`Forwarding`] value.
+    pub forwarding: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    /// First slot of this service's active Maglev table in the Maglev array. The controller
+    /// writes the inactive copy, then flips this field in one map update: a packet sees the old
+    /// table or the new one, never half of each.
+    pub ring_base: u32,
+    /// Size of this service's Maglev table (a prime).
+    pub ring_size: u32,
+    /// A stick entry idle longer than this is treated as absent and swept.
+    pub stick_timeout_ns: u64,
+    /// Mask applied to the client address before it keys the stick table and the hash
+    /// (IPVS `-M`, HAProxy `ipmask`); bytes in network order like the address.
+    pub client_mask: [u32; 4],
+}
+
+/// Key of the stick table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StickKey {
+    pub service: ServiceId,
+    /// Client address with the service's mask applied.
+    pub client: [u32; 4],
+}
+
+/// Value of the stick table: where a client goes and how long it has been going there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StickEntry {
+    pub backend: BackendId,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet, at [`STICK_REFRESH_NS`] granularity.
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the client was first assigned to this backend.
+    pub created_ns: u64,
+}
+
+/// A backend's state in the data path.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// The slot holds no backend.
+    Unused = 0,
+    /// Eligible for new clients and its stuck clients.
+    Up = 1,
+    /// No new clients; stuck clients keep going until their entries expire.
+    Drain = 2,
+    /// Failed health checks: stuck clients are redispatched.
+    Down = 3,
+    /// Taken out by the operator: as `Down`, without checks.
+    Disabled = 4,
+}
+
+impl BackendState {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Up,
+            2 => Self::Drain,
+            3 => Self::Down,
+            4 => Self::Disabled,
+            _ => Self::Unused,
+        }
+    }
+
+    /// Whether clients already stuck to a backend in this state keep reaching it.
+    pub fn keeps_stuck_clients(self) -> bool {
+        matches!(self, Self::Up | Self::Drain)
+    }
+}
+
+/// Value of the backends map, indexed by [`BackendId`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Destination MAC for DSR.
+    pub mac: [u8; 6],
+    /// A [`BackendState`] value.
+    pub state: u8,
+    pub _pad: u8,
+    /// The service this backend serves; a stick entry pointing at a backend of another service
+    /// (a reused id) is treated as a miss.
+    pub service: ServiceId,
+    pub weight: u32,
+}
+
+/// Indexes of the global per-CPU counters (`slb_stats`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Passed to the kernel: not IPv4 (ARP, IPv6, LLDP...).
+    PassNotIp = 0,
+    /// Passed: IPv4 not addressed to a configured service (VIP, port, TCP).
+    PassNotService = 1,
+    /// Passed: an IPv4 fragment (no reliable ports; see README "Limits").
+    PassFragment = 2,
+    /// Passed: the frame ends inside a header it claims to carry.
+    PassMalformed = 3,
+    /// Dropped: the service has no eligible backend.
+    DropNoBackend = 4,
+    /// Dropped: the backend id found in the Maglev table has no backend entry.
+    DropBadBackend = 5,
+    /// Aborted: a map lookup that cannot fail did (a bug; XDP_ABORTED shows in tracepoints).
+    Aborted = 6,
+}
+
+/// Number of [`Counter`] slots. Forwarded packets are not counted here but per backend
+/// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
+pub const COUNTER_COUNT: u32 = 7;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::PassNotIp,
+        Counter::PassNotService,
+        Counter::PassFragment,
+        Counter::PassMalformed,
+        Counter::DropNoBackend,
+        Counter::DropBadBackend,
+        Counter::Aborted,
+    ];
+
+    /// Name used by `status` and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotService => "pass_not_service",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropBadBackend => "drop_bad_backend",
+            Counter::Aborted => "aborted",
+        }
+    }
+}
+
+/// Per-backend traffic counters (per-CPU array indexed by [`BackendId`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Per-service stick-table counters (per-CPU array indexed by [`ServiceId`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// The client had a live entry pointing at a backend that still takes it.
+    pub stick_hits: u64,
+    /// No live entry: the policy chose a backend.
+    pub stick_misses: u64,
+    /// Entries written after a miss or a redispatch.
+    pub stick_inserts: u64,
+    /// The stuck backend was down, disabled or gone; the client was moved.
+    pub redispatches: u64,
+    /// The entry could not be written (should not happen with an LRU map).
+    pub insert_failures: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made only of integers and arrays of integers, with
+    // every padding byte spelled out as a field.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for StickKey {}
+    unsafe impl aya::Pod for StickEntry {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for BackendCounters {}
+    unsafe impl aya::Pod for ServiceCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Service>(), 40);
+        assert_eq!(size_of::<StickKey>(), 20);
+        assert_eq!(size_of::<StickEntry>(), 24);
+        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<BackendCounters>(), 16);
+        assert_eq!(size_of::<ServiceCounters>(), 40);
+    }
+
+    #[test]
+    fn counter_indexes_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! sticky-lb's XDP data path.
+//!
+//! For each frame: parse Ethernet/IPv4/TCP; if it is addressed to a configured service, find the
+//! client's backend in the stick table (or choose one with the service's policy and record it),
+//! rewrite the frame for that backend and transmit it. Everything else is passed to the kernel
+//! untouched so the host keeps working.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{Global, bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
+use maps::SERVICES;
+use parse::Parsed;
+use select::NoBackend;
+use sticky_lb_common::{Counter, PROTO_TCP, ServiceKey};
+
+/// MAC address of the interface the program is attached to; the controller sets it at load time
+/// (read-only data, so the verifier treats it as a constant).
+#[unsafe(no_mangle)]
+static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+
+#[xdp]
+pub fn sticky_lb(ctx: XdpContext) -> u32 {
+    try_sticky_lb(&ctx)
+}
+
+#[inline(always)]
+fn try_sticky_lb(ctx: &XdpContext) -> u32 {
+    let packet = match parse::ipv4_tcp(ctx) {
+        Parsed::Tcp(packet) => packet,
+        Parsed::NotIpv4 => return pass(Counter::PassNotIp),
+        Parsed::NotTcp => return pass(Counter::PassNotService),
+        Parsed::Fragment => return pass(Counter::PassFragment),
+        Parsed::Truncated => return pass(Counter::PassMalformed),
+    };
+    let key = ServiceKey {
+        vip: [packet.daddr, 0, 0, 0],
+        port: packet.dport,
+        protocol: PROTO_TCP,
+        _pad: 0,
+    };
+    // SAFETY: service entries are replaced whole by the controller, never written in place.
+    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+        return pass(Counter::PassNotService);
+    };
+    let client = packet.saddr & service.client_mask[0];
+    match select::backend_for(service, client) {
+        Ok((id, backend)) => {
+            forward::dsr(packet.eth, backend, IFACE_MAC.load());
+            stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
+            xdp_action::XDP_TX
+        }
+        Err(NoBackend::Empty) => {
+            debug!(ctx, "service {} has no eligible backend", service.id);
+            drop(Counter::DropNoBackend)
+        }
+        Err(NoBackend::BadId) => drop(Counter::DropBadBackend),
+    }
+}
+
+#[inline(always)]
+fn pass(reason: Counter) -> u32 {
+    stats::count(reason);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn drop(reason: Counter) -> u32 {
+    stats::count(reason);
+    xdp_action::XDP_DROP
+}
+
+/// A do-nothing program. Attached to the veth peers in the test rig (native-mode XDP_TX on veth
+/// only delivers to a peer that runs an XDP program) and the floor in benchmarks.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,47 @@
+//! The maps the data path reads and writes. Sizes here are defaults: the controller sets the
+//! stick table and Maglev array sizes at load time from the config. All are pinned by the
+//! controller under /sys/fs/bpf/sticky-lb/<interface>/ so forwarding survives a restart.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use sticky_lb_common::{
+    Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_MAGLEV_TABLE_SIZE,
+    DEFAULT_STICK_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, Service, ServiceCounters, ServiceKey,
+    StickEntry, StickKey,
+};
+
+/// Virtual services: (VIP, port, protocol) -> parameters. A miss here means "not ours": pass.
+#[map(name = "slb_services")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Backends by id: address, MAC, state, owning service.
+#[map(name = "slb_backends")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev lookup tables of all services, two copies each (active and being rebuilt), as backend
+/// ids. A service's active copy starts at `Service::ring_base`.
+#[map(name = "slb_maglev")]
+pub static MAGLEV: Array<BackendId> = Array::with_max_entries(2 * DEFAULT_MAGLEV_TABLE_SIZE, 0);
+
+/// The stick table: (service, masked client) -> backend. One LRU shared by all CPUs so a client
+/// whose packets land on different CPUs still has one entry; the LRU evicts the least recently
+/// used client when full, like HAProxy's stick table.
+#[map(name = "slb_stick")]
+pub static STICK: LruHashMap<StickKey, StickEntry> =
+    LruHashMap::with_max_entries(DEFAULT_STICK_TABLE_SIZE, 0);
+
+/// Pass/drop reasons, indexed by `Counter` (per CPU: no atomic ops on the packet path).
+#[map(name = "slb_stats")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Packets and bytes forwarded, per backend id.
+#[map(name = "slb_backend_st")]
+pub static BACKEND_STATS: PerCpuArray<BackendCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Stick hits, misses, inserts and redispatches, per service id.
+#[map(name = "slb_service_st")]
+pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
