@@ -1,0 +1,608 @@
+//! The YAML configuration: its model, its parsing and its validation.
+//!
+//! Everything is checked before the kernel is touched. An error names the field by its path
+//! (`services[0].backends[2].weight`) and, where it can be found, the line.
+
+use crate::maglev::is_prime;
+use serde::{Deserialize, Deserializer, de};
+use std::{fmt, net::Ipv4Addr, path::Path, time::Duration};
+use sticky_lb_common::{
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+};
+
+/// Largest Maglev table accepted (a prime); 16 services x 2 copies x this x 4 bytes stays small.
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The interface clients reach the VIPs through; the XDP program attaches here.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    #[serde(default)]
+    pub on_exit: OnExit,
+    /// Entries in the stick table, shared by all services (one LRU map).
+    #[serde(default = "default_stick_table_size")]
+    pub stick_table_size: u32,
+    /// How often the expiry sweep walks the stick table.
+    #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    /// Try native (driver) mode, fall back to generic with a log line.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExit {
+    /// Detach the program and remove the pinned maps on SIGINT/SIGTERM.
+    #[default]
+    Detach,
+    /// Leave the data path forwarding with its pinned state; a new controller adopts it.
+    KeepRunning,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default = "default_maglev_table_size")]
+    pub maglev_table_size: u32,
+    #[serde(default)]
+    pub stick: StickConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Maglev consistent hash of the (masked) client address.
+    #[default]
+    IpHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// L2 direct server return: MAC rewrite, the backend answers the client directly.
+    #[default]
+    Dsr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StickConfig {
+    /// Idle time after which a client's entry expires (`30m`, `2s`, `1h`, or seconds).
+    #[serde(default = "default_stick_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Prefix length applied to the client address before it keys the table: 32 sticks each
+    /// address, 24 sticks a whole /24 (IPVS `-M`, HAProxy `ipmask`).
+    #[serde(default = "default_client_mask")]
+    pub client_mask: u8,
+}
+
+impl Default for StickConfig {
+    fn default() -> Self {
+        StickConfig {
+            timeout: default_stick_timeout(),
+            client_mask: default_client_mask(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// Destination MAC for DSR; looked up in the neighbour table when absent.
+    #[serde(default, deserialize_with = "mac")]
+    pub mac: Option<[u8; 6]>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_stick_table_size() -> u32 {
+    DEFAULT_STICK_TABLE_SIZE
+}
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_maglev_table_size() -> u32 {
+    DEFAULT_MAGLEV_TABLE_SIZE
+}
+fn default_stick_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_client_mask() -> u8 {
+    32
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// A configuration error: the field path, the line if known, and what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub field: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.field.is_empty(), self.line) {
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+            (false, Some(line)) => write!(f, "{} (line {line}): {}", self.field, self.message),
+            (false, None) => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a config file. `check_interface` also requires the interface
+    /// to exist in the current network namespace.
+    pub fn load(path: &Path, check_interface: bool) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text, check_interface)
+    }
+
+    pub fn parse(text: &str, check_interface: bool) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            // serde_yaml appends "at line L column C"; we print the line our own way.
+            let mut message = e.to_string();
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            // serde_yaml prefixes the path ("services[0].vip: ..."); keep it as the field.
+            let (field, message) = match message.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
+                _ => (String::new(), message),
+            };
+            ConfigError {
+                field,
+                line,
+                message,
+            }
+        })?;
+        config.validate(text, check_interface)?;
+        Ok(config)
+    }
+
+    fn validate(&self, text: &str, check_interface: bool) -> Result<(), ConfigError> {
+        let err = |path: &[PathPart], message: String| ConfigError {
+            field: render_path(path),
+            line: locate(text, path),
+            message,
+        };
+        use PathPart::{Index as I, Key as K};
+
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            return Err(err(
+                &[K("interface")],
+                "must be an interface name of 1 to 15 characters".into(),
+            ));
+        }
+        if check_interface && interface_index(&self.interface).is_none() {
+            return Err(err(
+                &[K("interface")],
+                format!("no interface named '{}' in this network namespace", self.interface),
+            ));
+        }
+        if self.stick_table_size == 0 {
+            return Err(err(&[K("stick_table_size")], "must be at least 1".into()));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(err(&[K("sweep_interval")], "must be longer than 0".into()));
+        }
+        if self.services.is_empty() {
+            return Err(err(&[K("services")], "at least one service is required".into()));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err(err(
+                &[K("services")],
+                format!("at most {MAX_SERVICES} services are supported"),
+            ));
+        }
+        let total_backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(err(
+                &[K("services")],
+                format!("at most {MAX_BACKENDS} backends in all are supported"),
+            ));
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            let at = |field: &'static str| [K("services"), I(i), K(field)];
+            if service.name.is_empty() {
+                return Err(err(&at("name"), "must not be empty".into()));
+            }
+            if let Some(j) = self.services[..i].iter().position(|s| s.name == service.name) {
+                return Err(err(
+                    &at("name"),
+                    format!("duplicate service name '{}' (also services[{j}])", service.name),
+                ));
+            }
+            if let Some(j) = self.services[..i]
+                .iter()
+                .position(|s| s.vip == service.vip && s.port == service.port)
+            {
+                return Err(err(
+                    &at("port"),
+                    format!(
+                        "duplicate service {}:{} (also services[{j}])",
+                        service.vip, service.port
+                    ),
+                ));
+            }
+            if service.vip.is_unspecified() || service.vip.is_multicast() || service.vip.is_broadcast() {
+                return Err(err(&at("vip"), format!("{} cannot be a VIP", service.vip)));
+            }
+            if service.port == 0 {
+                return Err(err(&at("port"), "must be 1 to 65535".into()));
+            }
+            if !is_prime(service.maglev_table_size) || service.maglev_table_size > MAX_MAGLEV_TABLE_SIZE {
+                return Err(err(
+                    &at("maglev_table_size"),
+                    format!(
+                        "{} is not a prime of at most {MAX_MAGLEV_TABLE_SIZE} (Maglev needs a prime; the usual is 65537)",
+                        service.maglev_table_size
+                    ),
+                ));
+            }
+            let stick = [K("services"), I(i), K("stick"), K("client_mask")];
+            if service.stick.client_mask == 0 || service.stick.client_mask > 32 {
+                return Err(err(&stick, "must be a prefix length from 1 to 32".into()));
+            }
+            if service.stick.timeout.is_zero() {
+                let timeout = [K("services"), I(i), K("stick"), K("timeout")];
+                return Err(err(&timeout, "must be longer than 0".into()));
+            }
+            if service.backends.is_empty() {
+                return Err(err(&at("backends"), "at least one backend is required".into()));
+            }
+            for (j, backend) in service.backends.iter().enumerate() {
+                let at = |field: &'static str| {
+                    [K("services"), I(i), K("backends"), I(j), K(field)]
+                };
+                if backend.name.is_empty() {
+                    return Err(err(&at("name"), "must not be empty".into()));
+                }
+                if let Some(k) = service.backends[..j].iter().position(|b| b.name == backend.name) {
+                    return Err(err(
+                        &at("name"),
+                        format!("duplicate backend name '{}' (also backends[{k}])", backend.name),
+                    ));
+                }
+                if let Some(k) = service.backends[..j]
+                    .iter()
+                    .position(|b| b.address == backend.address)
+                {
+                    return Err(err(
+                        &at("address"),
+                        format!("duplicate backend address {} (also backends[{k}])", backend.address),
+                    ));
+                }
+                if backend.address.is_unspecified()
+                    || backend.address.is_multicast()
+                    || backend.address.is_broadcast()
+                {
+                    return Err(err(&at("address"), format!("{} cannot be a backend", backend.address)));
+                }
+                if backend.weight > 1_000_000 {
+                    return Err(err(&at("weight"), "must be at most 1000000".into()));
+                }
+            }
+            if service.backends.iter().all(|b| b.weight == 0) {
+                return Err(err(
+                    &at("backends"),
+                    "all weights are zero: no backend could take a client".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The interface's index in the current network namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Parses `30m`, `2s`, `500ms`, `1h`, `1d` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (use e.g. 30m, 2s, 500ms, 1h)"))?;
+    let millis = match unit.trim() {
+        "" | "s" => number.checked_mul(1000),
+        "ms" => Some(number),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        "d" => number.checked_mul(86_400_000),
+        _ => None,
+    }
+    .ok_or_else(|| format!("'{text}' is not a duration (use e.g. 30m, 2s, 500ms, 1h)"))?;
+    Ok(Duration::from_millis(millis))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 30m, 2s, 500ms or 1h")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bad = || format!("'{text}' is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(format!("'{text}' is not a unicast MAC address"));
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_mac(&text).map(Some).map_err(de::Error::custom)
+}
+
+/// One step of a field path.
+#[derive(Clone, Copy)]
+enum PathPart {
+    Key(&'static str),
+    Index(usize),
+}
+
+fn render_path(path: &[PathPart]) -> String {
+    let mut out = String::new();
+    for part in path {
+        match part {
+            PathPart::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            PathPart::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Finds the 1-based line of a field in block-style YAML (the style of every example config).
+/// serde_yaml reports lines for syntax and type errors only; semantic checks use this. Returns
+/// `None` where the text does not look like plain block YAML, and the error goes without a line.
+fn locate(text: &str, path: &[PathPart]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    // The window of lines the current node spans, and the indentation its children have at least.
+    let (mut start, mut end, mut min_indent) = (0usize, lines.len(), 0usize);
+    let mut found = None;
+    for part in path {
+        match part {
+            PathPart::Key(key) => {
+                let (line, indent) = (start..end).find_map(|n| {
+                    let l = lines[n];
+                    let body = l.trim_start();
+                    let indent = l.len() - body.len();
+                    let body = body.strip_prefix("- ").map(str::trim_start).unwrap_or(body);
+                    let indent = if l.trim_start().starts_with("- ") {
+                        l.len() - body.len()
+                    } else {
+                        indent
+                    };
+                    (indent >= min_indent
+                        && body.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')))
+                    .then_some((n, indent))
+                })?;
+                found = Some(line);
+                start = line + 1;
+                // The value ends where a line is indented no deeper than the key.
+                end = (start..end)
+                    .find(|&n| {
+                        let l = lines[n];
+                        let t = l.trim_start();
+                        !t.is_empty() && !t.starts_with('#') && l.len() - t.len() <= indent
+                            && !(t.starts_with("- ") && l.len() - t.len() == indent)
+                    })
+                    .unwrap_or(end);
+                min_indent = indent;
+            }
+            PathPart::Index(i) => {
+                let items: Vec<(usize, usize)> = (start..end)
+                    .filter_map(|n| {
+                        let l = lines[n];
+                        let t = l.trim_start();
+                        t.starts_with("- ").then_some((n, l.len() - t.len()))
+                    })
+                    .collect();
+                let item_indent = items.iter().map(|(_, ind)| *ind).min()?;
+                let items: Vec<usize> = items
+                    .into_iter()
+                    .filter(|(_, ind)| *ind == item_indent)
+                    .map(|(n, _)| n)
+                    .collect();
+                let line = *items.get(*i)?;
+                found = Some(line);
+                start = line;
+                end = items.get(i + 1).copied().unwrap_or(end);
+                min_indent = item_indent;
+            }
+        }
+    }
+    found.map(|n| n + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+interface: lo
+xdp_mode: generic
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    stick:
+      timeout: 2s
+      client_mask: 24
+    backends:
+      - name: web-1
+        address: 198.18.0.11
+        weight: 2
+      - name: web-2
+        address: 198.18.0.12
+        mac: 02:00:00:00:00:12
+";
+
+    fn error(text: &str) -> String {
+        Config::parse(text, false).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = Config::parse(GOOD, false).unwrap();
+        assert_eq!(config.xdp_mode, XdpMode::Generic);
+        assert_eq!(config.on_exit, OnExit::Detach);
+        assert_eq!(config.stick_table_size, DEFAULT_STICK_TABLE_SIZE);
+        let service = &config.services[0];
+        assert_eq!(service.maglev_table_size, 65537);
+        assert_eq!(service.stick.timeout, Duration::from_secs(2));
+        assert_eq!(service.stick.client_mask, 24);
+        assert_eq!(service.backends[0].weight, 2);
+        assert_eq!(service.backends[1].weight, 1);
+        assert_eq!(service.backends[1].mac, Some([2, 0, 0, 0, 0, 0x12]));
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = GOOD.replace("        weight: 2", "        wieght: 2");
+        let e = error(&text);
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        assert!(e.contains("line 13"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_is_named_with_its_line() {
+        let e = error(&GOOD.replace("198.18.0.12", "198.18.0.300"));
+        assert!(e.contains("services[0].backends[1].address"), "{e}");
+        assert!(e.contains("line 15"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_name_is_named_with_its_line() {
+        let e = error(&GOOD.replace("name: web-2", "name: web-1"));
+        assert!(e.starts_with("services[0].backends[1].name (line 14): duplicate backend name"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_service_is_rejected() {
+        let text = format!(
+            "{GOOD}  - name: web2\n    vip: 198.18.0.100\n    port: 80\n    backends:\n      - name: a\n        address: 198.18.0.20\n"
+        );
+        let e = error(&text);
+        assert!(e.starts_with("services[1].port (line 19): duplicate service 198.18.0.100:80"), "{e}");
+    }
+
+    #[test]
+    fn all_weights_zero_is_rejected() {
+        let text = GOOD
+            .replace("weight: 2", "weight: 0")
+            .replace("        mac: 02:00:00:00:00:12\n", "        weight: 0\n");
+        let e = error(&text);
+        assert!(e.starts_with("services[0].backends (line 10): all weights are zero"), "{e}");
+    }
+
+    #[test]
+    fn non_prime_table_size_is_rejected() {
+        let text = GOOD.replace("    port: 80\n", "    port: 80\n    maglev_table_size: 65536\n");
+        let e = error(&text);
+        assert!(e.starts_with("services[0].maglev_table_size (line 7): 65536 is not a prime"), "{e}");
+    }
+
+    #[test]
+    fn missing_interface_is_rejected_when_checked() {
+        let text = GOOD.replace("interface: lo", "interface: slb-nonexist0");
+        let e = Config::parse(&text, true).unwrap_err().to_string();
+        assert!(e.starts_with("interface (line 1): no interface named 'slb-nonexist0'"), "{e}");
+    }
+
+    #[test]
+    fn bad_mac_and_duration_and_mask() {
+        assert!(error(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:00")).contains("not a MAC"));
+        assert!(error(&GOOD.replace("timeout: 2s", "timeout: 2 fortnights")).contains("not a duration"));
+        let e = error(&GOOD.replace("client_mask: 24", "client_mask: 33"));
+        assert!(e.starts_with("services[0].stick.client_mask (line 9)"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("m").is_err());
+    }
+}

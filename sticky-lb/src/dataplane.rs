@@ -1,0 +1,344 @@
+//! The kernel side as the controller sees it: loading the XDP object, attaching it, pinning the
+//! link and the maps, and reading and writing the maps.
+//!
+//! Pins live under `/sys/fs/bpf/sticky-lb/[<netns>/]<interface>/`: one file per map plus `link`,
+//! the XDP link. While `link` is pinned the program stays attached with no process running; a new
+//! controller reopens the pinned maps (so the stick table survives) and swaps its program into the
+//! pinned link atomically.
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use log::{info, warn};
+use std::path::{Path, PathBuf};
+use sticky_lb_common::{
+    Backend, BackendCounters, BackendId, COUNTER_COUNT, Service, ServiceCounters, ServiceId,
+    ServiceKey, StickEntry, StickKey, map_names,
+};
+
+use crate::maglev;
+
+/// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STICKY_LB_EBPF_OBJECT"));
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "sticky_lb";
+/// A do-nothing XDP program in the same object (rig peers, benchmark floor).
+pub const PASS_PROGRAM: &str = "xdp_pass";
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where one data path's pins live.
+#[derive(Clone, Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/sticky-lb/[<netns>/]<interface>`: interfaces in different namespaces may
+    /// share a name, their pins must not.
+    pub fn new(netns: Option<&str>, interface: &str) -> PinDir {
+        let mut path = PathBuf::from(BPFFS).join("sticky-lb");
+        if let Some(netns) = netns {
+            path.push(netns);
+        }
+        PinDir(path.join(interface))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn link(&self) -> PathBuf {
+        self.0.join("link")
+    }
+
+    /// Whether a data path is pinned here (attached, possibly with no controller running).
+    pub fn is_attached(&self) -> bool {
+        self.link().exists()
+    }
+
+    /// Removes the link pin (which detaches the program once no process holds the link) and the
+    /// map pins, then the directory.
+    pub fn remove(&self) -> Result<()> {
+        let _ = std::fs::remove_file(self.link());
+        for name in map_names::ALL {
+            let _ = std::fs::remove_file(self.map(name));
+        }
+        match std::fs::remove_dir(&self.0) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", self.0.display())),
+        }
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not there (a fresh machine has none).
+pub fn ensure_bpffs() -> Result<()> {
+    let path = std::ffi::CString::new(BPFFS).unwrap();
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    let fstype = std::ffi::CString::new("bpf").unwrap();
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        bail!("mounting bpffs on {BPFFS}: {}", std::io::Error::last_os_error());
+    }
+    info!("mounted bpffs on {BPFFS}");
+    Ok(())
+}
+
+/// Sizes and constants fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub stick_table_size: u32,
+    /// Slots per Maglev table copy (the largest table size of any service).
+    pub maglev_stride: u32,
+    /// Services the Maglev array has room for.
+    pub maglev_services: u32,
+    pub interface_mac: [u8; 6],
+    /// aya-log level for the program's own log lines (0 = off .. 5 = trace).
+    pub log_level: u8,
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+    /// A pinned link existed; the new program replaced the old one in it (mode unchanged).
+    Replaced,
+}
+
+/// The loaded program and typed handles on its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: PinDir,
+    options: LoadOptions,
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, BackendId>,
+}
+
+impl Dataplane {
+    /// Loads the object, reusing maps already pinned in `pins` (a previous controller's state) and
+    /// pinning new ones there.
+    pub fn load(pins: PinDir, options: LoadOptions) -> Result<Dataplane> {
+        std::fs::create_dir_all(pins.path())
+            .with_context(|| format!("creating {}", pins.path().display()))?;
+        let maglev_slots = options
+            .maglev_stride
+            .checked_mul(2 * options.maglev_services)
+            .ok_or_else(|| anyhow!("Maglev array too large"))?;
+        let map_paths: Vec<(&str, PathBuf)> =
+            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::STICK, options.stick_table_size)
+            .map_max_entries(map_names::MAGLEV, maglev_slots)
+            .override_global("IFACE_MAC", &options.interface_mac, true)
+            .override_global("AYA_LOG_LEVEL", &options.log_level, false);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            anyhow!(
+                "loading the XDP program: {e}{}",
+                if pins.map(map_names::STICK).exists() {
+                    format!(
+                        " (maps pinned in {} may come from a run with other sizes: \
+                         `sticky-lb detach` removes them)",
+                        pins.path().display()
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        })?;
+        let services = take(&mut ebpf, map_names::SERVICES)?;
+        let backends = take(&mut ebpf, map_names::BACKENDS)?;
+        let maglev = take(&mut ebpf, map_names::MAGLEV)?;
+        let program: &mut Xdp = ebpf.program_mut(PROGRAM).context("program missing")?.try_into()?;
+        program.load().context("the kernel rejected the XDP program")?;
+        Ok(Dataplane {
+            ebpf,
+            pins,
+            options,
+            services,
+            backends,
+            maglev,
+        })
+    }
+
+    /// Starts aya-log forwarding of the program's log lines (debug level and below only).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// Attaches to `interface` and pins the link, or, if a link is already pinned, swaps this
+    /// program into it atomically (no packet sees no program).
+    pub fn attach(&mut self, interface: &str, mode: crate::config::XdpMode) -> Result<Attached> {
+        use crate::config::XdpMode as M;
+        let link_pin = self.pins.link();
+        let program: &mut Xdp = self.ebpf.program_mut(PROGRAM).unwrap().try_into()?;
+        if link_pin.exists() {
+            let fd_link: FdLink = PinnedLink::from_pin(&link_pin)
+                .with_context(|| format!("opening the pinned link {}", link_pin.display()))?
+                .into();
+            let link_id = program
+                .attach_to_link(XdpLink::try_from(fd_link)?)
+                .context("replacing the program in the pinned link")?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            // The old pin still names the same link; pinning again would fail with EEXIST.
+            drop(link);
+            return Ok(Attached::Replaced);
+        }
+        let name = std::ffi::CString::new(interface)?;
+        let (link_id, attached) = match mode {
+            M::Native => (program.attach(name.as_c_str(), aya::programs::XdpMode::Driver)?, Attached::Native),
+            M::Generic => (program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?, Attached::Generic),
+            M::Auto => match program.attach(name.as_c_str(), aya::programs::XdpMode::Driver) {
+                Ok(id) => (id, Attached::Native),
+                Err(e) => {
+                    warn!("native XDP on {interface} failed ({e}); falling back to generic mode");
+                    (program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?, Attached::Generic)
+                }
+            },
+        };
+        let link: FdLink = program
+            .take_link(link_id)?
+            .try_into()
+            .context("the kernel attached without a bpf_link (kernel older than 5.9?)")?;
+        link.pin(&link_pin)
+            .with_context(|| format!("pinning the link at {}", link_pin.display()))?;
+        Ok(attached)
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
+    }
+
+    /// First slot of copy `half` (0 or 1) of a service's Maglev table.
+    pub fn ring_base(&self, service: ServiceId, half: u32) -> u32 {
+        (2 * service + half) * self.options.maglev_stride
+    }
+
+    /// Writes `table` into the inactive copy of the service's Maglev table, then publishes the
+    /// service entry pointing at it: one map update, so each packet sees the old table or the
+    /// new one. `service.ring_base` is set here.
+    pub fn publish_service(
+        &mut self,
+        key: &ServiceKey,
+        service: &mut Service,
+        table: &maglev::Table,
+    ) -> Result<()> {
+        if service.id >= self.options.maglev_services {
+            bail!("service id {} beyond the Maglev array", service.id);
+        }
+        let active = self.services.get(key, 0).ok().map(|s| s.ring_base);
+        let half = match active {
+            Some(base) if base == self.ring_base(service.id, 0) => 1,
+            _ => 0,
+        };
+        let base = self.ring_base(service.id, half);
+        for (i, id) in table.slots().iter().enumerate() {
+            self.maglev.set(base + i as u32, id, 0)?;
+        }
+        service.ring_base = base;
+        service.ring_size = table.len() as u32;
+        self.services.insert(key, service, 0)?;
+        Ok(())
+    }
+}
+
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+    Ok(T::try_from(map)?)
+}
+
+/// Read-side handles on a pinned data path, for `table show`, `status` and the expiry sweep;
+/// they work from any process while the controller runs (or after it left the data path running).
+pub struct PinnedMaps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub stick: HashMap<MapData, StickKey, StickEntry>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub backend_stats: PerCpuArray<MapData, BackendCounters>,
+    pub service_stats: PerCpuArray<MapData, ServiceCounters>,
+}
+
+impl PinnedMaps {
+    pub fn open(pins: &PinDir) -> Result<PinnedMaps> {
+        if !pins.map(map_names::STICK).exists() {
+            bail!("no sticky-lb data path is pinned at {}", pins.path().display());
+        }
+        Ok(PinnedMaps {
+            services: open_pinned(pins, map_names::SERVICES)?,
+            backends: open_pinned(pins, map_names::BACKENDS)?,
+            stick: open_pinned(pins, map_names::STICK)?,
+            stats: open_pinned(pins, map_names::STATS)?,
+            backend_stats: open_pinned(pins, map_names::BACKEND_STATS)?,
+            service_stats: open_pinned(pins, map_names::SERVICE_STATS)?,
+        })
+    }
+
+    /// Global counters summed over CPUs, indexed like `Counter`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_COUNT)
+            .map(|i| Ok(self.stats.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    pub fn backend_counters(&self, id: BackendId) -> Result<BackendCounters> {
+        let per_cpu = self.backend_stats.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(BackendCounters::default(), |a, c| BackendCounters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    pub fn service_counters(&self, id: ServiceId) -> Result<ServiceCounters> {
+        let per_cpu = self.service_stats.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(ServiceCounters::default(), |a, c| ServiceCounters {
+            stick_hits: a.stick_hits + c.stick_hits,
+            stick_misses: a.stick_misses + c.stick_misses,
+            stick_inserts: a.stick_inserts + c.stick_inserts,
+            redispatches: a.redispatches + c.redispatches,
+            insert_failures: a.insert_failures + c.insert_failures,
+        }))
+    }
+}
+
+pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pins: &PinDir, name: &str) -> Result<T> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(T::try_from(Map::from_map_data(data)?)?)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,91 @@
+//! The expiry sweep: deletes stick entries idle longer than their service's timeout.
+//!
+//! The data path already ignores such entries (it re-chooses and overwrites them), so the sweep
+//! is garbage collection that keeps the table's occupancy honest and `table show` truthful. It
+//! runs on a blocking thread with its own handle on the pinned map and never holds a lock the data
+//! path could wait on: BPF hash maps are read and deleted element by element.
+
+use anyhow::Result;
+use aya::maps::{HashMap, MapData};
+use std::{collections::BTreeMap, time::Instant};
+use sticky_lb_common::{ServiceId, StickEntry, StickKey};
+
+use crate::dataplane::monotonic_ns;
+
+/// What one sweep saw and did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SweepReport {
+    pub scanned: u64,
+    pub expired: u64,
+    /// Entries of services that no longer exist.
+    pub orphaned: u64,
+    /// Entries that looked expired but were refreshed before we deleted them.
+    pub refreshed: u64,
+    pub duration_ms: u64,
+}
+
+/// Whether an entry last seen at `last_seen_ns` has been idle longer than `timeout_ns` at `now_ns`.
+fn is_idle(entry: &StickEntry, now_ns: u64, timeout_ns: u64) -> bool {
+    now_ns.saturating_sub(entry.last_seen_ns) >= timeout_ns
+}
+
+/// One pass over the table. `timeouts` maps each live service id to its stick timeout.
+pub fn sweep(
+    stick: &mut HashMap<MapData, StickKey, StickEntry>,
+    timeouts: &BTreeMap<ServiceId, u64>,
+) -> Result<SweepReport> {
+    let started = Instant::now();
+    let mut report = SweepReport::default();
+    // Collect first, delete after: deleting while walking with get_next_key can restart the walk.
+    let now = monotonic_ns();
+    let mut candidates = Vec::new();
+    for item in stick.iter() {
+        let Ok((key, entry)) = item else { continue };
+        report.scanned += 1;
+        match timeouts.get(&key.service) {
+            Some(&timeout) if !is_idle(&entry, now, timeout) => {}
+            Some(_) => candidates.push((key, false)),
+            None => candidates.push((key, true)),
+        }
+    }
+    for (key, orphan) in candidates {
+        if !orphan {
+            // Check again right before deleting: a packet may have refreshed the entry since the
+            // scan. What remains is a window of one syscall; a packet that lands in it finds no
+            // entry and re-chooses, which the consistent hash makes the same backend unless the
+            // pool changed.
+            let Ok(entry) = stick.get(&key, 0) else { continue };
+            let timeout = timeouts[&key.service];
+            if !is_idle(&entry, monotonic_ns(), timeout) {
+                report.refreshed += 1;
+                continue;
+            }
+        }
+        if stick.remove(&key).is_ok() {
+            if orphan {
+                report.orphaned += 1;
+            } else {
+                report.expired += 1;
+            }
+        }
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_is_measured_from_last_seen() {
+        let entry = StickEntry {
+            last_seen_ns: 1_000,
+            ..Default::default()
+        };
+        assert!(!is_idle(&entry, 1_500, 1_000));
+        assert!(is_idle(&entry, 2_000, 1_000));
+        // A refresh that lands after `now` was taken must not count as idle.
+        assert!(!is_idle(&entry, 500, 1_000));
+    }
+}

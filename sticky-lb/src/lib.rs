@@ -1,0 +1,12 @@
+//! sticky-lb's controller: configuration, Maglev tables, the kernel data path as the controller
+//! sees it, the expiry sweep and the read-side views the CLI prints.
+
+pub mod config;
+pub mod controller;
+pub mod dataplane;
+pub mod expiry;
+pub mod maglev;
+pub mod neighbour;
+pub mod netns;
+pub mod state;
+pub mod view;

@@ -1,0 +1,772 @@
+//! A throw-away network of namespaces for end-to-end tests: clients, one
+//! balancer and N backends on a shared Linux bridge, plus a tiny TCP "name
+//! server" (answers with its own name) and the client side that asks it.
+//!
+//! ```text
+//!                         slb-TAG-br: bridge br0
+//!          p-cl            p-lb              p-b1   ...   p-bN
+//!           |               |                 |            |
+//!     eth0 (slb-TAG-cl)  lb0 (slb-TAG-lb)  eth0 (b1) ... eth0 (bN)
+//!     198.18.1.1, ...    198.18.0.2         198.18.0.11   198.18.0.(10+N)
+//!                        + VIP 198.18.0.100  + VIP on lo (for DSR)
+//! ```
+//!
+//! Everything lives in 198.18.0.0/15 (reserved for benchmarking) inside
+//! namespaces named `slb-TAG-ROLE`; no route leads out of the rig, and all
+//! namespaces (with their veths) are deleted when the [`Rig`] is dropped,
+//! including while a failing test unwinds.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::netns::{self, NetNs, in_netns};
+
+/// The service address: on the balancer's `lb0` (so clients' ARP resolves it
+/// to the balancer) and on every backend's `lo` (so backends accept the
+/// packets the balancer forwards unchanged, and answer clients directly).
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The balancer's own address on `lb0`.
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// All rig addresses share one /16, so every namespace reaches every other
+/// over the bridge through the connected route alone (no gateways).
+const PREFIX_LEN: u8 = 16;
+/// Backend k has 198.18.0.(10+k); staying below .100 keeps clear of the VIP.
+pub const MAX_BACKENDS: usize = 89;
+/// Client addresses 198.18.1.1 onwards, 254 per /24.
+pub const MAX_CLIENTS: usize = 1000;
+
+/// Bridge device in the bridge namespace.
+const BRIDGE_DEV: &str = "br0";
+/// The balancer's interface, and its peer on the bridge.
+const LB_DEV: &str = "lb0";
+const LB_BRIDGE_PORT: &str = "p-lb";
+/// Client and backend interface name (each lives in its own namespace).
+const HOST_DEV: &str = "eth0";
+const CLIENT_BRIDGE_PORT: &str = "p-cl";
+
+/// What to build. `test_name` only feeds the namespace tag, to tell rigs apart
+/// in `ip netns list`.
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    pub test_name: String,
+    /// Number of backend namespaces, 1..=[`MAX_BACKENDS`].
+    pub backends: usize,
+    /// Number of client addresses in the client namespace, 1..=[`MAX_CLIENTS`].
+    pub clients: usize,
+}
+
+impl RigOptions {
+    /// Two backends, one client address.
+    pub fn new(test_name: &str) -> RigOptions {
+        RigOptions { test_name: test_name.to_owned(), backends: 2, clients: 1 }
+    }
+
+    pub fn backends(mut self, backends: usize) -> RigOptions {
+        self.backends = backends;
+        self
+    }
+
+    pub fn clients(mut self, clients: usize) -> RigOptions {
+        self.clients = clients;
+        self
+    }
+}
+
+impl Default for RigOptions {
+    fn default() -> RigOptions {
+        RigOptions::new("rig")
+    }
+}
+
+/// One backend namespace and the facts tests need about it.
+#[derive(Debug)]
+struct Backend {
+    ns: NetNs,
+    addr: Ipv4Addr,
+    mac: [u8; 6],
+}
+
+/// The built topology. Dropping it deletes every namespace it created.
+#[derive(Debug)]
+pub struct Rig {
+    tag: String,
+    // Field order is drop order: the leaves first, the bridge they hang on last.
+    backends: Vec<Backend>,
+    client: NetNs,
+    lb: NetNs,
+    bridge: NetNs,
+    client_addrs: Vec<Ipv4Addr>,
+    client_mac: [u8; 6],
+    lb_mac: [u8; 6],
+}
+
+impl Rig {
+    /// Builds the whole topology (root only; panics with a plain message
+    /// otherwise). On error everything created so far is deleted again: each
+    /// namespace is held by a [`NetNs`] guard from the moment it exists.
+    pub fn build(opts: RigOptions) -> anyhow::Result<Rig> {
+        netns::require_root();
+        if !(1..=MAX_BACKENDS).contains(&opts.backends) {
+            bail!("backends must be 1..={MAX_BACKENDS}, not {}", opts.backends);
+        }
+        if !(1..=MAX_CLIENTS).contains(&opts.clients) {
+            bail!("clients must be 1..={MAX_CLIENTS}, not {}", opts.clients);
+        }
+        let tag = netns::unique_tag(&opts.test_name);
+
+        let bridge = NetNs::new(ns_name(&tag, "br"))?;
+        quiet_namespace(&bridge, &[])?;
+        bridge.ip_batch(&format!(
+            "link add {BRIDGE_DEV} type bridge\nlink set {BRIDGE_DEV} up\n"
+        ))?;
+
+        let lb = NetNs::new(ns_name(&tag, "lb"))?;
+        plug_into_bridge(&bridge, LB_BRIDGE_PORT, &lb, LB_DEV)?;
+        quiet_namespace(&lb, &[])?;
+        lb.ip_batch(&format!(
+            "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
+             addr add {VIP}/32 dev {LB_DEV}\n\
+             link set {LB_DEV} up\n"
+        ))?;
+        // A veth drops frames sent to it by XDP_TX/XDP_REDIRECT unless its
+        // NAPI is running, i.e. unless it has an XDP program or GRO enabled.
+        // The balancer XDP_TXes from lb0 into p-lb, so p-lb needs GRO.
+        bridge.exec(&["ethtool", "-K", LB_BRIDGE_PORT, "gro", "on"])?;
+        let lb_mac = read_mac(&lb, LB_DEV)?;
+
+        let client = NetNs::new(ns_name(&tag, "cl"))?;
+        plug_into_bridge(&bridge, CLIENT_BRIDGE_PORT, &client, HOST_DEV)?;
+        quiet_namespace(&client, &[])?;
+        let client_addrs: Vec<Ipv4Addr> = (0..opts.clients).map(client_addr).collect();
+        let mut script = String::with_capacity(48 * client_addrs.len() + 32);
+        for addr in &client_addrs {
+            script.push_str(&format!("addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n"));
+        }
+        script.push_str(&format!("link set {HOST_DEV} up\n"));
+        client.ip_batch(&script)?;
+        let client_mac = read_mac(&client, HOST_DEV)?;
+
+        // The balancer's kernel may answer clients too (e.g. a RST when the
+        // data path passes a packet up); see `pin_client_neighbours`.
+        pin_client_neighbours(&lb, LB_DEV, &client_addrs, client_mac)?;
+
+        let mut rig = Rig {
+            tag,
+            backends: Vec::with_capacity(opts.backends),
+            client,
+            lb,
+            bridge,
+            client_addrs,
+            client_mac,
+            lb_mac,
+        };
+        for _ in 0..opts.backends {
+            rig.add_backend()?;
+        }
+        Ok(rig)
+    }
+
+    /// Adds backend namespace `slb-TAG-bK` (K = current count + 1), wired
+    /// like the others, and returns K.
+    pub fn add_backend(&mut self) -> anyhow::Result<usize> {
+        let k = self.backends.len() + 1;
+        if k > MAX_BACKENDS {
+            bail!("a rig holds at most {MAX_BACKENDS} backends");
+        }
+        let addr = backend_addr_of(k);
+        let ns = NetNs::new(ns_name(&self.tag, &format!("b{k}")))?;
+        plug_into_bridge(&self.bridge, &format!("p-b{k}"), &ns, HOST_DEV)?;
+        // Direct server return: the VIP sits on lo, so the backend accepts
+        // forwarded packets but never claims the VIP in ARP (arp_ignore=1:
+        // answer only for addresses on the asking interface; arp_announce=2:
+        // never use the VIP as ARP source). Replies leave eth0 with source
+        // VIP, which rp_filter would treat as spoofed/asymmetric.
+        quiet_namespace(
+            &ns,
+            &[
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.default.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+                "net.ipv4.conf.default.arp_announce=2",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.lo.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ],
+        )?;
+        ns.ip_batch(&format!(
+            "addr add {VIP}/32 dev lo\n\
+             addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n\
+             link set {HOST_DEV} up\n"
+        ))?;
+        pin_client_neighbours(&ns, HOST_DEV, &self.client_addrs, self.client_mac)?;
+        let mac = read_mac(&ns, HOST_DEV)?;
+        self.backends.push(Backend { ns, addr, mac });
+        Ok(k)
+    }
+
+    /// The per-rig tag; every namespace name starts with `slb-{tag}-`.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Full namespace name for a role: `br`, `lb`, `cl` or `b1`..`bN`.
+    /// Panics on an unknown role (a bug in the test).
+    pub fn ns(&self, role: &str) -> &str {
+        match role {
+            "br" => self.bridge.name(),
+            "lb" => self.lb.name(),
+            "cl" => self.client.name(),
+            _ => role
+                .strip_prefix('b')
+                .and_then(|k| k.parse::<usize>().ok())
+                .and_then(|k| self.backends.get(k.wrapping_sub(1)))
+                .map(|backend| backend.ns.name())
+                .unwrap_or_else(|| panic!("rig {} has no namespace role {role:?}", self.tag)),
+        }
+    }
+
+    /// Every namespace this rig owns.
+    pub fn namespaces(&self) -> Vec<&str> {
+        let mut names = vec![self.bridge.name(), self.lb.name(), self.client.name()];
+        names.extend(self.backends.iter().map(|backend| backend.ns.name()));
+        names
+    }
+
+    pub fn bridge_ns(&self) -> &str {
+        self.bridge.name()
+    }
+
+    pub fn lb_ns(&self) -> &str {
+        self.lb.name()
+    }
+
+    pub fn client_ns(&self) -> &str {
+        self.client.name()
+    }
+
+    /// Namespace of backend `k` (1-based). Panics if there is no such backend.
+    pub fn backend_ns(&self, k: usize) -> &str {
+        self.backend(k).ns.name()
+    }
+
+    /// Address of backend `k` on its `eth0`: 198.18.0.(10+k).
+    pub fn backend_addr(&self, k: usize) -> Ipv4Addr {
+        self.backend(k).addr
+    }
+
+    /// MAC of backend `k`'s `eth0` (what DSR must rewrite the frame to).
+    pub fn backend_mac(&self, k: usize) -> [u8; 6] {
+        self.backend(k).mac
+    }
+
+    /// Number of backends.
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// The client addresses, all on `eth0` of the client namespace.
+    pub fn client_addrs(&self) -> &[Ipv4Addr] {
+        &self.client_addrs
+    }
+
+    /// MAC of the client namespace's `eth0`.
+    pub fn client_mac(&self) -> [u8; 6] {
+        self.client_mac
+    }
+
+    pub fn vip(&self) -> Ipv4Addr {
+        VIP
+    }
+
+    pub fn lb_addr(&self) -> Ipv4Addr {
+        LB_ADDR
+    }
+
+    /// The balancer's interface in [`Rig::lb_ns`] (where XDP attaches).
+    pub fn lb_dev(&self) -> &str {
+        LB_DEV
+    }
+
+    /// MAC of the balancer's `lb0`.
+    pub fn lb_mac(&self) -> [u8; 6] {
+        self.lb_mac
+    }
+
+    /// The bridge-side end of the balancer's veth: (bridge namespace, "p-lb").
+    pub fn bridge_peer_of_lb(&self) -> (&str, &str) {
+        (self.bridge.name(), LB_BRIDGE_PORT)
+    }
+
+    fn backend(&self, k: usize) -> &Backend {
+        k.checked_sub(1)
+            .and_then(|index| self.backends.get(index))
+            .unwrap_or_else(|| {
+                panic!("rig {} has backends 1..={}, not {k}", self.tag, self.backends.len())
+            })
+    }
+}
+
+fn ns_name(tag: &str, role: &str) -> String {
+    format!("{}{tag}-{role}", netns::NS_PREFIX)
+}
+
+fn backend_addr_of(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + k as u8)
+}
+
+/// Client address number `index` (from 0): 198.18.1.1 ..= 198.18.1.254, then
+/// 198.18.2.1 and so on, never a .0 or .255 host part.
+fn client_addr(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1 + (index / 254) as u8, 1 + (index % 254) as u8)
+}
+
+/// Creates veth `bridge_port` in the bridge namespace with its peer
+/// `inner_dev` directly inside `ns`, enslaves the bridge end to br0 and
+/// brings it up, and turns TX checksum offload off on both ends.
+fn plug_into_bridge(bridge: &NetNs, bridge_port: &str, ns: &NetNs, inner_dev: &str) -> anyhow::Result<()> {
+    bridge.ip_batch(&format!(
+        "link add {bridge_port} type veth peer name {inner_dev} netns {}\n\
+         link set {bridge_port} master {BRIDGE_DEV}\n\
+         link set {bridge_port} up\n",
+        ns.name()
+    ))?;
+    // With TX checksum offload a veth hands packets on with only a partial
+    // TCP checksum. Native XDP on the receiving veth turns them into plain
+    // frames, so after XDP_TX the backend would see bad checksums and drop.
+    bridge.exec(&["ethtool", "-K", bridge_port, "tx", "off"])?;
+    ns.exec(&["ethtool", "-K", inner_dev, "tx", "off"])?;
+    Ok(())
+}
+
+/// Brings `lo` up, disables IPv6 (no router solicitations, DAD or MLD noise
+/// on the bridge) and applies `extra` sysctls (`key=value`) in `ns`.
+fn quiet_namespace(ns: &NetNs, extra: &[&str]) -> anyhow::Result<()> {
+    ns.ip(&["link", "set", "lo", "up"])?;
+    // -e: a kernel without IPv6 has no such keys, which is fine.
+    let mut args = vec![
+        "sysctl",
+        "-q",
+        "-e",
+        "-w",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ];
+    args.extend_from_slice(extra);
+    ns.exec(&args)?;
+    Ok(())
+}
+
+/// Installs permanent neighbour entries for every client address in `ns`.
+///
+/// The kernel's ARP table and its gc thresholds (gc_thresh3 = 1024 by
+/// default) are shared by all namespaces: a backend answering 1000 clients
+/// would learn 1000 dynamic entries and, with a second backend, overflow the
+/// table and drop replies. Permanent entries are exempt from that count.
+fn pin_client_neighbours(ns: &NetNs, dev: &str, client_addrs: &[Ipv4Addr], client_mac: [u8; 6]) -> anyhow::Result<()> {
+    let mac = format_mac(client_mac);
+    let mut script = String::with_capacity(72 * client_addrs.len());
+    for addr in client_addrs {
+        script.push_str(&format!("neigh replace {addr} lladdr {mac} dev {dev} nud permanent\n"));
+    }
+    ns.ip_batch(&script)?;
+    Ok(())
+}
+
+/// Reads the MAC of `dev` in `ns` from `ip -j link show`.
+fn read_mac(ns: &NetNs, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let json = ns.ip(&["-j", "link", "show", "dev", dev])?;
+    let links: serde_json::Value =
+        serde_json::from_str(&json).with_context(|| format!("parsing `ip -j link show {dev}` in {}", ns.name()))?;
+    let text = links[0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no address for {dev} in {}: {json}", ns.name()))?;
+    parse_mac(text)
+}
+
+fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next().ok_or_else(|| anyhow!("short MAC address {text:?}"))?;
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("bad MAC address {text:?}"))?;
+    }
+    if parts.next().is_some() {
+        bail!("long MAC address {text:?}");
+    }
+    Ok(mac)
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+// ---------------------------------------------------------------------------
+// Name server and client
+// ---------------------------------------------------------------------------
+
+/// How often the accept loop looks at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// Safety net: a server nobody stops (leaked by a test) ends by itself.
+const SERVER_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// How long `start` waits for the server thread to report its bind.
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// A name longer than this is not an answer from our server.
+const MAX_ANSWER_LEN: u64 = 4096;
+
+/// A TCP server inside a namespace that answers every connection with its
+/// name and a newline, then closes. Tells tests which backend they reached.
+#[derive(Debug)]
+pub struct NameServer {
+    name: String,
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NameServer {
+    /// Starts the server on its own thread in namespace `ns`, listening on
+    /// `bind`. Returns once the socket is listening, or with the bind error.
+    ///
+    /// For direct server return bind `0.0.0.0:PORT`: that also covers the
+    /// VIP held on the backend's `lo`.
+    pub fn start(ns: &str, bind: SocketAddrV4, name: &str) -> anyhow::Result<NameServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddrV4>>();
+        let thread = {
+            let (ns, name, stop, accepted) = (ns.to_owned(), name.to_owned(), stop.clone(), accepted.clone());
+            std::thread::Builder::new()
+                .name(format!("name server {name}"))
+                .spawn(move || {
+                    let listener = match listen_in(&ns, bind) {
+                        Ok(listener) => listener,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let local = match listener.local_addr() {
+                        Ok(std::net::SocketAddr::V4(local)) => local,
+                        _ => bind,
+                    };
+                    let _ = ready_tx.send(Ok(local));
+                    serve_names(&listener, &name, &stop, &accepted);
+                })
+                .context("spawning the name server thread")?
+        };
+        let mut server = NameServer { name: name.to_owned(), addr: bind, stop, accepted, thread: Some(thread) };
+        match ready_rx.recv_timeout(SERVER_START_TIMEOUT) {
+            Ok(Ok(local)) => {
+                server.addr = local;
+                Ok(server)
+            }
+            // Dropping `server` stops and joins the thread (already ended here).
+            Ok(Err(err)) => Err(err.context(format!("name server {name:?} on {bind} in {ns}"))),
+            Err(_) => bail!("name server {name:?} on {bind} in {ns} did not start within {SERVER_START_TIMEOUT:?}"),
+        }
+    }
+
+    /// The name it answers with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address it listens on (the actual port if `bind` had port 0).
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Stops the server and waits for its thread (Drop does the same).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // The loop notices the flag within one poll interval.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for NameServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Enters `ns` on this (dedicated) thread and binds a nonblocking listener.
+/// std sets SO_REUSEADDR on listeners, so restarting on a port with
+/// connections in TIME_WAIT works.
+fn listen_in(ns: &str, bind: SocketAddrV4) -> anyhow::Result<TcpListener> {
+    netns::enter_netns(ns)?;
+    let listener = TcpListener::bind(bind).with_context(|| format!("bind {bind}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Accept loop: polls the stop flag between accepts, bounded by
+/// [`SERVER_MAX_LIFETIME`].
+fn serve_names(listener: &TcpListener, name: &str, stop: &AtomicBool, accepted: &AtomicU64) {
+    let answer = format!("{name}\n");
+    let started = Instant::now();
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_MAX_LIFETIME {
+        match listener.accept() {
+            Ok((stream, _peer)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                // A few bytes into an empty send buffer never block, so
+                // answering inline keeps the server single-threaded; the
+                // timeout is only a guard. Errors (client gone) are ignored.
+                let _ = answer_connection(stream, &answer);
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            // Transient per-connection failures (ECONNABORTED, EMFILE, ...):
+            // back off a little instead of spinning.
+            Err(_) => std::thread::sleep(ACCEPT_POLL),
+        }
+    }
+}
+
+fn answer_connection(mut stream: TcpStream, answer: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(answer.as_bytes())?;
+    // FIN right after the answer: the client reads to EOF.
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// Connects from `src` (an address in namespace `ns`) to `dst` and returns
+/// the trimmed answer, all within `timeout`. Runs on the calling thread,
+/// which is moved into `ns` for the duration.
+pub fn fetch_name(ns: &str, src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyhow::Result<String> {
+    in_netns(ns, || fetch_name_here(src, dst, timeout))
+}
+
+/// Runs many requests `(src, dst)` sequentially from namespace `ns`, entering
+/// it once on a dedicated thread (much cheaper than a setns per request).
+/// Each request gets its own `timeout`; results are in request order.
+pub fn fetch_names_many(
+    ns: &str,
+    requests: &[(Ipv4Addr, SocketAddrV4)],
+    timeout: Duration,
+) -> Vec<anyhow::Result<String>> {
+    let outcome = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<Vec<anyhow::Result<String>>> {
+                // This thread ends with the scope, so it never needs to leave.
+                netns::enter_netns(ns)?;
+                Ok(requests.iter().map(|&(src, dst)| fetch_name_here(src, dst, timeout)).collect())
+            })
+            .join()
+    });
+    match outcome {
+        Ok(Ok(results)) => results,
+        Ok(Err(err)) => {
+            let message = format!("{err:#}");
+            requests.iter().map(|_| Err(anyhow!("{message}"))).collect()
+        }
+        Err(_) => requests.iter().map(|_| Err(anyhow!("request thread in {ns} panicked"))).collect(),
+    }
+}
+
+/// The client side, in whatever namespace the calling thread is in.
+fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let stream = connect_from(src, dst, deadline).with_context(|| format!("connect {src} -> {dst}"))?;
+    read_answer(stream, deadline).with_context(|| format!("read answer {src} -> {dst}"))
+}
+
+/// TCP connect with a chosen source address and a deadline. std cannot bind
+/// a socket before connecting, hence libc: socket, bind, nonblocking
+/// connect, poll for writability, SO_ERROR.
+fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream> {
+    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+    // Pick the source port at connect time rather than bind time: a port
+    // then only has to be unique per 4-tuple, not per source address, so
+    // thousands of short connections do not exhaust the ephemeral range.
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd, option value is a c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setsockopt IP_BIND_ADDRESS_NO_PORT");
+    }
+
+    let local = sockaddr_in(SocketAddrV4::new(src, 0));
+    // SAFETY: valid fd and a sockaddr_in of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&local as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("bind {src}"));
+    }
+
+    let remote = sockaddr_in(dst);
+    // SAFETY: as for bind.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&remote as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err.into());
+        }
+        wait_writable(&fd, deadline)?;
+        let mut so_error: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, output buffer is a c_int with its size in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut so_error as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("getsockopt SO_ERROR");
+        }
+        if so_error != 0 {
+            return Err(std::io::Error::from_raw_os_error(so_error).into());
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Waits until a connecting socket is writable (connected or failed), or the
+/// deadline passes.
+fn wait_writable(fd: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
+    // Bounded: every iteration either returns or is an EINTR, and the
+    // remaining time shrinks towards the deadline.
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("timed out");
+        }
+        let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // Round up so a sub-millisecond remainder still waits a little.
+        let millis = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        match rc {
+            0 => bail!("timed out"),
+            n if n > 0 => return Ok(()),
+            _ => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != ErrorKind::Interrupted {
+                    return Err(err).context("poll");
+                }
+            }
+        }
+    }
+}
+
+/// Reads to EOF (at most [`MAX_ANSWER_LEN`] bytes) before the deadline.
+fn read_answer(stream: TcpStream, deadline: Instant) -> anyhow::Result<String> {
+    let mut answer = Vec::new();
+    let mut limited = (&stream).take(MAX_ANSWER_LEN);
+    let mut chunk = [0u8; 512];
+    // Bounded by the deadline (each read waits at most the time left) and
+    // by MAX_ANSWER_LEN bytes.
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("timed out after {} bytes", answer.len());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match limited.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("timed out after {} bytes", answer.len())
+            }
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let text = String::from_utf8(answer).context("answer is not UTF-8")?;
+    Ok(text.trim().to_owned())
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_addresses_skip_network_and_broadcast_host_parts() {
+        assert_eq!(client_addr(0), Ipv4Addr::new(198, 18, 1, 1));
+        assert_eq!(client_addr(253), Ipv4Addr::new(198, 18, 1, 254));
+        assert_eq!(client_addr(254), Ipv4Addr::new(198, 18, 2, 1));
+        assert_eq!(client_addr(MAX_CLIENTS - 1), Ipv4Addr::new(198, 18, 4, 238));
+        for index in 0..MAX_CLIENTS {
+            let [a, b, c, d] = client_addr(index).octets();
+            assert_eq!((a, b), (198, 18));
+            assert!(c >= 1 && d != 0 && d != 255, "{index}");
+        }
+    }
+
+    #[test]
+    fn backend_addresses_stay_below_the_vip() {
+        assert_eq!(backend_addr_of(1), Ipv4Addr::new(198, 18, 0, 11));
+        assert!(backend_addr_of(MAX_BACKENDS) < VIP);
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        let mac = [0x02, 0, 0xab, 0x10, 0xff, 0x01];
+        assert_eq!(parse_mac(&format_mac(mac)).unwrap(), mac);
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00:00:00").is_err());
+    }
+}
