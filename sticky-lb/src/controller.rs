@@ -42,6 +42,7 @@ pub struct Controller {
     config: Config,
     config_path: String,
     netns: Option<String>,
+    pins: PinDir,
     dataplane: Dataplane,
     services: Vec<ServiceSlot>,
     mode: String,
@@ -56,7 +57,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resolve_tick = tokio::time::interval(RESOLVE_RETRY);
     resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stick_path = controller.dataplane.pins().map(sticky_lb_common::map_names::STICK);
+    let stick_path = controller.pins.map(sticky_lb_common::map_names::STICK);
     let timeouts: BTreeMap<ServiceId, u64> = controller
         .services
         .iter()
@@ -233,11 +234,12 @@ impl Controller {
             interface_mac,
             log_level: aya_log_level(),
         };
-        let dataplane = Dataplane::load(pins, options)?;
+        let dataplane = Dataplane::load(Some(pins.clone()), options)?;
         let mut controller = Controller {
             config,
             config_path: config_path.display().to_string(),
             netns,
+            pins,
             dataplane,
             services,
             mode: String::new(),
@@ -393,7 +395,7 @@ impl Controller {
 
     /// SIGINT/SIGTERM: detach and remove the pins, or leave the data path running.
     fn stop(self) -> Result<()> {
-        let pins = self.dataplane.pins().clone();
+        let pins = self.pins.clone();
         let state_path = state::path(self.netns.as_deref(), &self.config.interface);
         match self.config.on_exit {
             OnExit::KeepRunning => {

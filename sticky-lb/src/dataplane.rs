@@ -129,7 +129,8 @@ pub enum Attached {
 /// The loaded program and typed handles on its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    pins: PinDir,
+    /// `None` for a data path that is loaded but never pinned or attached (tests, benchmarks).
+    pins: Option<PinDir>,
     options: LoadOptions,
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
@@ -139,15 +140,19 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object, reusing maps already pinned in `pins` (a previous controller's state) and
     /// pinning new ones there.
-    pub fn load(pins: PinDir, options: LoadOptions) -> Result<Dataplane> {
-        std::fs::create_dir_all(pins.path())
-            .with_context(|| format!("creating {}", pins.path().display()))?;
+    pub fn load(pins: Option<PinDir>, options: LoadOptions) -> Result<Dataplane> {
+        if let Some(pins) = &pins {
+            std::fs::create_dir_all(pins.path())
+                .with_context(|| format!("creating {}", pins.path().display()))?;
+        }
         let maglev_slots = options
             .maglev_stride
             .checked_mul(2 * options.maglev_services)
             .ok_or_else(|| anyhow!("Maglev array too large"))?;
-        let map_paths: Vec<(&str, PathBuf)> =
-            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let map_paths: Vec<(&str, PathBuf)> = match &pins {
+            Some(pins) => map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect(),
+            None => Vec::new(),
+        };
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::STICK, options.stick_table_size)
@@ -160,14 +165,13 @@ impl Dataplane {
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow!(
                 "loading the XDP program: {e}{}",
-                if pins.map(map_names::STICK).exists() {
-                    format!(
+                match &pins {
+                    Some(pins) if pins.map(map_names::STICK).exists() => format!(
                         " (maps pinned in {} may come from a run with other sizes: \
                          `sticky-lb detach` removes them)",
                         pins.path().display()
-                    )
-                } else {
-                    String::new()
+                    ),
+                    _ => String::new(),
                 }
             )
         })?;
@@ -195,7 +199,7 @@ impl Dataplane {
     /// program into it atomically (no packet sees no program).
     pub fn attach(&mut self, interface: &str, mode: crate::config::XdpMode) -> Result<Attached> {
         use crate::config::XdpMode as M;
-        let link_pin = self.pins.link();
+        let link_pin = self.pins.as_ref().context("an unpinned data path cannot attach")?.link();
         let program: &mut Xdp = self.ebpf.program_mut(PROGRAM).unwrap().try_into()?;
         if link_pin.exists() {
             let fd_link: FdLink = PinnedLink::from_pin(&link_pin)
@@ -230,8 +234,18 @@ impl Dataplane {
         Ok(attached)
     }
 
-    pub fn pins(&self) -> &PinDir {
-        &self.pins
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    /// The XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap()
+    }
+
+    /// Takes a map not held by `Dataplane` itself (stick table, counters) as a typed handle.
+    pub fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self, name: &str) -> Result<T> {
+        take(&mut self.ebpf, name)
     }
 
     pub fn options(&self) -> &LoadOptions {

@@ -1,5 +1,6 @@
-//! Test support for sticky-lb: the network-namespace rig used by the
-//! end-to-end tests in `tests/tests/`.
+//! Test support for sticky-lb: frames built byte by byte for BPF_PROG_TEST_RUN fixtures, and the
+//! network-namespace rig used by the end-to-end tests in `tests/tests/`.
 
 pub mod netns;
+pub mod packet;
 pub mod rig;

@@ -51,7 +51,9 @@ impl NetNs {
     /// Runs `ip netns exec NAME args...` and returns its stdout.
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
         run_command(
-            Command::new("ip").args(["netns", "exec", &self.name]).args(args),
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args),
             None,
         )
     }
@@ -88,7 +90,9 @@ fn check_ns_name(name: &str) -> anyhow::Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !name.starts_with(NS_PREFIX) || name.len() <= NS_PREFIX.len() || !plain {
-        bail!("refusing namespace name {name:?}: rig namespaces must be `{NS_PREFIX}[A-Za-z0-9._-]+`");
+        bail!(
+            "refusing namespace name {name:?}: rig namespaces must be `{NS_PREFIX}[A-Za-z0-9._-]+`"
+        );
     }
     Ok(())
 }
@@ -99,7 +103,11 @@ fn check_ns_name(name: &str) -> anyhow::Result<()> {
 pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow::Result<String> {
     let command_line = format!("{command:?}");
     let mut child = command
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -112,7 +120,9 @@ pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow:
             let text = text.to_owned();
             // A write error means the command exited early; its exit status
             // and stderr tell the real story, so the error is dropped here.
-            Some(std::thread::spawn(move || drop(pipe.write_all(text.as_bytes()))))
+            Some(std::thread::spawn(move || {
+                drop(pipe.write_all(text.as_bytes()))
+            }))
         }
         _ => None,
     };
@@ -143,9 +153,15 @@ pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow:
     let stdout = stdout_reader.join().unwrap_or_default();
     let stderr = stderr_reader.join().unwrap_or_default();
     match status {
-        None => bail!("{command_line} did not finish within {COMMAND_TIMEOUT:?}; stderr: {}", stderr.trim()),
+        None => bail!(
+            "{command_line} did not finish within {COMMAND_TIMEOUT:?}; stderr: {}",
+            stderr.trim()
+        ),
         Some(status) if !status.success() => {
-            bail!("{command_line} failed ({status}); stderr: {}", stderr.trim())
+            bail!(
+                "{command_line} failed ({status}); stderr: {}",
+                stderr.trim()
+            )
         }
         Some(_) => Ok(stdout),
     }
@@ -174,7 +190,11 @@ pub(crate) fn enter_netns(name: &str) -> anyhow::Result<()> {
 fn setns_net(ns_file: &File) -> std::io::Result<()> {
     // SAFETY: plain syscall on a valid, open namespace file descriptor.
     let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Puts the thread back into its original namespace when dropped, so that
@@ -252,6 +272,10 @@ pub fn unique_tag(test: &str) -> String {
         .map(|c| c.to_ascii_lowercase())
         .take(10)
         .collect();
-    let short = if short.is_empty() { "t".to_owned() } else { short };
+    let short = if short.is_empty() {
+        "t".to_owned()
+    } else {
+        short
+    };
     format!("{short}-{}-{counter}", std::process::id())
 }

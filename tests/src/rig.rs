@@ -66,7 +66,11 @@ pub struct RigOptions {
 impl RigOptions {
     /// Two backends, one client address.
     pub fn new(test_name: &str) -> RigOptions {
-        RigOptions { test_name: test_name.to_owned(), backends: 2, clients: 1 }
+        RigOptions {
+            test_name: test_name.to_owned(),
+            backends: 2,
+            clients: 1,
+        }
     }
 
     pub fn backends(mut self, backends: usize) -> RigOptions {
@@ -310,7 +314,11 @@ impl Rig {
         k.checked_sub(1)
             .and_then(|index| self.backends.get(index))
             .unwrap_or_else(|| {
-                panic!("rig {} has backends 1..={}, not {k}", self.tag, self.backends.len())
+                panic!(
+                    "rig {} has backends 1..={}, not {k}",
+                    self.tag,
+                    self.backends.len()
+                )
             })
     }
 }
@@ -332,7 +340,12 @@ fn client_addr(index: usize) -> Ipv4Addr {
 /// Creates veth `bridge_port` in the bridge namespace with its peer
 /// `inner_dev` directly inside `ns`, enslaves the bridge end to br0 and
 /// brings it up, and turns TX checksum offload off on both ends.
-fn plug_into_bridge(bridge: &NetNs, bridge_port: &str, ns: &NetNs, inner_dev: &str) -> anyhow::Result<()> {
+fn plug_into_bridge(
+    bridge: &NetNs,
+    bridge_port: &str,
+    ns: &NetNs,
+    inner_dev: &str,
+) -> anyhow::Result<()> {
     bridge.ip_batch(&format!(
         "link add {bridge_port} type veth peer name {inner_dev} netns {}\n\
          link set {bridge_port} master {BRIDGE_DEV}\n\
@@ -371,11 +384,18 @@ fn quiet_namespace(ns: &NetNs, extra: &[&str]) -> anyhow::Result<()> {
 /// default) are shared by all namespaces: a backend answering 1000 clients
 /// would learn 1000 dynamic entries and, with a second backend, overflow the
 /// table and drop replies. Permanent entries are exempt from that count.
-fn pin_client_neighbours(ns: &NetNs, dev: &str, client_addrs: &[Ipv4Addr], client_mac: [u8; 6]) -> anyhow::Result<()> {
+fn pin_client_neighbours(
+    ns: &NetNs,
+    dev: &str,
+    client_addrs: &[Ipv4Addr],
+    client_mac: [u8; 6],
+) -> anyhow::Result<()> {
     let mac = format_mac(client_mac);
     let mut script = String::with_capacity(72 * client_addrs.len());
     for addr in client_addrs {
-        script.push_str(&format!("neigh replace {addr} lladdr {mac} dev {dev} nud permanent\n"));
+        script.push_str(&format!(
+            "neigh replace {addr} lladdr {mac} dev {dev} nud permanent\n"
+        ));
     }
     ns.ip_batch(&script)?;
     Ok(())
@@ -384,8 +404,8 @@ fn pin_client_neighbours(ns: &NetNs, dev: &str, client_addrs: &[Ipv4Addr], clien
 /// Reads the MAC of `dev` in `ns` from `ip -j link show`.
 fn read_mac(ns: &NetNs, dev: &str) -> anyhow::Result<[u8; 6]> {
     let json = ns.ip(&["-j", "link", "show", "dev", dev])?;
-    let links: serde_json::Value =
-        serde_json::from_str(&json).with_context(|| format!("parsing `ip -j link show {dev}` in {}", ns.name()))?;
+    let links: serde_json::Value = serde_json::from_str(&json)
+        .with_context(|| format!("parsing `ip -j link show {dev}` in {}", ns.name()))?;
     let text = links[0]["address"]
         .as_str()
         .ok_or_else(|| anyhow!("no address for {dev} in {}: {json}", ns.name()))?;
@@ -396,8 +416,11 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
-        let part = parts.next().ok_or_else(|| anyhow!("short MAC address {text:?}"))?;
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("bad MAC address {text:?}"))?;
+        let part = parts
+            .next()
+            .ok_or_else(|| anyhow!("short MAC address {text:?}"))?;
+        *byte =
+            u8::from_str_radix(part, 16).with_context(|| format!("bad MAC address {text:?}"))?;
     }
     if parts.next().is_some() {
         bail!("long MAC address {text:?}");
@@ -406,7 +429,10 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 // ---------------------------------------------------------------------------
@@ -444,7 +470,12 @@ impl NameServer {
         let accepted = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddrV4>>();
         let thread = {
-            let (ns, name, stop, accepted) = (ns.to_owned(), name.to_owned(), stop.clone(), accepted.clone());
+            let (ns, name, stop, accepted) = (
+                ns.to_owned(),
+                name.to_owned(),
+                stop.clone(),
+                accepted.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("name server {name}"))
                 .spawn(move || {
@@ -464,7 +495,13 @@ impl NameServer {
                 })
                 .context("spawning the name server thread")?
         };
-        let mut server = NameServer { name: name.to_owned(), addr: bind, stop, accepted, thread: Some(thread) };
+        let mut server = NameServer {
+            name: name.to_owned(),
+            addr: bind,
+            stop,
+            accepted,
+            thread: Some(thread),
+        };
         match ready_rx.recv_timeout(SERVER_START_TIMEOUT) {
             Ok(Ok(local)) => {
                 server.addr = local;
@@ -472,7 +509,9 @@ impl NameServer {
             }
             // Dropping `server` stops and joins the thread (already ended here).
             Ok(Err(err)) => Err(err.context(format!("name server {name:?} on {bind} in {ns}"))),
-            Err(_) => bail!("name server {name:?} on {bind} in {ns} did not start within {SERVER_START_TIMEOUT:?}"),
+            Err(_) => bail!(
+                "name server {name:?} on {bind} in {ns} did not start within {SERVER_START_TIMEOUT:?}"
+            ),
         }
     }
 
@@ -521,7 +560,7 @@ fn listen_in(ns: &str, bind: SocketAddrV4) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Accept loop: polls the stop flag between accepts, bounded by
+/// Accept loop: checks the stop flag at least every [`ACCEPT_POLL`], bounded by
 /// [`SERVER_MAX_LIFETIME`].
 fn serve_names(listener: &TcpListener, name: &str, stop: &AtomicBool, accepted: &AtomicU64) {
     let answer = format!("{name}\n");
@@ -535,13 +574,25 @@ fn serve_names(listener: &TcpListener, name: &str, stop: &AtomicBool, accepted: 
                 // timeout is only a guard. Errors (client gone) are ignored.
                 let _ = answer_connection(stream, &answer);
             }
-            Err(err) if err.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(err) if err.kind() == ErrorKind::WouldBlock => wait_readable(listener, ACCEPT_POLL),
             Err(err) if err.kind() == ErrorKind::Interrupted => {}
             // Transient per-connection failures (ECONNABORTED, EMFILE, ...):
             // back off a little instead of spinning.
             Err(_) => std::thread::sleep(ACCEPT_POLL),
         }
     }
+}
+
+/// Sleeps until a connection is pending or `timeout` passes, whichever is
+/// first: a plain sleep would delay every connection by up to `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut pollfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd. Errors (EINTR) just end the wait early.
+    unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
 }
 
 fn answer_connection(mut stream: TcpStream, answer: &str) -> std::io::Result<()> {
@@ -555,7 +606,12 @@ fn answer_connection(mut stream: TcpStream, answer: &str) -> std::io::Result<()>
 /// Connects from `src` (an address in namespace `ns`) to `dst` and returns
 /// the trimmed answer, all within `timeout`. Runs on the calling thread,
 /// which is moved into `ns` for the duration.
-pub fn fetch_name(ns: &str, src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyhow::Result<String> {
+pub fn fetch_name(
+    ns: &str,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     in_netns(ns, || fetch_name_here(src, dst, timeout))
 }
 
@@ -572,7 +628,10 @@ pub fn fetch_names_many(
             .spawn(|| -> anyhow::Result<Vec<anyhow::Result<String>>> {
                 // This thread ends with the scope, so it never needs to leave.
                 netns::enter_netns(ns)?;
-                Ok(requests.iter().map(|&(src, dst)| fetch_name_here(src, dst, timeout)).collect())
+                Ok(requests
+                    .iter()
+                    .map(|&(src, dst)| fetch_name_here(src, dst, timeout))
+                    .collect())
             })
             .join()
     });
@@ -582,14 +641,18 @@ pub fn fetch_names_many(
             let message = format!("{err:#}");
             requests.iter().map(|_| Err(anyhow!("{message}"))).collect()
         }
-        Err(_) => requests.iter().map(|_| Err(anyhow!("request thread in {ns} panicked"))).collect(),
+        Err(_) => requests
+            .iter()
+            .map(|_| Err(anyhow!("request thread in {ns} panicked")))
+            .collect(),
     }
 }
 
 /// The client side, in whatever namespace the calling thread is in.
 fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
-    let stream = connect_from(src, dst, deadline).with_context(|| format!("connect {src} -> {dst}"))?;
+    let stream =
+        connect_from(src, dst, deadline).with_context(|| format!("connect {src} -> {dst}"))?;
     read_answer(stream, deadline).with_context(|| format!("read answer {src} -> {dst}"))
 }
 
@@ -598,7 +661,13 @@ fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyho
 /// connect, poll for writability, SO_ERROR.
 fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream> {
     // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
     if raw < 0 {
         return Err(std::io::Error::last_os_error()).context("socket");
     }
@@ -685,7 +754,11 @@ fn wait_writable(fd: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
         if left.is_zero() {
             bail!("timed out");
         }
-        let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        let mut pollfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
         // Round up so a sub-millisecond remainder still waits a little.
         let millis = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
         // SAFETY: one valid pollfd.
@@ -734,7 +807,9 @@ fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
         sin_zero: [0; 8],
     }
 }

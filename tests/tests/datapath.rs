@@ -1,0 +1,457 @@
+//! The XDP program under BPF_PROG_TEST_RUN: frames built here go in, the verdict, the bytes that
+//! come out and the map contents are checked (the style of Katran's testing/fixtures).
+//!
+//! The program is loaded unpinned and unattached, with small tables, one service
+//! 198.18.0.100:80 and three backends.
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use std::net::Ipv4Addr;
+use sticky_lb::{
+    dataplane::{Dataplane, LoadOptions, monotonic_ns},
+    maglev,
+};
+use sticky_lb_common::{
+    Backend, BackendId, BackendState, COUNTER_COUNT, Counter, PROTO_TCP, Service, ServiceCounters,
+    ServiceKey, StickEntry, StickKey, hash::client_hash, map_names,
+};
+use sticky_lb_tests::{
+    netns::require_root,
+    packet::{ETH_LEN, Frame, LB_MAC, TCP_LEN, VLAN_LEN},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const PORT: u16 = 80;
+const RING: u32 = 251; // a small prime keeps the test fast; the logic is size-independent
+const TIMEOUT_NS: u64 = 60_000_000_000;
+/// The balancer interface's MAC as the program is told it (the source MAC of forwarded frames).
+const OUR_MAC: [u8; 6] = [0x02, 0x5b, 0, 0, 0, 0xfe];
+
+struct Fixture {
+    dataplane: Dataplane,
+    key: ServiceKey,
+    service: Service,
+    backends: Vec<(BackendId, String, [u8; 6])>,
+    stick: HashMap<MapData, StickKey, StickEntry>,
+    stats: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, ServiceCounters>,
+}
+
+fn v4(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn mask(prefix: u32) -> u32 {
+    u32::from_ne_bytes((u32::MAX << (32 - prefix)).to_be_bytes())
+}
+
+impl Fixture {
+    fn new(client_prefix: u32) -> Fixture {
+        require_root();
+        let mut dataplane = Dataplane::load(
+            None,
+            LoadOptions {
+                stick_table_size: 1024,
+                maglev_stride: RING,
+                maglev_services: 2,
+                interface_mac: OUR_MAC,
+                log_level: 0,
+            },
+        )
+        .expect("the kernel accepts the program");
+        let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
+            .map(|i| (i + 5, format!("web-{i}"), [0x02, 0xbe, 0, 0, 0, i as u8 + 1]))
+            .collect();
+        for (id, _, mac) in &backends {
+            let entry = Backend {
+                addr: [v4(Ipv4Addr::new(198, 18, 0, 11 + *id as u8)), 0, 0, 0],
+                mac: *mac,
+                state: BackendState::Up as u8,
+                _pad: 0,
+                service: 1,
+                weight: 1,
+            };
+            dataplane.backends.set(*id, &entry, 0).unwrap();
+        }
+        let key = ServiceKey {
+            vip: [v4(VIP), 0, 0, 0],
+            port: PORT.to_be(),
+            protocol: PROTO_TCP,
+            _pad: 0,
+        };
+        let service = Service {
+            id: 1,
+            policy: 0,
+            forwarding: 0,
+            flags: 0,
+            _pad: 0,
+            ring_base: 0,
+            ring_size: 0,
+            stick_timeout_ns: TIMEOUT_NS,
+            client_mask: [mask(client_prefix), 0, 0, 0],
+        };
+        let stick = dataplane.take_map(map_names::STICK).unwrap();
+        let stats = dataplane.take_map(map_names::STATS).unwrap();
+        let service_stats = dataplane.take_map(map_names::SERVICE_STATS).unwrap();
+        let mut fixture = Fixture {
+            dataplane,
+            key,
+            service,
+            backends,
+            stick,
+            stats,
+            service_stats,
+        };
+        fixture.publish(&[0, 1, 2]);
+        fixture
+    }
+
+    /// Publishes a Maglev table made of the given backends (indexes into `self.backends`).
+    fn publish(&mut self, members: &[usize]) -> maglev::Table {
+        let members: Vec<maglev::Member<'_>> = members
+            .iter()
+            .map(|&i| maglev::Member {
+                id: self.backends[i].0,
+                name: &self.backends[i].1,
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::Table::build(RING, &members);
+        self.dataplane.publish_service(&self.key, &mut self.service, &table).unwrap();
+        table
+    }
+
+    fn set_state(&mut self, backend: usize, state: BackendState) {
+        let id = self.backends[backend].0;
+        let mut entry = self.dataplane.backends.get(&id, 0).unwrap();
+        entry.state = state as u8;
+        self.dataplane.backends.set(id, &entry, 0).unwrap();
+    }
+
+    /// Runs one frame; returns the verdict and the frame as the program left it.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// The backend (index) the Maglev table gives a client, computed the way the program does.
+    fn predicted(&self, table: &maglev::Table, client: Ipv4Addr) -> usize {
+        let masked = v4(client) & self.service.client_mask[0];
+        let id = table.lookup(client_hash(&[masked, 0, 0, 0], self.service.id));
+        self.index_of(id)
+    }
+
+    fn index_of(&self, id: BackendId) -> usize {
+        self.backends.iter().position(|b| b.0 == id).expect("a known backend id")
+    }
+
+    fn stick_entry(&self, client: Ipv4Addr) -> Option<StickEntry> {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        self.stick.get(&key, 0).ok()
+    }
+
+    fn set_stick(&mut self, client: Ipv4Addr, backend: usize, last_seen_ns: u64) {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        let entry = StickEntry {
+            backend: self.backends[backend].0,
+            _pad: 0,
+            last_seen_ns,
+            created_ns: last_seen_ns,
+        };
+        self.stick.insert(&key, &entry, 0).unwrap();
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.stats.get(&(counter as u32), 0).unwrap().iter().sum()
+    }
+
+    fn service_counters(&self) -> ServiceCounters {
+        let per_cpu = self.service_stats.get(&self.service.id, 0).unwrap();
+        per_cpu.iter().fold(ServiceCounters::default(), |a, c| ServiceCounters {
+            stick_hits: a.stick_hits + c.stick_hits,
+            stick_misses: a.stick_misses + c.stick_misses,
+            stick_inserts: a.stick_inserts + c.stick_inserts,
+            redispatches: a.redispatches + c.redispatches,
+            insert_failures: a.insert_failures + c.insert_failures,
+        })
+    }
+
+    /// Asserts the frame was forwarded to `backend` by DSR: destination MAC = the backend's,
+    /// source MAC = ours, every other byte unchanged.
+    fn assert_forwarded(&self, input: &[u8], (verdict, output): (u32, Vec<u8>), backend: usize) {
+        assert_eq!(verdict, XDP_TX, "expected XDP_TX");
+        assert_eq!(output.len(), input.len());
+        assert_eq!(output[0..6], self.backends[backend].2, "destination MAC");
+        assert_eq!(output[6..12], OUR_MAC, "source MAC");
+        assert_eq!(output[12..], input[12..], "bytes after the MACs must be untouched");
+    }
+}
+
+fn assert_passed_untouched(input: &[u8], (verdict, output): (u32, Vec<u8>)) {
+    assert_eq!(verdict, XDP_PASS, "expected XDP_PASS");
+    assert_eq!(output, input, "a passed frame must be untouched");
+}
+
+fn client(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, n)
+}
+
+#[test]
+fn miss_chooses_by_maglev_and_records_the_choice() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let mut seen = std::collections::BTreeSet::new();
+    for n in 1..=40 {
+        let frame = Frame::tcp_syn(client(n), VIP, PORT).build();
+        let expected = f.predicted(&table, client(n));
+        let before = monotonic_ns();
+        let result = f.run(&frame);
+        f.assert_forwarded(&frame, result, expected);
+        let entry = f.stick_entry(client(n)).expect("a stick entry after a miss");
+        assert_eq!(f.index_of(entry.backend), expected);
+        assert!(entry.created_ns >= before && entry.last_seen_ns == entry.created_ns);
+        seen.insert(expected);
+    }
+    assert_eq!(seen.len(), 3, "40 clients over 3 backends use all of them");
+    let c = f.service_counters();
+    assert_eq!((c.stick_misses, c.stick_inserts, c.stick_hits), (40, 40, 0));
+}
+
+#[test]
+fn hit_follows_the_stick_table_not_the_hash() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let predicted = f.predicted(&table, client(7));
+    let stuck = (predicted + 1) % 3;
+    f.set_stick(client(7), stuck, monotonic_ns());
+    let frame = Frame::tcp_syn(client(7), VIP, PORT).build();
+    for _ in 0..3 {
+        let result = f.run(&frame);
+        f.assert_forwarded(&frame, result, stuck);
+    }
+    let c = f.service_counters();
+    assert_eq!((c.stick_hits, c.stick_misses), (3, 0));
+}
+
+#[test]
+fn hit_refreshes_last_seen_only_once_it_is_a_second_old() {
+    let mut f = Fixture::new(32);
+    let frame = Frame::tcp_syn(client(9), VIP, PORT).build();
+    // Fresh entry: a hit must not write it.
+    let fresh = monotonic_ns();
+    f.set_stick(client(9), 0, fresh);
+    f.run(&frame);
+    assert_eq!(f.stick_entry(client(9)).unwrap().last_seen_ns, fresh);
+    // Two seconds old: the hit refreshes it.
+    let old = monotonic_ns() - 2_000_000_000;
+    f.set_stick(client(9), 0, old);
+    f.run(&frame);
+    let entry = f.stick_entry(client(9)).unwrap();
+    assert!(entry.last_seen_ns > old + 1_000_000_000);
+    assert_eq!(entry.created_ns, old, "a refresh keeps the creation time");
+}
+
+#[test]
+fn expired_entry_is_a_miss() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let predicted = f.predicted(&table, client(3));
+    let stale = (predicted + 1) % 3;
+    f.set_stick(client(3), stale, monotonic_ns() - TIMEOUT_NS - 1_000_000_000);
+    let frame = Frame::tcp_syn(client(3), VIP, PORT).build();
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, predicted);
+    assert_eq!(f.index_of(f.stick_entry(client(3)).unwrap().backend), predicted);
+    assert_eq!(f.service_counters().stick_misses, 1);
+}
+
+#[test]
+fn drained_backend_keeps_its_stuck_clients() {
+    let mut f = Fixture::new(32);
+    f.set_stick(client(4), 2, monotonic_ns());
+    f.set_state(2, BackendState::Drain);
+    f.publish(&[0, 1]);
+    let frame = Frame::tcp_syn(client(4), VIP, PORT).build();
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, 2);
+}
+
+#[test]
+fn down_backend_redispatches_once_and_the_new_choice_sticks() {
+    let mut f = Fixture::new(32);
+    f.set_stick(client(5), 1, monotonic_ns());
+    f.set_state(1, BackendState::Down);
+    let table = f.publish(&[0, 2]);
+    let expected = f.predicted(&table, client(5));
+    assert_ne!(expected, 1);
+    let frame = Frame::tcp_syn(client(5), VIP, PORT).build();
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, expected);
+    assert_eq!(f.index_of(f.stick_entry(client(5)).unwrap().backend), expected);
+    // The backend comes back: the moved client stays where it is now.
+    f.set_state(1, BackendState::Up);
+    f.publish(&[0, 1, 2]);
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, expected);
+    let c = f.service_counters();
+    assert_eq!((c.redispatches, c.stick_hits), (1, 1));
+}
+
+#[test]
+fn client_mask_sticks_a_whole_prefix_together() {
+    let mut f = Fixture::new(24);
+    let first = Frame::tcp_syn(client(1), VIP, PORT).build();
+    let (_, out) = f.run(&first);
+    let backend = f.backends.iter().position(|b| b.2 == out[0..6]).unwrap();
+    for n in [2, 77, 254] {
+        let frame = Frame::tcp_syn(client(n), VIP, PORT).build();
+        let result = f.run(&frame);
+        f.assert_forwarded(&frame, result, backend);
+    }
+    let c = f.service_counters();
+    assert_eq!((c.stick_inserts, c.stick_hits), (1, 3));
+}
+
+#[test]
+fn vlan_tagged_frame_is_forwarded_with_its_tag() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let mut frame = Frame::tcp_syn(client(8), VIP, PORT);
+    frame.vlan = Some(42);
+    let bytes = frame.build();
+    let result = f.run(&bytes);
+    let expected = f.predicted(&table, client(8));
+    f.assert_forwarded(&bytes, result, expected);
+}
+
+#[test]
+fn ipv4_options_are_skipped_to_find_the_ports() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    for option_words in 1..=10usize {
+        let mut frame = Frame::tcp_syn(client(10 + option_words as u8), VIP, PORT);
+        // NOPs; a parser that ignored IHL would read them as the ports and pass the frame.
+        frame.ip_options = vec![1; option_words * 4];
+        let bytes = frame.build();
+        let result = f.run(&bytes);
+        let expected = f.predicted(&table, client(10 + option_words as u8));
+        f.assert_forwarded(&bytes, result, expected);
+    }
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_untouched() {
+    let mut f = Fixture::new(32);
+    let other_port = Frame::tcp_syn(client(1), VIP, 8080).build();
+    let other_addr = Frame::tcp_syn(client(1), Ipv4Addr::new(198, 18, 0, 2), PORT).build();
+    let mut udp = Frame::tcp_syn(client(1), VIP, PORT);
+    udp.protocol = 17;
+    let mut icmp = Frame::tcp_syn(client(1), VIP, PORT);
+    icmp.protocol = 1;
+    for frame in [other_port, other_addr, udp.build(), icmp.build()] {
+        let result = f.run(&frame);
+        assert_passed_untouched(&frame, result);
+    }
+    assert_eq!(f.counter(Counter::PassNotService), 4);
+    let mut arp = Frame::tcp_syn(client(1), VIP, PORT);
+    arp.ether_type = 0x0806;
+    let mut ipv6 = arp.clone();
+    ipv6.ether_type = 0x86dd;
+    for frame in [arp.build(), ipv6.build()] {
+        let result = f.run(&frame);
+        assert_passed_untouched(&frame, result);
+    }
+    assert_eq!(f.counter(Counter::PassNotIp), 2);
+    assert!(f.stick_entry(client(1)).is_none(), "no stick entry for non-service traffic");
+}
+
+#[test]
+fn fragments_are_never_forwarded() {
+    let mut f = Fixture::new(32);
+    // First fragment (MF set, offset 0) and a later one (offset 185 * 8 bytes) of a segment to
+    // the service: a later fragment has no ports, so forwarding either would split the datagram.
+    for frag in [0x2000u16, 0x00b9, 0x20b9] {
+        let mut frame = Frame::tcp_syn(client(2), VIP, PORT);
+        frame.frag = frag;
+        let bytes = frame.build();
+        let result = f.run(&bytes);
+        assert_passed_untouched(&bytes, result);
+    }
+    assert_eq!(f.counter(Counter::PassFragment), 3);
+    assert!(f.stick_entry(client(2)).is_none());
+}
+
+#[test]
+fn truncated_frames_are_passed_untouched_at_every_length() {
+    let mut f = Fixture::new(32);
+    for vlan in [None, Some(7)] {
+        let mut frame = Frame::tcp_syn(client(6), VIP, PORT);
+        frame.vlan = vlan;
+        frame.ip_options = vec![1; 8];
+        let full = frame.build();
+        let headers = ETH_LEN + vlan.map_or(0, |_| VLAN_LEN) + 28 + TCP_LEN;
+        assert_eq!(full.len(), headers);
+        // BPF_PROG_TEST_RUN needs at least an Ethernet header's worth of data.
+        for len in ETH_LEN..headers {
+            let cut = &full[..len];
+            let result = f.run(cut);
+            assert_passed_untouched(cut, result);
+        }
+    }
+    assert!(f.counter(Counter::PassMalformed) > 0);
+    assert!(f.stick_entry(client(6)).is_none(), "no entry from a truncated frame");
+}
+
+#[test]
+fn bad_ip_header_length_is_passed() {
+    let mut f = Fixture::new(32);
+    let mut bytes = Frame::tcp_syn(client(6), VIP, PORT).build();
+    bytes[ETH_LEN] = 0x44; // IHL 4: shorter than the fixed header
+    let result = f.run(&bytes);
+    assert_passed_untouched(&bytes, result);
+    bytes[ETH_LEN] = 0x65; // version 6 in an IPv4 EtherType
+    let result = f.run(&bytes);
+    assert_passed_untouched(&bytes, result);
+}
+
+#[test]
+fn service_without_backends_drops() {
+    let mut f = Fixture::new(32);
+    for i in 0..3 {
+        f.set_state(i, BackendState::Down);
+    }
+    f.publish(&[]);
+    let frame = Frame::tcp_syn(client(1), VIP, PORT).build();
+    let (verdict, _) = f.run(&frame);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(f.counter(Counter::DropNoBackend), 1);
+    assert!(f.stick_entry(client(1)).is_none());
+}
+
+#[test]
+fn counters_cover_every_reason() {
+    assert_eq!(Counter::ALL.len(), COUNTER_COUNT as usize);
+    let _ = LB_MAC;
+}
