@@ -72,28 +72,27 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 if let Some(handle) = &sweeping && !handle.is_finished() {
                     continue; // the last sweep is still walking a large table
                 }
-                if let Some(handle) = sweeping.take() {
-                    log_sweep(handle.await?);
-                }
                 let path = stick_path.clone();
                 let timeouts = timeouts.clone();
                 sweeping = Some(tokio::task::spawn_blocking(move || {
-                    let mut stick = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(
-                        aya::maps::MapData::from_pin(&path)?,
-                    )?)?;
-                    expiry::sweep(&mut stick, &timeouts)
+                    let report = aya::maps::MapData::from_pin(&path)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|data| Ok(aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?))
+                        .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts));
+                    log_sweep(&report);
+                    report
                 }));
             }
             _ = resolve_tick.tick() => controller.resolve_missing_macs()?,
         }
     }
     if let Some(handle) = sweeping.take() {
-        log_sweep(handle.await?);
+        let _ = handle.await?;
     }
     controller.stop()
 }
 
-fn log_sweep(result: Result<expiry::SweepReport>) {
+fn log_sweep(result: &Result<expiry::SweepReport>) {
     match result {
         Ok(r) if r.expired + r.orphaned > 0 => info!(
             "expiry sweep: {} of {} stick entries expired ({} of removed services), {} refreshed meanwhile, {} ms",

@@ -1,6 +1,7 @@
 //! Test support for sticky-lb: frames built byte by byte for BPF_PROG_TEST_RUN fixtures, and the
 //! network-namespace rig used by the end-to-end tests in `tests/tests/`.
 
+pub mod balancer;
 pub mod netns;
 pub mod packet;
 pub mod rig;
