@@ -64,6 +64,7 @@ pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
     let (state, maps) = target.open()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
+    let mut order = Vec::new();
     for item in maps.stick.iter() {
         let Ok((key, entry)) = item else { continue };
         let service = state.service(key.service);
@@ -71,6 +72,7 @@ pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
         let client = Ipv4Addr::from(key.client[0].to_ne_bytes());
         let backend = state.backend(entry.backend);
         let idle_ms = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
+        order.push((key.service, u32::from(client)));
         rows.push(StickRow {
             service: service.map(|s| s.name.clone()).unwrap_or_else(|| format!("#{}", key.service)),
             client: if mask == 32 { client.to_string() } else { format!("{client}/{mask}") },
@@ -83,8 +85,10 @@ pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
             expired: service.is_some_and(|s| idle_ms >= s.stick_timeout_ms),
         });
     }
-    rows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
-    Ok(rows)
+    // By service, then by address (numerically: 198.18.1.2 before 198.18.1.10).
+    let mut rows: Vec<_> = order.into_iter().zip(rows).collect();
+    rows.sort_by_key(|(order, _)| *order);
+    Ok(rows.into_iter().map(|(_, row)| row).collect())
 }
 
 pub fn print_table(rows: &[StickRow]) {

@@ -1,1 +1,245 @@
-fn main(){}
+//! `cargo xtask` (or `./x`, which first installs the pinned stable toolchain): set-up, build,
+//! test and demo for sticky-lb. Every step a fresh machine needs is here; a second run skips what
+//! is already in place.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Nightly for the XDP program (-Z build-std=core; its LLVM 23 matches bpf-linker's).
+const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the rig and the tests use: `ip` (netns, veth, bridge) and `ethtool`.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+
+#[derive(Parser)]
+#[command(about = "Set-up, build, test and demo for sticky-lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the XDP toolchain, bpf-linker (cached), Debian packages; mount bpffs.
+    Setup,
+    /// Build the XDP program, then the controller.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test (unit, BPF_PROG_TEST_RUN, netns end to end). Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo in a sandbox of network namespaces. Needs root.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { args } => {
+            require_root("./x test")?;
+            setup()?;
+            build(false)?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            require_root("./x demo")?;
+            setup()?;
+            build(true)?;
+            let mut demo = cargo_user();
+            demo.args(["run", "--release", "--quiet", "-p", "sticky-lb-tests", "--bin", "slb-demo"])
+                .env("STICKY_LB_BIN", workspace().join("target/release/sticky-lb"));
+            run(&mut demo)
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn require_root(command: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this needs root: it creates network namespaces and attaches XDP programs. \
+             Run `sudo {command}` (nothing was changed)"
+        );
+    }
+    Ok(())
+}
+
+/// A command with the environment of this cargo invocation removed, so a nested cargo picks its
+/// toolchain from the directory it runs in (rust-toolchain.toml), not from ours.
+fn clean(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// cargo for the user-side crates (the workspace's pinned stable).
+fn cargo_user() -> Command {
+    let mut cmd = clean("cargo");
+    cmd.current_dir(workspace());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()?;
+    ensure_bpffs()?;
+    Ok(())
+}
+
+fn ensure_ebpf_toolchain() -> Result<()> {
+    let installed = output(clean("rustup").args(["toolchain", "list"]))?;
+    let has_toolchain = installed.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
+    let has_src = has_toolchain
+        && output(clean("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))?
+            .lines()
+            .any(|l| l.starts_with("rust-src"));
+    if has_toolchain && has_src {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {EBPF_TOOLCHAIN} with rust-src (for the XDP program)");
+    run(clean("rustup").args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+/// Where bpf-linker is cached, per version and nightly (its LLVM must match the nightly's).
+fn bpf_linker_prefix() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    cache.join("sticky-lb").join(format!("bpf-linker-{BPF_LINKER_VERSION}-{EBPF_TOOLCHAIN}"))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let prefix = bpf_linker_prefix();
+    let binary = prefix.join("bin/bpf-linker");
+    if binary.exists() && clean(binary.to_str().unwrap()).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s LLVM (once; cached in {})", prefix.display());
+    // bpf-linker needs a shared libLLVM of the same major version as the nightly that emits the
+    // bitcode; the nightly ships exactly that library.
+    let sysroot = output(clean("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for link in [prefix_lib.join(llvm.file_name().unwrap()), prefix_lib.join("libLLVM.so")] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    run(cargo_user()
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--root"])
+        .arg(&prefix)
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(binary, _)| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().any(|d| Path::new(d).join(binary).exists())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let install = |cmd: &mut Command| -> Result<()> {
+        run(cmd.args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install(&mut Command::new("apt-get")).is_err() {
+        run(Command::new("apt-get").arg("update"))?;
+        install(&mut Command::new("apt-get"))?;
+    }
+    Ok(())
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("xtask: bpffs is not mounted on /sys/fs/bpf (root mounts it)");
+        return Ok(());
+    }
+    eprintln!("xtask: mounting bpffs on /sys/fs/bpf");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn build(release: bool) -> Result<()> {
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()?;
+    let root = workspace();
+    let linker_bin = bpf_linker_prefix().join("bin");
+    let path = format!("{}:{}", linker_bin.display(), std::env::var("PATH").unwrap_or_default());
+    // The XDP program is always built optimised: the verifier and the per-packet cost want it.
+    run(clean("cargo")
+        .current_dir(root.join("sticky-lb-ebpf"))
+        .args([&format!("+{EBPF_TOOLCHAIN}"), "build", "--release", "--target-dir"])
+        .arg(root.join("target/ebpf"))
+        .env("PATH", path))?;
+    let mut cmd = cargo_user();
+    cmd.args(["build", "-p", "sticky-lb"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let root = workspace();
+    run(cargo_user()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("STICKY_LB_BIN", root.join("target/debug/sticky-lb")))
+}
