@@ -606,3 +606,19 @@ services:
         assert!(parse_duration("m").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_configs {
+    use super::*;
+
+    /// The configs shipped in config/ stay valid as the format evolves.
+    #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            ("sticky-lb.yaml", include_str!("../../config/sticky-lb.yaml")),
+            ("demo.yaml", include_str!("../../config/demo.yaml")),
+        ] {
+            Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The `sticky-lb` command as an operator meets it: exit statuses, one-line errors, and a bad
+//! config that changes nothing.
+
+use sticky_lb_tests::{
+    balancer::{DataPathGuard, ScratchDir, binary, cli},
+    netns::{require_root, unique_tag},
+    rig::{Rig, RigOptions},
+};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(binary()).args(args).output().expect("sticky-lb runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const VALID: &str = "\
+interface: lo
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    backends:
+      - name: web-1
+        address: 198.18.0.11
+";
+
+#[test]
+fn check_config_accepts_a_valid_file() {
+    let dir = ScratchDir::new(&unique_tag("cli-ok"));
+    let path = dir.path().join("ok.yaml");
+    std::fs::write(&path, VALID).unwrap();
+    let (code, out, err) = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok (1 service(s), 1 backend(s), interface lo)"), "{out}");
+}
+
+#[test]
+fn invalid_configs_exit_2_with_one_line_naming_the_field() {
+    let dir = ScratchDir::new(&unique_tag("cli-bad"));
+    let cases = [
+        (VALID.replace("198.18.0.11", "198.18.0.256"), "services[0].backends[0].address (line 8)"),
+        (VALID.replace("    port: 80\n", "    port: 80\n    colour: blue\n"), "unknown field `colour`"),
+        (VALID.replace("interface: lo", "interface: slb-missing0"), "interface (line 1): no interface named"),
+        (VALID.replace("    port: 80\n", "    port: 80\n    maglev_table_size: 1000\n"), "services[0].maglev_table_size (line 6)"),
+        (format!("{VALID}        weight: 0\n"), "services[0].backends (line 6): all weights are zero"),
+        (format!("{VALID}      - name: web-1\n        address: 198.18.0.12\n"), "duplicate backend name 'web-1'"),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, out, err) = run(&["check-config", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "case {i}: {err}");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "case {i}: one line, got {err:?}");
+        assert!(err.starts_with("sticky-lb: config error: "), "case {i}: {err}");
+        assert!(err.contains(expected), "case {i}: expected {expected:?} in {err:?}");
+    }
+    let (code, _, err) = run(&["check-config", "/nonexistent/slb.yaml"]);
+    assert_eq!((code, err.lines().count()), (2, 1), "{err}");
+}
+
+#[test]
+fn run_with_a_bad_config_attaches_nothing() {
+    require_root();
+    let tag = unique_tag("cli-run");
+    let rig = Rig::build(RigOptions::new(&tag).backends(1).clients(1)).unwrap();
+    let guard = DataPathGuard::new(rig.lb_ns(), rig.lb_dev());
+    let dir = ScratchDir::new(&tag);
+    let path = dir.path().join("bad.yaml");
+    // Valid YAML, valid interface, one bad field deep down.
+    let text = VALID.replace("interface: lo", "interface: lb0").replace("198.18.0.11", "198.18.0.11.5");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = cli(rig.lb_ns(), &["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("services[0].backends[0].address"), "{err}");
+    let link = std::process::Command::new("ip")
+        .args(["-n", rig.lb_ns(), "-d", "link", "show", "lb0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("xdp"), "no XDP program may be attached:\n{link}");
+    assert!(!guard.pins().path().exists(), "nothing pinned");
+}
+
+#[test]
+fn read_commands_without_a_data_path_fail_in_one_line() {
+    require_root();
+    let tag = unique_tag("cli-none");
+    let rig = Rig::build(RigOptions::new(&tag).backends(1).clients(1)).unwrap();
+    for args in [&["table", "show"][..], &["status", "--json"], &["detach", "--interface", "lb0"]] {
+        let (code, out, err) = cli(rig.lb_ns(), args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
+        assert!(err.starts_with("sticky-lb: error: "), "{err}");
+    }
+    let (code, _, _) = run(&["--netns", "slb-no-such-namespace", "status"]);
+    assert_eq!(code, 1);
+    let (code, _, _) = run(&["frobnicate"]);
+    assert_eq!(code, 2, "clap reports usage errors with status 2");
+}
