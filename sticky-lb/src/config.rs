@@ -67,6 +67,9 @@ pub struct ServiceConfig {
     pub maglev_table_size: u32,
     #[serde(default)]
     pub stick: StickConfig,
+    /// Health checks for every backend of the service (a backend may override any field).
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -124,6 +127,130 @@ pub struct BackendConfig {
     pub mac: Option<[u8; 6]>,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Overrides of the service's health check for this backend.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+}
+
+/// A health check as written in the config: every field optional, so a backend can override
+/// only what differs from its service, and the service only what differs from the defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(rename = "type")]
+    pub kind: Option<CheckKind>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: Option<u32>,
+    /// Consecutive failures that take an up backend down.
+    pub fall: Option<u32>,
+    /// Port to check; default the service port.
+    pub port: Option<u16>,
+    /// Address to check: the backend's own (default) or the VIP (DSR backends hold it too).
+    pub address: Option<CheckAddress>,
+    /// HTTP: the path to GET.
+    pub path: Option<String>,
+    /// HTTP: the status expected, a class (`2xx`) or a code (`204`).
+    pub expect: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    /// The check passes when a TCP connection is accepted.
+    Tcp,
+    /// The check passes when `GET path` answers with the expected status.
+    Http,
+    /// No checks: the backend is always considered healthy.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckAddress {
+    Backend,
+    Vip,
+}
+
+/// A health check with every field decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub port: u16,
+    pub address: CheckAddress,
+    pub path: String,
+    pub expect: String,
+}
+
+impl HealthCheckConfig {
+    /// This config's fields where set, `base`'s otherwise.
+    fn over(&self, base: &HealthCheckConfig) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: self.kind.or(base.kind),
+            interval: self.interval.or(base.interval),
+            timeout: self.timeout.or(base.timeout),
+            rise: self.rise.or(base.rise),
+            fall: self.fall.or(base.fall),
+            port: self.port.or(base.port),
+            address: self.address.or(base.address),
+            path: self.path.clone().or_else(|| base.path.clone()),
+            expect: self.expect.clone().or_else(|| base.expect.clone()),
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    fn is_set(&self) -> bool {
+        self.kind.is_some()
+            || self.interval.is_some()
+            || self.timeout.is_some()
+            || self.rise.is_some()
+            || self.fall.is_some()
+            || self.port.is_some()
+            || self.address.is_some()
+            || self.path.is_some()
+            || self.expect.is_some()
+    }
+}
+
+impl ServiceConfig {
+    /// The check for backend `i`: its overrides over the service's over the defaults (TCP
+    /// connect to the backend's address on the service port every 2 s, timeout 1 s, rise 2,
+    /// fall 3, like HAProxy's `check inter 2s rise 2 fall 3`).
+    pub fn health_check(&self, i: usize) -> HealthCheck {
+        let c = self.backends[i].health_check.over(&self.health_check);
+        HealthCheck {
+            kind: c.kind.unwrap_or(CheckKind::Tcp),
+            interval: c.interval.unwrap_or(Duration::from_secs(2)),
+            timeout: c.timeout.unwrap_or(Duration::from_secs(1)),
+            rise: c.rise.unwrap_or(2),
+            fall: c.fall.unwrap_or(3),
+            port: c.port.unwrap_or(self.port),
+            address: c.address.unwrap_or(CheckAddress::Backend),
+            path: c.path.unwrap_or_else(|| "/".into()),
+            expect: c.expect.unwrap_or_else(|| "2xx".into()),
+        }
+    }
+}
+
+/// Whether an HTTP status matches an `expect` of the form `2xx` or `204`.
+pub fn status_matches(expect: &str, status: u16) -> bool {
+    let expect = expect.as_bytes();
+    let code = status.to_string();
+    expect.len() == 3
+        && code.len() == 3
+        && expect.iter().zip(code.as_bytes()).all(|(e, c)| *e == b'x' || e == c)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn default_stick_table_size() -> u32 {
@@ -322,6 +449,41 @@ impl Config {
                 }
                 if backend.weight > 1_000_000 {
                     return Err(err(&at("weight"), "must be at most 1000000".into()));
+                }
+            }
+            for (j, backend) in service.backends.iter().enumerate() {
+                let check = service.health_check(j);
+                // Name the level where the bad value was written.
+                let base: Vec<PathPart> = if backend.health_check.over(&HealthCheckConfig::default()).is_set() {
+                    vec![K("services"), I(i), K("backends"), I(j), K("health_check")]
+                } else {
+                    vec![K("services"), I(i), K("health_check")]
+                };
+                let at = |field: &'static str| {
+                    let mut p = base.clone();
+                    p.push(K(field));
+                    p
+                };
+                if check.interval.is_zero() {
+                    return Err(err(&at("interval"), "must be longer than 0".into()));
+                }
+                if check.timeout.is_zero() || check.timeout > check.interval {
+                    return Err(err(&at("timeout"), "must be longer than 0 and at most the interval".into()));
+                }
+                if check.rise == 0 || check.fall == 0 || check.rise > 100 || check.fall > 100 {
+                    return Err(err(&at(if check.rise == 0 || check.rise > 100 { "rise" } else { "fall" }), "must be 1 to 100".into()));
+                }
+                if check.port == 0 {
+                    return Err(err(&at("port"), "must be 1 to 65535".into()));
+                }
+                if check.kind == CheckKind::Http {
+                    if !check.path.starts_with('/') || check.path.contains(char::is_whitespace) {
+                        return Err(err(&at("path"), format!("'{}' is not an absolute path without spaces", check.path)));
+                    }
+                    let e = check.expect.as_bytes();
+                    if e.len() != 3 || !(b'1'..=b'5').contains(&e[0]) || !e[1..].iter().all(|c| c.is_ascii_digit() || *c == b'x') {
+                        return Err(err(&at("expect"), format!("'{}' is not a status (200) or class (2xx)", check.expect)));
+                    }
                 }
             }
             if service.backends.iter().all(|b| b.weight == 0) {
@@ -596,6 +758,39 @@ services:
         assert!(error(&GOOD.replace("timeout: 2s", "timeout: 2 fortnights")).contains("not a duration"));
         let e = error(&GOOD.replace("client_mask: 24", "client_mask: 33"));
         assert!(e.starts_with("services[0].stick.client_mask (line 9)"), "{e}");
+    }
+
+    #[test]
+    fn health_checks_merge_backend_over_service_over_defaults() {
+        let text = GOOD
+            .replace("    backends:\n", "    health_check:\n      type: http\n      interval: 500ms\n      timeout: 200ms\n      path: /healthz\n    backends:\n")
+            .replace("        weight: 2\n", "        weight: 2\n        health_check:\n          port: 8080\n          expect: 204\n");
+        let config = Config::parse(&text, false).unwrap();
+        let service = &config.services[0];
+        let first = service.health_check(0);
+        assert_eq!((first.kind, first.port, first.expect.as_str(), first.path.as_str()), (CheckKind::Http, 8080, "204", "/healthz"));
+        assert_eq!((first.interval, first.rise, first.fall), (Duration::from_millis(500), 2, 3));
+        let second = service.health_check(1);
+        assert_eq!((second.port, second.expect.as_str()), (80, "2xx"));
+        let defaults = Config::parse(GOOD, false).unwrap().services[0].health_check(0);
+        assert_eq!((defaults.kind, defaults.interval, defaults.timeout), (CheckKind::Tcp, Duration::from_secs(2), Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn bad_health_check_is_named() {
+        let text = GOOD.replace("        weight: 2\n", "        weight: 2\n        health_check:\n          timeout: 5s\n");
+        let e = error(&text);
+        assert!(e.starts_with("services[0].backends[0].health_check.timeout (line 15): must be longer than 0 and at most the interval"), "{e}");
+        let text = GOOD.replace("    backends:\n", "    health_check:\n      type: http\n      expect: 2xy\n    backends:\n");
+        assert!(error(&text).starts_with("services[0].health_check.expect (line 12)"), "{}", error(&text));
+    }
+
+    #[test]
+    fn status_classes() {
+        assert!(status_matches("2xx", 204));
+        assert!(status_matches("204", 204));
+        assert!(!status_matches("2xx", 500));
+        assert!(!status_matches("200", 204));
     }
 
     #[test]

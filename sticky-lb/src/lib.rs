@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod expiry;
+pub mod health;
 pub mod maglev;
 pub mod neighbour;
 pub mod netns;

@@ -1,0 +1,280 @@
+//! Health checks: one tokio task per backend, so a slow or silent backend never delays another's
+//! check. A task reports only transitions (up -> down after `fall` consecutive failures, down ->
+//! up after `rise` consecutive successes), with the reason, to the controller, which rebuilds the
+//! service's Maglev table and swaps it in.
+
+use crate::config::{CheckKind, HealthCheck, status_matches};
+use std::{
+    fmt,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+/// Why a check failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Refused,
+    Timeout,
+    /// The connection was reset or closed before an answer.
+    Reset,
+    /// HTTP answered with a status outside the expected class.
+    BadStatus(u16),
+    /// HTTP answered something that is not an HTTP status line.
+    NotHttp,
+    Unreachable(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Refused => write!(f, "connection refused"),
+            Failure::Timeout => write!(f, "timeout"),
+            Failure::Reset => write!(f, "connection reset before an answer"),
+            Failure::BadStatus(code) => write!(f, "bad status {code}"),
+            Failure::NotHttp => write!(f, "answer is not HTTP"),
+            Failure::Unreachable(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A backend's health as a task reports it.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub service: usize,
+    pub backend: usize,
+    pub healthy: bool,
+    /// The last check's result: why it went down, or how long the check that brought it up took.
+    pub reason: String,
+}
+
+/// Rise/fall hysteresis: the state changes only after `rise` successes or `fall` failures in a
+/// row, so a flapping backend cannot change state faster than that.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    healthy: bool,
+    streak: u32,
+}
+
+impl Tracker {
+    /// Backends start healthy (HAProxy's default): `fall` failures take one down.
+    pub fn new() -> Tracker {
+        Tracker {
+            healthy: true,
+            streak: 0,
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Records one result; returns the new state if it changed.
+    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok == self.healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.healthy { fall } else { rise };
+        if self.streak >= needed {
+            self.healthy = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker::new()
+    }
+}
+
+/// One check of `addr`; `Ok` carries its latency.
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<Duration, Failure> {
+    let started = Instant::now();
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Failure::Refused,
+            std::io::ErrorKind::ConnectionReset => Failure::Reset,
+            _ => Failure::Unreachable(e.to_string()),
+        })?;
+        if check.kind == CheckKind::Http {
+            let request = format!(
+                "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: sticky-lb-check\r\nConnection: close\r\n\r\n",
+                check.path,
+                addr.ip()
+            );
+            stream.write_all(request.as_bytes()).await.map_err(|_| Failure::Reset)?;
+            // The status line is all we need: "HTTP/1.x NNN ...".
+            let mut head = [0u8; 12];
+            let mut got = 0;
+            while got < head.len() {
+                match stream.read(&mut head[got..]).await {
+                    Ok(0) | Err(_) => return Err(Failure::Reset),
+                    Ok(n) => got += n,
+                }
+            }
+            if !head.starts_with(b"HTTP/1.") || head[8] != b' ' {
+                return Err(Failure::NotHttp);
+            }
+            let code = std::str::from_utf8(&head[9..12])
+                .ok()
+                .and_then(|c| c.parse::<u16>().ok())
+                .ok_or(Failure::NotHttp)?;
+            if !status_matches(&check.expect, code) {
+                return Err(Failure::BadStatus(code));
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(check.timeout, attempt).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// Starts checking one backend every `check.interval`; transitions go to `events`.
+pub fn spawn(
+    service: usize,
+    backend: usize,
+    addr: SocketAddrV4,
+    check: HealthCheck,
+    events: mpsc::Sender<Transition>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tracker = Tracker::new();
+        let mut tick = tokio::time::interval(check.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let result = probe(addr, &check).await;
+            if let Some(healthy) = tracker.observe(result.is_ok(), check.rise, check.fall) {
+                let reason = match &result {
+                    Ok(latency) => format!("check passed in {} ms", latency.as_millis()),
+                    Err(failure) => failure.to_string(),
+                };
+                let transition = Transition {
+                    service,
+                    backend,
+                    healthy,
+                    reason,
+                };
+                if events.send(transition).await.is_err() {
+                    return; // the controller is gone
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut t = Tracker::new();
+        assert_eq!(t.observe(false, 2, 3), None);
+        assert_eq!(t.observe(false, 2, 3), None);
+        assert_eq!(t.observe(false, 2, 3), Some(false));
+        assert_eq!(t.observe(true, 2, 3), None);
+        assert_eq!(t.observe(true, 2, 3), Some(true));
+        assert!(t.healthy());
+    }
+
+    #[test]
+    fn flapping_never_changes_state_when_rise_and_fall_exceed_one() {
+        let mut t = Tracker::new();
+        for i in 0..100 {
+            assert_eq!(t.observe(i % 2 == 0, 2, 2), None, "check {i}");
+        }
+        assert!(t.healthy());
+        // A success in a failure streak resets it.
+        let mut t = Tracker::new();
+        for ok in [false, false, true, false, false, true] {
+            assert_eq!(t.observe(ok, 2, 3), None);
+        }
+    }
+
+    fn check(kind: CheckKind, expect: &str) -> HealthCheck {
+        HealthCheck {
+            kind,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+            rise: 1,
+            fall: 1,
+            port: 0,
+            address: crate::config::CheckAddress::Backend,
+            path: "/".into(),
+            expect: expect.into(),
+        }
+    }
+
+    /// A loopback server that answers each connection with `reply` (or resets if `None`).
+    async fn server(reply: Option<&'static [u8]>) -> SocketAddrV4 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = match listener.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                match reply {
+                    Some(reply) => {
+                        let mut buf = [0u8; 512];
+                        let _ = stream.read(&mut buf).await;
+                        let _ = stream.write_all(reply).await;
+                    }
+                    None => {
+                        // SO_LINGER 0 makes close send an RST: the "accepts then resets" case.
+                        #[allow(deprecated)]
+                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        drop(stream);
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probes_report_the_reason() {
+        let ok = server(Some(b"HTTP/1.1 200 OK\r\n\r\n")).await;
+        let error = server(Some(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")).await;
+        let garbage = server(Some(b"SSH-2.0-OpenSSH_9.2\r\n")).await;
+        let reset = server(None).await;
+        assert!(probe(ok, &check(CheckKind::Http, "2xx")).await.is_ok());
+        assert!(probe(ok, &check(CheckKind::Tcp, "2xx")).await.is_ok());
+        assert_eq!(probe(error, &check(CheckKind::Http, "2xx")).await, Err(Failure::BadStatus(500)));
+        assert!(probe(error, &check(CheckKind::Http, "5xx")).await.is_ok());
+        assert_eq!(probe(garbage, &check(CheckKind::Http, "2xx")).await, Err(Failure::NotHttp));
+        assert_eq!(probe(reset, &check(CheckKind::Http, "2xx")).await, Err(Failure::Reset));
+        // Nothing listens on the port the reset server's listener is not using: port 1 on
+        // loopback is refused.
+        let refused = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1);
+        assert_eq!(probe(refused, &check(CheckKind::Tcp, "2xx")).await, Err(Failure::Refused));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out() {
+        // Accepts (the kernel completes the handshake) but never writes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = match listener.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        let started = Instant::now();
+        assert_eq!(probe(addr, &check(CheckKind::Http, "2xx")).await, Err(Failure::Timeout));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(listener);
+    }
+}
