@@ -39,6 +39,8 @@ enum Cmd {
     },
     /// Set up, build, and run the demo in a sandbox of network namespaces. Needs root.
     Demo,
+    /// Set up, build (release), and run the benchmarks. Needs root.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -51,6 +53,14 @@ fn main() -> Result<()> {
             setup()?;
             build(false)?;
             test(&args)
+        }
+        Cmd::Bench => {
+            require_root("./x bench")?;
+            setup()?;
+            build(true)?;
+            run(cargo_user()
+                .args(["run", "--release", "--quiet", "-p", "sticky-lb-tests", "--bin", "slb-bench"])
+                .env("STICKY_LB_BIN", workspace().join("target/release/sticky-lb")))
         }
         Cmd::Demo => {
             require_root("./x demo")?;
