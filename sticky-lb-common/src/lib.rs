@@ -122,9 +122,9 @@ pub struct StickKey {
 pub struct StickEntry {
     pub backend: BackendId,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet, at [`STICK_REFRESH_NS`] granularity.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, at [`STICK_REFRESH_NS`] granularity.
     pub last_seen_ns: u64,
-    /// `bpf_ktime_get_ns` when the client was first assigned to this backend.
+    /// `bpf_ktime_get_coarse_ns` when the client was first assigned to this backend.
     pub created_ns: u64,
 }
 

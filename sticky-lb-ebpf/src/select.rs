@@ -4,7 +4,7 @@ use crate::{
     maps::{BACKENDS, MAGLEV, STICK},
     stats::count_service,
 };
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use sticky_lb_common::{
     Backend, BackendId, BackendState, NO_BACKEND, STICK_REFRESH_NS, Service, StickEntry, StickKey,
     hash::client_hash,
@@ -28,7 +28,9 @@ pub fn backend_for(
         service: service.id,
         client: [client, 0, 0, 0],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (jiffies resolution) is plenty for second-granular refreshes and
+    // timeouts, and far cheaper than the precise one, which reads the clock source.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = STICK.get_ptr_mut(&key) {
         // SAFETY: the LRU map hands out a pointer to the live value; concurrent writers only
         // store whole aligned words (backend id, timestamps).
