@@ -23,6 +23,11 @@ pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Default stick-table size, like HAProxy `stick-table size 1m`.
 pub const DEFAULT_STICK_TABLE_SIZE: u32 = 1 << 20;
+/// Default size of the flow table least-connections services use to count connections.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 18;
+/// A least-connections service compares at most this many backends per new client: the bound
+/// keeps the data path's loop short enough for the verifier and the per-packet budget.
+pub const MAX_LEAST_CONN_BACKENDS: u32 = 32;
 /// Default Maglev lookup-table size (prime, as the paper requires).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
 /// Marks an empty Maglev slot (a service with no eligible backend).
@@ -40,7 +45,9 @@ pub mod map_names {
     pub const STATS: &str = "slb_stats";
     pub const BACKEND_STATS: &str = "slb_backend_st";
     pub const SERVICE_STATS: &str = "slb_service_st";
-    pub const ALL: [&str; 7] = [
+    pub const FLOWS: &str = "slb_flows";
+    pub const ACTIVE: &str = "slb_active";
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -48,6 +55,8 @@ pub mod map_names {
         STATS,
         BACKEND_STATS,
         SERVICE_STATS,
+        FLOWS,
+        ACTIVE,
     ];
 }
 
@@ -75,6 +84,15 @@ pub enum Policy {
     LeastConn = 1,
 }
 
+impl Policy {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::LeastConn,
+            _ => Self::IpHash,
+        }
+    }
+}
+
 /// How packets reach the chosen backend.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,11 +112,12 @@ pub struct Service {
     pub forwarding: u8,
     pub flags: u8,
     pub _pad: u8,
-    /// First slot of this service's active Maglev table in the Maglev array. The controller
+    /// First slot of this service's active table in the Maglev array: the Maglev table for
+    /// `ip-hash`, the list of up backends for `least-conn`. The controller
     /// writes the inactive copy, then flips this field in one map update: a packet sees the old
     /// table or the new one, never half of each.
     pub ring_base: u32,
-    /// Size of this service's Maglev table (a prime).
+    /// Size of this service's Maglev table (a prime), or the number of listed backends.
     pub ring_size: u32,
     /// A stick entry idle longer than this is treated as absent and swept.
     pub stick_timeout_ns: u64,
@@ -126,6 +145,29 @@ pub struct StickEntry {
     pub last_seen_ns: u64,
     /// `bpf_ktime_get_coarse_ns` when the client was first assigned to this backend.
     pub created_ns: u64,
+}
+
+/// Key of the flow table: one TCP connection of a least-connections service (the VIP and port
+/// are the service's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub service: ServiceId,
+    /// The client's full address (not masked: each connection counts).
+    pub client: [u32; 4],
+    /// Client port in network byte order.
+    pub client_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of the flow table: which backend counts this connection as active.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub backend: BackendId,
+    pub _pad: u32,
+    /// Refreshed at [`STICK_REFRESH_NS`] granularity; the controller expires idle flows.
+    pub last_seen_ns: u64,
 }
 
 /// A backend's state in the data path.
@@ -262,6 +304,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
 }
 
 #[cfg(test)]
@@ -278,6 +322,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<BackendCounters>(), 16);
         assert_eq!(size_of::<ServiceCounters>(), 40);
+        assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<FlowEntry>(), 16);
     }
 
     #[test]

@@ -6,19 +6,26 @@
 //! untouched so the host keeps working.
 #![no_std]
 #![no_main]
+// Atomic add on the BPF target (see conntrack.rs).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod conntrack;
 mod forward;
 mod maps;
 mod parse;
 mod select;
 mod stats;
 
-use aya_ebpf::{Global, bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    Global, bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp,
+    programs::XdpContext,
+};
 use aya_log_ebpf::debug;
 use maps::SERVICES;
 use parse::Parsed;
 use select::NoBackend;
-use sticky_lb_common::{Counter, PROTO_TCP, ServiceKey};
+use sticky_lb_common::{Counter, PROTO_TCP, Policy, ServiceKey};
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
 /// (read-only data, so the verifier treats it as a constant).
@@ -50,8 +57,14 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         return pass(Counter::PassNotService);
     };
     let client = packet.saddr & service.client_mask[0];
-    match select::backend_for(service, client) {
+    // The coarse clock (jiffies resolution) is plenty for second-granular refreshes and timeouts,
+    // and far cheaper than the precise one, which reads the clock source.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match select::backend_for(service, client, now) {
         Ok((id, backend)) => {
+            if service.policy == Policy::LeastConn as u8 {
+                conntrack::track(service.id, &packet, id, now);
+            }
             forward::dsr(packet.eth, backend, IFACE_MAC.load());
             stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
             xdp_action::XDP_TX

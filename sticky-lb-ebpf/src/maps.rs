@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use sticky_lb_common::{
-    Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_MAGLEV_TABLE_SIZE,
-    DEFAULT_STICK_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, Service, ServiceCounters, ServiceKey,
-    StickEntry, StickKey,
+    Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
+    MAX_SERVICES, Service, ServiceCounters, ServiceKey, StickEntry, StickKey,
 };
 
 /// Virtual services: (VIP, port, protocol) -> parameters. A miss here means "not ours": pass.
@@ -45,3 +45,15 @@ pub static BACKEND_STATS: PerCpuArray<BackendCounters> =
 #[map(name = "slb_service_st")]
 pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Open TCP connections of least-connections services, from SYN to the client's FIN or RST (in
+/// DSR the server's half is never seen); the controller expires idle ones. LRU, so a flood of
+/// SYNs evicts old flows instead of failing inserts.
+#[map(name = "slb_flows")]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Active connections per backend id, shared by all CPUs (atomic adds): what least-connections
+/// compares. The controller recounts it from the flow table to correct drift.
+#[map(name = "slb_active")]
+pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);

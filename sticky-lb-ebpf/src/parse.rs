@@ -42,8 +42,16 @@ pub struct Ipv4Tcp {
     pub eth: *mut EthHdr,
     pub saddr: u32,
     pub daddr: u32,
+    pub sport: u16,
     pub dport: u16,
+    /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10).
+    pub flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and the TCP ports.
 #[inline(always)]
@@ -82,11 +90,15 @@ pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset + ihl) else {
         return Parsed::Truncated;
     };
-    let tcp = unsafe { &*tcp };
+    let tcp_ref = unsafe { &*tcp };
+    // The flags are the 14th byte of the TCP header (after the data offset byte).
+    let flags = unsafe { *(tcp as *const u8).add(13) };
     Parsed::Tcp(Ipv4Tcp {
         eth,
         saddr: u32::from_ne_bytes(ip.src_addr),
         daddr: u32::from_ne_bytes(ip.dst_addr),
-        dport: u16::from_ne_bytes(tcp.dest),
+        sport: u16::from_ne_bytes(tcp_ref.source),
+        dport: u16::from_ne_bytes(tcp_ref.dest),
+        flags,
     })
 }

@@ -7,7 +7,8 @@ use crate::maglev::is_prime;
 use serde::{Deserialize, Deserializer, de};
 use std::{fmt, net::Ipv4Addr, path::Path, time::Duration};
 use sticky_lb_common::{
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, MAX_BACKENDS,
+    MAX_LEAST_CONN_BACKENDS, MAX_SERVICES,
 };
 
 /// Largest Maglev table accepted (a prime); 16 services x 2 copies x this x 4 bytes stays small.
@@ -25,9 +26,15 @@ pub struct Config {
     /// Entries in the stick table, shared by all services (one LRU map).
     #[serde(default = "default_stick_table_size")]
     pub stick_table_size: u32,
-    /// How often the expiry sweep walks the stick table.
+    /// How often the expiry sweep walks the stick table (and the flow table).
     #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
     pub sweep_interval: Duration,
+    /// Connections least-connections services can track at once (one LRU map).
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+    /// A tracked connection with no packet from the client for this long stops counting.
+    #[serde(default = "default_flow_idle_timeout", deserialize_with = "duration")]
+    pub flow_idle_timeout: Duration,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -86,6 +93,8 @@ pub enum Policy {
     /// Maglev consistent hash of the (masked) client address.
     #[default]
     IpHash,
+    /// Fewest active connections per unit of weight.
+    LeastConn,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -259,6 +268,13 @@ fn default_stick_table_size() -> u32 {
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(5)
 }
+fn default_flow_table_size() -> u32 {
+    DEFAULT_FLOW_TABLE_SIZE
+}
+fn default_flow_idle_timeout() -> Duration {
+    // IPVS's default for established TCP connections.
+    Duration::from_secs(15 * 60)
+}
 fn default_maglev_table_size() -> u32 {
     DEFAULT_MAGLEV_TABLE_SIZE
 }
@@ -350,6 +366,12 @@ impl Config {
         }
         if self.stick_table_size == 0 {
             return Err(err(&[K("stick_table_size")], "must be at least 1".into()));
+        }
+        if self.flow_table_size == 0 {
+            return Err(err(&[K("flow_table_size")], "must be at least 1".into()));
+        }
+        if self.flow_idle_timeout.is_zero() {
+            return Err(err(&[K("flow_idle_timeout")], "must be longer than 0".into()));
         }
         if self.sweep_interval.is_zero() {
             return Err(err(&[K("sweep_interval")], "must be longer than 0".into()));
@@ -485,6 +507,14 @@ impl Config {
                         return Err(err(&at("expect"), format!("'{}' is not a status (200) or class (2xx)", check.expect)));
                     }
                 }
+            }
+            if service.policy == Policy::LeastConn
+                && service.backends.len() > MAX_LEAST_CONN_BACKENDS as usize
+            {
+                return Err(err(
+                    &at("backends"),
+                    format!("least-conn supports at most {MAX_LEAST_CONN_BACKENDS} backends per service"),
+                ));
             }
             if service.backends.iter().all(|b| b.weight == 0) {
                 return Err(err(

@@ -1,24 +1,41 @@
 //! `sticky-lb run`: bring the data path up from a config, keep it fed, take it down on a signal.
 
 use crate::{
-    config::{Config, OnExit},
+    config::{CheckAddress, CheckKind, Config, HealthCheck, OnExit},
+    control::{self, BackendAction, Envelope, Reply, Request},
     dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, PinnedMaps},
-    expiry, maglev, neighbour,
+    expiry, health, maglev, neighbour,
     state::{self, BackendRecord, RuntimeState, ServiceRecord},
 };
 use anyhow::{Context, Result, bail};
 use log::{debug, info, warn};
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    path::Path,
+    time::Duration,
+};
 use sticky_lb_common::{
     Backend, BackendId, BackendState, Forwarding, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, Policy,
     Service, ServiceId, ServiceKey,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 /// How long `run` waits for a backend's MAC before starting without it (it keeps trying).
 const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often backends with no MAC yet are probed again.
 const RESOLVE_RETRY: Duration = Duration::from_secs(2);
+
+/// What the operator has said about a backend (the control socket); health is separate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admin {
+    Enabled,
+    Drain,
+    Disabled,
+}
 
 /// One backend as the controller tracks it.
 struct BackendSlot {
@@ -27,7 +44,29 @@ struct BackendSlot {
     address: std::net::Ipv4Addr,
     mac: Option<[u8; 6]>,
     weight: u32,
+    admin: Admin,
+    /// The health checks' verdict (true while checks are off).
+    healthy: bool,
+    check: HealthCheck,
+    /// What the data path was last told.
     state: BackendState,
+}
+
+impl BackendSlot {
+    /// The data-path state that follows from MAC, operator and health: disabled and failed
+    /// backends lose their stuck clients, drained ones (or weight 0, IPVS's quiescent) keep them
+    /// but take no new ones.
+    fn effective_state(&self) -> BackendState {
+        if self.admin == Admin::Disabled {
+            BackendState::Disabled
+        } else if self.mac.is_none() || !self.healthy {
+            BackendState::Down
+        } else if self.admin == Admin::Drain || self.weight == 0 {
+            BackendState::Drain
+        } else {
+            BackendState::Up
+        }
+    }
 }
 
 /// One service as the controller tracks it.
@@ -57,37 +96,39 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resolve_tick = tokio::time::interval(RESOLVE_RETRY);
     resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stick_path = controller.pins.map(sticky_lb_common::map_names::STICK);
-    let timeouts: BTreeMap<ServiceId, u64> = controller
-        .services
-        .iter()
-        .map(|s| (s.params.id, s.params.stick_timeout_ns))
-        .collect();
-    let mut sweeping: Option<tokio::task::JoinHandle<Result<expiry::SweepReport>>> = None;
+
+    let (health_tx, mut health_rx) = mpsc::channel::<health::Transition>(256);
+    let checkers = controller.spawn_health_checks(health_tx);
+    let (control_tx, mut control_rx) = mpsc::channel::<Envelope>(16);
+    let socket = control::socket_path(controller.netns.as_deref(), &controller.config.interface);
+    let server = control::serve(&socket, control_tx)?;
+
+    let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            Some(transition) = health_rx.recv() => controller.apply_health(transition)?,
+            Some((request, reply)) = control_rx.recv() => {
+                let answer = controller.handle(request).unwrap_or_else(|e| Reply::error(format!("{e:#}")));
+                let _ = reply.send(answer);
+            }
             _ = sweep_tick.tick() => {
                 if let Some(handle) = &sweeping && !handle.is_finished() {
                     continue; // the last sweep is still walking a large table
                 }
-                let path = stick_path.clone();
-                let timeouts = timeouts.clone();
-                sweeping = Some(tokio::task::spawn_blocking(move || {
-                    let report = aya::maps::MapData::from_pin(&path)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|data| Ok(aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?))
-                        .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts));
-                    log_sweep(&report);
-                    report
-                }));
+                sweeping = Some(tokio::task::spawn_blocking(controller.sweep_job()));
             }
             _ = resolve_tick.tick() => controller.resolve_missing_macs()?,
         }
     }
+    server.abort();
+    let _ = std::fs::remove_file(&socket);
+    for checker in checkers {
+        checker.abort();
+    }
     if let Some(handle) = sweeping.take() {
-        let _ = handle.await?;
+        let _ = handle.await;
     }
     controller.stop()
 }
@@ -167,7 +208,8 @@ impl Controller {
                 .backends
                 .iter()
                 .zip(bids)
-                .map(|(b, id)| {
+                .enumerate()
+                .map(|(j, (b, id))| {
                     let mac = macs.next().flatten();
                     if mac.is_none() {
                         warn!(
@@ -175,14 +217,19 @@ impl Controller {
                             service.name, b.name, b.address
                         );
                     }
-                    BackendSlot {
+                    let mut slot = BackendSlot {
                         id,
                         name: b.name.clone(),
                         address: b.address,
                         mac,
                         weight: b.weight,
-                        state: initial_state(mac.is_some(), b.weight),
-                    }
+                        admin: Admin::Enabled,
+                        healthy: true,
+                        check: service.health_check(j),
+                        state: BackendState::Unused,
+                    };
+                    slot.state = slot.effective_state();
+                    slot
                 })
                 .collect();
             let mask = if service.stick.client_mask == 0 {
@@ -199,7 +246,10 @@ impl Controller {
                 },
                 params: Service {
                     id: sid,
-                    policy: Policy::IpHash as u8,
+                    policy: match service.policy {
+                        crate::config::Policy::IpHash => Policy::IpHash as u8,
+                        crate::config::Policy::LeastConn => Policy::LeastConn as u8,
+                    },
                     forwarding: Forwarding::Dsr as u8,
                     flags: 0,
                     _pad: 0,
@@ -215,6 +265,7 @@ impl Controller {
 
         let options = LoadOptions {
             stick_table_size: config.stick_table_size,
+            flow_table_size: config.flow_table_size,
             maglev_stride: config
                 .services
                 .iter()
@@ -301,54 +352,193 @@ impl Controller {
         Ok(())
     }
 
-    /// Rebuilds service `i`'s Maglev table from its eligible backends and swaps it in.
+    /// Rebuilds service `i`'s table from its up backends and swaps it in: a Maglev table for
+    /// `ip-hash`, the list of candidates for `least-conn`.
     fn publish(&mut self, i: usize) -> Result<()> {
         let service = &mut self.services[i];
-        let members: Vec<maglev::Member<'_>> = service
-            .backends
-            .iter()
-            .filter(|b| b.state == BackendState::Up)
-            .map(|b| maglev::Member {
-                id: b.id,
-                name: &b.name,
-                weight: b.weight,
-            })
-            .collect();
-        let table = maglev::Table::build(service.config.maglev_table_size, &members);
-        if members.is_empty() {
-            warn!("service {}: no backend is up; its packets are dropped", service.config.name);
+        let up: Vec<&BackendSlot> =
+            service.backends.iter().filter(|b| b.state == BackendState::Up).collect();
+        if up.is_empty() {
+            warn!("service {}: no backend is up; its new clients are dropped", service.config.name);
         }
+        let slots: Vec<BackendId> = match service.config.policy {
+            crate::config::Policy::IpHash => {
+                let members: Vec<maglev::Member<'_>> = up
+                    .iter()
+                    .map(|b| maglev::Member {
+                        id: b.id,
+                        name: &b.name,
+                        weight: b.weight,
+                    })
+                    .collect();
+                maglev::Table::build(service.config.maglev_table_size, &members).slots().to_vec()
+            }
+            crate::config::Policy::LeastConn => up.iter().map(|b| b.id).collect(),
+        };
         let key = service.key;
         let mut params = service.params;
-        self.dataplane.publish_service(&key, &mut params, &table)?;
+        self.dataplane.publish_service(&key, &mut params, &slots)?;
         self.services[i].params = params;
         Ok(())
+    }
+
+    /// Pushes backend `j` of service `i` to the data path if its effective state changed, and
+    /// rebuilds the service's table. Returns whether anything changed.
+    fn refresh_backend(&mut self, i: usize, j: usize, force_table: bool) -> Result<bool> {
+        let sid = self.services[i].params.id;
+        let b = &mut self.services[i].backends[j];
+        let state = b.effective_state();
+        if state == b.state && !force_table {
+            return Ok(false);
+        }
+        b.state = state;
+        let entry = backend_entry(b, sid);
+        self.dataplane.backends.set(b.id, &entry, 0)?;
+        self.publish(i)?;
+        self.write_state()?;
+        Ok(true)
+    }
+
+    /// One tokio task per checked backend.
+    fn spawn_health_checks(
+        &self,
+        events: mpsc::Sender<health::Transition>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for (i, service) in self.services.iter().enumerate() {
+            for (j, b) in service.backends.iter().enumerate() {
+                if b.check.kind == CheckKind::None {
+                    continue;
+                }
+                let address = match b.check.address {
+                    CheckAddress::Backend => b.address,
+                    CheckAddress::Vip => service.config.vip,
+                };
+                let target = SocketAddrV4::new(address, b.check.port);
+                tasks.push(health::spawn(i, j, target, b.check.clone(), events.clone()));
+            }
+        }
+        tasks
+    }
+
+    /// A health check changed its verdict: log it once, with the reason, and push it.
+    fn apply_health(&mut self, t: health::Transition) -> Result<()> {
+        let service = &self.services[t.service];
+        let b = &service.backends[t.backend];
+        if t.healthy {
+            info!(
+                "backend {}/{} ({}) is UP: {} ({} passed checks)",
+                service.config.name, b.name, b.address, t.reason, b.check.rise
+            );
+        } else {
+            warn!(
+                "backend {}/{} ({}) is DOWN: {} ({} failed checks); its clients are redispatched",
+                service.config.name, b.name, b.address, t.reason, b.check.fall
+            );
+        }
+        self.services[t.service].backends[t.backend].healthy = t.healthy;
+        self.refresh_backend(t.service, t.backend, false)?;
+        Ok(())
+    }
+
+    /// An operator request from the control socket.
+    fn handle(&mut self, request: Request) -> Result<Reply> {
+        match request {
+            Request::Backend { service, backend, action } => {
+                let Some(i) = self.services.iter().position(|s| s.config.name == service) else {
+                    return Ok(Reply::error(format!("no service '{service}'")));
+                };
+                let Some(j) = self.services[i].backends.iter().position(|b| b.name == backend) else {
+                    return Ok(Reply::error(format!("no backend '{backend}' in service '{service}'")));
+                };
+                let b = &mut self.services[i].backends[j];
+                let mut table_changes = false;
+                match action {
+                    BackendAction::Drain => b.admin = Admin::Drain,
+                    BackendAction::Enable => b.admin = Admin::Enabled,
+                    BackendAction::Disable => b.admin = Admin::Disabled,
+                    BackendAction::Weight(weight) => {
+                        if weight > 1_000_000 {
+                            return Ok(Reply::error("weight must be at most 1000000"));
+                        }
+                        // A new weight reshapes the table even when the state stays up.
+                        table_changes = b.weight != weight && b.state == BackendState::Up;
+                        b.weight = weight;
+                    }
+                }
+                self.refresh_backend(i, j, table_changes)?;
+                let b = &self.services[i].backends[j];
+                let message = format!(
+                    "{service}/{backend}: {} (weight {})",
+                    state_name(b.state),
+                    b.weight
+                );
+                info!("operator: {message}");
+                Ok(Reply::ok(message))
+            }
+        }
+    }
+
+    /// The expiry sweep as a blocking job: stick entries, then the flow table of least-conn
+    /// services with its recount.
+    fn sweep_job(&self) -> impl FnOnce() + Send + 'static {
+        let pins = self.pins.clone();
+        let timeouts: BTreeMap<ServiceId, u64> = self
+            .services
+            .iter()
+            .map(|s| (s.params.id, s.params.stick_timeout_ns))
+            .collect();
+        let least_conn: BTreeSet<ServiceId> = self
+            .services
+            .iter()
+            .filter(|s| s.config.policy == crate::config::Policy::LeastConn)
+            .map(|s| s.params.id)
+            .collect();
+        let counted: BTreeSet<BackendId> = self
+            .services
+            .iter()
+            .filter(|s| least_conn.contains(&s.params.id))
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let flow_idle_ns = self.config.flow_idle_timeout.as_nanos() as u64;
+        move || {
+            let stick = dataplane::open_pinned(&pins, sticky_lb_common::map_names::STICK)
+                .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts));
+            log_sweep(&stick);
+            if least_conn.is_empty() {
+                return;
+            }
+            let flows = dataplane::open_pinned(&pins, sticky_lb_common::map_names::FLOWS).and_then(|mut flows| {
+                let mut active = dataplane::open_pinned(&pins, sticky_lb_common::map_names::ACTIVE)?;
+                expiry::sweep_flows(&mut flows, &mut active, &least_conn, &counted, flow_idle_ns)
+            });
+            match flows {
+                Ok(r) if r.expired > 0 => info!(
+                    "flow sweep: {} of {} connections idle past {:?} stopped counting",
+                    r.expired, r.scanned, Duration::from_nanos(flow_idle_ns)
+                ),
+                Ok(r) => debug!("flow sweep: {} connections, active {:?}", r.scanned, r.active),
+                Err(e) => warn!("flow sweep failed: {e:#}"),
+            }
+        }
     }
 
     /// Probes backends that have no MAC yet; brings up those that answered.
     fn resolve_missing_macs(&mut self) -> Result<()> {
         let interface = self.config.interface.clone();
-        let mut changed = false;
         for i in 0..self.services.len() {
-            let sid = self.services[i].params.id;
-            let mut service_changed = false;
-            for b in self.services[i].backends.iter_mut().filter(|b| b.mac.is_none()) {
+            for j in 0..self.services[i].backends.len() {
+                let b = &mut self.services[i].backends[j];
+                if b.mac.is_some() {
+                    continue;
+                }
                 // Zero wait: the probe's answer is picked up on the next tick.
                 if let Some(mac) = neighbour::resolve(b.address, &interface, Duration::ZERO) {
-                    info!("backend {} ({}) answered ARP: up", b.name, b.address);
+                    info!("backend {} ({}) answered ARP", b.name, b.address);
                     b.mac = Some(mac);
-                    b.state = initial_state(true, b.weight);
-                    self.dataplane.backends.set(b.id, &backend_entry(b, sid), 0)?;
-                    service_changed = true;
+                    self.refresh_backend(i, j, false)?;
                 }
             }
-            if service_changed {
-                self.publish(i)?;
-                changed = true;
-            }
-        }
-        if changed {
-            self.write_state()?;
         }
         Ok(())
     }
@@ -369,7 +559,10 @@ impl Controller {
                     name: s.config.name.clone(),
                     vip: s.config.vip,
                     port: s.config.port,
-                    policy: "ip-hash".into(),
+                    policy: match s.config.policy {
+                        crate::config::Policy::IpHash => "ip-hash".into(),
+                        crate::config::Policy::LeastConn => "least-conn".into(),
+                    },
                     forwarding: "dsr".into(),
                     stick_timeout_ms: s.config.stick.timeout.as_millis() as u64,
                     client_mask: s.config.stick.client_mask,
@@ -412,15 +605,6 @@ impl Controller {
             }
         }
         Ok(())
-    }
-}
-
-fn initial_state(has_mac: bool, weight: u32) -> BackendState {
-    match (has_mac, weight) {
-        (false, _) => BackendState::Down,
-        // Weight 0 is IPVS's quiescent backend: no new clients, stuck ones stay.
-        (true, 0) => BackendState::Drain,
-        (true, _) => BackendState::Up,
     }
 }
 

@@ -23,7 +23,6 @@ use sticky_lb_common::{
     ServiceKey, StickEntry, StickKey, map_names,
 };
 
-use crate::maglev;
 
 /// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STICKY_LB_EBPF_OBJECT"));
@@ -108,6 +107,7 @@ pub fn ensure_bpffs() -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub stick_table_size: u32,
+    pub flow_table_size: u32,
     /// Slots per Maglev table copy (the largest table size of any service).
     pub maglev_stride: u32,
     /// Services the Maglev array has room for.
@@ -156,6 +156,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::STICK, options.stick_table_size)
+            .map_max_entries(map_names::FLOWS, options.flow_table_size)
             .map_max_entries(map_names::MAGLEV, maglev_slots)
             .override_global("IFACE_MAC", &options.interface_mac, true)
             .override_global("AYA_LOG_LEVEL", &options.log_level, false);
@@ -257,15 +258,19 @@ impl Dataplane {
         (2 * service + half) * self.options.maglev_stride
     }
 
-    /// Writes `table` into the inactive copy of the service's Maglev table, then publishes the
-    /// service entry pointing at it: one map update, so each packet sees the old table or the
-    /// new one. `service.ring_base` is set here.
+    /// Writes `slots` (a Maglev table, or the up backends of a least-connections service) into
+    /// the inactive copy of the service's table, then publishes the service entry pointing at
+    /// it: one map update, so each packet sees the old table or the new one.
+    /// `service.ring_base` and `ring_size` are set here.
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
         service: &mut Service,
-        table: &maglev::Table,
+        slots: &[BackendId],
     ) -> Result<()> {
+        if slots.len() > self.options.maglev_stride as usize {
+            bail!("{} slots do not fit a table of {}", slots.len(), self.options.maglev_stride);
+        }
         if service.id >= self.options.maglev_services {
             bail!("service id {} beyond the Maglev array", service.id);
         }
@@ -275,11 +280,11 @@ impl Dataplane {
             _ => 0,
         };
         let base = self.ring_base(service.id, half);
-        for (i, id) in table.slots().iter().enumerate() {
+        for (i, id) in slots.iter().enumerate() {
             self.maglev.set(base + i as u32, id, 0)?;
         }
         service.ring_base = base;
-        service.ring_size = table.len() as u32;
+        service.ring_size = slots.len() as u32;
         self.services.insert(key, service, 0)?;
         Ok(())
     }
@@ -299,6 +304,7 @@ pub struct PinnedMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub backend_stats: PerCpuArray<MapData, BackendCounters>,
     pub service_stats: PerCpuArray<MapData, ServiceCounters>,
+    pub active: Array<MapData, i64>,
 }
 
 impl PinnedMaps {
@@ -313,6 +319,7 @@ impl PinnedMaps {
             stats: open_pinned(pins, map_names::STATS)?,
             backend_stats: open_pinned(pins, map_names::BACKEND_STATS)?,
             service_stats: open_pinned(pins, map_names::SERVICE_STATS)?,
+            active: open_pinned(pins, map_names::ACTIVE)?,
         })
     }
 

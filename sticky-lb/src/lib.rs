@@ -2,6 +2,7 @@
 //! sees it, the expiry sweep and the read-side views the CLI prints.
 
 pub mod config;
+pub mod control;
 pub mod controller;
 pub mod dataplane;
 pub mod expiry;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode};
 use sticky_lb::{
     config::{Config, ConfigError},
+    control::{self, BackendAction, Request},
     controller, netns,
     view::{self, Target},
 };
@@ -40,6 +41,14 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Change a backend of the running controller: drain, enable, disable, weight; or list them.
+    Backend {
+        #[command(subcommand)]
+        command: BackendCommand,
+        /// The interface sticky-lb runs on (needed only if it runs on several).
+        #[arg(long, short, global = true)]
+        interface: Option<String>,
+    },
     /// Interface, mode, services, backends and counters.
     Status {
         /// The interface sticky-lb runs on (needed only if it runs on several).
@@ -54,6 +63,37 @@ enum Command {
         /// The interface sticky-lb runs on (needed only if it runs on several).
         #[arg(long, short)]
         interface: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Backends with state, weight, active connections and stuck clients.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// No new clients; clients already stuck to it stay until their entries expire.
+    Drain {
+        /// SERVICE/BACKEND, as named in the config.
+        backend: String,
+    },
+    /// Back in service (up once its health checks pass).
+    Enable {
+        /// SERVICE/BACKEND
+        backend: String,
+    },
+    /// Out of service: its stuck clients move to another backend, checks notwithstanding.
+    Disable {
+        /// SERVICE/BACKEND
+        backend: String,
+    },
+    /// Set the relative share of new clients (0 drains).
+    Weight {
+        /// SERVICE/BACKEND
+        backend: String,
+        weight: u32,
     },
 }
 
@@ -128,6 +168,35 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             } else {
                 view::print_table(&rows);
             }
+            Ok(())
+        }
+        Command::Backend { command, interface } => {
+            let target = Target::pick(cli.netns, interface)?;
+            let (name, action) = match command {
+                BackendCommand::List { json } => {
+                    let status = view::status(&target)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&status.services)?);
+                    } else {
+                        view::print_backends(&status);
+                    }
+                    return Ok(());
+                }
+                BackendCommand::Drain { backend } => (backend, BackendAction::Drain),
+                BackendCommand::Enable { backend } => (backend, BackendAction::Enable),
+                BackendCommand::Disable { backend } => (backend, BackendAction::Disable),
+                BackendCommand::Weight { backend, weight } => (backend, BackendAction::Weight(weight)),
+            };
+            let Some((service, backend)) = name.split_once('/') else {
+                anyhow::bail!("'{name}' is not SERVICE/BACKEND");
+            };
+            let socket = control::socket_path(target.netns.as_deref(), &target.interface);
+            let request = Request::Backend { service: service.into(), backend: backend.into(), action };
+            let reply = control::call(&socket, &request)?;
+            if !reply.ok {
+                anyhow::bail!("{}", reply.message);
+            }
+            println!("{}", reply.message);
             Ok(())
         }
         Command::Status { interface, json } => {

@@ -150,6 +150,8 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub stick_entries: u64,
+    /// Open connections counted by the data path (least-conn services only).
+    pub active_connections: i64,
 }
 
 pub fn status(target: &Target) -> Result<Status> {
@@ -177,6 +179,11 @@ pub fn status(target: &Target) -> Result<Status> {
                 packets: bc.packets,
                 bytes: bc.bytes,
                 stick_entries: per_backend.get(&b.id).copied().unwrap_or(0),
+                active_connections: if s.policy == "least-conn" {
+                    maps.active.get(&b.id, 0).unwrap_or(0).max(0)
+                } else {
+                    0
+                },
             });
         }
         services.push(ServiceStatus {
@@ -237,25 +244,38 @@ pub fn print_status(s: &Status) {
             "  stick hits {}  misses {}  inserts {}  redispatches {}",
             svc.stick_hits, svc.stick_misses, svc.stick_inserts, svc.redispatches
         );
-        println!(
-            "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8}",
-            "BACKEND", "ADDRESS", "MAC", "WEIGHT", "STATE", "PACKETS", "BYTES", "STUCK"
-        );
-        for b in &svc.backends {
-            println!(
-                "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8}",
-                b.name,
-                b.address,
-                b.mac.as_deref().unwrap_or("-"),
-                b.weight,
-                b.state,
-                b.packets,
-                b.bytes,
-                b.stick_entries
-            );
-        }
+        print_backend_rows(svc);
     }
     println!();
     let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("counters: {}", counters.join("  "));
+}
+
+fn print_backend_rows(svc: &ServiceStatus) {
+    println!(
+        "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
+        "BACKEND", "ADDRESS", "MAC", "WEIGHT", "STATE", "PACKETS", "BYTES", "STUCK", "ACTIVE"
+    );
+    for b in &svc.backends {
+        println!(
+            "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
+            b.name,
+            b.address,
+            b.mac.as_deref().unwrap_or("-"),
+            b.weight,
+            b.state,
+            b.packets,
+            b.bytes,
+            b.stick_entries,
+            if svc.policy == "least-conn" { b.active_connections.to_string() } else { "-".into() }
+        );
+    }
+}
+
+/// `backend list`: the backends of every service.
+pub fn print_backends(s: &Status) {
+    for svc in &s.services {
+        println!("service {} ({}:{}, {})", svc.name, svc.vip, svc.port, svc.policy);
+        print_backend_rows(svc);
+    }
 }

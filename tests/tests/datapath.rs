@@ -5,7 +5,7 @@
 //! 198.18.0.100:80 and three backends.
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
 use std::net::Ipv4Addr;
@@ -14,8 +14,9 @@ use sticky_lb::{
     maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, COUNTER_COUNT, Counter, PROTO_TCP, Service, ServiceCounters,
-    ServiceKey, StickEntry, StickKey, hash::client_hash, map_names,
+    Backend, BackendId, BackendState, COUNTER_COUNT, Counter, FlowEntry, FlowKey, PROTO_TCP,
+    Policy, Service, ServiceCounters, ServiceKey, StickEntry, StickKey, hash::client_hash,
+    map_names,
 };
 use sticky_lb_tests::{
     netns::require_root,
@@ -41,6 +42,8 @@ struct Fixture {
     stick: HashMap<MapData, StickKey, StickEntry>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    active: Array<MapData, i64>,
 }
 
 fn v4(addr: Ipv4Addr) -> u32 {
@@ -58,6 +61,7 @@ impl Fixture {
             None,
             LoadOptions {
                 stick_table_size: 1024,
+                flow_table_size: 1024,
                 maglev_stride: RING,
                 maglev_services: 2,
                 interface_mac: OUR_MAC,
@@ -99,6 +103,8 @@ impl Fixture {
         let stick = dataplane.take_map(map_names::STICK).unwrap();
         let stats = dataplane.take_map(map_names::STATS).unwrap();
         let service_stats = dataplane.take_map(map_names::SERVICE_STATS).unwrap();
+        let flows = dataplane.take_map(map_names::FLOWS).unwrap();
+        let active = dataplane.take_map(map_names::ACTIVE).unwrap();
         let mut fixture = Fixture {
             dataplane,
             key,
@@ -107,6 +113,8 @@ impl Fixture {
             stick,
             stats,
             service_stats,
+            flows,
+            active,
         };
         fixture.publish(&[0, 1, 2]);
         fixture
@@ -123,8 +131,36 @@ impl Fixture {
             })
             .collect();
         let table = maglev::Table::build(RING, &members);
-        self.dataplane.publish_service(&self.key, &mut self.service, &table).unwrap();
+        self.dataplane.publish_service(&self.key, &mut self.service, table.slots()).unwrap();
         table
+    }
+
+    /// Turns the service into a least-connections one over the given backends.
+    fn least_conn(&mut self, members: &[usize]) {
+        self.service.policy = Policy::LeastConn as u8;
+        let ids: Vec<BackendId> = members.iter().map(|&i| self.backends[i].0).collect();
+        self.dataplane.publish_service(&self.key, &mut self.service, &ids).unwrap();
+    }
+
+    fn set_weight(&mut self, backend: usize, weight: u32) {
+        let id = self.backends[backend].0;
+        let mut entry = self.dataplane.backends.get(&id, 0).unwrap();
+        entry.weight = weight;
+        self.dataplane.backends.set(id, &entry, 0).unwrap();
+    }
+
+    fn active(&self, backend: usize) -> i64 {
+        self.active.get(&self.backends[backend].0, 0).unwrap()
+    }
+
+    fn set_active(&mut self, backend: usize, count: i64) {
+        self.active.set(self.backends[backend].0, &count, 0).unwrap();
+    }
+
+    /// Index of the backend a forwarded frame went to.
+    fn forwarded_to(&self, (verdict, out): &(u32, Vec<u8>)) -> usize {
+        assert_eq!(*verdict, XDP_TX);
+        self.backends.iter().position(|b| b.2 == out[0..6]).expect("a backend's MAC")
     }
 
     fn set_state(&mut self, backend: usize, state: BackendState) {
@@ -454,4 +490,96 @@ fn service_without_backends_drops() {
 fn counters_cover_every_reason() {
     assert_eq!(Counter::ALL.len(), COUNTER_COUNT as usize);
     let _ = LB_MAC;
+}
+
+/// A TCP segment from `client:port` with the given flags.
+fn segment(client_addr: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
+    let mut frame = Frame::tcp_syn(client_addr, VIP, PORT);
+    frame.src_port = port;
+    let mut bytes = frame.build();
+    // The flags byte is the 14th of the TCP header (checksum not recomputed: XDP never checks it).
+    bytes[ETH_LEN + 20 + 13] = flags;
+    bytes
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+#[test]
+fn least_conn_picks_the_backend_with_fewest_connections_per_weight() {
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    f.set_active(0, 5);
+    f.set_active(1, 2);
+    f.set_active(2, 9);
+    let result = f.run(&segment(client(1), 1000, SYN));
+    assert_eq!(f.forwarded_to(&result), 1);
+    assert_eq!(f.active(1), 3, "the SYN opened a counted connection");
+    // Weighted: 9 connections on weight 4 (2.25 each) beat 3 on weight 1.
+    f.set_weight(2, 4);
+    let result = f.run(&segment(client(2), 1000, SYN));
+    assert_eq!(f.forwarded_to(&result), 2);
+    assert_eq!(f.active(2), 10);
+}
+
+#[test]
+fn least_conn_spreads_new_clients_evenly_then_sticks() {
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    let mut per_backend = [0usize; 3];
+    for n in 1..=30 {
+        let result = f.run(&segment(client(n), 2000, SYN));
+        per_backend[f.forwarded_to(&result)] += 1;
+    }
+    assert_eq!(per_backend, [10, 10, 10]);
+    assert_eq!((f.active(0), f.active(1), f.active(2)), (10, 10, 10));
+    // A second connection of a stuck client follows the stick table, not the counts.
+    f.set_active(0, 100);
+    let first = f.stick_entry(client(1)).unwrap().backend;
+    let result = f.run(&segment(client(1), 2001, SYN));
+    assert_eq!(f.backends[f.forwarded_to(&result)].0, first);
+}
+
+#[test]
+fn connection_closes_are_counted_once() {
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0]);
+    f.run(&segment(client(1), 3000, SYN));
+    f.run(&segment(client(1), 3000, SYN)); // retransmitted SYN
+    f.run(&segment(client(1), 3000, ACK));
+    assert_eq!(f.active(0), 1);
+    f.run(&segment(client(1), 3000, FIN_ACK));
+    f.run(&segment(client(1), 3000, FIN_ACK)); // retransmitted FIN
+    assert_eq!(f.active(0), 0);
+    f.run(&segment(client(1), 3001, SYN));
+    f.run(&segment(client(1), 3001, RST));
+    assert_eq!(f.active(0), 0);
+    // A mid-connection packet of a flow never seen opening is not counted.
+    f.run(&segment(client(1), 3002, ACK));
+    assert_eq!(f.active(0), 0);
+    assert!(f.flows.keys().next().is_none(), "no flow left");
+}
+
+#[test]
+fn least_conn_skips_backends_that_are_not_up() {
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    f.set_active(1, 50);
+    f.set_active(2, 50);
+    f.set_state(0, BackendState::Drain);
+    let result = f.run(&segment(client(1), 4000, SYN));
+    assert_ne!(f.forwarded_to(&result), 0, "a draining backend takes no new client");
+    f.set_state(1, BackendState::Down);
+    f.set_state(2, BackendState::Disabled);
+    let (verdict, _) = f.run(&segment(client(2), 4000, SYN));
+    assert_eq!(verdict, XDP_DROP, "nobody is up");
+}
+
+#[test]
+fn ip_hash_services_track_no_flows() {
+    let mut f = Fixture::new(32);
+    f.run(&segment(client(1), 5000, SYN));
+    assert!(f.flows.keys().next().is_none());
 }

@@ -60,6 +60,7 @@ fn setup(timeout_ns: u64) -> Bench {
         None,
         LoadOptions {
             stick_table_size: DEFAULT_STICK_TABLE_SIZE,
+            flow_table_size: 1024,
             maglev_stride: DEFAULT_MAGLEV_TABLE_SIZE,
             maglev_services: 1,
             interface_mac: [2, 0, 0, 0, 0, 1],
@@ -92,7 +93,7 @@ fn setup(timeout_ns: u64) -> Bench {
         client_mask: [u32::MAX, 0, 0, 0],
         ..Default::default()
     };
-    dataplane.publish_service(&key, &mut service, &table).unwrap();
+    dataplane.publish_service(&key, &mut service, table.slots()).unwrap();
     let stick = dataplane.take_map(map_names::STICK).unwrap();
     Bench { dataplane, stick, service }
 }

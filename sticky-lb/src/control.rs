@@ -1,0 +1,207 @@
+//! The control socket: a Unix socket at `/run/sticky-lb/[<netns>/]<interface>.sock` (mode 0600,
+//! so only root reaches it) on which the running controller takes operator commands, one JSON
+//! request per line, one JSON reply per line. `sticky-lb backend ...` is its client.
+//!
+//! Requests are handed to the controller's main loop, which owns the data path; a malformed or
+//! oversized request gets an error reply and changes nothing.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// What an operator can ask.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", tag = "command")]
+pub enum Request {
+    /// Change one backend's administrative state or weight.
+    Backend {
+        service: String,
+        backend: String,
+        action: BackendAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", tag = "action", content = "value")]
+pub enum BackendAction {
+    /// No new clients; stuck clients stay until their entries expire.
+    Drain,
+    /// Back to normal (up if its health checks pass).
+    Enable,
+    /// Out of service like a failed backend (stuck clients move), without regard to checks.
+    Disable,
+    /// New relative share of new clients; 0 drains.
+    Weight(u32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub message: String,
+}
+
+impl Reply {
+    pub fn ok(message: impl Into<String>) -> Reply {
+        Reply { ok: true, message: message.into() }
+    }
+
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply { ok: false, message: message.into() }
+    }
+}
+
+/// A request on its way to the controller, with the channel for its reply.
+pub type Envelope = (Request, oneshot::Sender<Reply>);
+
+pub fn socket_path(netns: Option<&str>, interface: &str) -> PathBuf {
+    crate::state::path(netns, interface).with_extension("sock")
+}
+
+/// Binds the socket (replacing a stale one) and serves it until the returned handle is dropped.
+pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read.take_limit()).lines();
+                let reply = match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+                    Ok(Ok(Some(line))) => match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => {
+                            let (tx, rx) = oneshot::channel();
+                            if requests.send((request, tx)).await.is_err() {
+                                Reply::error("the controller is shutting down")
+                            } else {
+                                rx.await.unwrap_or_else(|_| Reply::error("no reply"))
+                            }
+                        }
+                        Err(e) => Reply::error(format!("malformed request: {e}")),
+                    },
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => Reply::error(format!("unreadable request: {e}")),
+                    Err(_) => Reply::error("no request within 5 s"),
+                };
+                let mut text = serde_json::to_string(&reply).unwrap_or_default();
+                text.push('\n');
+                let _ = write.write_all(text.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+/// Caps how much of a request is read, so an endless line cannot exhaust memory.
+trait TakeLimit {
+    fn take_limit(self) -> tokio::io::Take<Self>
+    where
+        Self: Sized;
+}
+
+impl<T: tokio::io::AsyncRead> TakeLimit for T {
+    fn take_limit(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, MAX_REQUEST as u64)
+    }
+}
+
+/// Sends one request to a running controller and returns its reply (the CLI side).
+pub fn call(path: &Path, request: &Request) -> Result<Reply> {
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no sticky-lb controller is running here ({} missing)", path.display())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!("permission denied on {} (the control socket is root's)", path.display())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            bail!("no sticky-lb controller is running here (stale {})", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).context("reading the controller's reply")?;
+    serde_json::from_str(&reply).context("malformed reply from the controller")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_json_form() {
+        let request = Request::Backend {
+            service: "web".into(),
+            backend: "b1".into(),
+            action: BackendAction::Weight(3),
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            json,
+            r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"weight","value":3}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
+        let drain = r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"drain"}}"#;
+        assert!(serde_json::from_str::<Request>(drain).is_ok());
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_requests_get_an_error_reply() {
+        let dir = std::env::temp_dir().join(format!("slb-control-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let (tx, mut rx) = mpsc::channel::<Envelope>(4);
+        let server = serve(&path, tx).unwrap();
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Reply::ok("done"));
+            }
+        });
+        let path2 = path.clone();
+        let replies = tokio::task::spawn_blocking(move || {
+            let raw = |text: &[u8]| -> String {
+                let mut s = std::os::unix::net::UnixStream::connect(&path2).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.write_all(text);
+                let mut reply = String::new();
+                let _ = BufReader::new(s).read_line(&mut reply);
+                reply
+            };
+            let good = call(
+                &path2,
+                &Request::Backend { service: "s".into(), backend: "b".into(), action: BackendAction::Drain },
+            )
+            .unwrap();
+            (raw(b"{not json}\n"), raw(&vec![b'x'; MAX_REQUEST + 10]), good)
+        })
+        .await
+        .unwrap();
+        assert!(replies.0.contains("malformed request"), "{}", replies.0);
+        assert!(replies.1.contains("\"ok\":false"), "{}", replies.1);
+        assert!(replies.2.ok);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        server.abort();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
