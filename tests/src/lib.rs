@@ -5,3 +5,4 @@ pub mod balancer;
 pub mod netns;
 pub mod packet;
 pub mod rig;
+pub mod scenario;

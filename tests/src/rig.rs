@@ -18,10 +18,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -453,10 +452,7 @@ const MAX_ANSWER_LEN: u64 = 4096;
 #[derive(Debug)]
 pub struct NameServer {
     name: String,
-    addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl NameServer {
@@ -466,53 +462,19 @@ impl NameServer {
     /// For direct server return bind `0.0.0.0:PORT`: that also covers the
     /// VIP held on the backend's `lo`.
     pub fn start(ns: &str, bind: SocketAddrV4, name: &str) -> anyhow::Result<NameServer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddrV4>>();
-        let thread = {
-            let (ns, name, stop, accepted) = (
-                ns.to_owned(),
-                name.to_owned(),
-                stop.clone(),
-                accepted.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("name server {name}"))
-                .spawn(move || {
-                    let listener = match listen_in(&ns, bind) {
-                        Ok(listener) => listener,
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(err));
-                            return;
-                        }
-                    };
-                    let local = match listener.local_addr() {
-                        Ok(std::net::SocketAddr::V4(local)) => local,
-                        _ => bind,
-                    };
-                    let _ = ready_tx.send(Ok(local));
-                    serve_names(&listener, &name, &stop, &accepted);
-                })
-                .context("spawning the name server thread")?
-        };
-        let mut server = NameServer {
+        let answer = format!("{name}\n");
+        let server =
+            ServerThread::start(ns, bind, &format!("name server {name:?}"), move |stream| {
+                // A few bytes into an empty send buffer never block, so answering
+                // inline keeps the server single-threaded; the timeout is only a
+                // guard. Errors (client gone) are ignored.
+                let _ = answer_connection(&stream, &answer);
+                None
+            })?;
+        Ok(NameServer {
             name: name.to_owned(),
-            addr: bind,
-            stop,
-            accepted,
-            thread: Some(thread),
-        };
-        match ready_rx.recv_timeout(SERVER_START_TIMEOUT) {
-            Ok(Ok(local)) => {
-                server.addr = local;
-                Ok(server)
-            }
-            // Dropping `server` stops and joins the thread (already ended here).
-            Ok(Err(err)) => Err(err.context(format!("name server {name:?} on {bind} in {ns}"))),
-            Err(_) => bail!(
-                "name server {name:?} on {bind} in {ns} did not start within {SERVER_START_TIMEOUT:?}"
-            ),
-        }
+            server,
+        })
     }
 
     /// The name it answers with.
@@ -522,31 +484,17 @@ impl NameServer {
 
     /// The address it listens on (the actual port if `bind` had port 0).
     pub fn addr(&self) -> SocketAddrV4 {
-        self.addr
+        self.server.addr
     }
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        self.server.accepted()
     }
 
     /// Stops the server and waits for its thread (Drop does the same).
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            // The loop notices the flag within one poll interval.
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for NameServer {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.server.shutdown();
     }
 }
 
@@ -560,47 +508,20 @@ fn listen_in(ns: &str, bind: SocketAddrV4) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Accept loop: checks the stop flag at least every [`ACCEPT_POLL`], bounded by
-/// [`SERVER_MAX_LIFETIME`].
-fn serve_names(listener: &TcpListener, name: &str, stop: &AtomicBool, accepted: &AtomicU64) {
-    let answer = format!("{name}\n");
-    let started = Instant::now();
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_MAX_LIFETIME {
-        match listener.accept() {
-            Ok((stream, _peer)) => {
-                accepted.fetch_add(1, Ordering::Relaxed);
-                // A few bytes into an empty send buffer never block, so
-                // answering inline keeps the server single-threaded; the
-                // timeout is only a guard. Errors (client gone) are ignored.
-                let _ = answer_connection(stream, &answer);
-            }
-            Err(err) if err.kind() == ErrorKind::WouldBlock => wait_readable(listener, ACCEPT_POLL),
-            Err(err) if err.kind() == ErrorKind::Interrupted => {}
-            // Transient per-connection failures (ECONNABORTED, EMFILE, ...):
-            // back off a little instead of spinning.
-            Err(_) => std::thread::sleep(ACCEPT_POLL),
-        }
-    }
-}
-
-/// Sleeps until a connection is pending or `timeout` passes, whichever is
-/// first: a plain sleep would delay every connection by up to `timeout`.
-fn wait_readable(listener: &TcpListener, timeout: Duration) {
-    let mut pollfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd. Errors (EINTR) just end the wait early.
-    unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
-}
-
-fn answer_connection(mut stream: TcpStream, answer: &str) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(answer.as_bytes())?;
-    // FIN right after the answer: the client reads to EOF.
+/// Writes `answer` and sends FIN right after it (the client reads to EOF);
+/// the caller closes the socket by dropping it.
+fn answer_connection(stream: &TcpStream, answer: &str) -> std::io::Result<()> {
+    send_small(stream, answer.as_bytes())?;
     stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// Writes a few bytes on a blocking socket, with [`SERVER_WRITE_TIMEOUT`]
+/// as a guard (a fresh connection's empty send buffer takes them at once).
+fn send_small(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(SERVER_WRITE_TIMEOUT))?;
+    let mut writer = stream;
+    writer.write_all(bytes)
 }
 
 /// Connects from `src` (an address in namespace `ns`) to `dst` and returns
@@ -623,15 +544,23 @@ pub fn fetch_names_many(
     requests: &[(Ipv4Addr, SocketAddrV4)],
     timeout: Duration,
 ) -> Vec<anyhow::Result<String>> {
+    for_each_in_netns(ns, requests, |src, dst| fetch_name_here(src, dst, timeout))
+}
+
+/// Runs `one(src, dst)` for every request, sequentially and in order, on a
+/// helper thread that enters `ns` once (much cheaper than a setns each).
+/// If the namespace cannot be entered, every request gets that error.
+fn for_each_in_netns<T: Send>(
+    ns: &str,
+    requests: &[(Ipv4Addr, SocketAddrV4)],
+    one: impl Fn(Ipv4Addr, SocketAddrV4) -> anyhow::Result<T> + Sync,
+) -> Vec<anyhow::Result<T>> {
     let outcome = std::thread::scope(|scope| {
         scope
-            .spawn(|| -> anyhow::Result<Vec<anyhow::Result<String>>> {
+            .spawn(|| -> anyhow::Result<Vec<anyhow::Result<T>>> {
                 // This thread ends with the scope, so it never needs to leave.
                 netns::enter_netns(ns)?;
-                Ok(requests
-                    .iter()
-                    .map(|&(src, dst)| fetch_name_here(src, dst, timeout))
-                    .collect())
+                Ok(requests.iter().map(|&(src, dst)| one(src, dst)).collect())
             })
             .join()
     });
@@ -778,19 +707,33 @@ fn wait_writable(fd: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
 
 /// Reads to EOF (at most [`MAX_ANSWER_LEN`] bytes) before the deadline.
 fn read_answer(stream: TcpStream, deadline: Instant) -> anyhow::Result<String> {
+    let (answer, _eof) = read_until(&stream, deadline, |_| false)?;
+    let text = String::from_utf8(answer).context("answer is not UTF-8")?;
+    Ok(text.trim().to_owned())
+}
+
+/// Reads until `done(bytes so far)`, EOF or [`MAX_ANSWER_LEN`] bytes,
+/// whichever comes first; running into the deadline is an error. Returns the
+/// bytes and whether EOF was seen.
+fn read_until(
+    stream: &TcpStream,
+    deadline: Instant,
+    done: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<(Vec<u8>, bool)> {
     let mut answer = Vec::new();
-    let mut limited = (&stream).take(MAX_ANSWER_LEN);
     let mut chunk = [0u8; 512];
+    let mut reader = stream;
     // Bounded by the deadline (each read waits at most the time left) and
     // by MAX_ANSWER_LEN bytes.
-    loop {
+    while answer.len() < MAX_ANSWER_LEN as usize && !done(&answer) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!("timed out after {} bytes", answer.len());
         }
         stream.set_read_timeout(Some(left))?;
-        match limited.read(&mut chunk) {
-            Ok(0) => break,
+        let room = (MAX_ANSWER_LEN as usize - answer.len()).min(chunk.len());
+        match reader.read(&mut chunk[..room]) {
+            Ok(0) => return Ok((answer, true)),
             Ok(n) => answer.extend_from_slice(&chunk[..n]),
             Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 bail!("timed out after {} bytes", answer.len())
@@ -799,8 +742,7 @@ fn read_answer(stream: TcpStream, deadline: Instant) -> anyhow::Result<String> {
             Err(err) => return Err(err.into()),
         }
     }
-    let text = String::from_utf8(answer).context("answer is not UTF-8")?;
-    Ok(text.trim().to_owned())
+    Ok((answer, false))
 }
 
 fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -812,6 +754,639 @@ fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
         },
         sin_zero: [0; 8],
     }
+}
+
+// ---------------------------------------------------------------------------
+// Server core shared by NameServer, HoldServer and HttpServer
+// ---------------------------------------------------------------------------
+
+/// Guard for the few bytes a server writes into a fresh connection.
+const SERVER_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Per server, connections beyond this many open ones are closed right after
+/// accept, so a runaway test cannot use up every descriptor of the process.
+const MAX_OPEN_CONNECTIONS: usize = 10_000;
+/// Connections accepted per loop round before the open ones get their turn,
+/// so a burst of connects cannot starve them.
+const ACCEPT_BATCH: usize = 64;
+
+/// The stop flag and the counters, shared by a server handle and its thread.
+#[derive(Debug, Default)]
+struct ServerState {
+    stop: AtomicBool,
+    accepted: AtomicU64,
+    /// Connections the loop currently keeps open.
+    open: AtomicUsize,
+}
+
+/// A listener in a namespace served by one thread (see [`serve`]). Dropping
+/// it stops the thread and joins it, which closes every connection it holds.
+#[derive(Debug)]
+struct ServerThread {
+    state: Arc<ServerState>,
+    /// The bound address (the actual port if the bind asked for port 0).
+    addr: SocketAddrV4,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Starts the thread in namespace `ns`, listening on `bind`, and returns
+    /// once the socket is listening, or with the bind error. `on_accept` gets
+    /// every accepted connection and returns it if the loop should keep it
+    /// open; `what` names the server in errors and the thread name.
+    fn start(
+        ns: &str,
+        bind: SocketAddrV4,
+        what: &str,
+        mut on_accept: impl FnMut(TcpStream) -> Option<OpenConn> + Send + 'static,
+    ) -> anyhow::Result<ServerThread> {
+        let state = Arc::new(ServerState::default());
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddrV4>>();
+        let thread = {
+            let (ns, state) = (ns.to_owned(), state.clone());
+            std::thread::Builder::new()
+                .name(what.to_owned())
+                .spawn(move || {
+                    let listener = match listen_in(&ns, bind) {
+                        Ok(listener) => listener,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let local = match listener.local_addr() {
+                        Ok(std::net::SocketAddr::V4(local)) => local,
+                        _ => bind,
+                    };
+                    let _ = ready_tx.send(Ok(local));
+                    serve(&listener, &state, &mut on_accept);
+                })
+                .with_context(|| format!("spawning the {what} thread"))?
+        };
+        let mut server = ServerThread {
+            state,
+            addr: bind,
+            thread: Some(thread),
+        };
+        match ready_rx.recv_timeout(SERVER_START_TIMEOUT) {
+            Ok(Ok(local)) => {
+                server.addr = local;
+                Ok(server)
+            }
+            // Dropping `server` stops and joins the thread (already ended here).
+            Ok(Err(err)) => Err(err.context(format!("{what} on {bind} in {ns}"))),
+            Err(_) => {
+                bail!("{what} on {bind} in {ns} did not start within {SERVER_START_TIMEOUT:?}")
+            }
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::Relaxed)
+    }
+
+    fn shutdown(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // The loop notices the flag within one poll interval.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A connection the server loop keeps open after accepting it.
+#[derive(Debug)]
+struct OpenConn {
+    /// Nonblocking, so a spurious wake-up can never stall the loop.
+    stream: TcpStream,
+    state: ConnState,
+}
+
+#[derive(Debug)]
+enum ConnState {
+    /// Open until the peer closes (or fails) or the server stops; whatever
+    /// the peer sends is read and dropped.
+    Held,
+    /// Collecting an HTTP request head. `reply` goes out, followed by a close,
+    /// once the head is complete, [`HTTP_HEAD_LIMIT`] bytes long, ended by
+    /// the peer's FIN, or `deadline` passes.
+    AwaitingHead {
+        head: Vec<u8>,
+        deadline: Instant,
+        reply: String,
+    },
+}
+
+/// How one read of a request head went.
+enum HeadRead {
+    More,
+    Complete,
+    Failed,
+}
+
+impl OpenConn {
+    fn held(stream: TcpStream) -> Option<OpenConn> {
+        stream.set_nonblocking(true).ok()?;
+        Some(OpenConn {
+            stream,
+            state: ConnState::Held,
+        })
+    }
+
+    fn awaiting_head(stream: TcpStream, reply: String) -> Option<OpenConn> {
+        stream.set_nonblocking(true).ok()?;
+        Some(OpenConn {
+            stream,
+            state: ConnState::AwaitingHead {
+                head: Vec::new(),
+                deadline: Instant::now() + HTTP_HEAD_TIMEOUT,
+                reply,
+            },
+        })
+    }
+
+    /// Moves the connection on after a poll round; `ready` means poll saw
+    /// input, EOF or an error on it. Returns false once it is finished (the
+    /// caller then closes it by dropping it).
+    fn advance(&mut self, ready: bool, now: Instant) -> bool {
+        match &mut self.state {
+            ConnState::Held => !ready || discard_input(&self.stream),
+            ConnState::AwaitingHead {
+                head,
+                deadline,
+                reply,
+            } => {
+                let complete = if ready {
+                    match read_head(&self.stream, head) {
+                        HeadRead::More => false,
+                        HeadRead::Complete => true,
+                        // Reset by the peer: nobody left to answer.
+                        HeadRead::Failed => return false,
+                    }
+                } else {
+                    false
+                };
+                if complete || now >= *deadline {
+                    // Errors mean the client is gone; nothing to do then.
+                    let _ = answer_connection(&self.stream, reply);
+                    return false;
+                }
+                true
+            }
+        }
+    }
+}
+
+/// One read of whatever the peer of a held connection sent. False once the
+/// peer has closed (EOF) or the connection failed.
+fn discard_input(stream: &TcpStream) -> bool {
+    let mut scratch = [0u8; 1024];
+    let mut reader = stream;
+    match reader.read(&mut scratch) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(err) => matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted),
+    }
+}
+
+/// One read of an HTTP request head into `head`, never past
+/// [`HTTP_HEAD_LIMIT`] bytes in total.
+fn read_head(stream: &TcpStream, head: &mut Vec<u8>) -> HeadRead {
+    let mut chunk = [0u8; 1024];
+    let room = HTTP_HEAD_LIMIT.saturating_sub(head.len()).min(chunk.len());
+    let mut reader = stream;
+    match reader.read(&mut chunk[..room]) {
+        // The peer half-closed: answer whatever it sent.
+        Ok(0) => HeadRead::Complete,
+        Ok(n) => {
+            head.extend_from_slice(&chunk[..n]);
+            if head.len() >= HTTP_HEAD_LIMIT || head.windows(4).any(|w| w == b"\r\n\r\n") {
+                HeadRead::Complete
+            } else {
+                HeadRead::More
+            }
+        }
+        Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+            HeadRead::More
+        }
+        Err(_) => HeadRead::Failed,
+    }
+}
+
+/// The server loop: one poll over the listener and every open connection, so
+/// hundreds of held connections cost no threads. Wakes at least every
+/// [`ACCEPT_POLL`] to check the stop flag and deadlines; bounded by
+/// [`SERVER_MAX_LIFETIME`]. Open connections are closed when it returns.
+fn serve(
+    listener: &TcpListener,
+    state: &ServerState,
+    on_accept: &mut impl FnMut(TcpStream) -> Option<OpenConn>,
+) {
+    let started = Instant::now();
+    let mut conns: Vec<OpenConn> = Vec::new();
+    let mut pollfds: Vec<libc::pollfd> = Vec::new();
+    while !state.stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_MAX_LIFETIME {
+        pollfds.clear();
+        pollfds.push(poll_input(listener.as_raw_fd()));
+        pollfds.extend(conns.iter().map(|conn| poll_input(conn.stream.as_raw_fd())));
+        // SAFETY: `pollfds` is an array of `len` valid pollfds whose
+        // descriptors (listener, conns) stay open for the whole call.
+        let rc = unsafe {
+            libc::poll(
+                pollfds.as_mut_ptr(),
+                pollfds.len() as libc::nfds_t,
+                ACCEPT_POLL.as_millis() as libc::c_int,
+            )
+        };
+        if rc < 0 {
+            // EINTR: just go round again. Anything else would fail again at
+            // once, so back off instead of spinning.
+            if std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            continue;
+        }
+        // Connections first: `pollfds[1..]` lines up with `conns` only
+        // until new ones are accepted.
+        let now = Instant::now();
+        let mut ready = pollfds[1..].iter().map(|pollfd| pollfd.revents != 0);
+        conns.retain_mut(|conn| conn.advance(ready.next().unwrap_or(false), now));
+        if pollfds[0].revents != 0 {
+            accept_pending(listener, state, &mut conns, on_accept);
+        }
+        state.open.store(conns.len(), Ordering::Relaxed);
+    }
+    drop(conns);
+    state.open.store(0, Ordering::Relaxed);
+}
+
+/// Accepts up to [`ACCEPT_BATCH`] pending connections and hands each to
+/// `on_accept`, keeping those it returns.
+fn accept_pending(
+    listener: &TcpListener,
+    state: &ServerState,
+    conns: &mut Vec<OpenConn>,
+    on_accept: &mut impl FnMut(TcpStream) -> Option<OpenConn>,
+) {
+    for _ in 0..ACCEPT_BATCH {
+        match listener.accept() {
+            Ok((stream, _peer)) => {
+                state.accepted.fetch_add(1, Ordering::Relaxed);
+                if conns.len() >= MAX_OPEN_CONNECTIONS {
+                    // Over the safety limit: close at once.
+                    drop(stream);
+                    continue;
+                }
+                conns.extend(on_accept(stream));
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            // Transient per-connection failures (ECONNABORTED, EMFILE, ...):
+            // back off a little instead of spinning.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_POLL);
+                return;
+            }
+        }
+    }
+}
+
+fn poll_input(fd: RawFd) -> libc::pollfd {
+    // POLLHUP and POLLERR are always reported; a read then sees EOF or the error.
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Held connections cost a descriptor at both ends, and in the rig both ends
+/// live in this one test process: 500 held connections would already pass
+/// the usual soft limit of 1024. Raises the soft limit towards the hard one,
+/// once per process; best effort (on failure, accept/connect report EMFILE).
+fn raise_fd_limit() {
+    const WANTED: libc::rlim_t = 65_536;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into valid memory.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return;
+        }
+        let wanted = WANTED.min(limit.rlim_max);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted;
+            // SAFETY: setrlimit reads one valid rlimit; it only raises the
+            // soft limit within the hard one.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Hold server and held connections
+// ---------------------------------------------------------------------------
+
+/// A TCP server inside a namespace that answers every connection with its
+/// name and a newline, like [`NameServer`], but then keeps it open until the
+/// client closes it or the server stops: long-lived flows for tests of
+/// stickiness and draining. One thread serves every connection.
+#[derive(Debug)]
+pub struct HoldServer {
+    name: String,
+    server: ServerThread,
+}
+
+impl HoldServer {
+    /// Starts the server on its own thread in namespace `ns`, listening on
+    /// `bind`. Returns once the socket is listening, or with the bind error.
+    /// Bind `0.0.0.0:PORT` for direct server return (see [`NameServer::start`]).
+    pub fn start(ns: &str, bind: SocketAddrV4, name: &str) -> anyhow::Result<HoldServer> {
+        raise_fd_limit();
+        let answer = format!("{name}\n");
+        let server =
+            ServerThread::start(ns, bind, &format!("hold server {name:?}"), move |stream| {
+                // As for NameServer: a few bytes never block. A client already
+                // gone is simply not held.
+                send_small(&stream, answer.as_bytes()).ok()?;
+                OpenConn::held(stream)
+            })?;
+        Ok(HoldServer {
+            name: name.to_owned(),
+            server,
+        })
+    }
+
+    /// The name it answers with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address it listens on (the actual port if `bind` had port 0).
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.server.addr
+    }
+
+    /// Connections currently held open (updated every loop round, i.e.
+    /// within [`ACCEPT_POLL`] of a change).
+    pub fn open_connections(&self) -> usize {
+        self.server.open_connections()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.server.accepted()
+    }
+
+    /// Stops the server, closing every held connection, and waits for its
+    /// thread (Drop does the same).
+    pub fn stop(mut self) {
+        self.server.shutdown();
+    }
+}
+
+/// The client end of a connection a [`HoldServer`] keeps open. Dropping it
+/// closes the socket (a normal FIN: the server's line was read completely).
+#[derive(Debug)]
+pub struct HeldConnection(TcpStream);
+
+impl HeldConnection {
+    /// The open, blocking stream without timeouts, e.g. for its local
+    /// address or to see whether the server side has closed it.
+    pub fn stream(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+/// Connects from `src` (an address in namespace `ns`) to `dst`, reads the
+/// server's one-line answer within `timeout`, and returns the still open
+/// connection with that line (without the newline). Runs on the calling
+/// thread, which is moved into `ns` for the duration; the socket stays in
+/// `ns` afterwards.
+pub fn open_held(
+    ns: &str,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<(HeldConnection, String)> {
+    raise_fd_limit();
+    in_netns(ns, || open_held_here(src, dst, timeout))
+}
+
+/// [`open_held`] for many requests `(src, dst)`, sequentially and in request
+/// order, from one helper thread that enters `ns` once. Each request gets its
+/// own `timeout`.
+pub fn open_held_many(
+    ns: &str,
+    requests: &[(Ipv4Addr, SocketAddrV4)],
+    timeout: Duration,
+) -> Vec<anyhow::Result<(HeldConnection, String)>> {
+    raise_fd_limit();
+    for_each_in_netns(ns, requests, |src, dst| open_held_here(src, dst, timeout))
+}
+
+/// The client side of [`open_held`], in whatever namespace the calling thread is in.
+fn open_held_here(
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<(HeldConnection, String)> {
+    let deadline = Instant::now() + timeout;
+    let stream =
+        connect_from(src, dst, deadline).with_context(|| format!("connect {src} -> {dst}"))?;
+    let name = read_line(&stream, deadline).with_context(|| format!("read name {src} -> {dst}"))?;
+    // Hand the stream over like a fresh one, without our deadline on it.
+    stream.set_read_timeout(None)?;
+    Ok((HeldConnection(stream), name))
+}
+
+/// Reads one line before the deadline and returns it without its line end.
+fn read_line(stream: &TcpStream, deadline: Instant) -> anyhow::Result<String> {
+    let (bytes, eof) = read_until(stream, deadline, |bytes| bytes.contains(&b'\n'))?;
+    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+        let why = if eof { "connection closed" } else { "too long" };
+        bail!(
+            "no complete line ({why}): {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+    };
+    let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
+    String::from_utf8(line.to_vec()).context("line is not UTF-8")
+}
+
+// ---------------------------------------------------------------------------
+// HTTP server for health checks
+// ---------------------------------------------------------------------------
+
+/// A request head longer than this is answered as it is.
+const HTTP_HEAD_LIMIT: usize = 4096;
+/// A request head not complete by then is answered as it is.
+const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How an [`HttpServer`] treats each connection it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpBehaviour {
+    /// Read the request head, reply `HTTP/1.0 <code> X` with an empty body,
+    /// close.
+    Status(u16),
+    /// Close at once with a RST.
+    Reset,
+    /// Never answer; keep the connection open until the peer closes it or
+    /// the server stops.
+    Silent,
+    /// Like `Status`, with the first code for the first connection after
+    /// this behaviour was set, the second code for the next, and so on.
+    Alternate(u16, u16),
+}
+
+/// The behaviour and how many connections it has served (for `Alternate`).
+#[derive(Debug)]
+struct HttpMode {
+    behaviour: HttpBehaviour,
+    served: u64,
+}
+
+/// What to do with one accepted connection.
+enum HttpAction {
+    Reply(u16),
+    Reset,
+    Silent,
+}
+
+impl HttpMode {
+    fn next_action(&mut self) -> HttpAction {
+        let action = match self.behaviour {
+            HttpBehaviour::Status(code) => HttpAction::Reply(code),
+            HttpBehaviour::Reset => HttpAction::Reset,
+            HttpBehaviour::Silent => HttpAction::Silent,
+            // Even counts (from 0) get the first code.
+            HttpBehaviour::Alternate(first, _) if self.served.is_multiple_of(2) => {
+                HttpAction::Reply(first)
+            }
+            HttpBehaviour::Alternate(_, second) => HttpAction::Reply(second),
+        };
+        self.served += 1;
+        action
+    }
+}
+
+/// A minimal HTTP/1.0 server inside a namespace, for health-check tests: its
+/// [`HttpBehaviour`] can be changed while it runs. One thread serves every
+/// connection, so a silent or slow client never holds up the others.
+#[derive(Debug)]
+pub struct HttpServer {
+    mode: Arc<Mutex<HttpMode>>,
+    server: ServerThread,
+}
+
+impl HttpServer {
+    /// Starts the server on its own thread in namespace `ns`, listening on
+    /// `bind`. Returns once the socket is listening, or with the bind error.
+    pub fn start(
+        ns: &str,
+        bind: SocketAddrV4,
+        behaviour: HttpBehaviour,
+    ) -> anyhow::Result<HttpServer> {
+        raise_fd_limit();
+        let mode = Arc::new(Mutex::new(HttpMode {
+            behaviour,
+            served: 0,
+        }));
+        let server = {
+            let mode = mode.clone();
+            ServerThread::start(ns, bind, "HTTP server", move |stream| {
+                let action = lock_mode(&mode).next_action();
+                match action {
+                    HttpAction::Reply(code) => OpenConn::awaiting_head(
+                        stream,
+                        format!("HTTP/1.0 {code} X\r\nContent-Length: 0\r\n\r\n"),
+                    ),
+                    HttpAction::Reset => {
+                        reset_connection(stream);
+                        None
+                    }
+                    HttpAction::Silent => OpenConn::held(stream),
+                }
+            })?
+        };
+        Ok(HttpServer { mode, server })
+    }
+
+    /// Changes how connections accepted from now on are treated (those
+    /// already open keep what they got). Restarts an `Alternate` at its
+    /// first code.
+    pub fn set_behaviour(&self, behaviour: HttpBehaviour) {
+        *lock_mode(&self.mode) = HttpMode {
+            behaviour,
+            served: 0,
+        };
+    }
+
+    /// The current behaviour.
+    pub fn behaviour(&self) -> HttpBehaviour {
+        lock_mode(&self.mode).behaviour
+    }
+
+    /// Connections accepted so far (each is one request or probe).
+    pub fn requests(&self) -> u64 {
+        self.server.accepted()
+    }
+
+    /// Connections currently open: silent ones, and requests whose head is
+    /// still being read.
+    pub fn open_connections(&self) -> usize {
+        self.server.open_connections()
+    }
+
+    /// The address it listens on (the actual port if `bind` had port 0).
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.server.addr
+    }
+
+    /// Stops the server, closing every open connection, and waits for its
+    /// thread (Drop does the same).
+    pub fn stop(mut self) {
+        self.server.shutdown();
+    }
+}
+
+/// The mode is plain data, always consistent, so a panic while it was
+/// locked (poisoning) does not make it unusable.
+fn lock_mode(mode: &Mutex<HttpMode>) -> std::sync::MutexGuard<'_, HttpMode> {
+    mode.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Closes with a RST instead of a FIN: SO_LINGER on with a zero timeout
+/// makes close() abort the connection. If the option cannot be set the
+/// close is a plain FIN, which the test then notices.
+fn reset_connection(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd; the option value is a `linger` of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(stream);
 }
 
 #[cfg(test)]

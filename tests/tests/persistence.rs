@@ -4,136 +4,15 @@
 //! Each backend runs a server that answers every connection with its own name, so a client
 //! learns which backend it reached by reading one line.
 
-use serde_json::Value;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 use sticky_lb_tests::{
-    balancer::{Balancer, DataPathGuard, PeerXdp, ScratchDir, cli},
-    netns::{require_root, unique_tag},
-    rig::{NameServer, Rig, RigOptions, fetch_name, fetch_names_many},
+    rig::fetch_name,
+    scenario::{Mode, Setup, TIMEOUT, backend_server},
 };
-
-const PORT: u16 = 80;
-const TIMEOUT: Duration = Duration::from_secs(3);
-
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Native,
-    Generic,
-}
-
-impl Mode {
-    fn yaml(self) -> &'static str {
-        match self {
-            Mode::Native => "native",
-            Mode::Generic => "generic",
-        }
-    }
-}
-
-/// A rig with a name server on every backend and the balancer's own address, and the guards
-/// that clean up after the balancer.
-struct Setup {
-    // Field order is drop order: balancer stops, pins go, servers stop, namespaces go.
-    balancer: Option<Balancer>,
-    _peer_xdp: Option<PeerXdp>,
-    _guard: DataPathGuard,
-    servers: Vec<NameServer>,
-    scratch: ScratchDir,
-    mode: Mode,
-    rig: Rig,
-}
-
-impl Setup {
-    fn new(test: &str, mode: Mode, backends: usize, clients: usize) -> Setup {
-        require_root();
-        let tag = unique_tag(test);
-        let rig = Rig::build(RigOptions::new(&tag).backends(backends).clients(clients))
-            .expect("building the rig");
-        let mut servers = Vec::new();
-        for k in 1..=backends {
-            servers.push(backend_server(&rig, k));
-        }
-        // The balancer's own address must keep answering: XDP passes what is not a service.
-        servers.push(
-            NameServer::start(rig.lb_ns(), SocketAddrV4::new(rig.lb_addr(), 8080), "balancer")
-                .expect("server on the balancer"),
-        );
-        let peer_xdp = match mode {
-            Mode::Native => {
-                let (ns, dev) = rig.bridge_peer_of_lb();
-                Some(PeerXdp::attach(ns, dev).expect("xdp_pass on the balancer's bridge port"))
-            }
-            Mode::Generic => None,
-        };
-        Setup {
-            balancer: None,
-            _peer_xdp: peer_xdp,
-            _guard: DataPathGuard::new(rig.lb_ns(), rig.lb_dev()),
-            servers,
-            scratch: ScratchDir::new(&tag),
-            mode,
-            rig,
-        }
-    }
-
-    fn config(&self, backends: usize, timeout: &str, extra: &str) -> String {
-        let mut yaml = format!(
-            "interface: {}\nxdp_mode: {}\nsweep_interval: 500ms\n{extra}services:\n  - name: web\n    vip: {}\n    port: {PORT}\n    stick:\n      timeout: {timeout}\n    backends:\n",
-            self.rig.lb_dev(),
-            self.mode.yaml(),
-            self.rig.vip()
-        );
-        for k in 1..=backends {
-            yaml += &format!("      - name: b{k}\n        address: {}\n", self.rig.backend_addr(k));
-        }
-        yaml
-    }
-
-    fn start(&mut self, config: &str) {
-        let balancer = Balancer::start(self.rig.lb_ns(), self.rig.lb_dev(), self.scratch.path(), config)
-            .expect("starting sticky-lb");
-        self.balancer = Some(balancer);
-    }
-
-    fn vip(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.rig.vip(), PORT)
-    }
-
-    /// One new connection from each client; the name each one got.
-    fn round(&self, clients: &[Ipv4Addr]) -> Vec<String> {
-        let requests: Vec<(Ipv4Addr, SocketAddrV4)> = clients.iter().map(|c| (*c, self.vip())).collect();
-        fetch_names_many(self.rig.client_ns(), &requests, TIMEOUT)
-            .into_iter()
-            .zip(clients)
-            .map(|(r, c)| r.unwrap_or_else(|e| panic!("client {c}: {e:#}")))
-            .collect()
-    }
-
-    fn table(&self) -> Vec<Value> {
-        let (code, out, err) = cli(self.rig.lb_ns(), &["table", "show", "--json"]);
-        assert_eq!(code, 0, "table show failed: {err}");
-        serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
-    }
-
-    fn status(&self) -> Value {
-        let (code, out, err) = cli(self.rig.lb_ns(), &["status", "--json"]);
-        assert_eq!(code, 0, "status failed: {err}");
-        serde_json::from_str(&out).unwrap()
-    }
-}
-
-fn backend_server(rig: &Rig, k: usize) -> NameServer {
-    NameServer::start(
-        rig.backend_ns(k),
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-        &format!("b{k}"),
-    )
-    .expect("backend server")
-}
 
 /// 256 clients, 10 new connections each: every client reaches one backend every time; the
 /// spread over three backends is near even; `table show` agrees with what clients saw; the
@@ -186,7 +65,7 @@ fn stickiness_and_spread(mode: Mode) {
     // SIGTERM detaches and removes the pinned state.
     let code = s.balancer.as_mut().unwrap().stop();
     assert_eq!(code, Some(0));
-    assert!(!s._guard.pins().path().exists(), "pins removed on exit");
+    assert!(!s.guard.pins().path().exists(), "pins removed on exit");
 }
 
 #[test]
