@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 fn main() {
-    let object = std::env::var_os("STICKY_LB_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/ebpf/bpfel-unknown-none/release/sticky-lb")
-    });
+    let object = std::env::var_os("STICKY_LB_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/ebpf/bpfel-unknown-none/release/sticky-lb")
+        });
     println!("cargo:rerun-if-env-changed=STICKY_LB_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.exists() {
@@ -16,5 +18,8 @@ fn main() {
             object.display()
         );
     }
-    println!("cargo:rustc-env=STICKY_LB_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+    println!(
+        "cargo:rustc-env=STICKY_LB_EBPF_OBJECT={}",
+        object.canonicalize().unwrap().display()
+    );
 }

@@ -156,10 +156,8 @@ pub struct HealthCheckConfig {
     pub rise: Option<u32>,
     /// Consecutive failures that take an up backend down.
     pub fall: Option<u32>,
-    /// Port to check; default the service port.
+    /// Port to check on the backend's own address; default the service (VIP) port.
     pub port: Option<u16>,
-    /// Address to check: the backend's own (default) or the VIP (DSR backends hold it too).
-    pub address: Option<CheckAddress>,
     /// HTTP: the path to GET.
     pub path: Option<String>,
     /// HTTP: the status expected, a class (`2xx`) or a code (`204`).
@@ -177,13 +175,6 @@ pub enum CheckKind {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CheckAddress {
-    Backend,
-    Vip,
-}
-
 /// A health check with every field decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
@@ -193,7 +184,6 @@ pub struct HealthCheck {
     pub rise: u32,
     pub fall: u32,
     pub port: u16,
-    pub address: CheckAddress,
     pub path: String,
     pub expect: String,
 }
@@ -208,7 +198,6 @@ impl HealthCheckConfig {
             rise: self.rise.or(base.rise),
             fall: self.fall.or(base.fall),
             port: self.port.or(base.port),
-            address: self.address.or(base.address),
             path: self.path.clone().or_else(|| base.path.clone()),
             expect: self.expect.clone().or_else(|| base.expect.clone()),
         }
@@ -223,7 +212,6 @@ impl HealthCheckConfig {
             || self.rise.is_some()
             || self.fall.is_some()
             || self.port.is_some()
-            || self.address.is_some()
             || self.path.is_some()
             || self.expect.is_some()
     }
@@ -242,7 +230,6 @@ impl ServiceConfig {
             rise: c.rise.unwrap_or(2),
             fall: c.fall.unwrap_or(3),
             port: c.port.unwrap_or(self.port),
-            address: c.address.unwrap_or(CheckAddress::Backend),
             path: c.path.unwrap_or_else(|| "/".into()),
             expect: c.expect.unwrap_or_else(|| "2xx".into()),
         }
@@ -255,7 +242,10 @@ pub fn status_matches(expect: &str, status: u16) -> bool {
     let code = status.to_string();
     expect.len() == 3
         && code.len() == 3
-        && expect.iter().zip(code.as_bytes()).all(|(e, c)| *e == b'x' || e == c)
+        && expect
+            .iter()
+            .zip(code.as_bytes())
+            .all(|(e, c)| *e == b'x' || e == c)
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -361,7 +351,10 @@ impl Config {
         if check_interface && interface_index(&self.interface).is_none() {
             return Err(err(
                 &[K("interface")],
-                format!("no interface named '{}' in this network namespace", self.interface),
+                format!(
+                    "no interface named '{}' in this network namespace",
+                    self.interface
+                ),
             ));
         }
         if self.stick_table_size == 0 {
@@ -371,13 +364,19 @@ impl Config {
             return Err(err(&[K("flow_table_size")], "must be at least 1".into()));
         }
         if self.flow_idle_timeout.is_zero() {
-            return Err(err(&[K("flow_idle_timeout")], "must be longer than 0".into()));
+            return Err(err(
+                &[K("flow_idle_timeout")],
+                "must be longer than 0".into(),
+            ));
         }
         if self.sweep_interval.is_zero() {
             return Err(err(&[K("sweep_interval")], "must be longer than 0".into()));
         }
         if self.services.is_empty() {
-            return Err(err(&[K("services")], "at least one service is required".into()));
+            return Err(err(
+                &[K("services")],
+                "at least one service is required".into(),
+            ));
         }
         if self.services.len() > MAX_SERVICES as usize {
             return Err(err(
@@ -397,10 +396,16 @@ impl Config {
             if service.name.is_empty() {
                 return Err(err(&at("name"), "must not be empty".into()));
             }
-            if let Some(j) = self.services[..i].iter().position(|s| s.name == service.name) {
+            if let Some(j) = self.services[..i]
+                .iter()
+                .position(|s| s.name == service.name)
+            {
                 return Err(err(
                     &at("name"),
-                    format!("duplicate service name '{}' (also services[{j}])", service.name),
+                    format!(
+                        "duplicate service name '{}' (also services[{j}])",
+                        service.name
+                    ),
                 ));
             }
             if let Some(j) = self.services[..i]
@@ -415,13 +420,18 @@ impl Config {
                     ),
                 ));
             }
-            if service.vip.is_unspecified() || service.vip.is_multicast() || service.vip.is_broadcast() {
+            if service.vip.is_unspecified()
+                || service.vip.is_multicast()
+                || service.vip.is_broadcast()
+            {
                 return Err(err(&at("vip"), format!("{} cannot be a VIP", service.vip)));
             }
             if service.port == 0 {
                 return Err(err(&at("port"), "must be 1 to 65535".into()));
             }
-            if !is_prime(service.maglev_table_size) || service.maglev_table_size > MAX_MAGLEV_TABLE_SIZE {
+            if !is_prime(service.maglev_table_size)
+                || service.maglev_table_size > MAX_MAGLEV_TABLE_SIZE
+            {
                 return Err(err(
                     &at("maglev_table_size"),
                     format!(
@@ -439,19 +449,26 @@ impl Config {
                 return Err(err(&timeout, "must be longer than 0".into()));
             }
             if service.backends.is_empty() {
-                return Err(err(&at("backends"), "at least one backend is required".into()));
+                return Err(err(
+                    &at("backends"),
+                    "at least one backend is required".into(),
+                ));
             }
             for (j, backend) in service.backends.iter().enumerate() {
-                let at = |field: &'static str| {
-                    [K("services"), I(i), K("backends"), I(j), K(field)]
-                };
+                let at = |field: &'static str| [K("services"), I(i), K("backends"), I(j), K(field)];
                 if backend.name.is_empty() {
                     return Err(err(&at("name"), "must not be empty".into()));
                 }
-                if let Some(k) = service.backends[..j].iter().position(|b| b.name == backend.name) {
+                if let Some(k) = service.backends[..j]
+                    .iter()
+                    .position(|b| b.name == backend.name)
+                {
                     return Err(err(
                         &at("name"),
-                        format!("duplicate backend name '{}' (also backends[{k}])", backend.name),
+                        format!(
+                            "duplicate backend name '{}' (also backends[{k}])",
+                            backend.name
+                        ),
                     ));
                 }
                 if let Some(k) = service.backends[..j]
@@ -460,14 +477,20 @@ impl Config {
                 {
                     return Err(err(
                         &at("address"),
-                        format!("duplicate backend address {} (also backends[{k}])", backend.address),
+                        format!(
+                            "duplicate backend address {} (also backends[{k}])",
+                            backend.address
+                        ),
                     ));
                 }
                 if backend.address.is_unspecified()
                     || backend.address.is_multicast()
                     || backend.address.is_broadcast()
                 {
-                    return Err(err(&at("address"), format!("{} cannot be a backend", backend.address)));
+                    return Err(err(
+                        &at("address"),
+                        format!("{} cannot be a backend", backend.address),
+                    ));
                 }
                 if backend.weight > 1_000_000 {
                     return Err(err(&at("weight"), "must be at most 1000000".into()));
@@ -476,7 +499,11 @@ impl Config {
             for (j, backend) in service.backends.iter().enumerate() {
                 let check = service.health_check(j);
                 // Name the level where the bad value was written.
-                let base: Vec<PathPart> = if backend.health_check.over(&HealthCheckConfig::default()).is_set() {
+                let base: Vec<PathPart> = if backend
+                    .health_check
+                    .over(&HealthCheckConfig::default())
+                    .is_set()
+                {
                     vec![K("services"), I(i), K("backends"), I(j), K("health_check")]
                 } else {
                     vec![K("services"), I(i), K("health_check")]
@@ -490,21 +517,40 @@ impl Config {
                     return Err(err(&at("interval"), "must be longer than 0".into()));
                 }
                 if check.timeout.is_zero() || check.timeout > check.interval {
-                    return Err(err(&at("timeout"), "must be longer than 0 and at most the interval".into()));
+                    return Err(err(
+                        &at("timeout"),
+                        "must be longer than 0 and at most the interval".into(),
+                    ));
                 }
                 if check.rise == 0 || check.fall == 0 || check.rise > 100 || check.fall > 100 {
-                    return Err(err(&at(if check.rise == 0 || check.rise > 100 { "rise" } else { "fall" }), "must be 1 to 100".into()));
+                    return Err(err(
+                        &at(if check.rise == 0 || check.rise > 100 {
+                            "rise"
+                        } else {
+                            "fall"
+                        }),
+                        "must be 1 to 100".into(),
+                    ));
                 }
                 if check.port == 0 {
                     return Err(err(&at("port"), "must be 1 to 65535".into()));
                 }
                 if check.kind == CheckKind::Http {
                     if !check.path.starts_with('/') || check.path.contains(char::is_whitespace) {
-                        return Err(err(&at("path"), format!("'{}' is not an absolute path without spaces", check.path)));
+                        return Err(err(
+                            &at("path"),
+                            format!("'{}' is not an absolute path without spaces", check.path),
+                        ));
                     }
                     let e = check.expect.as_bytes();
-                    if e.len() != 3 || !(b'1'..=b'5').contains(&e[0]) || !e[1..].iter().all(|c| c.is_ascii_digit() || *c == b'x') {
-                        return Err(err(&at("expect"), format!("'{}' is not a status (200) or class (2xx)", check.expect)));
+                    if e.len() != 3
+                        || !(b'1'..=b'5').contains(&e[0])
+                        || !e[1..].iter().all(|c| c.is_ascii_digit() || *c == b'x')
+                    {
+                        return Err(err(
+                            &at("expect"),
+                            format!("'{}' is not a status (200) or class (2xx)", check.expect),
+                        ));
                     }
                 }
             }
@@ -513,7 +559,9 @@ impl Config {
             {
                 return Err(err(
                     &at("backends"),
-                    format!("least-conn supports at most {MAX_LEAST_CONN_BACKENDS} backends per service"),
+                    format!(
+                        "least-conn supports at most {MAX_LEAST_CONN_BACKENDS} backends per service"
+                    ),
                 ));
             }
             if service.backends.iter().all(|b| b.weight == 0) {
@@ -538,7 +586,9 @@ pub fn interface_index(name: &str) -> Option<u32> {
 /// Parses `30m`, `2s`, `500ms`, `1h`, `1d` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -593,7 +643,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
@@ -646,7 +699,9 @@ fn locate(text: &str, path: &[PathPart]) -> Option<usize> {
                         indent
                     };
                     (indent >= min_indent
-                        && body.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')))
+                        && body
+                            .strip_prefix(key)
+                            .is_some_and(|r| r.trim_start().starts_with(':')))
                     .then_some((n, indent))
                 })?;
                 found = Some(line);
@@ -656,7 +711,9 @@ fn locate(text: &str, path: &[PathPart]) -> Option<usize> {
                     .find(|&n| {
                         let l = lines[n];
                         let t = l.trim_start();
-                        !t.is_empty() && !t.starts_with('#') && l.len() - t.len() <= indent
+                        !t.is_empty()
+                            && !t.starts_with('#')
+                            && l.len() - t.len() <= indent
                             && !(t.starts_with("- ") && l.len() - t.len() == indent)
                     })
                     .unwrap_or(end);
@@ -747,7 +804,10 @@ services:
     #[test]
     fn duplicate_backend_name_is_named_with_its_line() {
         let e = error(&GOOD.replace("name: web-2", "name: web-1"));
-        assert!(e.starts_with("services[0].backends[1].name (line 14): duplicate backend name"), "{e}");
+        assert!(
+            e.starts_with("services[0].backends[1].name (line 14): duplicate backend name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -756,7 +816,10 @@ services:
             "{GOOD}  - name: web2\n    vip: 198.18.0.100\n    port: 80\n    backends:\n      - name: a\n        address: 198.18.0.20\n"
         );
         let e = error(&text);
-        assert!(e.starts_with("services[1].port (line 19): duplicate service 198.18.0.100:80"), "{e}");
+        assert!(
+            e.starts_with("services[1].port (line 19): duplicate service 198.18.0.100:80"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -765,29 +828,46 @@ services:
             .replace("weight: 2", "weight: 0")
             .replace("        mac: 02:00:00:00:00:12\n", "        weight: 0\n");
         let e = error(&text);
-        assert!(e.starts_with("services[0].backends (line 10): all weights are zero"), "{e}");
+        assert!(
+            e.starts_with("services[0].backends (line 10): all weights are zero"),
+            "{e}"
+        );
     }
 
     #[test]
     fn non_prime_table_size_is_rejected() {
-        let text = GOOD.replace("    port: 80\n", "    port: 80\n    maglev_table_size: 65536\n");
+        let text = GOOD.replace(
+            "    port: 80\n",
+            "    port: 80\n    maglev_table_size: 65536\n",
+        );
         let e = error(&text);
-        assert!(e.starts_with("services[0].maglev_table_size (line 7): 65536 is not a prime"), "{e}");
+        assert!(
+            e.starts_with("services[0].maglev_table_size (line 7): 65536 is not a prime"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_interface_is_rejected_when_checked() {
         let text = GOOD.replace("interface: lo", "interface: slb-nonexist0");
         let e = Config::parse(&text, true).unwrap_err().to_string();
-        assert!(e.starts_with("interface (line 1): no interface named 'slb-nonexist0'"), "{e}");
+        assert!(
+            e.starts_with("interface (line 1): no interface named 'slb-nonexist0'"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_mac_and_duration_and_mask() {
         assert!(error(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:00")).contains("not a MAC"));
-        assert!(error(&GOOD.replace("timeout: 2s", "timeout: 2 fortnights")).contains("not a duration"));
+        assert!(
+            error(&GOOD.replace("timeout: 2s", "timeout: 2 fortnights")).contains("not a duration")
+        );
         let e = error(&GOOD.replace("client_mask: 24", "client_mask: 33"));
-        assert!(e.starts_with("services[0].stick.client_mask (line 9)"), "{e}");
+        assert!(
+            e.starts_with("services[0].stick.client_mask (line 9)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -798,21 +878,49 @@ services:
         let config = Config::parse(&text, false).unwrap();
         let service = &config.services[0];
         let first = service.health_check(0);
-        assert_eq!((first.kind, first.port, first.expect.as_str(), first.path.as_str()), (CheckKind::Http, 8080, "204", "/healthz"));
-        assert_eq!((first.interval, first.rise, first.fall), (Duration::from_millis(500), 2, 3));
+        assert_eq!(
+            (
+                first.kind,
+                first.port,
+                first.expect.as_str(),
+                first.path.as_str()
+            ),
+            (CheckKind::Http, 8080, "204", "/healthz")
+        );
+        assert_eq!(
+            (first.interval, first.rise, first.fall),
+            (Duration::from_millis(500), 2, 3)
+        );
         let second = service.health_check(1);
         assert_eq!((second.port, second.expect.as_str()), (80, "2xx"));
         let defaults = Config::parse(GOOD, false).unwrap().services[0].health_check(0);
-        assert_eq!((defaults.kind, defaults.interval, defaults.timeout), (CheckKind::Tcp, Duration::from_secs(2), Duration::from_secs(1)));
+        assert_eq!(
+            (defaults.kind, defaults.interval, defaults.timeout),
+            (
+                CheckKind::Tcp,
+                Duration::from_secs(2),
+                Duration::from_secs(1)
+            )
+        );
     }
 
     #[test]
     fn bad_health_check_is_named() {
-        let text = GOOD.replace("        weight: 2\n", "        weight: 2\n        health_check:\n          timeout: 5s\n");
+        let text = GOOD.replace(
+            "        weight: 2\n",
+            "        weight: 2\n        health_check:\n          timeout: 5s\n",
+        );
         let e = error(&text);
         assert!(e.starts_with("services[0].backends[0].health_check.timeout (line 15): must be longer than 0 and at most the interval"), "{e}");
-        let text = GOOD.replace("    backends:\n", "    health_check:\n      type: http\n      expect: 2xy\n    backends:\n");
-        assert!(error(&text).starts_with("services[0].health_check.expect (line 12)"), "{}", error(&text));
+        let text = GOOD.replace(
+            "    backends:\n",
+            "    health_check:\n      type: http\n      expect: 2xy\n    backends:\n",
+        );
+        assert!(
+            error(&text).starts_with("services[0].health_check.expect (line 12)"),
+            "{}",
+            error(&text)
+        );
     }
 
     #[test]
@@ -840,7 +948,10 @@ mod example_configs {
     #[test]
     fn shipped_configs_parse() {
         for (name, text) in [
-            ("sticky-lb.yaml", include_str!("../../config/sticky-lb.yaml")),
+            (
+                "sticky-lb.yaml",
+                include_str!("../../config/sticky-lb.yaml"),
+            ),
             ("demo.yaml", include_str!("../../config/demo.yaml")),
         ] {
             Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));

@@ -55,11 +55,17 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(message: impl Into<String>) -> Reply {
-        Reply { ok: true, message: message.into() }
+        Reply {
+            ok: true,
+            message: message.into(),
+        }
     }
 
     pub fn error(message: impl Into<String>) -> Reply {
-        Reply { ok: false, message: message.into() }
+        Reply {
+            ok: false,
+            message: message.into(),
+        }
     }
 }
 
@@ -76,7 +82,8 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -84,22 +91,23 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read.take_limit()).lines();
-                let reply = match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
-                    Ok(Ok(Some(line))) => match serde_json::from_str::<Request>(&line) {
-                        Ok(request) => {
-                            let (tx, rx) = oneshot::channel();
-                            if requests.send((request, tx)).await.is_err() {
-                                Reply::error("the controller is shutting down")
-                            } else {
-                                rx.await.unwrap_or_else(|_| Reply::error("no reply"))
+                let reply =
+                    match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+                        Ok(Ok(Some(line))) => match serde_json::from_str::<Request>(&line) {
+                            Ok(request) => {
+                                let (tx, rx) = oneshot::channel();
+                                if requests.send((request, tx)).await.is_err() {
+                                    Reply::error("the controller is shutting down")
+                                } else {
+                                    rx.await.unwrap_or_else(|_| Reply::error("no reply"))
+                                }
                             }
-                        }
-                        Err(e) => Reply::error(format!("malformed request: {e}")),
-                    },
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => Reply::error(format!("unreadable request: {e}")),
-                    Err(_) => Reply::error("no request within 5 s"),
-                };
+                            Err(e) => Reply::error(format!("malformed request: {e}")),
+                        },
+                        Ok(Ok(None)) => return,
+                        Ok(Err(e)) => Reply::error(format!("unreadable request: {e}")),
+                        Err(_) => Reply::error("no request within 5 s"),
+                    };
                 let mut text = serde_json::to_string(&reply).unwrap_or_default();
                 text.push('\n');
                 let _ = write.write_all(text.as_bytes()).await;
@@ -126,13 +134,22 @@ pub fn call(path: &Path, request: &Request) -> Result<Reply> {
     let mut stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("no sticky-lb controller is running here ({} missing)", path.display())
+            bail!(
+                "no sticky-lb controller is running here ({} missing)",
+                path.display()
+            )
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            bail!("permission denied on {} (the control socket is root's)", path.display())
+            bail!(
+                "permission denied on {} (the control socket is root's)",
+                path.display()
+            )
         }
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            bail!("no sticky-lb controller is running here (stale {})", path.display())
+            bail!(
+                "no sticky-lb controller is running here (stale {})",
+                path.display()
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
     };
@@ -141,7 +158,9 @@ pub fn call(path: &Path, request: &Request) -> Result<Reply> {
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).context("reading the controller's reply")?;
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("reading the controller's reply")?;
     serde_json::from_str(&reply).context("malformed reply from the controller")
 }
 
@@ -162,7 +181,8 @@ mod tests {
             r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"weight","value":3}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
-        let drain = r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"drain"}}"#;
+        let drain =
+            r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"drain"}}"#;
         assert!(serde_json::from_str::<Request>(drain).is_ok());
     }
 
@@ -189,10 +209,18 @@ mod tests {
             };
             let good = call(
                 &path2,
-                &Request::Backend { service: "s".into(), backend: "b".into(), action: BackendAction::Drain },
+                &Request::Backend {
+                    service: "s".into(),
+                    backend: "b".into(),
+                    action: BackendAction::Drain,
+                },
             )
             .unwrap();
-            (raw(b"{not json}\n"), raw(&vec![b'x'; MAX_REQUEST + 10]), good)
+            (
+                raw(b"{not json}\n"),
+                raw(&vec![b'x'; MAX_REQUEST + 10]),
+                good,
+            )
         })
         .await
         .unwrap();

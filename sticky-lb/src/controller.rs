@@ -1,7 +1,7 @@
 //! `sticky-lb run`: bring the data path up from a config, keep it fed, take it down on a signal.
 
 use crate::{
-    config::{CheckAddress, CheckKind, Config, HealthCheck, OnExit},
+    config::{CheckKind, Config, HealthCheck, OnExit},
     control::{self, BackendAction, Envelope, Reply, Request},
     dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, PinnedMaps},
     expiry, health, maglev, neighbour,
@@ -143,13 +143,20 @@ fn log_sweep(result: &Result<expiry::SweepReport>) {
             r.refreshed,
             r.duration_ms
         ),
-        Ok(r) => debug!("expiry sweep: {} entries, none expired, {} ms", r.scanned, r.duration_ms),
+        Ok(r) => debug!(
+            "expiry sweep: {} entries, none expired, {} ms",
+            r.scanned, r.duration_ms
+        ),
         Err(e) => warn!("expiry sweep failed: {e:#}"),
     }
 }
 
 impl Controller {
-    async fn start(config: Config, config_path: &Path, netns: Option<String>) -> Result<Controller> {
+    async fn start(
+        config: Config,
+        config_path: &Path,
+        netns: Option<String>,
+    ) -> Result<Controller> {
         dataplane::ensure_bpffs()?;
         let pins = PinDir::new(netns.as_deref(), &config.interface);
         let state_path = state::path(netns.as_deref(), &config.interface);
@@ -279,8 +286,7 @@ impl Controller {
                 .map(|s| s.params.id + 1)
                 .max()
                 .unwrap_or(1)
-                .max(16)
-                .min(MAX_SERVICES),
+                .clamp(16, MAX_SERVICES),
             interface_mac,
             log_level: aya_log_level(),
         };
@@ -304,15 +310,25 @@ impl Controller {
         controller.mode = match attached {
             Attached::Native => "native".into(),
             Attached::Generic => "generic".into(),
-            Attached::Replaced => previous.map(|p| p.xdp_mode).unwrap_or_else(|| "unknown".into()),
+            Attached::Replaced => previous
+                .map(|p| p.xdp_mode)
+                .unwrap_or_else(|| "unknown".into()),
         };
         info!(
             "sticky-lb attached to {} in {} mode ({}): {} service(s), {} backend(s)",
             controller.config.interface,
             controller.mode,
-            if attached == Attached::Replaced { "program replaced in the pinned link" } else { "new link" },
+            if attached == Attached::Replaced {
+                "program replaced in the pinned link"
+            } else {
+                "new link"
+            },
             controller.services.len(),
-            controller.services.iter().map(|s| s.backends.len()).sum::<usize>()
+            controller
+                .services
+                .iter()
+                .map(|s| s.backends.len())
+                .sum::<usize>()
         );
         controller.write_state()?;
         Ok(controller)
@@ -321,13 +337,18 @@ impl Controller {
     /// Writes backends, Maglev tables and services; clears what a previous run left that this
     /// config does not have.
     fn write_maps(&mut self, previous: Option<&RuntimeState>) -> Result<()> {
-        let live_backends: Vec<BackendId> =
-            self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.id)).collect();
+        let live_backends: Vec<BackendId> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
         if let Some(previous) = previous {
             for old in previous.services.iter().flat_map(|s| s.backends.iter()) {
                 if !live_backends.contains(&old.id) {
                     // Stuck clients of a removed backend are redispatched on their next packet.
-                    self.dataplane.backends.set(old.id, &Backend::default(), 0)?;
+                    self.dataplane
+                        .backends
+                        .set(old.id, &Backend::default(), 0)?;
                 }
             }
             let live_keys: Vec<ServiceKey> = self.services.iter().map(|s| s.key).collect();
@@ -356,10 +377,16 @@ impl Controller {
     /// `ip-hash`, the list of candidates for `least-conn`.
     fn publish(&mut self, i: usize) -> Result<()> {
         let service = &mut self.services[i];
-        let up: Vec<&BackendSlot> =
-            service.backends.iter().filter(|b| b.state == BackendState::Up).collect();
+        let up: Vec<&BackendSlot> = service
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Up)
+            .collect();
         if up.is_empty() {
-            warn!("service {}: no backend is up; its new clients are dropped", service.config.name);
+            warn!(
+                "service {}: no backend is up; its new clients are dropped",
+                service.config.name
+            );
         }
         let slots: Vec<BackendId> = match service.config.policy {
             crate::config::Policy::IpHash => {
@@ -371,7 +398,9 @@ impl Controller {
                         weight: b.weight,
                     })
                     .collect();
-                maglev::Table::build(service.config.maglev_table_size, &members).slots().to_vec()
+                maglev::Table::build(service.config.maglev_table_size, &members)
+                    .slots()
+                    .to_vec()
             }
             crate::config::Policy::LeastConn => up.iter().map(|b| b.id).collect(),
         };
@@ -410,11 +439,9 @@ impl Controller {
                 if b.check.kind == CheckKind::None {
                     continue;
                 }
-                let address = match b.check.address {
-                    CheckAddress::Backend => b.address,
-                    CheckAddress::Vip => service.config.vip,
-                };
-                let target = SocketAddrV4::new(address, b.check.port);
+                // The backend's own address: the VIP is local on the balancer, so a check sent
+                // to it would never leave this host.
+                let target = SocketAddrV4::new(b.address, b.check.port);
                 tasks.push(health::spawn(i, j, target, b.check.clone(), events.clone()));
             }
         }
@@ -444,12 +471,22 @@ impl Controller {
     /// An operator request from the control socket.
     fn handle(&mut self, request: Request) -> Result<Reply> {
         match request {
-            Request::Backend { service, backend, action } => {
+            Request::Backend {
+                service,
+                backend,
+                action,
+            } => {
                 let Some(i) = self.services.iter().position(|s| s.config.name == service) else {
                     return Ok(Reply::error(format!("no service '{service}'")));
                 };
-                let Some(j) = self.services[i].backends.iter().position(|b| b.name == backend) else {
-                    return Ok(Reply::error(format!("no backend '{backend}' in service '{service}'")));
+                let Some(j) = self.services[i]
+                    .backends
+                    .iter()
+                    .position(|b| b.name == backend)
+                else {
+                    return Ok(Reply::error(format!(
+                        "no backend '{backend}' in service '{service}'"
+                    )));
                 };
                 let b = &mut self.services[i].backends[j];
                 let mut table_changes = false;
@@ -508,16 +545,30 @@ impl Controller {
             if least_conn.is_empty() {
                 return;
             }
-            let flows = dataplane::open_pinned(&pins, sticky_lb_common::map_names::FLOWS).and_then(|mut flows| {
-                let mut active = dataplane::open_pinned(&pins, sticky_lb_common::map_names::ACTIVE)?;
-                expiry::sweep_flows(&mut flows, &mut active, &least_conn, &counted, flow_idle_ns)
-            });
+            let flows = dataplane::open_pinned(&pins, sticky_lb_common::map_names::FLOWS).and_then(
+                |mut flows| {
+                    let mut active =
+                        dataplane::open_pinned(&pins, sticky_lb_common::map_names::ACTIVE)?;
+                    expiry::sweep_flows(
+                        &mut flows,
+                        &mut active,
+                        &least_conn,
+                        &counted,
+                        flow_idle_ns,
+                    )
+                },
+            );
             match flows {
                 Ok(r) if r.expired > 0 => info!(
                     "flow sweep: {} of {} connections idle past {:?} stopped counting",
-                    r.expired, r.scanned, Duration::from_nanos(flow_idle_ns)
+                    r.expired,
+                    r.scanned,
+                    Duration::from_nanos(flow_idle_ns)
                 ),
-                Ok(r) => debug!("flow sweep: {} connections, active {:?}", r.scanned, r.active),
+                Ok(r) => debug!(
+                    "flow sweep: {} connections, active {:?}",
+                    r.scanned, r.active
+                ),
                 Err(e) => warn!("flow sweep failed: {e:#}"),
             }
         }
@@ -601,7 +652,10 @@ impl Controller {
                 drop(self.dataplane);
                 pins.remove()?;
                 let _ = std::fs::remove_file(&state_path);
-                info!("detached from {}; pinned state removed", self.config.interface);
+                info!(
+                    "detached from {}; pinned state removed",
+                    self.config.interface
+                );
             }
         }
         Ok(())
@@ -651,7 +705,9 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     };
     tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = logger.readable_mut().await else { return };
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

@@ -23,7 +23,6 @@ use sticky_lb_common::{
     ServiceKey, StickEntry, StickKey, map_names,
 };
 
-
 /// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STICKY_LB_EBPF_OBJECT"));
 
@@ -87,17 +86,27 @@ pub fn ensure_bpffs() -> Result<()> {
     let path = std::ffi::CString::new(BPFFS).unwrap();
     // SAFETY: statfs writes into the zeroed struct we pass.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
     let fstype = std::ffi::CString::new("bpf").unwrap();
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        bail!("mounting bpffs on {BPFFS}: {}", std::io::Error::last_os_error());
+        bail!(
+            "mounting bpffs on {BPFFS}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     info!("mounted bpffs on {BPFFS}");
     Ok(())
@@ -150,7 +159,10 @@ impl Dataplane {
             .checked_mul(2 * options.maglev_services)
             .ok_or_else(|| anyhow!("Maglev array too large"))?;
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
-            Some(pins) => map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect(),
+            Some(pins) => map_names::ALL
+                .iter()
+                .map(|name| (*name, pins.map(name)))
+                .collect(),
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
@@ -179,8 +191,13 @@ impl Dataplane {
         let services = take(&mut ebpf, map_names::SERVICES)?;
         let backends = take(&mut ebpf, map_names::BACKENDS)?;
         let maglev = take(&mut ebpf, map_names::MAGLEV)?;
-        let program: &mut Xdp = ebpf.program_mut(PROGRAM).context("program missing")?.try_into()?;
-        program.load().context("the kernel rejected the XDP program")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .context("program missing")?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel rejected the XDP program")?;
         Ok(Dataplane {
             ebpf,
             pins,
@@ -200,7 +217,11 @@ impl Dataplane {
     /// program into it atomically (no packet sees no program).
     pub fn attach(&mut self, interface: &str, mode: crate::config::XdpMode) -> Result<Attached> {
         use crate::config::XdpMode as M;
-        let link_pin = self.pins.as_ref().context("an unpinned data path cannot attach")?.link();
+        let link_pin = self
+            .pins
+            .as_ref()
+            .context("an unpinned data path cannot attach")?
+            .link();
         let program: &mut Xdp = self.ebpf.program_mut(PROGRAM).unwrap().try_into()?;
         if link_pin.exists() {
             let fd_link: FdLink = PinnedLink::from_pin(&link_pin)
@@ -216,13 +237,22 @@ impl Dataplane {
         }
         let name = std::ffi::CString::new(interface)?;
         let (link_id, attached) = match mode {
-            M::Native => (program.attach(name.as_c_str(), aya::programs::XdpMode::Driver)?, Attached::Native),
-            M::Generic => (program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?, Attached::Generic),
+            M::Native => (
+                program.attach(name.as_c_str(), aya::programs::XdpMode::Driver)?,
+                Attached::Native,
+            ),
+            M::Generic => (
+                program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?,
+                Attached::Generic,
+            ),
             M::Auto => match program.attach(name.as_c_str(), aya::programs::XdpMode::Driver) {
                 Ok(id) => (id, Attached::Native),
                 Err(e) => {
                     warn!("native XDP on {interface} failed ({e}); falling back to generic mode");
-                    (program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?, Attached::Generic)
+                    (
+                        program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?,
+                        Attached::Generic,
+                    )
                 }
             },
         };
@@ -245,7 +275,10 @@ impl Dataplane {
     }
 
     /// Takes a map not held by `Dataplane` itself (stick table, counters) as a typed handle.
-    pub fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self, name: &str) -> Result<T> {
+    pub fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
+        &mut self,
+        name: &str,
+    ) -> Result<T> {
         take(&mut self.ebpf, name)
     }
 
@@ -269,7 +302,11 @@ impl Dataplane {
         slots: &[BackendId],
     ) -> Result<()> {
         if slots.len() > self.options.maglev_stride as usize {
-            bail!("{} slots do not fit a table of {}", slots.len(), self.options.maglev_stride);
+            bail!(
+                "{} slots do not fit a table of {}",
+                slots.len(),
+                self.options.maglev_stride
+            );
         }
         if service.id >= self.options.maglev_services {
             bail!("service id {} beyond the Maglev array", service.id);
@@ -291,7 +328,9 @@ impl Dataplane {
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
-    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing"))?;
     Ok(T::try_from(map)?)
 }
 
@@ -310,7 +349,10 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     pub fn open(pins: &PinDir) -> Result<PinnedMaps> {
         if !pins.map(map_names::STICK).exists() {
-            bail!("no sticky-lb data path is pinned at {}", pins.path().display());
+            bail!(
+                "no sticky-lb data path is pinned at {}",
+                pins.path().display()
+            );
         }
         Ok(PinnedMaps {
             services: open_pinned(pins, map_names::SERVICES)?,
@@ -332,25 +374,32 @@ impl PinnedMaps {
 
     pub fn backend_counters(&self, id: BackendId) -> Result<BackendCounters> {
         let per_cpu = self.backend_stats.get(&id, 0)?;
-        Ok(per_cpu.iter().fold(BackendCounters::default(), |a, c| BackendCounters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(BackendCounters::default(), |a, c| BackendCounters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
     }
 
     pub fn service_counters(&self, id: ServiceId) -> Result<ServiceCounters> {
         let per_cpu = self.service_stats.get(&id, 0)?;
-        Ok(per_cpu.iter().fold(ServiceCounters::default(), |a, c| ServiceCounters {
-            stick_hits: a.stick_hits + c.stick_hits,
-            stick_misses: a.stick_misses + c.stick_misses,
-            stick_inserts: a.stick_inserts + c.stick_inserts,
-            redispatches: a.redispatches + c.redispatches,
-            insert_failures: a.insert_failures + c.insert_failures,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceCounters::default(), |a, c| ServiceCounters {
+                stick_hits: a.stick_hits + c.stick_hits,
+                stick_misses: a.stick_misses + c.stick_misses,
+                stick_inserts: a.stick_inserts + c.stick_inserts,
+                redispatches: a.redispatches + c.redispatches,
+                insert_failures: a.insert_failures + c.insert_failures,
+            }))
     }
 }
 
-pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pins: &PinDir, name: &str) -> Result<T> {
+pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    pins: &PinDir,
+    name: &str,
+) -> Result<T> {
     let path = pins.map(name);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     Ok(T::try_from(Map::from_map_data(data)?)?)
@@ -359,7 +408,10 @@ pub fn open_pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pins: &PinDir, 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads, which the
 /// data path stamps stick entries with.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the struct we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

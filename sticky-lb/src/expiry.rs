@@ -57,7 +57,9 @@ pub fn sweep(
             // scan. What remains is a window of one syscall; a packet that lands in it finds no
             // entry and re-chooses, which the consistent hash makes the same backend unless the
             // pool changed.
-            let Ok(entry) = stick.get(&key, 0) else { continue };
+            let Ok(entry) = stick.get(&key, 0) else {
+                continue;
+            };
             let timeout = timeouts[&key.service];
             if !is_idle(&entry, monotonic_ns(), timeout) {
                 report.refreshed += 1;
@@ -103,7 +105,9 @@ pub fn sweep_flows(
     for item in flows.iter() {
         let Ok((key, flow)) = item else { continue };
         report.scanned += 1;
-        if !services.contains(&key.service) || now.saturating_sub(flow.last_seen_ns) >= idle_timeout_ns {
+        if !services.contains(&key.service)
+            || now.saturating_sub(flow.last_seen_ns) >= idle_timeout_ns
+        {
             stale.push(key);
         } else {
             *report.active.entry(flow.backend).or_default() += 1;

@@ -112,7 +112,10 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<Duration, 
                 check.path,
                 addr.ip()
             );
-            stream.write_all(request.as_bytes()).await.map_err(|_| Failure::Reset)?;
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|_| Failure::Reset)?;
             // The status line is all we need: "HTTP/1.x NNN ...".
             let mut head = [0u8; 12];
             let mut got = 0;
@@ -213,7 +216,6 @@ mod tests {
             rise: 1,
             fall: 1,
             port: 0,
-            address: crate::config::CheckAddress::Backend,
             path: "/".into(),
             expect: expect.into(),
         }
@@ -254,14 +256,26 @@ mod tests {
         let reset = server(None).await;
         assert!(probe(ok, &check(CheckKind::Http, "2xx")).await.is_ok());
         assert!(probe(ok, &check(CheckKind::Tcp, "2xx")).await.is_ok());
-        assert_eq!(probe(error, &check(CheckKind::Http, "2xx")).await, Err(Failure::BadStatus(500)));
+        assert_eq!(
+            probe(error, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::BadStatus(500))
+        );
         assert!(probe(error, &check(CheckKind::Http, "5xx")).await.is_ok());
-        assert_eq!(probe(garbage, &check(CheckKind::Http, "2xx")).await, Err(Failure::NotHttp));
-        assert_eq!(probe(reset, &check(CheckKind::Http, "2xx")).await, Err(Failure::Reset));
+        assert_eq!(
+            probe(garbage, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::NotHttp)
+        );
+        assert_eq!(
+            probe(reset, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::Reset)
+        );
         // Nothing listens on the port the reset server's listener is not using: port 1 on
         // loopback is refused.
         let refused = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1);
-        assert_eq!(probe(refused, &check(CheckKind::Tcp, "2xx")).await, Err(Failure::Refused));
+        assert_eq!(
+            probe(refused, &check(CheckKind::Tcp, "2xx")).await,
+            Err(Failure::Refused)
+        );
     }
 
     #[tokio::test]
@@ -273,7 +287,10 @@ mod tests {
             _ => unreachable!(),
         };
         let started = Instant::now();
-        assert_eq!(probe(addr, &check(CheckKind::Http, "2xx")).await, Err(Failure::Timeout));
+        assert_eq!(
+            probe(addr, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::Timeout)
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(listener);
     }

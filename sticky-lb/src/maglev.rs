@@ -167,7 +167,12 @@ mod tests {
 
     /// Fraction of slots whose backend differs between two tables.
     fn moved(a: &Table, b: &Table) -> f64 {
-        let moved = a.slots().iter().zip(b.slots()).filter(|(x, y)| x != y).count();
+        let moved = a
+            .slots()
+            .iter()
+            .zip(b.slots())
+            .filter(|(x, y)| x != y)
+            .count();
         moved as f64 / a.len() as f64
     }
 
@@ -226,7 +231,10 @@ mod tests {
             let before = Table::build(M, &members(&all[..n - 1], |_| 1));
             let after = Table::build(M, &members(&all, |_| 1));
             let moved = moved(&before, &after);
-            assert!(moved <= 1.0 / n as f64 + 0.01, "n={n}: {moved:.4} of slots moved");
+            assert!(
+                moved <= 1.0 / n as f64 + 0.01,
+                "n={n}: {moved:.4} of slots moved"
+            );
             // Every moved slot went to the new backend: nobody else was reshuffled more than
             // Maglev's small tolerance allows.
             assert!(moved > 0.0);
@@ -255,7 +263,10 @@ mod tests {
                 .collect();
             let after = Table::build(M, &rem_members);
             let moved = moved(&before, &after);
-            assert!(moved <= 1.0 / n as f64 + 0.01, "n={n}: {moved:.4} of slots moved");
+            assert!(
+                moved <= 1.0 / n as f64 + 0.01,
+                "n={n}: {moved:.4} of slots moved"
+            );
             // Slots that did not belong to the removed backend mostly stay.
             for (a, b) in before.slots().iter().zip(after.slots()) {
                 if *a == (n / 2) as BackendId {

@@ -185,13 +185,19 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 BackendCommand::Drain { backend } => (backend, BackendAction::Drain),
                 BackendCommand::Enable { backend } => (backend, BackendAction::Enable),
                 BackendCommand::Disable { backend } => (backend, BackendAction::Disable),
-                BackendCommand::Weight { backend, weight } => (backend, BackendAction::Weight(weight)),
+                BackendCommand::Weight { backend, weight } => {
+                    (backend, BackendAction::Weight(weight))
+                }
             };
             let Some((service, backend)) = name.split_once('/') else {
                 anyhow::bail!("'{name}' is not SERVICE/BACKEND");
             };
             let socket = control::socket_path(target.netns.as_deref(), &target.interface);
-            let request = Request::Backend { service: service.into(), backend: backend.into(), action };
+            let request = Request::Backend {
+                service: service.into(),
+                backend: backend.into(),
+                action,
+            };
             let reply = control::call(&socket, &request)?;
             if !reply.ok {
                 anyhow::bail!("{}", reply.message);

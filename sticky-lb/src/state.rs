@@ -74,7 +74,12 @@ pub fn known_interfaces(netns: Option<&str>) -> Vec<String> {
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
     names
@@ -111,8 +116,13 @@ impl RuntimeState {
 
 /// Ids for every service and backend of a config: kept from the previous run where the name
 /// matches, fresh (never used by the previous run) otherwise.
-pub fn assign_ids(config: &Config, previous: Option<&RuntimeState>) -> Vec<(ServiceId, Vec<BackendId>)> {
-    let old_services: Vec<&ServiceRecord> = previous.map(|p| p.services.iter().collect()).unwrap_or_default();
+pub fn assign_ids(
+    config: &Config,
+    previous: Option<&RuntimeState>,
+) -> Vec<(ServiceId, Vec<BackendId>)> {
+    let old_services: Vec<&ServiceRecord> = previous
+        .map(|p| p.services.iter().collect())
+        .unwrap_or_default();
     let mut used_services: BTreeSet<ServiceId> = BTreeSet::new();
     let mut used_backends: BTreeSet<BackendId> = old_services
         .iter()
@@ -131,15 +141,20 @@ pub fn assign_ids(config: &Config, previous: Option<&RuntimeState>) -> Vec<(Serv
             let bids = service
                 .backends
                 .iter()
-                .map(|b| old.and_then(|s| s.backends.iter().find(|ob| ob.name == b.name)).map(|ob| ob.id))
+                .map(|b| {
+                    old.and_then(|s| s.backends.iter().find(|ob| ob.name == b.name))
+                        .map(|ob| ob.id)
+                })
                 .collect();
             (sid, bids)
         })
         .collect();
     // Second pass: fresh ids for the rest, lowest free first; backends avoid ids the previous run
     // used (a stick entry may still name them) unless the id space runs out.
-    let kept_backends: BTreeSet<BackendId> =
-        kept.iter().flat_map(|(_, b)| b.iter().flatten().copied()).collect();
+    let kept_backends: BTreeSet<BackendId> = kept
+        .iter()
+        .flat_map(|(_, b)| b.iter().flatten().copied())
+        .collect();
     let mut next_service = 0;
     let mut next_backend = 0;
     kept.into_iter()
@@ -189,9 +204,15 @@ mod tests {
     fn config(services: &[(&str, &[&str])]) -> Config {
         let mut text = String::from("interface: lo\nservices:\n");
         for (i, (name, backends)) in services.iter().enumerate() {
-            text += &format!("  - name: {name}\n    vip: 198.18.0.{}\n    port: 80\n    backends:\n", 100 + i);
+            text += &format!(
+                "  - name: {name}\n    vip: 198.18.0.{}\n    port: 80\n    backends:\n",
+                100 + i
+            );
             for (j, b) in backends.iter().enumerate() {
-                text += &format!("      - name: {b}\n        address: 198.18.{i}.{}\n", 10 + j);
+                text += &format!(
+                    "      - name: {b}\n        address: 198.18.{i}.{}\n",
+                    10 + j
+                );
             }
         }
         Config::parse(&text, false).unwrap()

@@ -25,7 +25,9 @@ impl Target {
                 let known = state::known_interfaces(netns.as_deref());
                 match known.as_slice() {
                     [one] => one.clone(),
-                    [] => bail!("no sticky-lb data path is running here (no state in /run/sticky-lb)"),
+                    [] => {
+                        bail!("no sticky-lb data path is running here (no state in /run/sticky-lb)")
+                    }
                     many => bail!(
                         "sticky-lb runs on several interfaces here ({}): pass --interface",
                         many.join(", ")
@@ -74,8 +76,14 @@ pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
         let idle_ms = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
         order.push((key.service, u32::from(client)));
         rows.push(StickRow {
-            service: service.map(|s| s.name.clone()).unwrap_or_else(|| format!("#{}", key.service)),
-            client: if mask == 32 { client.to_string() } else { format!("{client}/{mask}") },
+            service: service
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| format!("#{}", key.service)),
+            client: if mask == 32 {
+                client.to_string()
+            } else {
+                format!("{client}/{mask}")
+            },
             backend: backend
                 .map(|(_, b)| b.name.clone())
                 .unwrap_or_else(|| format!("#{}", entry.backend)),
@@ -92,7 +100,10 @@ pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
 }
 
 pub fn print_table(rows: &[StickRow]) {
-    println!("{:<16} {:<20} {:<16} {:>10} {:>10}", "SERVICE", "CLIENT", "BACKEND", "IDLE", "AGE");
+    println!(
+        "{:<16} {:<20} {:<16} {:>10} {:>10}",
+        "SERVICE", "CLIENT", "BACKEND", "IDLE", "AGE"
+    );
     for r in rows {
         println!(
             "{:<16} {:<20} {:<16} {:>10} {:>10}{}",
@@ -210,7 +221,10 @@ pub fn status(target: &Target) -> Result<Status> {
         controller_running: unsafe { libc::kill(state.pid as i32, 0) } == 0,
         config: state.config.clone(),
         stick_entries,
-        counters: Counter::ALL.iter().map(|c| (c.name(), counters[*c as usize])).collect(),
+        counters: Counter::ALL
+            .iter()
+            .map(|c| (c.name(), counters[*c as usize]))
+            .collect(),
         services,
     })
 }
@@ -219,7 +233,10 @@ pub fn print_status(s: &Status) {
     println!(
         "interface {}{}  mode {}  controller {}",
         s.interface,
-        s.netns.as_ref().map(|n| format!(" (netns {n})")).unwrap_or_default(),
+        s.netns
+            .as_ref()
+            .map(|n| format!(" (netns {n})"))
+            .unwrap_or_default(),
         s.xdp_mode,
         if s.controller_running {
             format!("running (pid {})", s.controller_pid)
@@ -267,7 +284,11 @@ fn print_backend_rows(svc: &ServiceStatus) {
             b.packets,
             b.bytes,
             b.stick_entries,
-            if svc.policy == "least-conn" { b.active_connections.to_string() } else { "-".into() }
+            if svc.policy == "least-conn" {
+                b.active_connections.to_string()
+            } else {
+                "-".into()
+            }
         );
     }
 }
@@ -275,7 +296,10 @@ fn print_backend_rows(svc: &ServiceStatus) {
 /// `backend list`: the backends of every service.
 pub fn print_backends(s: &Status) {
     for svc in &s.services {
-        println!("service {} ({}:{}, {})", svc.name, svc.vip, svc.port, svc.policy);
+        println!(
+            "service {} ({}:{}, {})",
+            svc.name, svc.vip, svc.port, svc.policy
+        );
         print_backend_rows(svc);
     }
 }

@@ -16,7 +16,10 @@ pub fn binary() -> PathBuf {
     }
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/sticky-lb
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").join("sticky-lb")
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("sticky-lb")
 }
 
 /// Runs `sticky-lb --netns NS ARGS...` to completion; returns (status code, stdout, stderr).
@@ -50,7 +53,10 @@ impl Balancer {
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)?;
         let log = dir.join(format!("sticky-lb-{}.log", std::process::id()));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let state_path = state::path(Some(netns), interface);
         let previous_pid = state::RuntimeState::read(&state_path).ok().map(|s| s.pid);
         let child = Command::new(binary())
@@ -73,7 +79,10 @@ impl Balancer {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = balancer.child.as_mut().unwrap().try_wait()? {
-                bail!("sticky-lb exited with {status} before attaching:\n{}", balancer.log_text());
+                bail!(
+                    "sticky-lb exited with {status} before attaching:\n{}",
+                    balancer.log_text()
+                );
             }
             let ready = state::RuntimeState::read(&state_path)
                 .is_ok_and(|s| Some(s.pid) != previous_pid && s.pid == balancer.pid());
@@ -81,7 +90,10 @@ impl Balancer {
                 return Ok(balancer);
             }
             if Instant::now() > deadline {
-                bail!("sticky-lb did not attach within 20 s:\n{}", balancer.log_text());
+                bail!(
+                    "sticky-lb did not attach within 20 s:\n{}",
+                    balancer.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -197,8 +209,10 @@ impl PeerXdp {
             .map_max_entries(map_names::STICK, 16)
             .map_max_entries(map_names::MAGLEV, 16)
             .load(EBPF_OBJECT)?;
-        let program: &mut aya::programs::Xdp =
-            ebpf.program_mut(PASS_PROGRAM).context("xdp_pass missing")?.try_into()?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(PASS_PROGRAM)
+            .context("xdp_pass missing")?
+            .try_into()?;
         program.load()?;
         let name = std::ffi::CString::new(interface)?;
         crate::netns::in_netns(netns, || {

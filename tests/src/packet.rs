@@ -69,7 +69,7 @@ impl Frame {
             return out;
         }
         let mut options = self.ip_options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0); // end-of-options padding
         }
         let ihl = (IPV4_LEN + options.len()) / 4;
@@ -105,7 +105,12 @@ impl Frame {
 
     fn pseudo_header_sum(&self, len: usize) -> u32 {
         let mut sum = 0u32;
-        for pair in self.src.octets().chunks(2).chain(self.dst.octets().chunks(2)) {
+        for pair in self
+            .src
+            .octets()
+            .chunks(2)
+            .chain(self.dst.octets().chunks(2))
+        {
             sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
         }
         sum + self.protocol as u32 + len as u32
@@ -162,7 +167,12 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_verifies() {
-        let frame = Frame::tcp_syn("198.18.1.1".parse().unwrap(), "198.18.0.100".parse().unwrap(), 80).build();
+        let frame = Frame::tcp_syn(
+            "198.18.1.1".parse().unwrap(),
+            "198.18.0.100".parse().unwrap(),
+            80,
+        )
+        .build();
         assert_eq!(checksum(&frame[ETH_LEN..ETH_LEN + IPV4_LEN], 0), 0);
     }
 }

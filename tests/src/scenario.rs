@@ -59,8 +59,12 @@ impl Setup {
         }
         // The balancer's own address must keep answering: XDP passes what is not a service.
         servers.push(
-            NameServer::start(rig.lb_ns(), SocketAddrV4::new(rig.lb_addr(), 8080), "balancer")
-                .expect("server on the balancer"),
+            NameServer::start(
+                rig.lb_ns(),
+                SocketAddrV4::new(rig.lb_addr(), 8080),
+                "balancer",
+            )
+            .expect("server on the balancer"),
         );
         let peer_xdp = match mode {
             Mode::Native => {
@@ -83,7 +87,11 @@ impl Setup {
     /// A config for service `web` on the VIP with backends b1..=bN. `extra` goes at the top level.
     pub fn config(&self, backends: usize, timeout: &str, extra: &str) -> String {
         let backends: Vec<String> = (1..=backends).map(|_| String::new()).collect();
-        self.config_with(extra, &format!("    stick:\n      timeout: {timeout}\n"), &backends)
+        self.config_with(
+            extra,
+            &format!("    stick:\n      timeout: {timeout}\n"),
+            &backends,
+        )
     }
 
     /// A config with `top` lines at the top level, `service` lines in the service (indented four
@@ -96,7 +104,11 @@ impl Setup {
             self.rig.vip()
         );
         for (k, extra) in backends.iter().enumerate() {
-            yaml += &format!("      - name: b{}\n        address: {}\n{extra}", k + 1, self.rig.backend_addr(k + 1));
+            yaml += &format!(
+                "      - name: b{}\n        address: {}\n{extra}",
+                k + 1,
+                self.rig.backend_addr(k + 1)
+            );
         }
         yaml
     }
@@ -130,13 +142,22 @@ impl Setup {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let log = self.balancer.as_ref().map(|b| b.log_text()).unwrap_or_default();
+        let log = self
+            .balancer
+            .as_ref()
+            .map(|b| b.log_text())
+            .unwrap_or_default();
         panic!("{name} did not become {state} within {within:?}; log:\n{log}");
     }
 
     pub fn start(&mut self, config: &str) {
-        let balancer = Balancer::start(self.rig.lb_ns(), self.rig.lb_dev(), self.scratch.path(), config)
-            .expect("starting sticky-lb");
+        let balancer = Balancer::start(
+            self.rig.lb_ns(),
+            self.rig.lb_dev(),
+            self.scratch.path(),
+            config,
+        )
+        .expect("starting sticky-lb");
         self.balancer = Some(balancer);
     }
 
@@ -146,7 +167,8 @@ impl Setup {
 
     /// One new connection from each client; the name each one got.
     pub fn round(&self, clients: &[Ipv4Addr]) -> Vec<String> {
-        let requests: Vec<(Ipv4Addr, SocketAddrV4)> = clients.iter().map(|c| (*c, self.vip())).collect();
+        let requests: Vec<(Ipv4Addr, SocketAddrV4)> =
+            clients.iter().map(|c| (*c, self.vip())).collect();
         fetch_names_many(self.rig.client_ns(), &requests, TIMEOUT)
             .into_iter()
             .zip(clients)
@@ -157,7 +179,11 @@ impl Setup {
     pub fn table(&self) -> Vec<Value> {
         let (code, out, err) = cli(self.rig.lb_ns(), &["table", "show", "--json"]);
         assert_eq!(code, 0, "table show failed: {err}");
-        serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn status(&self) -> Value {
@@ -176,4 +202,3 @@ pub fn backend_server(rig: &Rig, k: usize) -> NameServer {
     )
     .expect("backend server")
 }
-

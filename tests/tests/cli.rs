@@ -8,7 +8,10 @@ use sticky_lb_tests::{
 };
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(binary()).args(args).output().expect("sticky-lb runs");
+    let out = std::process::Command::new(binary())
+        .args(args)
+        .output()
+        .expect("sticky-lb runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -34,19 +37,43 @@ fn check_config_accepts_a_valid_file() {
     std::fs::write(&path, VALID).unwrap();
     let (code, out, err) = run(&["check-config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok (1 service(s), 1 backend(s), interface lo)"), "{out}");
+    assert!(
+        out.contains("ok (1 service(s), 1 backend(s), interface lo)"),
+        "{out}"
+    );
 }
 
 #[test]
 fn invalid_configs_exit_2_with_one_line_naming_the_field() {
     let dir = ScratchDir::new(&unique_tag("cli-bad"));
     let cases = [
-        (VALID.replace("198.18.0.11", "198.18.0.256"), "services[0].backends[0].address (line 8)"),
-        (VALID.replace("    port: 80\n", "    port: 80\n    colour: blue\n"), "unknown field `colour`"),
-        (VALID.replace("interface: lo", "interface: slb-missing0"), "interface (line 1): no interface named"),
-        (VALID.replace("    port: 80\n", "    port: 80\n    maglev_table_size: 1000\n"), "services[0].maglev_table_size (line 6)"),
-        (format!("{VALID}        weight: 0\n"), "services[0].backends (line 6): all weights are zero"),
-        (format!("{VALID}      - name: web-1\n        address: 198.18.0.12\n"), "duplicate backend name 'web-1'"),
+        (
+            VALID.replace("198.18.0.11", "198.18.0.256"),
+            "services[0].backends[0].address (line 8)",
+        ),
+        (
+            VALID.replace("    port: 80\n", "    port: 80\n    colour: blue\n"),
+            "unknown field `colour`",
+        ),
+        (
+            VALID.replace("interface: lo", "interface: slb-missing0"),
+            "interface (line 1): no interface named",
+        ),
+        (
+            VALID.replace(
+                "    port: 80\n",
+                "    port: 80\n    maglev_table_size: 1000\n",
+            ),
+            "services[0].maglev_table_size (line 6)",
+        ),
+        (
+            format!("{VALID}        weight: 0\n"),
+            "services[0].backends (line 6): all weights are zero",
+        ),
+        (
+            format!("{VALID}      - name: web-1\n        address: 198.18.0.12\n"),
+            "duplicate backend name 'web-1'",
+        ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.yaml"));
@@ -55,8 +82,14 @@ fn invalid_configs_exit_2_with_one_line_naming_the_field() {
         assert_eq!(code, 2, "case {i}: {err}");
         assert!(out.is_empty());
         assert_eq!(err.lines().count(), 1, "case {i}: one line, got {err:?}");
-        assert!(err.starts_with("sticky-lb: config error: "), "case {i}: {err}");
-        assert!(err.contains(expected), "case {i}: expected {expected:?} in {err:?}");
+        assert!(
+            err.starts_with("sticky-lb: config error: "),
+            "case {i}: {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "case {i}: expected {expected:?} in {err:?}"
+        );
     }
     let (code, _, err) = run(&["check-config", "/nonexistent/slb.yaml"]);
     assert_eq!((code, err.lines().count()), (2, 1), "{err}");
@@ -71,7 +104,9 @@ fn run_with_a_bad_config_attaches_nothing() {
     let dir = ScratchDir::new(&tag);
     let path = dir.path().join("bad.yaml");
     // Valid YAML, valid interface, one bad field deep down.
-    let text = VALID.replace("interface: lo", "interface: lb0").replace("198.18.0.11", "198.18.0.11.5");
+    let text = VALID
+        .replace("interface: lo", "interface: lb0")
+        .replace("198.18.0.11", "198.18.0.11.5");
     std::fs::write(&path, text).unwrap();
     let (code, _, err) = cli(rig.lb_ns(), &["run", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
@@ -81,7 +116,10 @@ fn run_with_a_bad_config_attaches_nothing() {
         .output()
         .unwrap();
     let link = String::from_utf8_lossy(&link.stdout);
-    assert!(!link.contains("xdp"), "no XDP program may be attached:\n{link}");
+    assert!(
+        !link.contains("xdp"),
+        "no XDP program may be attached:\n{link}"
+    );
     assert!(!guard.pins().path().exists(), "nothing pinned");
 }
 
@@ -90,7 +128,11 @@ fn read_commands_without_a_data_path_fail_in_one_line() {
     require_root();
     let tag = unique_tag("cli-none");
     let rig = Rig::build(RigOptions::new(&tag).backends(1).clients(1)).unwrap();
-    for args in [&["table", "show"][..], &["status", "--json"], &["detach", "--interface", "lb0"]] {
+    for args in [
+        &["table", "show"][..],
+        &["status", "--json"],
+        &["detach", "--interface", "lb0"],
+    ] {
         let (code, out, err) = cli(rig.lb_ns(), args);
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(out.is_empty());

@@ -70,7 +70,13 @@ impl Fixture {
         )
         .expect("the kernel accepts the program");
         let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
-            .map(|i| (i + 5, format!("web-{i}"), [0x02, 0xbe, 0, 0, 0, i as u8 + 1]))
+            .map(|i| {
+                (
+                    i + 5,
+                    format!("web-{i}"),
+                    [0x02, 0xbe, 0, 0, 0, i as u8 + 1],
+                )
+            })
             .collect();
         for (id, _, mac) in &backends {
             let entry = Backend {
@@ -131,7 +137,9 @@ impl Fixture {
             })
             .collect();
         let table = maglev::Table::build(RING, &members);
-        self.dataplane.publish_service(&self.key, &mut self.service, table.slots()).unwrap();
+        self.dataplane
+            .publish_service(&self.key, &mut self.service, table.slots())
+            .unwrap();
         table
     }
 
@@ -139,7 +147,9 @@ impl Fixture {
     fn least_conn(&mut self, members: &[usize]) {
         self.service.policy = Policy::LeastConn as u8;
         let ids: Vec<BackendId> = members.iter().map(|&i| self.backends[i].0).collect();
-        self.dataplane.publish_service(&self.key, &mut self.service, &ids).unwrap();
+        self.dataplane
+            .publish_service(&self.key, &mut self.service, &ids)
+            .unwrap();
     }
 
     fn set_weight(&mut self, backend: usize, weight: u32) {
@@ -154,13 +164,18 @@ impl Fixture {
     }
 
     fn set_active(&mut self, backend: usize, count: i64) {
-        self.active.set(self.backends[backend].0, &count, 0).unwrap();
+        self.active
+            .set(self.backends[backend].0, &count, 0)
+            .unwrap();
     }
 
     /// Index of the backend a forwarded frame went to.
     fn forwarded_to(&self, (verdict, out): &(u32, Vec<u8>)) -> usize {
         assert_eq!(*verdict, XDP_TX);
-        self.backends.iter().position(|b| b.2 == out[0..6]).expect("a backend's MAC")
+        self.backends
+            .iter()
+            .position(|b| b.2 == out[0..6])
+            .expect("a backend's MAC")
     }
 
     fn set_state(&mut self, backend: usize, state: BackendState) {
@@ -194,7 +209,10 @@ impl Fixture {
     }
 
     fn index_of(&self, id: BackendId) -> usize {
-        self.backends.iter().position(|b| b.0 == id).expect("a known backend id")
+        self.backends
+            .iter()
+            .position(|b| b.0 == id)
+            .expect("a known backend id")
     }
 
     fn stick_entry(&self, client: Ipv4Addr) -> Option<StickEntry> {
@@ -225,13 +243,15 @@ impl Fixture {
 
     fn service_counters(&self) -> ServiceCounters {
         let per_cpu = self.service_stats.get(&self.service.id, 0).unwrap();
-        per_cpu.iter().fold(ServiceCounters::default(), |a, c| ServiceCounters {
-            stick_hits: a.stick_hits + c.stick_hits,
-            stick_misses: a.stick_misses + c.stick_misses,
-            stick_inserts: a.stick_inserts + c.stick_inserts,
-            redispatches: a.redispatches + c.redispatches,
-            insert_failures: a.insert_failures + c.insert_failures,
-        })
+        per_cpu
+            .iter()
+            .fold(ServiceCounters::default(), |a, c| ServiceCounters {
+                stick_hits: a.stick_hits + c.stick_hits,
+                stick_misses: a.stick_misses + c.stick_misses,
+                stick_inserts: a.stick_inserts + c.stick_inserts,
+                redispatches: a.redispatches + c.redispatches,
+                insert_failures: a.insert_failures + c.insert_failures,
+            })
     }
 
     /// Asserts the frame was forwarded to `backend` by DSR: destination MAC = the backend's,
@@ -241,7 +261,11 @@ impl Fixture {
         assert_eq!(output.len(), input.len());
         assert_eq!(output[0..6], self.backends[backend].2, "destination MAC");
         assert_eq!(output[6..12], OUR_MAC, "source MAC");
-        assert_eq!(output[12..], input[12..], "bytes after the MACs must be untouched");
+        assert_eq!(
+            output[12..],
+            input[12..],
+            "bytes after the MACs must be untouched"
+        );
     }
 }
 
@@ -265,7 +289,9 @@ fn miss_chooses_by_maglev_and_records_the_choice() {
         let before = monotonic_ns();
         let result = f.run(&frame);
         f.assert_forwarded(&frame, result, expected);
-        let entry = f.stick_entry(client(n)).expect("a stick entry after a miss");
+        let entry = f
+            .stick_entry(client(n))
+            .expect("a stick entry after a miss");
         assert_eq!(f.index_of(entry.backend), expected);
         assert!(entry.created_ns >= before && entry.last_seen_ns == entry.created_ns);
         seen.insert(expected);
@@ -315,11 +341,18 @@ fn expired_entry_is_a_miss() {
     let table = f.publish(&[0, 1, 2]);
     let predicted = f.predicted(&table, client(3));
     let stale = (predicted + 1) % 3;
-    f.set_stick(client(3), stale, monotonic_ns() - TIMEOUT_NS - 1_000_000_000);
+    f.set_stick(
+        client(3),
+        stale,
+        monotonic_ns() - TIMEOUT_NS - 1_000_000_000,
+    );
     let frame = Frame::tcp_syn(client(3), VIP, PORT).build();
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, predicted);
-    assert_eq!(f.index_of(f.stick_entry(client(3)).unwrap().backend), predicted);
+    assert_eq!(
+        f.index_of(f.stick_entry(client(3)).unwrap().backend),
+        predicted
+    );
     assert_eq!(f.service_counters().stick_misses, 1);
 }
 
@@ -345,7 +378,10 @@ fn down_backend_redispatches_once_and_the_new_choice_sticks() {
     let frame = Frame::tcp_syn(client(5), VIP, PORT).build();
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, expected);
-    assert_eq!(f.index_of(f.stick_entry(client(5)).unwrap().backend), expected);
+    assert_eq!(
+        f.index_of(f.stick_entry(client(5)).unwrap().backend),
+        expected
+    );
     // The backend comes back: the moved client stays where it is now.
     f.set_state(1, BackendState::Up);
     f.publish(&[0, 1, 2]);
@@ -420,7 +456,10 @@ fn traffic_not_for_a_service_passes_untouched() {
         assert_passed_untouched(&frame, result);
     }
     assert_eq!(f.counter(Counter::PassNotIp), 2);
-    assert!(f.stick_entry(client(1)).is_none(), "no stick entry for non-service traffic");
+    assert!(
+        f.stick_entry(client(1)).is_none(),
+        "no stick entry for non-service traffic"
+    );
 }
 
 #[test]
@@ -457,7 +496,10 @@ fn truncated_frames_are_passed_untouched_at_every_length() {
         }
     }
     assert!(f.counter(Counter::PassMalformed) > 0);
-    assert!(f.stick_entry(client(6)).is_none(), "no entry from a truncated frame");
+    assert!(
+        f.stick_entry(client(6)).is_none(),
+        "no entry from a truncated frame"
+    );
 }
 
 #[test]
@@ -570,7 +612,11 @@ fn least_conn_skips_backends_that_are_not_up() {
     f.set_active(2, 50);
     f.set_state(0, BackendState::Drain);
     let result = f.run(&segment(client(1), 4000, SYN));
-    assert_ne!(f.forwarded_to(&result), 0, "a draining backend takes no new client");
+    assert_ne!(
+        f.forwarded_to(&result),
+        0,
+        "a draining backend takes no new client"
+    );
     f.set_state(1, BackendState::Down);
     f.set_state(2, BackendState::Disabled);
     let (verdict, _) = f.run(&segment(client(2), 4000, SYN));

@@ -26,7 +26,11 @@ fn stickiness_and_spread(mode: Mode) {
     for round in 1..10 {
         let again = s.round(&clients);
         for (i, (a, b)) in first.iter().zip(&again).enumerate() {
-            assert_eq!(a, b, "round {round}: client {} moved from {a} to {b}", clients[i]);
+            assert_eq!(
+                a, b,
+                "round {round}: client {} moved from {a} to {b}",
+                clients[i]
+            );
         }
     }
     // Spread. Maglev gives each backend a third of the hash space; 256 clients hashed into it
@@ -37,17 +41,32 @@ fn stickiness_and_spread(mode: Mode) {
         *per_backend.entry(name.as_str()).or_default() += 1;
     }
     eprintln!("{mode:?}: 256 clients x 10 connections, 100% sticky; spread {per_backend:?}");
-    assert_eq!(per_backend.len(), 3, "every backend gets clients: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "every backend gets clients: {per_backend:?}"
+    );
     for (backend, n) in &per_backend {
-        assert!((56..=115).contains(n), "{backend} got {n} of 256 clients: {per_backend:?}");
+        assert!(
+            (56..=115).contains(n),
+            "{backend} got {n} of 256 clients: {per_backend:?}"
+        );
     }
     // The stick table holds exactly these clients, each with the backend it answered from.
     let table = s.table();
     assert_eq!(table.len(), 256);
-    let seen: BTreeMap<String, String> = clients.iter().map(|c| c.to_string()).zip(first.clone()).collect();
+    let seen: BTreeMap<String, String> = clients
+        .iter()
+        .map(|c| c.to_string())
+        .zip(first.clone())
+        .collect();
     for row in &table {
         let client = row["client"].as_str().unwrap();
-        assert_eq!(row["backend"].as_str().unwrap(), seen[client], "table show for {client}");
+        assert_eq!(
+            row["backend"].as_str().unwrap(),
+            seen[client],
+            "table show for {client}"
+        );
         assert_eq!(row["service"], "web");
     }
     // Each client missed once (its first SYN), then hit.
@@ -59,8 +78,13 @@ fn stickiness_and_spread(mode: Mode) {
     assert_eq!(status["xdp_mode"], mode.yaml());
     assert_eq!(status["controller_running"], true);
     // Pass-through: the balancer's own address answers through the kernel.
-    let own = fetch_name(s.rig.client_ns(), clients[0], SocketAddrV4::new(s.rig.lb_addr(), 8080), TIMEOUT)
-        .expect("the balancer's own address answers");
+    let own = fetch_name(
+        s.rig.client_ns(),
+        clients[0],
+        SocketAddrV4::new(s.rig.lb_addr(), 8080),
+        TIMEOUT,
+    )
+    .expect("the balancer's own address answers");
     assert_eq!(own, "balancer");
     // SIGTERM detaches and removes the pinned state.
     let code = s.balancer.as_mut().unwrap().stop();
@@ -89,20 +113,40 @@ fn adding_a_backend_moves_no_stuck_client(mode: Mode) {
     let before = s.round(known);
     // Keep-running: the data path keeps forwarding with no controller at all.
     assert_eq!(s.balancer.as_mut().unwrap().stop(), Some(0));
-    assert_eq!(s.round(&known[..32]), before[..32], "forwarding continues without a controller");
+    assert_eq!(
+        s.round(&known[..32]),
+        before[..32],
+        "forwarding continues without a controller"
+    );
 
     let k = s.rig.add_backend().expect("adding a backend namespace");
     s.servers.push(backend_server(&s.rig, k));
     let config = s.config(4, "30m", "on_exit: keep-running\n");
     s.start(&config);
     let after = s.round(known);
-    let moved: Vec<_> = known.iter().zip(before.iter().zip(&after)).filter(|(_, (a, b))| a != b).collect();
-    assert!(moved.is_empty(), "{} stuck clients moved, e.g. {:?}", moved.len(), moved.first());
+    let moved: Vec<_> = known
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (a, b))| a != b)
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} stuck clients moved, e.g. {:?}",
+        moved.len(),
+        moved.first()
+    );
     // New clients: a quarter of the hash space is the new backend's.
     let new = s.round(fresh);
     let to_new = new.iter().filter(|n| *n == "b4").count();
-    eprintln!("{mode:?}: after adding b4, 0 of 256 stuck clients moved; {to_new} of {} new clients went to b4", fresh.len());
-    assert!(to_new >= 10, "only {to_new} of {} new clients reached the new backend", fresh.len());
+    eprintln!(
+        "{mode:?}: after adding b4, 0 of 256 stuck clients moved; {to_new} of {} new clients went to b4",
+        fresh.len()
+    );
+    assert!(
+        to_new >= 10,
+        "only {to_new} of {} new clients reached the new backend",
+        fresh.len()
+    );
     assert_eq!(s.status()["stick_entries"], 400);
 }
 
@@ -126,17 +170,30 @@ fn idle_entry_expires(mode: Mode) {
     let (idle, active) = (clients[0], clients[1]);
     s.round(&[idle, active]);
     let listed = |s: &Setup| -> BTreeSet<String> {
-        s.table().iter().map(|r| r["client"].as_str().unwrap().to_string()).collect()
+        s.table()
+            .iter()
+            .map(|r| r["client"].as_str().unwrap().to_string())
+            .collect()
     };
-    assert_eq!(listed(&s), BTreeSet::from([idle.to_string(), active.to_string()]));
+    assert_eq!(
+        listed(&s),
+        BTreeSet::from([idle.to_string(), active.to_string()])
+    );
     let active_backend = s.round(&[active]);
     let started = Instant::now();
     let mut gone_after = None;
     // Bounded: 8 s at most (timeout 2 s + sweep interval 0.5 s + slack).
     while started.elapsed() < Duration::from_secs(8) {
-        assert_eq!(s.round(&[active]), active_backend, "the active client keeps its backend");
+        assert_eq!(
+            s.round(&[active]),
+            active_backend,
+            "the active client keeps its backend"
+        );
         let now = listed(&s);
-        assert!(now.contains(&active.to_string()), "the active client's entry must not expire");
+        assert!(
+            now.contains(&active.to_string()),
+            "the active client's entry must not expire"
+        );
         if !now.contains(&idle.to_string()) {
             gone_after = Some(started.elapsed());
             break;
@@ -145,9 +202,15 @@ fn idle_entry_expires(mode: Mode) {
     }
     let gone_after = gone_after.expect("the idle entry was not swept within 8 s");
     eprintln!("{mode:?}: idle entry (timeout 2 s) swept after {gone_after:?}");
-    assert!(gone_after >= Duration::from_millis(1500), "swept too early: {gone_after:?}");
+    assert!(
+        gone_after >= Duration::from_millis(1500),
+        "swept too early: {gone_after:?}"
+    );
     let log = s.balancer.as_ref().unwrap().log_text();
-    assert!(log.contains("expiry sweep: 1 of 2 stick entries expired"), "the sweep logs what it expired:\n{log}");
+    assert!(
+        log.contains("expiry sweep: 1 of 2 stick entries expired"),
+        "the sweep logs what it expired:\n{log}"
+    );
 }
 
 #[test]

@@ -59,23 +59,48 @@ fn main() -> Result<()> {
             setup()?;
             build(true)?;
             run(cargo_user()
-                .args(["run", "--release", "--quiet", "-p", "sticky-lb-tests", "--bin", "slb-bench"])
-                .env("STICKY_LB_BIN", workspace().join("target/release/sticky-lb")))
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "sticky-lb-tests",
+                    "--bin",
+                    "slb-bench",
+                ])
+                .env(
+                    "STICKY_LB_BIN",
+                    workspace().join("target/release/sticky-lb"),
+                ))
         }
         Cmd::Demo => {
             require_root("./x demo")?;
             setup()?;
             build(true)?;
             let mut demo = cargo_user();
-            demo.args(["run", "--release", "--quiet", "-p", "sticky-lb-tests", "--bin", "slb-demo"])
-                .env("STICKY_LB_BIN", workspace().join("target/release/sticky-lb"));
+            demo.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "sticky-lb-tests",
+                "--bin",
+                "slb-demo",
+            ])
+            .env(
+                "STICKY_LB_BIN",
+                workspace().join("target/release/sticky-lb"),
+            );
             run(&mut demo)
         }
     }
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn require_root(command: &str) -> Result<()> {
@@ -93,7 +118,17 @@ fn require_root(command: &str) -> Result<()> {
 /// toolchain from the directory it runs in (rust-toolchain.toml), not from ours.
 fn clean(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -131,9 +166,15 @@ fn ensure_ebpf_toolchain() -> Result<()> {
     let installed = output(clean("rustup").args(["toolchain", "list"]))?;
     let has_toolchain = installed.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
     let has_src = has_toolchain
-        && output(clean("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))?
-            .lines()
-            .any(|l| l.starts_with("rust-src"));
+        && output(clean("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))?
+        .lines()
+        .any(|l| l.starts_with("rust-src"));
     if has_toolchain && has_src {
         return Ok(());
     }
@@ -155,19 +196,30 @@ fn bpf_linker_prefix() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    cache.join("sticky-lb").join(format!("bpf-linker-{BPF_LINKER_VERSION}-{EBPF_TOOLCHAIN}"))
+    cache
+        .join("sticky-lb")
+        .join(format!("bpf-linker-{BPF_LINKER_VERSION}-{EBPF_TOOLCHAIN}"))
 }
 
 fn ensure_bpf_linker() -> Result<()> {
     let prefix = bpf_linker_prefix();
     let binary = prefix.join("bin/bpf-linker");
-    if binary.exists() && clean(binary.to_str().unwrap()).arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if binary.exists()
+        && clean(binary.to_str().unwrap())
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s LLVM (once; cached in {})", prefix.display());
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s LLVM (once; cached in {})",
+        prefix.display()
+    );
     // bpf-linker needs a shared libLLVM of the same major version as the nightly that emits the
     // bitcode; the nightly ships exactly that library.
-    let sysroot = output(clean("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"]))?;
+    let sysroot =
+        output(clean("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     let llvm = std::fs::read_dir(&lib_dir)?
         .filter_map(|e| e.ok())
@@ -180,12 +232,23 @@ fn ensure_bpf_linker() -> Result<()> {
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
-    for link in [prefix_lib.join(llvm.file_name().unwrap()), prefix_lib.join("libLLVM.so")] {
+    for link in [
+        prefix_lib.join(llvm.file_name().unwrap()),
+        prefix_lib.join("libLLVM.so"),
+    ] {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link)?;
     }
     run(cargo_user()
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--root"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+            "--root",
+        ])
         .arg(&prefix)
         .env("LLVM_PREFIX", &prefix))
 }
@@ -194,7 +257,9 @@ fn ensure_debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(binary, _)| {
-            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().any(|d| Path::new(d).join(binary).exists())
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|d| Path::new(d).join(binary).exists())
         })
         .map(|(_, package)| *package)
         .collect();
@@ -203,7 +268,10 @@ fn ensure_debian_packages() -> Result<()> {
     }
     eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
     let install = |cmd: &mut Command| -> Result<()> {
-        run(cmd.args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+        run(cmd
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
     };
     if install(&mut Command::new("apt-get")).is_err() {
         run(Command::new("apt-get").arg("update"))?;
@@ -214,7 +282,10 @@ fn ensure_debian_packages() -> Result<()> {
 
 fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
@@ -231,11 +302,20 @@ fn build(release: bool) -> Result<()> {
     ensure_bpf_linker()?;
     let root = workspace();
     let linker_bin = bpf_linker_prefix().join("bin");
-    let path = format!("{}:{}", linker_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        linker_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     // The XDP program is always built optimised: the verifier and the per-packet cost want it.
     run(clean("cargo")
         .current_dir(root.join("sticky-lb-ebpf"))
-        .args([&format!("+{EBPF_TOOLCHAIN}"), "build", "--release", "--target-dir"])
+        .args([
+            &format!("+{EBPF_TOOLCHAIN}"),
+            "build",
+            "--release",
+            "--target-dir",
+        ])
         .arg(root.join("target/ebpf"))
         .env("PATH", path))?;
     let mut cmd = cargo_user();

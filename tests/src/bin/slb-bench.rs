@@ -83,19 +83,34 @@ fn setup(timeout_ns: u64) -> Bench {
     let members: Vec<maglev::Member<'_>> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| maglev::Member { id: i as u32, name, weight: 1 })
+        .map(|(i, name)| maglev::Member {
+            id: i as u32,
+            name,
+            weight: 1,
+        })
         .collect();
     let table = maglev::Table::build(DEFAULT_MAGLEV_TABLE_SIZE, &members);
-    let key = ServiceKey { vip: [v4(VIP), 0, 0, 0], port: 80u16.to_be(), protocol: PROTO_TCP, _pad: 0 };
+    let key = ServiceKey {
+        vip: [v4(VIP), 0, 0, 0],
+        port: 80u16.to_be(),
+        protocol: PROTO_TCP,
+        _pad: 0,
+    };
     let mut service = Service {
         id: 0,
         stick_timeout_ns: timeout_ns,
         client_mask: [u32::MAX, 0, 0, 0],
         ..Default::default()
     };
-    dataplane.publish_service(&key, &mut service, table.slots()).unwrap();
+    dataplane
+        .publish_service(&key, &mut service, table.slots())
+        .unwrap();
     let stick = dataplane.take_map(map_names::STICK).unwrap();
-    Bench { dataplane, stick, service }
+    Bench {
+        dataplane,
+        stick,
+        service,
+    }
 }
 
 fn main() {
@@ -112,30 +127,51 @@ fn main() {
         .map_max_entries(map_names::MAGLEV, 16)
         .load(sticky_lb::dataplane::EBPF_OBJECT)
         .unwrap();
-    let pass_prog: &mut aya::programs::Xdp =
-        pass_ebpf.program_mut(PASS_PROGRAM).unwrap().try_into().unwrap();
+    let pass_prog: &mut aya::programs::Xdp = pass_ebpf
+        .program_mut(PASS_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
     pass_prog.load().unwrap();
     let frame = syn(client, 80);
-    rows.push(("XDP_PASS no-op (floor)", median((0..RUNS).map(|_| repeated(pass_prog, &frame)).collect())));
+    rows.push((
+        "XDP_PASS no-op (floor)",
+        median((0..RUNS).map(|_| repeated(pass_prog, &frame)).collect()),
+    ));
 
     let program = floor_dp.dataplane.program();
     let other = syn(client, 8080);
-    rows.push(("pass-through: TCP not to a service", median((0..RUNS).map(|_| repeated(program, &other)).collect())));
+    rows.push((
+        "pass-through: TCP not to a service",
+        median((0..RUNS).map(|_| repeated(program, &other)).collect()),
+    ));
     let mut arp = Frame::tcp_syn(client, VIP, 80);
     arp.ether_type = 0x0806;
     let arp = arp.build();
-    rows.push(("pass-through: ARP", median((0..RUNS).map(|_| repeated(program, &arp)).collect())));
+    rows.push((
+        "pass-through: ARP",
+        median((0..RUNS).map(|_| repeated(program, &arp)).collect()),
+    ));
     let malformed = &frame[..30];
-    rows.push(("malformed (truncated IPv4)", median((0..RUNS).map(|_| repeated(program, malformed)).collect())));
+    rows.push((
+        "malformed (truncated IPv4)",
+        median((0..RUNS).map(|_| repeated(program, malformed)).collect()),
+    ));
     // Hot hit: the first repetition inserts, the rest hit the same entry.
-    rows.push(("stick hit, hot key", median((0..RUNS).map(|_| repeated(program, &frame)).collect())));
+    rows.push((
+        "stick hit, hot key",
+        median((0..RUNS).map(|_| repeated(program, &frame)).collect()),
+    ));
     drop(floor_dp);
 
     // Miss + Maglev + insert: with a zero timeout every entry is expired, so each packet takes
     // the miss path and rewrites its entry (an update of an existing key, the map not full).
     let mut miss = setup(0);
     let program = miss.dataplane.program();
-    rows.push(("miss + Maglev + insert (entry expired)", median((0..RUNS).map(|_| repeated(program, &frame)).collect())));
+    rows.push((
+        "miss + Maglev + insert (entry expired)",
+        median((0..RUNS).map(|_| repeated(program, &frame)).collect()),
+    ));
     drop(miss);
 
     // Random-key hits over a full 1M-entry table.
@@ -143,15 +179,25 @@ fn main() {
     let now = monotonic_ns();
     let started = std::time::Instant::now();
     for i in 0..DEFAULT_STICK_TABLE_SIZE {
-        let key = StickKey { service: full.service.id, client: [0x0a00_0000u32.wrapping_add(i).to_be(), 0, 0, 0] };
-        let entry = StickEntry { backend: i % 10, _pad: 0, last_seen_ns: now, created_ns: now };
+        let key = StickKey {
+            service: full.service.id,
+            client: [0x0a00_0000u32.wrapping_add(i).to_be(), 0, 0, 0],
+        };
+        let entry = StickEntry {
+            backend: i % 10,
+            _pad: 0,
+            last_seen_ns: now,
+            created_ns: now,
+        };
         full.stick.insert(&key, &entry, 0).unwrap();
     }
     let fill_secs = started.elapsed().as_secs_f64();
     let mut state = 0x1234_5678u64;
     let frames: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let i = ((state >> 33) as u32) % DEFAULT_STICK_TABLE_SIZE;
             let addr = Ipv4Addr::from(0x0a00_0000u32.wrapping_add(i));
             syn(addr, 80)
@@ -164,7 +210,12 @@ fn main() {
             let mut out = vec![0u8; 512];
             for f in &frames {
                 let r = program
-                    .test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), repeat: 1, ..TestRunOptions::new() })
+                    .test_run(TestRunOptions {
+                        data_in: Some(f),
+                        data_out: Some(&mut out),
+                        repeat: 1,
+                        ..TestRunOptions::new()
+                    })
                     .unwrap();
                 total += r.duration.as_nanos() as f64;
             }
@@ -182,10 +233,22 @@ fn main() {
     println!("\nfilling 1,048,576 stick entries one syscall each: {fill_secs:.2} s");
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    println!("machine: {machine}, {} CPUs, kernel {kernel}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    println!(
+        "machine: {machine}, {} CPUs, kernel {kernel}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
     let json = json!({
         "machine": machine,
         "kernel": kernel,
@@ -196,5 +259,9 @@ fn main() {
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("datapath.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("datapath.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
 }

@@ -49,7 +49,9 @@ fn step(title: &str) -> anyhow::Result<()> {
 }
 
 fn demo() -> anyhow::Result<()> {
-    step("Building the sandbox: a client namespace with 48 addresses, a balancer, 3 backends, one bridge")?;
+    step(
+        "Building the sandbox: a client namespace with 48 addresses, a balancer, 3 backends, one bridge",
+    )?;
     let tag = unique_tag("demo");
     let mut rig = Rig::build(RigOptions::new(&tag).backends(3).clients(CLIENTS + 16))?;
     let mut servers = Vec::new();
@@ -62,20 +64,31 @@ fn demo() -> anyhow::Result<()> {
     let scratch = ScratchDir::new(&tag);
     let guard = DataPathGuard::new(rig.lb_ns(), rig.lb_dev());
     println!("namespaces: {}", rig.namespaces().join(" "));
-    println!("VIP {}:{PORT} on the balancer; backends 198.18.0.11-13 answer clients directly (DSR)", rig.vip());
+    println!(
+        "VIP {}:{PORT} on the balancer; backends 198.18.0.11-13 answer clients directly (DSR)",
+        rig.vip()
+    );
 
     step("Starting `sticky-lb run --config config/demo.yaml` in the balancer namespace")?;
     let mut balancer = Balancer::start(rig.lb_ns(), rig.lb_dev(), scratch.path(), CONFIG)?;
     print!("{}", balancer.log_text());
 
-    step(&format!("{CLIENTS} clients open {CONNECTIONS} new TCP connections each; the backend's name is the reply"))?;
+    step(&format!(
+        "{CLIENTS} clients open {CONNECTIONS} new TCP connections each; the backend's name is the reply"
+    ))?;
     let clients: Vec<Ipv4Addr> = rig.client_addrs()[..CLIENTS].to_vec();
     let vip = SocketAddrV4::new(rig.vip(), PORT);
     let mut seen: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
     for _ in 0..CONNECTIONS {
         let requests: Vec<_> = clients.iter().map(|c| (*c, vip)).collect();
-        for (client, reply) in clients.iter().zip(fetch_names_many(rig.client_ns(), &requests, Duration::from_secs(3))) {
-            seen.entry(*client).or_default().push(reply.unwrap_or_else(|e| format!("error: {e}")));
+        for (client, reply) in clients.iter().zip(fetch_names_many(
+            rig.client_ns(),
+            &requests,
+            Duration::from_secs(3),
+        )) {
+            seen.entry(*client)
+                .or_default()
+                .push(reply.unwrap_or_else(|e| format!("error: {e}")));
         }
     }
     let mut sticky = 0;
@@ -84,9 +97,19 @@ fn demo() -> anyhow::Result<()> {
         let same = names.iter().all(|n| *n == names[0]);
         sticky += same as usize;
         *per_backend.entry(names[0].clone()).or_default() += 1;
-        println!("  {client:<14} -> {}   {}", names.join(" "), if same { "same backend every time" } else { "MOVED" });
+        println!(
+            "  {client:<14} -> {}   {}",
+            names.join(" "),
+            if same {
+                "same backend every time"
+            } else {
+                "MOVED"
+            }
+        );
     }
-    println!("{sticky} of {CLIENTS} clients reached the same backend on all {CONNECTIONS} connections");
+    println!(
+        "{sticky} of {CLIENTS} clients reached the same backend on all {CONNECTIONS} connections"
+    );
     println!("clients per backend: {per_backend:?}");
 
     step("The stick table (`sticky-lb table show`, first rows)")?;
@@ -99,11 +122,16 @@ fn demo() -> anyhow::Result<()> {
     step("`sticky-lb status`")?;
     print!("{}", sticky_lb(rig.lb_ns(), &["status"])?);
 
-    step("A backend joins: backend-4 is added and the controller restarted; the data path and its stick table stay")?;
+    step(
+        "A backend joins: backend-4 is added and the controller restarted; the data path and its stick table stay",
+    )?;
     let k = rig.add_backend()?;
     servers.push(server(&rig, k)?);
     balancer.stop();
-    let config = format!("{CONFIG}      - name: backend-4\n        address: {}\n", rig.backend_addr(k));
+    let config = format!(
+        "{CONFIG}      - name: backend-4\n        address: {}\n",
+        rig.backend_addr(k)
+    );
     let balancer = Balancer::start(rig.lb_ns(), rig.lb_dev(), scratch.path(), &config)?;
     let requests: Vec<_> = clients.iter().map(|c| (*c, vip)).collect();
     let again = fetch_names_many(rig.client_ns(), &requests, Duration::from_secs(3));
@@ -117,7 +145,9 @@ fn demo() -> anyhow::Result<()> {
     let requests: Vec<_> = newcomers.iter().map(|c| (*c, vip)).collect();
     let mut fresh: BTreeMap<String, usize> = BTreeMap::new();
     for reply in fetch_names_many(rig.client_ns(), &requests, Duration::from_secs(3)) {
-        *fresh.entry(reply.unwrap_or_else(|e| format!("error: {e}"))).or_default() += 1;
+        *fresh
+            .entry(reply.unwrap_or_else(|e| format!("error: {e}")))
+            .or_default() += 1;
     }
     println!("{} new clients went to: {fresh:?}", newcomers.len());
 
@@ -131,13 +161,25 @@ fn demo() -> anyhow::Result<()> {
 }
 
 fn server(rig: &Rig, k: usize) -> anyhow::Result<NameServer> {
-    NameServer::start(rig.backend_ns(k), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT), &format!("backend-{k}"))
+    NameServer::start(
+        rig.backend_ns(k),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        &format!("backend-{k}"),
+    )
 }
 
 fn sticky_lb(netns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(binary()).arg("--netns").arg(netns).args(args).output()?;
+    let out = Command::new(binary())
+        .arg("--netns")
+        .arg(netns)
+        .args(args)
+        .output()?;
     if !out.status.success() {
-        anyhow::bail!("sticky-lb {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!(
+            "sticky-lb {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
