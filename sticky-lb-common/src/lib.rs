@@ -47,7 +47,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "slb_service_st";
     pub const FLOWS: &str = "slb_flows";
     pub const ACTIVE: &str = "slb_active";
-    pub const ALL: [&str; 9] = [
+    pub const META: &str = "slb_meta";
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -57,6 +58,7 @@ pub mod map_names {
         SERVICE_STATS,
         FLOWS,
         ACTIVE,
+        META,
     ];
 }
 

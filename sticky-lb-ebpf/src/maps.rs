@@ -57,3 +57,9 @@ pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
 /// compares. The controller recounts it from the flow table to correct drift.
 #[map(name = "slb_active")]
 pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The map layout version (slot 0), written when the maps are created. The data path never
+/// reads it: a controller checks it before adopting pinned maps, so a binary with another layout
+/// refuses instead of misreading them.
+#[map(name = "slb_meta")]
+pub static META: Array<u32> = Array::with_max_entries(4, 0);

@@ -35,6 +35,15 @@ pub struct Config {
     /// A tracked connection with no packet from the client for this long stops counting.
     #[serde(default = "default_flow_idle_timeout", deserialize_with = "duration")]
     pub flow_idle_timeout: Duration,
+    /// On reload: whether operator changes made at run time survive (HAProxy's server-state).
+    #[serde(default)]
+    pub runtime_changes: RuntimeChanges,
+    /// On reload: what happens to a backend no longer in the config.
+    #[serde(default)]
+    pub backend_removal: BackendRemoval,
+    /// Prometheus metrics over HTTP; off unless configured.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -56,6 +65,34 @@ pub enum OnExit {
     Detach,
     /// Leave the data path forwarding with its pinned state; a new controller adopts it.
     KeepRunning,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeChanges {
+    /// Backends still in the config keep their run-time state (drain, disable, weight) and
+    /// backends added at run time stay.
+    #[default]
+    Keep,
+    /// The config is the whole truth: run-time changes are dropped.
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendRemoval {
+    /// Drain it: stuck clients stay until their entries expire, then it is removed.
+    #[default]
+    Drain,
+    /// Remove it at once: its stuck clients move on their next packet.
+    Immediate,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address:port of the HTTP listener serving `/metrics` (e.g. 127.0.0.1:9180).
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -222,7 +259,16 @@ impl ServiceConfig {
     /// connect to the backend's address on the service port every 2 s, timeout 1 s, rise 2,
     /// fall 3, like HAProxy's `check inter 2s rise 2 fall 3`).
     pub fn health_check(&self, i: usize) -> HealthCheck {
-        let c = self.backends[i].health_check.over(&self.health_check);
+        self.resolve_check(&self.backends[i].health_check.over(&self.health_check))
+    }
+
+    /// The check a backend without overrides gets (one added at run time).
+    pub fn service_health_check(&self) -> HealthCheck {
+        self.resolve_check(&self.health_check)
+    }
+
+    fn resolve_check(&self, c: &HealthCheckConfig) -> HealthCheck {
+        let c = c.clone();
         HealthCheck {
             kind: c.kind.unwrap_or(CheckKind::Tcp),
             interval: c.interval.unwrap_or(Duration::from_secs(2)),

@@ -32,6 +32,40 @@ pub enum Request {
         backend: String,
         action: BackendAction,
     },
+    /// Add a backend to a service (kept across reloads with `runtime_changes: keep`).
+    BackendAdd {
+        service: String,
+        backend: String,
+        address: std::net::Ipv4Addr,
+        weight: u32,
+        mac: Option<String>,
+    },
+    /// Remove a backend as `backend_removal` says (drain, or at once).
+    BackendRemove { service: String, backend: String },
+    /// The stick entries of one client address (in every service, or one).
+    TableGet {
+        client: std::net::Ipv4Addr,
+        service: Option<String>,
+    },
+    /// Stick a client to a backend (`SERVICE/BACKEND`).
+    TableSet {
+        client: std::net::Ipv4Addr,
+        service: String,
+        backend: String,
+    },
+    /// Forget a client (in every service, or one): its next connection is placed anew.
+    TableDelete {
+        client: std::net::Ipv4Addr,
+        service: Option<String>,
+    },
+    /// Forget every client (of every service, or one).
+    TableFlush { service: Option<String> },
+    /// Counters of the data path.
+    Stats,
+    /// Re-read the config file and apply the difference.
+    Reload,
+    /// Detach the data path, remove its pinned state and stop the controller.
+    Detach,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -50,7 +84,11 @@ pub enum BackendAction {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
+    /// One line (or a few) for people.
     pub message: String,
+    /// Structured result for `--json` (table rows, counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -58,6 +96,15 @@ impl Reply {
         Reply {
             ok: true,
             message: message.into(),
+            data: None,
+        }
+    }
+
+    pub fn with_data(message: impl Into<String>, data: serde_json::Value) -> Reply {
+        Reply {
+            ok: true,
+            message: message.into(),
+            data: Some(data),
         }
     }
 
@@ -65,6 +112,7 @@ impl Reply {
         Reply {
             ok: false,
             message: message.into(),
+            data: None,
         }
     }
 }
@@ -87,9 +135,18 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            // The socket's mode already keeps others out; checking the peer's uid as well means
+            // a loosened mode or a passed fd still cannot command the data path.
+            let peer_is_root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
             let requests = requests.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
+                if !peer_is_root {
+                    let text = serde_json::to_string(&Reply::error("permission denied: root only"))
+                        .unwrap_or_default();
+                    let _ = write.write_all(format!("{text}\n").as_bytes()).await;
+                    return;
+                }
                 let mut lines = tokio::io::BufReader::new(read.take_limit()).lines();
                 let reply =
                     match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {

@@ -286,6 +286,13 @@ impl Dataplane {
         &self.options
     }
 
+    /// Records the map layout version in the pinned meta map (read before any later adoption).
+    pub fn write_layout(&mut self, version: u32) -> Result<()> {
+        let mut meta: Array<MapData, u32> = take(&mut self.ebpf, map_names::META)?;
+        meta.set(0, &version, 0)?;
+        Ok(())
+    }
+
     /// First slot of copy `half` (0 or 1) of a service's Maglev table.
     pub fn ring_base(&self, service: ServiceId, half: u32) -> u32 {
         (2 * service + half) * self.options.maglev_stride

@@ -16,10 +16,15 @@ use sticky_lb_common::{BackendId, FlowEntry, FlowKey, ServiceId, StickEntry, Sti
 use crate::dataplane::monotonic_ns;
 
 /// What one sweep saw and did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SweepReport {
     pub scanned: u64,
     pub expired: u64,
+    /// Expired entries per service.
+    pub expired_by_service: BTreeMap<ServiceId, u64>,
+    /// Live entries left per backend and per service (occupancy).
+    pub live_by_backend: BTreeMap<BackendId, u64>,
+    pub live_by_service: BTreeMap<ServiceId, u64>,
     /// Entries of services that no longer exist.
     pub orphaned: u64,
     /// Entries that looked expired but were refreshed before we deleted them.
@@ -46,7 +51,10 @@ pub fn sweep(
         let Ok((key, entry)) = item else { continue };
         report.scanned += 1;
         match timeouts.get(&key.service) {
-            Some(&timeout) if !is_idle(&entry, now, timeout) => {}
+            Some(&timeout) if !is_idle(&entry, now, timeout) => {
+                *report.live_by_backend.entry(entry.backend).or_default() += 1;
+                *report.live_by_service.entry(key.service).or_default() += 1;
+            }
             Some(_) => candidates.push((key, false)),
             None => candidates.push((key, true)),
         }

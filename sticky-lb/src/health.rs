@@ -5,10 +5,13 @@
 
 use crate::config::{CheckKind, HealthCheck, status_matches};
 use std::{
+    collections::HashMap,
     fmt,
     net::SocketAddrV4,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+use sticky_lb_common::BackendId;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -46,8 +49,7 @@ impl fmt::Display for Failure {
 /// A backend's health as a task reports it.
 #[derive(Debug, Clone)]
 pub struct Transition {
-    pub service: usize,
-    pub backend: usize,
+    pub backend: BackendId,
     pub healthy: bool,
     /// The last check's result: why it went down, or how long the check that brought it up took.
     pub reason: String,
@@ -64,10 +66,12 @@ pub struct Tracker {
 impl Tracker {
     /// Backends start healthy (HAProxy's default): `fall` failures take one down.
     pub fn new() -> Tracker {
-        Tracker {
-            healthy: true,
-            streak: 0,
-        }
+        Tracker::starting(true)
+    }
+
+    /// A tracker that starts from a known verdict (a checker restarted by a reload).
+    pub fn starting(healthy: bool) -> Tracker {
+        Tracker { healthy, streak: 0 }
     }
 
     pub fn healthy(&self) -> bool {
@@ -145,28 +149,36 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<Duration, 
     }
 }
 
-/// Starts checking one backend every `check.interval`; transitions go to `events`.
+/// Last check latency per backend, in seconds (for metrics).
+pub type Latencies = Arc<Mutex<HashMap<BackendId, f64>>>;
+
+/// Starts checking one backend every `check.interval`, starting from the verdict `healthy`;
+/// transitions go to `events`, each check's latency to `latencies`.
 pub fn spawn(
-    service: usize,
-    backend: usize,
+    backend: BackendId,
     addr: SocketAddrV4,
     check: HealthCheck,
+    healthy: bool,
     events: mpsc::Sender<Transition>,
+    latencies: Latencies,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tracker = Tracker::new();
+        let mut tracker = Tracker::starting(healthy);
         let mut tick = tokio::time::interval(check.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let started = Instant::now();
             let result = probe(addr, &check).await;
+            if let Ok(mut latencies) = latencies.lock() {
+                latencies.insert(backend, started.elapsed().as_secs_f64());
+            }
             if let Some(healthy) = tracker.observe(result.is_ok(), check.rise, check.fall) {
                 let reason = match &result {
                     Ok(latency) => format!("check passed in {} ms", latency.as_millis()),
                     Err(failure) => failure.to_string(),
                 };
                 let transition = Transition {
-                    service,
                     backend,
                     healthy,
                     reason,

@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod expiry;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neighbour;
 pub mod netns;
 pub mod state;

@@ -1,10 +1,10 @@
-//! The `sticky-lb` command: the controller (`run`) and the operator's read commands.
+//! The `sticky-lb` command: the controller (`run`) and the operator's commands.
 
-use clap::{Parser, Subcommand};
-use std::{path::PathBuf, process::ExitCode};
+use clap::{CommandFactory, Parser, Subcommand};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 use sticky_lb::{
     config::{Config, ConfigError},
-    control::{self, BackendAction, Request},
+    control::{self, BackendAction, Reply, Request},
     controller, netns,
     view::{self, Target},
 };
@@ -14,18 +14,21 @@ use sticky_lb::{
 /// A client keeps reaching the same backend for as long as its stick-table entry lives, while
 /// backends are added, drained, fail and come back.
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "sticky-lb", version, propagate_version = true)]
 struct Cli {
     /// Run in this network namespace (as created by `ip netns add`).
     #[arg(long, global = true, value_name = "NAME")]
     netns: Option<String>,
+    /// The interface sticky-lb runs on (needed only if it runs on several).
+    #[arg(long, short, global = true, value_name = "IF")]
+    interface: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the data path from a config and keep it fed until SIGINT/SIGTERM.
+    /// Attach the data path from a config and keep it fed until SIGINT/SIGTERM (SIGHUP reloads).
     Run {
         /// The YAML config (see config/sticky-lb.yaml).
         #[arg(long, short)]
@@ -36,47 +39,109 @@ enum Command {
         /// The YAML config.
         file: PathBuf,
     },
-    /// The stick table.
-    Table {
-        #[command(subcommand)]
-        command: TableCommand,
-    },
-    /// Change a backend of the running controller: drain, enable, disable, weight; or list them.
-    Backend {
-        #[command(subcommand)]
-        command: BackendCommand,
-        /// The interface sticky-lb runs on (needed only if it runs on several).
-        #[arg(long, short, global = true)]
-        interface: Option<String>,
-    },
     /// Interface, mode, services, backends and counters.
     Status {
-        /// The interface sticky-lb runs on (needed only if it runs on several).
-        #[arg(long, short)]
-        interface: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Remove a data path left running (`on_exit: keep-running`) and its stick table.
-    Detach {
-        /// The interface sticky-lb runs on (needed only if it runs on several).
-        #[arg(long, short)]
-        interface: Option<String>,
+    /// The stick table: show, get, set, delete, flush.
+    Table {
+        #[command(subcommand)]
+        command: TableCommand,
+    },
+    /// Backends of the running controller: list, add, remove, drain, enable, disable, weight.
+    Backend {
+        #[command(subcommand)]
+        command: BackendCommand,
+    },
+    /// Data-path counters: passes and drops by reason, stick hits and misses, traffic per backend.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the running controller's config and apply the difference (as SIGHUP does).
+    Reload,
+    /// Detach the data path and remove its pinned state (the stick table with it).
+    Detach,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Subcommand)]
+enum TableCommand {
+    /// List stick entries: service, client, backend, idle time, age.
+    Show {
+        /// Only this service's entries.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only the entry this client address falls in.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The entries of one client address.
+    Get {
+        client: Ipv4Addr,
+        #[arg(long)]
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stick a client to a backend.
+    Set {
+        client: Ipv4Addr,
+        /// SERVICE/BACKEND, as named in the config.
+        backend: String,
+    },
+    /// Forget a client: its next connection is placed anew.
+    Delete {
+        client: Ipv4Addr,
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Forget every client (of one service with --service).
+    Flush {
+        #[arg(long)]
+        service: Option<String>,
     },
 }
 
 #[derive(Subcommand)]
 enum BackendCommand {
-    /// Backends with state, weight, active connections and stuck clients.
+    /// Backends with state, weight, traffic, stuck clients and active connections.
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Add a backend to a service.
+    Add {
+        /// SERVICE/BACKEND: the service and the new backend's name.
+        backend: String,
+        address: Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Destination MAC; otherwise from the neighbour table.
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Remove a backend (drained first unless the config says `backend_removal: immediate`).
+    Remove {
+        /// SERVICE/BACKEND
+        backend: String,
+    },
     /// No new clients; clients already stuck to it stay until their entries expire.
     Drain {
-        /// SERVICE/BACKEND, as named in the config.
+        /// SERVICE/BACKEND
         backend: String,
     },
     /// Back in service (up once its health checks pass).
@@ -94,19 +159,6 @@ enum BackendCommand {
         /// SERVICE/BACKEND
         backend: String,
         weight: u32,
-    },
-}
-
-#[derive(Subcommand)]
-enum TableCommand {
-    /// List stick entries: service, client, backend, idle time, age.
-    Show {
-        /// The interface sticky-lb runs on (needed only if it runs on several).
-        #[arg(long, short)]
-        interface: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -133,11 +185,40 @@ fn fail(e: &anyhow::Error) -> ExitCode {
         eprintln!("sticky-lb: config error: {config_error}");
         return ExitCode::from(2);
     }
-    eprintln!("sticky-lb: error: {e:#}");
+    let text = format!("{e:#}").replace('\n', "; ");
+    eprintln!("sticky-lb: error: {text}");
     ExitCode::from(1)
 }
 
+/// SERVICE/BACKEND split in two.
+fn service_backend(name: &str) -> anyhow::Result<(String, String)> {
+    match name.split_once('/') {
+        Some((s, b)) if !s.is_empty() && !b.is_empty() => Ok((s.into(), b.into())),
+        _ => anyhow::bail!("'{name}' is not SERVICE/BACKEND"),
+    }
+}
+
+/// Sends a request to the running controller; an error reply becomes an error.
+fn call(target: &Target, request: Request) -> anyhow::Result<Reply> {
+    let socket = control::socket_path(target.netns.as_deref(), &target.interface);
+    let reply = control::call(&socket, &request)?;
+    if !reply.ok {
+        anyhow::bail!("{}", reply.message);
+    }
+    Ok(reply)
+}
+
+/// Prints a reply: its data as JSON with `--json`, its message otherwise.
+fn print_reply(reply: &Reply, json: bool) -> anyhow::Result<()> {
+    match (&reply.data, json) {
+        (Some(data), true) => println!("{}", serde_json::to_string_pretty(data)?),
+        _ => println!("{}", reply.message),
+    }
+    Ok(())
+}
+
 fn execute(cli: Cli) -> anyhow::Result<()> {
+    let target = || Target::pick(cli.netns.clone(), cli.interface.clone());
     match cli.command {
         Command::Run { config } => {
             let parsed = Config::load(&config, true)?;
@@ -159,19 +240,61 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Table {
-            command: TableCommand::Show { interface, json },
-        } => {
-            let rows = view::stick_rows(&Target::pick(cli.netns, interface)?)?;
+        Command::Status { json } => {
+            let status = view::status(&target()?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                view::print_table(&rows);
+                view::print_status(&status);
             }
             Ok(())
         }
-        Command::Backend { command, interface } => {
-            let target = Target::pick(cli.netns, interface)?;
+        Command::Table { command } => {
+            let target = target()?;
+            match command {
+                TableCommand::Show {
+                    service,
+                    client,
+                    json,
+                } => {
+                    let rows = view::stick_rows(&target, service.as_deref(), client)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        view::print_table(&rows);
+                    }
+                    Ok(())
+                }
+                TableCommand::Get {
+                    client,
+                    service,
+                    json,
+                } => print_reply(&call(&target, Request::TableGet { client, service })?, json),
+                TableCommand::Set { client, backend } => {
+                    let (service, backend) = service_backend(&backend)?;
+                    print_reply(
+                        &call(
+                            &target,
+                            Request::TableSet {
+                                client,
+                                service,
+                                backend,
+                            },
+                        )?,
+                        false,
+                    )
+                }
+                TableCommand::Delete { client, service } => print_reply(
+                    &call(&target, Request::TableDelete { client, service })?,
+                    false,
+                ),
+                TableCommand::Flush { service } => {
+                    print_reply(&call(&target, Request::TableFlush { service })?, false)
+                }
+            }
+        }
+        Command::Backend { command } => {
+            let target = target()?;
             let (name, action) = match command {
                 BackendCommand::List { json } => {
                     let status = view::status(&target)?;
@@ -182,6 +305,29 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     }
                     return Ok(());
                 }
+                BackendCommand::Add {
+                    backend,
+                    address,
+                    weight,
+                    mac,
+                } => {
+                    let (service, backend) = service_backend(&backend)?;
+                    let request = Request::BackendAdd {
+                        service,
+                        backend,
+                        address,
+                        weight,
+                        mac,
+                    };
+                    return print_reply(&call(&target, request)?, false);
+                }
+                BackendCommand::Remove { backend } => {
+                    let (service, backend) = service_backend(&backend)?;
+                    return print_reply(
+                        &call(&target, Request::BackendRemove { service, backend })?,
+                        false,
+                    );
+                }
                 BackendCommand::Drain { backend } => (backend, BackendAction::Drain),
                 BackendCommand::Enable { backend } => (backend, BackendAction::Enable),
                 BackendCommand::Disable { backend } => (backend, BackendAction::Disable),
@@ -189,35 +335,60 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     (backend, BackendAction::Weight(weight))
                 }
             };
-            let Some((service, backend)) = name.split_once('/') else {
-                anyhow::bail!("'{name}' is not SERVICE/BACKEND");
-            };
+            let (service, backend) = service_backend(&name)?;
+            print_reply(
+                &call(
+                    &target,
+                    Request::Backend {
+                        service,
+                        backend,
+                        action,
+                    },
+                )?,
+                false,
+            )
+        }
+        Command::Stats { json } => print_reply(&call(&target()?, Request::Stats)?, json),
+        Command::Reload => print_reply(&call(&target()?, Request::Reload)?, false),
+        Command::Detach => {
+            let target = target()?;
             let socket = control::socket_path(target.netns.as_deref(), &target.interface);
-            let request = Request::Backend {
-                service: service.into(),
-                backend: backend.into(),
-                action,
-            };
-            let reply = control::call(&socket, &request)?;
-            if !reply.ok {
-                anyhow::bail!("{}", reply.message);
+            if socket.exists() {
+                // A running controller detaches itself (and stops), so it does not fight us.
+                if let Ok(reply) = control::call(&socket, &Request::Detach) {
+                    if !reply.ok {
+                        anyhow::bail!("{}", reply.message);
+                    }
+                    // Wait (bounded) for it to finish removing the pins.
+                    let pins = sticky_lb::dataplane::PinDir::new(
+                        target.netns.as_deref(),
+                        &target.interface,
+                    );
+                    for _ in 0..100 {
+                        if !pins.path().exists() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    println!("{}", reply.message);
+                    return Ok(());
+                }
             }
-            println!("{}", reply.message);
-            Ok(())
-        }
-        Command::Status { interface, json } => {
-            let status = view::status(&Target::pick(cli.netns, interface)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                view::print_status(&status);
-            }
-            Ok(())
-        }
-        Command::Detach { interface } => {
-            let target = Target::pick(cli.netns, interface)?;
             controller::detach(target.netns.as_deref(), &target.interface)?;
             println!("detached from {}", target.interface);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sticky-lb",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
     }

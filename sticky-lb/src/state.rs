@@ -26,6 +26,12 @@ pub struct RuntimeState {
     /// The controller's pid; `status` says whether it still runs.
     pub pid: u32,
     pub config: String,
+    /// Slots per Maglev table copy and services the Maglev array holds: fixed when the maps
+    /// were created, reused by every later controller of the same pins.
+    #[serde(default)]
+    pub maglev_stride: u32,
+    #[serde(default)]
+    pub maglev_services: u32,
     pub services: Vec<ServiceRecord>,
 }
 
@@ -52,6 +58,19 @@ pub struct BackendRecord {
     pub weight: u32,
     /// `up`, `drain`, `down`, `disabled`.
     pub state: String,
+    /// What the operator set at run time: `enabled`, `drain` or `disabled`.
+    #[serde(default = "enabled")]
+    pub admin: String,
+    /// Added with `backend add`, not from the config.
+    #[serde(default)]
+    pub from_api: bool,
+    /// Left the config and drains until its clients' entries expire.
+    #[serde(default)]
+    pub retiring: bool,
+}
+
+fn enabled() -> String {
+    "enabled".into()
 }
 
 /// Path of the state file for an interface (in a namespace).
@@ -226,6 +245,8 @@ mod tests {
             xdp_mode: "generic".into(),
             pid: 1,
             config: String::new(),
+            maglev_stride: 65537,
+            maglev_services: 16,
             services: config
                 .services
                 .iter()
@@ -251,6 +272,9 @@ mod tests {
                             mac: None,
                             weight: 1,
                             state: "up".into(),
+                            admin: "enabled".into(),
+                            from_api: false,
+                            retiring: false,
                         })
                         .collect(),
                 })

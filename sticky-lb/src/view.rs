@@ -62,16 +62,40 @@ pub struct StickRow {
     pub expired: bool,
 }
 
-pub fn stick_rows(target: &Target) -> Result<Vec<StickRow>> {
+/// Stick entries, optionally of one service and/or one client address (masked as its service
+/// masks it).
+pub fn stick_rows(
+    target: &Target,
+    service: Option<&str>,
+    client: Option<Ipv4Addr>,
+) -> Result<Vec<StickRow>> {
     let (state, maps) = target.open()?;
+    if let Some(name) = service
+        && !state.services.iter().any(|s| s.name == name)
+    {
+        bail!("no service '{name}'");
+    }
     let now = monotonic_ns();
     let mut rows = Vec::new();
     let mut order = Vec::new();
     for item in maps.stick.iter() {
         let Ok((key, entry)) = item else { continue };
-        let service = state.service(key.service);
+        let service_record = state.service(key.service);
+        if let Some(name) = service
+            && service_record.is_none_or(|s| s.name != name)
+        {
+            continue;
+        }
+        let service = service_record;
         let mask = service.map(|s| s.client_mask).unwrap_or(32);
-        let client = Ipv4Addr::from(key.client[0].to_ne_bytes());
+        let client_key = Ipv4Addr::from(key.client[0].to_ne_bytes());
+        if let Some(wanted) = client {
+            let bits = u32::MAX << (32 - mask as u32);
+            if u32::from(wanted) & bits != u32::from(client_key) {
+                continue;
+            }
+        }
+        let client = client_key;
         let backend = state.backend(entry.backend);
         let idle_ms = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
         order.push((key.service, u32::from(client)));
