@@ -1,0 +1,208 @@
+//! Packet-rate load from BPF_PROG_TEST_RUN's XDP live-frames mode: the kernel runs an XDP
+//! program on a frame `repeat` times as if it had arrived on a chosen interface, and really
+//! transmits what the program returns `XDP_TX` for. That drives the balancer's interface at
+//! packet rates no socket client reaches, with no packet generator (the rig's kernel has neither
+//! pktgen nor a spare NIC).
+//!
+//! aya 0.16 offers the flag (`TestRunAttrs::xdp_live_frames`), but its `test_run` needs an
+//! `Xdp` it loaded itself; here the program is the one the running `sticky-lb` attached (found
+//! through its pinned link) and a two-instruction `XDP_TX` program as the baseline, so both are
+//! driven by the same raw `bpf(2)` calls.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// bpf(2) commands and constants (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_int = 5;
+const BPF_PROG_TEST_RUN: libc::c_int = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+/// The kernel's upper bound for `batch_size` (TEST_XDP_MAX_BATCH).
+pub const MAX_BATCH: u32 = 256;
+pub const XDP_TX: u32 = 3;
+
+/// `union bpf_attr`, the BPF_PROG_LOAD member, up to `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr`, the BPF_PROG_TEST_RUN member, up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+}
+
+/// `struct xdp_md`, the context a test run may pass in.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+fn sys_bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr member of the size passed; the
+    // pointers inside it point to live buffers of the lengths given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<libc::c_void>(),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Loads `r0 = XDP_TX; exit`: the cheapest program that transmits, the floor for sticky-lb.
+pub fn load_xdp_tx_noop() -> Result<OwnedFd> {
+    // struct bpf_insn: opcode, dst/src registers, offset, immediate (little-endian here).
+    let insns: [[u8; 8]; 2] = [
+        // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 3
+        [0xb7, 0x00, 0, 0, XDP_TX as u8, 0, 0, 0],
+        // BPF_JMP | BPF_EXIT
+        [0x95, 0x00, 0, 0, 0, 0, 0, 0],
+    ];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..10].copy_from_slice(b"xdp_tx_nop");
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        ..ProgLoadAttr::default()
+    };
+    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr).context("BPF_PROG_LOAD of the XDP_TX no-op")?;
+    // SAFETY: BPF_PROG_LOAD returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// The program attached through the link pinned at `link_pin` (a running `sticky-lb`'s).
+pub fn program_of_pinned_link(link_pin: &Path) -> Result<aya::programs::ProgramFd> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let link = PinnedLink::from_pin(link_pin)
+        .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
+    let id = FdLink::from(link).info()?.program_id();
+    for program in aya::programs::loaded_programs() {
+        let program = program?;
+        if program.id() == id {
+            return Ok(program.fd()?);
+        }
+    }
+    bail!("program {id} of {} is not loaded", link_pin.display())
+}
+
+/// One live-frames call: what the kernel reports.
+pub struct LiveRun {
+    /// The program's return value for the last frame.
+    pub retval: u32,
+    /// Time per frame as the kernel measured it (program, transmit and the softirq work the
+    /// transmits trigger on this CPU).
+    pub per_frame: Duration,
+}
+
+/// Runs `program` on `frame` `repeat` times in live-frames mode as if received on interface
+/// `ifindex` of the calling thread's network namespace (so call it from a thread inside the
+/// balancer's namespace): `XDP_TX` really sends the frames out of that interface.
+pub fn run_live(
+    program: BorrowedFd<'_>,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+    batch_size: u32,
+) -> Result<LiveRun> {
+    if batch_size == 0 || batch_size > MAX_BATCH {
+        bail!("batch size {batch_size} is not in 1..={MAX_BATCH}");
+    }
+    // The kernel wants the context to describe the frame exactly: no metadata, data at 0.
+    let mut ctx = XdpMd {
+        data_end: frame.len() as u32,
+        ingress_ifindex: ifindex,
+        ..XdpMd::default()
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of::<XdpMd>() as u32,
+        ctx_in: (&mut ctx as *mut XdpMd) as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        batch_size,
+        ..TestRunAttr::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN (XDP live frames)")?;
+    Ok(LiveRun {
+        retval: attr.retval,
+        per_frame: Duration::from_nanos(u64::from(attr.duration)),
+    })
+}
+
+/// Convenience for an owned program descriptor.
+pub fn run_live_owned(
+    program: &impl AsFd,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+    batch_size: u32,
+) -> Result<LiveRun> {
+    run_live(program.as_fd(), ifindex, frame, repeat, batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_match_the_kernel_layout() {
+        // Offsets from include/uapi/linux/bpf.h; a wrong layout would make every call EINVAL.
+        assert_eq!(size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
+        assert_eq!(size_of::<TestRunAttr>(), 80);
+        assert_eq!(std::mem::offset_of!(TestRunAttr, repeat), 32);
+        assert_eq!(std::mem::offset_of!(TestRunAttr, ctx_in), 48);
+        assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
+        assert_eq!(size_of::<XdpMd>(), 24);
+    }
+}

@@ -1,0 +1,316 @@
+//! Operating sticky-lb, end to end in the netns rig: the control API and its CLI, reload as a
+//! diff, restart and upgrade without losing a session, incompatible layouts refused, Prometheus
+//! metrics that move with traffic.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use sticky_lb_tests::{
+    balancer::cli,
+    netns::in_netns,
+    rig::fetch_names_many,
+    scenario::{Mode, Setup, TIMEOUT, backend_server},
+};
+
+fn count(names: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn control_api_drives_the_stick_table_and_the_pool() {
+    let mut s = Setup::new("api", Mode::Generic, 3, 80);
+    let config = s.config(3, "3s", "");
+    s.start(&config);
+    let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..30].to_vec();
+    let first = s.round(&clients);
+
+    // stats: one insert per client.
+    let stats = json(&s.cli_ok(&["stats", "--json"]));
+    assert_eq!(stats["services"][0]["stick_inserts"], 30);
+    assert_eq!(stats["counters"]["drop_no_backend"], 0);
+
+    // table get: what the client saw.
+    let got = json(&s.cli_ok(&["table", "get", &clients[0].to_string(), "--json"]));
+    assert_eq!(got[0]["backend"], first[0].as_str());
+    // table set: the client's next connection goes where the operator said.
+    let other = ["b1", "b2", "b3"].into_iter().find(|b| *b != first[0]).unwrap();
+    let out = s.cli_ok(&["table", "set", &clients[0].to_string(), &format!("web/{other}")]);
+    assert_eq!(out.trim(), format!("web {} -> {other}", clients[0]));
+    assert_eq!(s.round(&clients[..1]), vec![other.to_string()]);
+    // table delete: forgotten, then placed anew by the hash (back where it was).
+    let out = s.cli_ok(&["table", "delete", &clients[0].to_string()]);
+    assert_eq!(out.trim(), "1 stick entry deleted");
+    assert!(s.cli_ok(&["table", "get", &clients[0].to_string()]).contains("no stick entry"));
+    assert_eq!(s.round(&clients[..1]), vec![first[0].clone()]);
+    // table show filters, then flush.
+    let one = json(&s.cli_ok(&["table", "show", "--client", &clients[1].to_string(), "--json"]));
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    let out = s.cli_ok(&["table", "flush", "--service", "web"]);
+    assert_eq!(out.trim(), "30 stick entries deleted");
+    assert_eq!(json(&s.cli_ok(&["table", "show", "--json"])).as_array().unwrap().len(), 0);
+
+    // backend add: a fourth backend joins at run time and takes new clients.
+    let k = s.rig.add_backend().unwrap();
+    s.servers.push(backend_server(&s.rig, k));
+    let out = s.cli_ok(&["backend", "add", "web/b4", &s.rig.backend_addr(k).to_string()]);
+    assert!(out.contains("web/b4 added (198.18.0.14, weight 1): up"), "{out}");
+    let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[30..].to_vec();
+    let new = count(&s.round(&newcomers));
+    assert!(new.get("b4").copied().unwrap_or(0) >= 3, "b4 takes new clients: {new:?}");
+    // backend remove: drained first (its clients stay), removed once their entries expire.
+    let b4_clients: Vec<Ipv4Addr> = newcomers.iter().zip(s.round(&newcomers)).filter(|(_, n)| n == "b4").map(|(c, _)| *c).collect();
+    let out = s.cli_ok(&["backend", "remove", "web/b4"]);
+    assert!(out.contains("web/b4 drains"), "{out}");
+    assert!(s.round(&b4_clients).iter().all(|n| n == "b4"), "draining keeps its clients");
+    let started = Instant::now();
+    loop {
+        let list = json(&s.cli_ok(&["backend", "list", "--json"]));
+        let names: Vec<String> = list[0]["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+        if !names.contains(&"b4".to_string()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "b4 never drained out: {names:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = s.balancer.as_ref().unwrap().log_text();
+    assert!(log.contains("backend web/b4 drained out"), "{log}");
+
+    // Errors: one line, status 1.
+    for (args, expected) in [
+        (&["backend", "drain", "shop/b1"][..], "sticky-lb: error: no service 'shop'"),
+        (&["table", "set", "198.18.1.1", "web/nope"], "sticky-lb: error: no backend 'nope' in service 'web'"),
+        (&["backend", "add", "web/b1", "198.18.0.99"], "sticky-lb: error: service 'web' already has backend 'b1' (198.18.0.11)"),
+    ] {
+        let (code, _, err) = cli(s.rig.lb_ns(), args);
+        assert_eq!((code, err.trim()), (1, expected), "{args:?}");
+    }
+    // A user without access to the socket is refused (the socket is root's, mode 0600).
+    let socket = sticky_lb::control::socket_path(Some(s.rig.lb_ns()), s.rig.lb_dev());
+    let refused = std::thread::spawn(move || {
+        // SAFETY: changes only this thread's filesystem uid, which the socket's permission
+        // check uses.
+        unsafe { libc::setfsuid(65534) };
+        sticky_lb::control::call(&socket, &sticky_lb::control::Request::Stats).map(|_| ()).unwrap_err().to_string()
+    })
+    .join()
+    .unwrap();
+    assert!(refused.starts_with("permission denied on"), "{refused}");
+    // No daemon: one line.
+    s.balancer.as_mut().unwrap().stop();
+    let (code, _, err) = cli(s.rig.lb_ns(), &["-i", "lb0", "stats"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("sticky-lb: error: no sticky-lb controller is running here"), "{err}");
+}
+
+#[test]
+fn reload_applies_the_difference_and_refuses_a_bad_config() {
+    let mut s = Setup::new("reload", Mode::Generic, 3, 160);
+    let checks = "    health_check:\n      interval: 200ms\n      timeout: 150ms\n";
+    let three = s.config_with("", &format!("    stick:\n      timeout: 3s\n{checks}"), &vec![String::new(); 3]);
+    s.start(&three);
+    let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..80].to_vec();
+    let before = s.round(&clients);
+    let on_b3: Vec<Ipv4Addr> = clients.iter().zip(&before).filter(|(_, n)| *n == "b3").map(|(c, _)| *c).collect();
+
+    // A bad config changes nothing and says why.
+    let path = s.scratch.path().join("config.yaml");
+    std::fs::write(&path, three.replace("port: 80", "port: 0")).unwrap();
+    let (code, _, err) = cli(s.rig.lb_ns(), &["reload"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("reload refused, nothing changed: config error: services[0].port (line 7): must be 1 to 65535"), "{err}");
+    assert_eq!(s.round(&clients), before);
+
+    // The new config: b3 leaves, b4 joins.
+    let k = s.rig.add_backend().unwrap();
+    s.servers.push(backend_server(&s.rig, k));
+    let mut new = s.config_with("", &format!("    stick:\n      timeout: 3s\n{checks}"), &vec![String::new(); 4]);
+    new = new.replace("      - name: b3\n        address: 198.18.0.13\n", "");
+    std::fs::write(&path, &new).unwrap();
+    let out = s.cli_ok(&["reload"]);
+    assert!(out.contains("1 backend(s) added, 0 changed, 0 removed, 1 draining out"), "{out}");
+    // Nobody of b1 and b2 moved; b3's clients still reach it while it drains; new clients
+    // never go to b3 and some go to b4.
+    let after = s.round(&clients);
+    assert_eq!(after, before, "no stick entry of a remaining backend is lost");
+    let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[80..].to_vec();
+    let new_clients = count(&s.round(&newcomers));
+    assert!(!new_clients.contains_key("b3") && new_clients.contains_key("b4"), "{new_clients:?}");
+    // Once b3's clients idle past the timeout, it is removed.
+    std::thread::sleep(Duration::from_millis(4500));
+    let started = Instant::now();
+    while s.status()["services"][0]["backends"].as_array().unwrap().iter().any(|b| b["name"] == "b3") {
+        assert!(started.elapsed() < Duration::from_secs(5), "b3 not removed after draining");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let moved = count(&s.round(&on_b3));
+    assert!(!moved.contains_key("b3"), "{moved:?}");
+
+    // SIGHUP reloads too: weight 0 drains b1.
+    std::fs::write(&path, new.replace("      - name: b1\n        address: 198.18.0.11\n", "      - name: b1\n        address: 198.18.0.11\n        weight: 0\n")).unwrap();
+    s.balancer.as_ref().unwrap().signal(libc::SIGHUP);
+    s.wait_state("b1", "drain", Duration::from_secs(5));
+    assert!(s.balancer.as_ref().unwrap().log_text().contains("reload (SIGHUP): "));
+}
+
+/// Clients keep connecting while the controller is SIGKILLed and a new one adopts the pinned
+/// data path: no connection fails, no stick entry is lost, no client changes backend.
+fn restart_under_load(mode: Mode) {
+    let mut s = Setup::new("restart", mode, 3, 64);
+    let config = s.config(3, "30m", "");
+    s.start(&config);
+    let clients: Vec<Ipv4Addr> = s.rig.client_addrs().to_vec();
+    let placement = s.round(&clients);
+    let entries_before = s.table().len();
+
+    // Load: rounds of one connection per client, until told to stop (bounded: 60 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ns, vip) = (s.rig.client_ns().to_string(), s.vip());
+    let load = {
+        let (stop, clients, placement) = (stop.clone(), clients.clone(), placement.clone());
+        std::thread::spawn(move || {
+            let requests: Vec<_> = clients.iter().map(|c| (*c, vip)).collect();
+            let (mut connections, mut failures, mut moved) = (0u64, 0u64, 0u64);
+            let mut last_ok = Instant::now();
+            let mut longest_gap = Duration::ZERO;
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+                for (i, reply) in fetch_names_many(&ns, &requests, TIMEOUT).into_iter().enumerate() {
+                    connections += 1;
+                    match reply {
+                        Ok(name) => {
+                            moved += (name != placement[i]) as u64;
+                            longest_gap = longest_gap.max(last_ok.elapsed());
+                            last_ok = Instant::now();
+                        }
+                        Err(_) => failures += 1,
+                    }
+                }
+            }
+            (connections, failures, moved, longest_gap)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    s.balancer.as_mut().unwrap().kill();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    s.start(&config);
+    let adopted_after = killed.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    let (connections, failures, moved, gap) = load.join().unwrap();
+    let entries_after = s.table().len();
+    eprintln!(
+        "{mode:?}: SIGKILL + adopt ({adopted_after:?} without a controller): {connections} connections, {failures} failed, {moved} moved; stick entries {entries_before} -> {entries_after}; longest gap between successful connections {gap:?}"
+    );
+    assert!(connections > 3 * 64, "the load ran across the restart");
+    assert_eq!((failures, moved), (0, 0));
+    assert_eq!(entries_after, entries_before);
+    let log = s.balancer.as_ref().unwrap().log_text();
+    assert!(log.contains("adopting the data path pinned at") && log.contains("program replaced in the pinned link"), "{log}");
+}
+
+#[test]
+fn restart_under_load_native() {
+    restart_under_load(Mode::Native);
+}
+
+#[test]
+fn restart_under_load_generic() {
+    restart_under_load(Mode::Generic);
+}
+
+/// XDP program id on the balancer's interface, from `ip -d link`.
+fn xdp_prog_id(s: &Setup) -> Option<u32> {
+    let out = std::process::Command::new("ip").args(["-n", s.rig.lb_ns(), "-d", "link", "show", "lb0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let at = text.find("prog/xdp id ")?;
+    text[at + 12..].split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
+    let mut s = Setup::new("upgrade", Mode::Generic, 3, 32);
+    let config = s.config(3, "30m", "on_exit: keep-running\n");
+    s.start(&config);
+    let clients = s.rig.client_addrs().to_vec();
+    let placement = s.round(&clients);
+    let old_prog = xdp_prog_id(&s).expect("an XDP program on lb0");
+    s.balancer.as_mut().unwrap().stop();
+    // The "new binary" loads its program and swaps it into the pinned link.
+    s.start(&config);
+    let new_prog = xdp_prog_id(&s).expect("an XDP program on lb0");
+    assert_ne!(old_prog, new_prog, "the program was replaced");
+    assert_eq!(s.round(&clients), placement, "sessions survive the upgrade");
+    assert_eq!(s.table().len(), 32);
+    s.balancer.as_mut().unwrap().stop();
+
+    // Pinned maps of another layout: a controller refuses and changes nothing.
+    let pins = s.guard.pins();
+    let mut meta: aya::maps::Array<aya::maps::MapData, u32> = sticky_lb::dataplane::open_pinned(&pins, "slb_meta").unwrap();
+    meta.set(0, &999, 0).unwrap();
+    let (code, _, err) = cli(s.rig.lb_ns(), &["run", "--config", s.scratch.path().join("config.yaml").to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("uses map layout 999, this binary uses 1: it cannot adopt it; nothing was changed"), "{err}");
+    assert_eq!(xdp_prog_id(&s), Some(new_prog), "the running program is untouched");
+    assert_eq!(s.round(&clients), placement, "and keeps forwarding");
+}
+
+/// GET /metrics from inside the balancer's namespace.
+fn scrape(ns: &str, addr: SocketAddrV4) -> String {
+    in_netns(ns, || {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)).expect("metrics listener");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.0 200 OK"), "{response}");
+        response
+    })
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_move_with_traffic() {
+    let mut s = Setup::new("metrics", Mode::Generic, 2, 20);
+    let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180);
+    let config = s.config(2, "30m", &format!("metrics:\n  listen: {listen}\n"));
+    s.start(&config);
+    let before = scrape(s.rig.lb_ns(), listen);
+    let packets = |text: &str| {
+        sample(text, "sticky_lb_backend_packets_total{service=\"web\",backend=\"b1\"}")
+            + sample(text, "sticky_lb_backend_packets_total{service=\"web\",backend=\"b2\"}")
+    };
+    let clients = s.rig.client_addrs().to_vec();
+    s.round(&clients);
+    std::thread::sleep(Duration::from_millis(1200)); // one sweep (500 ms) refreshes occupancy
+    let after = scrape(s.rig.lb_ns(), listen);
+    assert!(packets(&after) >= packets(&before) + 60.0, "20 connections are at least 60 packets");
+    assert_eq!(sample(&after, "sticky_lb_service_stick_inserts_total{service=\"web\"}"), 20.0);
+    assert_eq!(sample(&after, "sticky_lb_service_stick_entries{service=\"web\"}"), 20.0);
+    assert_eq!(sample(&after, "sticky_lb_backend_up{service=\"web\",backend=\"b1\"}"), 1.0);
+    assert!(sample(&after, "sticky_lb_backend_health_check_duration_seconds{service=\"web\",backend=\"b1\"}") < 1.0);
+    assert!(after.contains("# TYPE sticky_lb_service_stick_hits_total counter"));
+    assert!(sample(&after, "sticky_lb_sweeps_total") >= 1.0);
+}
