@@ -164,8 +164,22 @@ enum BackendCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // logfmt: one line per event, machine-parsable, still readable.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
+        .format(|buf, record| {
+            use std::io::Write;
+            let message = record
+                .args()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            writeln!(
+                buf,
+                "ts={} level={} msg=\"{message}\"",
+                buf.timestamp_millis(),
+                record.level().as_str().to_lowercase()
+            )
+        })
         .init();
     // Join the namespace before tokio starts its threads: they inherit it.
     if let Some(name) = &cli.netns

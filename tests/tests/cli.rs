@@ -144,3 +144,44 @@ fn read_commands_without_a_data_path_fail_in_one_line() {
     let (code, _, _) = run(&["frobnicate"]);
     assert_eq!(code, 2, "clap reports usage errors with status 2");
 }
+
+#[test]
+fn man_page_and_completions_come_from_the_cli_definitions() {
+    let (code, man, _) = run(&["man"]);
+    assert_eq!(code, 0);
+    assert!(man.contains(".TH sticky-lb 1"), "{man}");
+    for command in [
+        "run",
+        "check\\-config",
+        "table",
+        "backend",
+        "stats",
+        "reload",
+        "detach",
+    ] {
+        assert!(man.contains(command), "man page lacks {command}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, _) = run(&["completions", shell]);
+        assert_eq!(code, 0);
+        assert!(
+            script.contains("sticky-lb") && script.contains("drain"),
+            "{shell}: {script}"
+        );
+    }
+}
+
+#[test]
+fn the_systemd_unit_runs_the_documented_command() {
+    let unit = include_str!("../../packaging/sticky-lb.service");
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/local/bin/sticky-lb run --config /etc/sticky-lb/sticky-lb.yaml"
+        )
+    );
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(
+        unit.contains("RuntimeDirectoryPreserve=yes"),
+        "the state file must survive restarts"
+    );
+}

@@ -48,43 +48,93 @@ fn control_api_drives_the_stick_table_and_the_pool() {
     let got = json(&s.cli_ok(&["table", "get", &clients[0].to_string(), "--json"]));
     assert_eq!(got[0]["backend"], first[0].as_str());
     // table set: the client's next connection goes where the operator said.
-    let other = ["b1", "b2", "b3"].into_iter().find(|b| *b != first[0]).unwrap();
-    let out = s.cli_ok(&["table", "set", &clients[0].to_string(), &format!("web/{other}")]);
+    let other = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|b| *b != first[0])
+        .unwrap();
+    let out = s.cli_ok(&[
+        "table",
+        "set",
+        &clients[0].to_string(),
+        &format!("web/{other}"),
+    ]);
     assert_eq!(out.trim(), format!("web {} -> {other}", clients[0]));
     assert_eq!(s.round(&clients[..1]), vec![other.to_string()]);
     // table delete: forgotten, then placed anew by the hash (back where it was).
     let out = s.cli_ok(&["table", "delete", &clients[0].to_string()]);
     assert_eq!(out.trim(), "1 stick entry deleted");
-    assert!(s.cli_ok(&["table", "get", &clients[0].to_string()]).contains("no stick entry"));
+    assert!(
+        s.cli_ok(&["table", "get", &clients[0].to_string()])
+            .contains("no stick entry")
+    );
     assert_eq!(s.round(&clients[..1]), vec![first[0].clone()]);
     // table show filters, then flush.
-    let one = json(&s.cli_ok(&["table", "show", "--client", &clients[1].to_string(), "--json"]));
+    let one = json(&s.cli_ok(&[
+        "table",
+        "show",
+        "--client",
+        &clients[1].to_string(),
+        "--json",
+    ]));
     assert_eq!(one.as_array().unwrap().len(), 1);
     let out = s.cli_ok(&["table", "flush", "--service", "web"]);
     assert_eq!(out.trim(), "30 stick entries deleted");
-    assert_eq!(json(&s.cli_ok(&["table", "show", "--json"])).as_array().unwrap().len(), 0);
+    assert_eq!(
+        json(&s.cli_ok(&["table", "show", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 
     // backend add: a fourth backend joins at run time and takes new clients.
     let k = s.rig.add_backend().unwrap();
     s.servers.push(backend_server(&s.rig, k));
-    let out = s.cli_ok(&["backend", "add", "web/b4", &s.rig.backend_addr(k).to_string()]);
-    assert!(out.contains("web/b4 added (198.18.0.14, weight 1): up"), "{out}");
+    let out = s.cli_ok(&[
+        "backend",
+        "add",
+        "web/b4",
+        &s.rig.backend_addr(k).to_string(),
+    ]);
+    assert!(
+        out.contains("web/b4 added (198.18.0.14, weight 1): up"),
+        "{out}"
+    );
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[30..].to_vec();
     let new = count(&s.round(&newcomers));
-    assert!(new.get("b4").copied().unwrap_or(0) >= 3, "b4 takes new clients: {new:?}");
+    assert!(
+        new.get("b4").copied().unwrap_or(0) >= 3,
+        "b4 takes new clients: {new:?}"
+    );
     // backend remove: drained first (its clients stay), removed once their entries expire.
-    let b4_clients: Vec<Ipv4Addr> = newcomers.iter().zip(s.round(&newcomers)).filter(|(_, n)| n == "b4").map(|(c, _)| *c).collect();
+    let b4_clients: Vec<Ipv4Addr> = newcomers
+        .iter()
+        .zip(s.round(&newcomers))
+        .filter(|(_, n)| n == "b4")
+        .map(|(c, _)| *c)
+        .collect();
     let out = s.cli_ok(&["backend", "remove", "web/b4"]);
     assert!(out.contains("web/b4 drains"), "{out}");
-    assert!(s.round(&b4_clients).iter().all(|n| n == "b4"), "draining keeps its clients");
+    assert!(
+        s.round(&b4_clients).iter().all(|n| n == "b4"),
+        "draining keeps its clients"
+    );
     let started = Instant::now();
     loop {
         let list = json(&s.cli_ok(&["backend", "list", "--json"]));
-        let names: Vec<String> = list[0]["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+        let names: Vec<String> = list[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect();
         if !names.contains(&"b4".to_string()) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "b4 never drained out: {names:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "b4 never drained out: {names:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let log = s.balancer.as_ref().unwrap().log_text();
@@ -92,9 +142,18 @@ fn control_api_drives_the_stick_table_and_the_pool() {
 
     // Errors: one line, status 1.
     for (args, expected) in [
-        (&["backend", "drain", "shop/b1"][..], "sticky-lb: error: no service 'shop'"),
-        (&["table", "set", "198.18.1.1", "web/nope"], "sticky-lb: error: no backend 'nope' in service 'web'"),
-        (&["backend", "add", "web/b1", "198.18.0.99"], "sticky-lb: error: service 'web' already has backend 'b1' (198.18.0.11)"),
+        (
+            &["backend", "drain", "shop/b1"][..],
+            "sticky-lb: error: no service 'shop'",
+        ),
+        (
+            &["table", "set", "198.18.1.1", "web/nope"],
+            "sticky-lb: error: no backend 'nope' in service 'web'",
+        ),
+        (
+            &["backend", "add", "web/b1", "198.18.0.99"],
+            "sticky-lb: error: service 'web' already has backend 'b1' (198.18.0.11)",
+        ),
     ] {
         let (code, _, err) = cli(s.rig.lb_ns(), args);
         assert_eq!((code, err.trim()), (1, expected), "{args:?}");
@@ -105,7 +164,10 @@ fn control_api_drives_the_stick_table_and_the_pool() {
         // SAFETY: changes only this thread's filesystem uid, which the socket's permission
         // check uses.
         unsafe { libc::setfsuid(65534) };
-        sticky_lb::control::call(&socket, &sticky_lb::control::Request::Stats).map(|_| ()).unwrap_err().to_string()
+        sticky_lb::control::call(&socket, &sticky_lb::control::Request::Stats)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     })
     .join()
     .unwrap();
@@ -114,18 +176,30 @@ fn control_api_drives_the_stick_table_and_the_pool() {
     s.balancer.as_mut().unwrap().stop();
     let (code, _, err) = cli(s.rig.lb_ns(), &["-i", "lb0", "stats"]);
     assert_eq!(code, 1);
-    assert!(err.starts_with("sticky-lb: error: no sticky-lb controller is running here"), "{err}");
+    assert!(
+        err.starts_with("sticky-lb: error: no sticky-lb controller is running here"),
+        "{err}"
+    );
 }
 
 #[test]
 fn reload_applies_the_difference_and_refuses_a_bad_config() {
     let mut s = Setup::new("reload", Mode::Generic, 3, 160);
     let checks = "    health_check:\n      interval: 200ms\n      timeout: 150ms\n";
-    let three = s.config_with("", &format!("    stick:\n      timeout: 3s\n{checks}"), &vec![String::new(); 3]);
+    let three = s.config_with(
+        "",
+        &format!("    stick:\n      timeout: 3s\n{checks}"),
+        &vec![String::new(); 3],
+    );
     s.start(&three);
     let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..80].to_vec();
     let before = s.round(&clients);
-    let on_b3: Vec<Ipv4Addr> = clients.iter().zip(&before).filter(|(_, n)| *n == "b3").map(|(c, _)| *c).collect();
+    let on_b3: Vec<Ipv4Addr> = clients
+        .iter()
+        .zip(&before)
+        .filter(|(_, n)| *n == "b3")
+        .map(|(c, _)| *c)
+        .collect();
 
     // A bad config changes nothing and says why.
     let path = s.scratch.path().join("config.yaml");
@@ -138,33 +212,67 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
     // The new config: b3 leaves, b4 joins.
     let k = s.rig.add_backend().unwrap();
     s.servers.push(backend_server(&s.rig, k));
-    let mut new = s.config_with("", &format!("    stick:\n      timeout: 3s\n{checks}"), &vec![String::new(); 4]);
+    let mut new = s.config_with(
+        "",
+        &format!("    stick:\n      timeout: 3s\n{checks}"),
+        &vec![String::new(); 4],
+    );
     new = new.replace("      - name: b3\n        address: 198.18.0.13\n", "");
     std::fs::write(&path, &new).unwrap();
     let out = s.cli_ok(&["reload"]);
-    assert!(out.contains("1 backend(s) added, 0 changed, 0 removed, 1 draining out"), "{out}");
+    assert!(
+        out.contains("1 backend(s) added, 0 changed, 0 removed, 1 draining out"),
+        "{out}"
+    );
     // Nobody of b1 and b2 moved; b3's clients still reach it while it drains; new clients
     // never go to b3 and some go to b4.
     let after = s.round(&clients);
-    assert_eq!(after, before, "no stick entry of a remaining backend is lost");
+    assert_eq!(
+        after, before,
+        "no stick entry of a remaining backend is lost"
+    );
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[80..].to_vec();
     let new_clients = count(&s.round(&newcomers));
-    assert!(!new_clients.contains_key("b3") && new_clients.contains_key("b4"), "{new_clients:?}");
+    assert!(
+        !new_clients.contains_key("b3") && new_clients.contains_key("b4"),
+        "{new_clients:?}"
+    );
     // Once b3's clients idle past the timeout, it is removed.
     std::thread::sleep(Duration::from_millis(4500));
     let started = Instant::now();
-    while s.status()["services"][0]["backends"].as_array().unwrap().iter().any(|b| b["name"] == "b3") {
-        assert!(started.elapsed() < Duration::from_secs(5), "b3 not removed after draining");
+    while s.status()["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["name"] == "b3")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "b3 not removed after draining"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let moved = count(&s.round(&on_b3));
     assert!(!moved.contains_key("b3"), "{moved:?}");
 
     // SIGHUP reloads too: weight 0 drains b1.
-    std::fs::write(&path, new.replace("      - name: b1\n        address: 198.18.0.11\n", "      - name: b1\n        address: 198.18.0.11\n        weight: 0\n")).unwrap();
+    std::fs::write(
+        &path,
+        new.replace(
+            "      - name: b1\n        address: 198.18.0.11\n",
+            "      - name: b1\n        address: 198.18.0.11\n        weight: 0\n",
+        ),
+    )
+    .unwrap();
     s.balancer.as_ref().unwrap().signal(libc::SIGHUP);
     s.wait_state("b1", "drain", Duration::from_secs(5));
-    assert!(s.balancer.as_ref().unwrap().log_text().contains("reload (SIGHUP): "));
+    assert!(
+        s.balancer
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("reload (SIGHUP): ")
+    );
 }
 
 /// Clients keep connecting while the controller is SIGKILLed and a new one adopts the pinned
@@ -189,7 +297,10 @@ fn restart_under_load(mode: Mode) {
             let mut longest_gap = Duration::ZERO;
             let started = Instant::now();
             while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
-                for (i, reply) in fetch_names_many(&ns, &requests, TIMEOUT).into_iter().enumerate() {
+                for (i, reply) in fetch_names_many(&ns, &requests, TIMEOUT)
+                    .into_iter()
+                    .enumerate()
+                {
                     connections += 1;
                     match reply {
                         Ok(name) => {
@@ -221,7 +332,11 @@ fn restart_under_load(mode: Mode) {
     assert_eq!((failures, moved), (0, 0));
     assert_eq!(entries_after, entries_before);
     let log = s.balancer.as_ref().unwrap().log_text();
-    assert!(log.contains("adopting the data path pinned at") && log.contains("program replaced in the pinned link"), "{log}");
+    assert!(
+        log.contains("adopting the data path pinned at")
+            && log.contains("program replaced in the pinned link"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -236,7 +351,10 @@ fn restart_under_load_generic() {
 
 /// XDP program id on the balancer's interface, from `ip -d link`.
 fn xdp_prog_id(s: &Setup) -> Option<u32> {
-    let out = std::process::Command::new("ip").args(["-n", s.rig.lb_ns(), "-d", "link", "show", "lb0"]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["-n", s.rig.lb_ns(), "-d", "link", "show", "lb0"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let at = text.find("prog/xdp id ")?;
     text[at + 12..].split_whitespace().next()?.parse().ok()
@@ -261,20 +379,40 @@ fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
 
     // Pinned maps of another layout: a controller refuses and changes nothing.
     let pins = s.guard.pins();
-    let mut meta: aya::maps::Array<aya::maps::MapData, u32> = sticky_lb::dataplane::open_pinned(&pins, "slb_meta").unwrap();
+    let mut meta: aya::maps::Array<aya::maps::MapData, u32> =
+        sticky_lb::dataplane::open_pinned(&pins, "slb_meta").unwrap();
     meta.set(0, &999, 0).unwrap();
-    let (code, _, err) = cli(s.rig.lb_ns(), &["run", "--config", s.scratch.path().join("config.yaml").to_str().unwrap()]);
+    let (code, _, err) = cli(
+        s.rig.lb_ns(),
+        &[
+            "run",
+            "--config",
+            s.scratch.path().join("config.yaml").to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 1);
-    assert!(err.contains("uses map layout 999, this binary uses 1: it cannot adopt it; nothing was changed"), "{err}");
-    assert_eq!(xdp_prog_id(&s), Some(new_prog), "the running program is untouched");
+    assert!(
+        err.contains(
+            "uses map layout 999, this binary uses 1: it cannot adopt it; nothing was changed"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        xdp_prog_id(&s),
+        Some(new_prog),
+        "the running program is untouched"
+    );
     assert_eq!(s.round(&clients), placement, "and keeps forwarding");
 }
 
 /// GET /metrics from inside the balancer's namespace.
 fn scrape(ns: &str, addr: SocketAddrV4) -> String {
     in_netns(ns, || {
-        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)).expect("metrics listener");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
+            .expect("metrics listener");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
@@ -285,7 +423,10 @@ fn scrape(ns: &str, addr: SocketAddrV4) -> String {
 
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
         .parse()
         .unwrap()
@@ -299,18 +440,46 @@ fn metrics_move_with_traffic() {
     s.start(&config);
     let before = scrape(s.rig.lb_ns(), listen);
     let packets = |text: &str| {
-        sample(text, "sticky_lb_backend_packets_total{service=\"web\",backend=\"b1\"}")
-            + sample(text, "sticky_lb_backend_packets_total{service=\"web\",backend=\"b2\"}")
+        sample(
+            text,
+            "sticky_lb_backend_packets_total{service=\"web\",backend=\"b1\"}",
+        ) + sample(
+            text,
+            "sticky_lb_backend_packets_total{service=\"web\",backend=\"b2\"}",
+        )
     };
     let clients = s.rig.client_addrs().to_vec();
     s.round(&clients);
     std::thread::sleep(Duration::from_millis(1200)); // one sweep (500 ms) refreshes occupancy
     let after = scrape(s.rig.lb_ns(), listen);
-    assert!(packets(&after) >= packets(&before) + 60.0, "20 connections are at least 60 packets");
-    assert_eq!(sample(&after, "sticky_lb_service_stick_inserts_total{service=\"web\"}"), 20.0);
-    assert_eq!(sample(&after, "sticky_lb_service_stick_entries{service=\"web\"}"), 20.0);
-    assert_eq!(sample(&after, "sticky_lb_backend_up{service=\"web\",backend=\"b1\"}"), 1.0);
-    assert!(sample(&after, "sticky_lb_backend_health_check_duration_seconds{service=\"web\",backend=\"b1\"}") < 1.0);
+    assert!(
+        packets(&after) >= packets(&before) + 60.0,
+        "20 connections are at least 60 packets"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "sticky_lb_service_stick_inserts_total{service=\"web\"}"
+        ),
+        20.0
+    );
+    assert_eq!(
+        sample(&after, "sticky_lb_service_stick_entries{service=\"web\"}"),
+        20.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "sticky_lb_backend_up{service=\"web\",backend=\"b1\"}"
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "sticky_lb_backend_health_check_duration_seconds{service=\"web\",backend=\"b1\"}"
+        ) < 1.0
+    );
     assert!(after.contains("# TYPE sticky_lb_service_stick_hits_total counter"));
     assert!(sample(&after, "sticky_lb_sweeps_total") >= 1.0);
 }

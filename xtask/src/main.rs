@@ -41,6 +41,9 @@ enum Cmd {
     Demo,
     /// Set up, build (release), and run the benchmarks. Needs root.
     Bench,
+    /// Build a release and write what a host install needs to target/dist: the binary, the
+    /// systemd unit, the example config, the man page and shell completions.
+    Dist,
 }
 
 fn main() -> Result<()> {
@@ -72,6 +75,11 @@ fn main() -> Result<()> {
                     "STICKY_LB_BIN",
                     workspace().join("target/release/sticky-lb"),
                 ))
+        }
+        Cmd::Dist => {
+            setup()?;
+            build(true)?;
+            dist()
         }
         Cmd::Demo => {
             require_root("./x demo")?;
@@ -332,4 +340,38 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(args)
         .env("STICKY_LB_BIN", root.join("target/debug/sticky-lb")))
+}
+
+fn dist() -> Result<()> {
+    let root = workspace();
+    let dist = root.join("target/dist");
+    std::fs::create_dir_all(dist.join("completions"))?;
+    let binary = root.join("target/release/sticky-lb");
+    std::fs::copy(&binary, dist.join("sticky-lb"))?;
+    std::fs::copy(
+        root.join("packaging/sticky-lb.service"),
+        dist.join("sticky-lb.service"),
+    )?;
+    std::fs::copy(
+        root.join("config/sticky-lb.yaml"),
+        dist.join("sticky-lb.yaml"),
+    )?;
+    let generate = |args: &[&str], path: PathBuf| -> Result<()> {
+        let out = Command::new(&binary).args(args).output()?;
+        if !out.status.success() {
+            bail!("sticky-lb {args:?} failed");
+        }
+        std::fs::write(path, out.stdout)?;
+        Ok(())
+    };
+    generate(&["man"], dist.join("sticky-lb.1"))?;
+    for (shell, file) in [
+        ("bash", "sticky-lb.bash"),
+        ("zsh", "_sticky-lb"),
+        ("fish", "sticky-lb.fish"),
+    ] {
+        generate(&["completions", shell], dist.join("completions").join(file))?;
+    }
+    eprintln!("xtask: wrote {}", dist.display());
+    Ok(())
 }

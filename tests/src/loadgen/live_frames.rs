@@ -9,7 +9,7 @@
 //! through its pinned link) and a two-instruction `XDP_TX` program as the baseline, so both are
 //! driven by the same raw `bpf(2)` calls.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -146,7 +146,7 @@ pub struct LiveRun {
 /// `ifindex` of the calling thread's network namespace (so call it from a thread inside the
 /// balancer's namespace): `XDP_TX` really sends the frames out of that interface.
 pub fn run_live(
-    program: BorrowedFd<'_>,
+    program: &impl AsFd,
     ifindex: u32,
     frame: &[u8],
     repeat: u32,
@@ -162,7 +162,7 @@ pub fn run_live(
         ..XdpMd::default()
     };
     let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
+        prog_fd: program.as_fd().as_raw_fd() as u32,
         data_size_in: frame.len() as u32,
         data_in: frame.as_ptr() as u64,
         repeat,
@@ -177,17 +177,6 @@ pub fn run_live(
         retval: attr.retval,
         per_frame: Duration::from_nanos(u64::from(attr.duration)),
     })
-}
-
-/// Convenience for an owned program descriptor.
-pub fn run_live_owned(
-    program: &impl AsFd,
-    ifindex: u32,
-    frame: &[u8],
-    repeat: u32,
-    batch_size: u32,
-) -> Result<LiveRun> {
-    run_live(program.as_fd(), ifindex, frame, repeat, batch_size)
 }
 
 #[cfg(test)]
