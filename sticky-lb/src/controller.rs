@@ -313,6 +313,32 @@ impl Controller {
             pins.remove()?;
             None
         };
+        // Backends added at run time come back with a restart, as with a reload.
+        let mut config = config;
+        let mut api_backends: BTreeSet<(String, String)> = BTreeSet::new();
+        if let (Some(previous), RuntimeChanges::Keep) = (previous.as_ref(), config.runtime_changes)
+        {
+            for service in &mut config.services {
+                let Some(old) = previous.services.iter().find(|s| s.name == service.name) else {
+                    continue;
+                };
+                for b in old.backends.iter().filter(|b| b.from_api && !b.retiring) {
+                    if !service.backends.iter().any(|nb| nb.name == b.name) {
+                        api_backends.insert((service.name.clone(), b.name.clone()));
+                        service.backends.push(BackendConfig {
+                            name: b.name.clone(),
+                            address: b.address,
+                            mac: b
+                                .mac
+                                .as_deref()
+                                .and_then(|m| crate::config::parse_mac(m).ok()),
+                            weight: b.weight,
+                            health_check: Default::default(),
+                        });
+                    }
+                }
+            }
+        }
         let ids = state::assign_ids(&config, previous.as_ref());
         let interface_mac = neighbour::interface_mac(&config.interface)?;
         let wanted: Vec<(Ipv4Addr, Option<[u8; 6]>)> = config
@@ -357,7 +383,7 @@ impl Controller {
                         admin,
                         healthy: true,
                         check: service.health_check(j),
-                        from_api: false,
+                        from_api: api_backends.contains(&(service.name.clone(), b.name.clone())),
                         retiring: false,
                         state: BackendState::Unused,
                     };

@@ -368,11 +368,17 @@ fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
     let clients = s.rig.client_addrs().to_vec();
     let placement = s.round(&clients);
     let old_prog = xdp_prog_id(&s).expect("an XDP program on lb0");
+    s.cli_ok(&["backend", "drain", "web/b3"]);
     s.balancer.as_mut().unwrap().stop();
     // The "new binary" loads its program and swaps it into the pinned link.
     s.start(&config);
     let new_prog = xdp_prog_id(&s).expect("an XDP program on lb0");
     assert_ne!(old_prog, new_prog, "the program was replaced");
+    assert_eq!(
+        s.backend_status("b3")["state"],
+        "drain",
+        "the operator's drain survives the restart"
+    );
     assert_eq!(s.round(&clients), placement, "sessions survive the upgrade");
     assert_eq!(s.table().len(), 32);
     s.balancer.as_mut().unwrap().stop();

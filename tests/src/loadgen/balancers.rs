@@ -80,10 +80,9 @@ impl Kind {
     /// thread, round-robin.
     pub fn target(self, rig: &Rig, thread: usize) -> SocketAddrV4 {
         match self {
-            Kind::Direct => SocketAddrV4::new(
-                rig.backend_addr(thread % rig.backend_count() + 1),
-                PORT,
-            ),
+            Kind::Direct => {
+                SocketAddrV4::new(rig.backend_addr(thread % rig.backend_count() + 1), PORT)
+            }
             _ => SocketAddrV4::new(rig.vip(), PORT),
         }
     }
@@ -120,9 +119,13 @@ pub fn start(kind: Kind, rig: &Rig, scratch: &Path) -> Result<Running> {
     // On any error below, dropping `running` removes whatever was already set up.
     match kind {
         Kind::Direct => {}
-        Kind::StickyNative | Kind::StickyGeneric => {
-            start_sticky(&mut running, rig, scratch, kind == Kind::StickyNative, &[PORT])?
-        }
+        Kind::StickyNative | Kind::StickyGeneric => start_sticky(
+            &mut running,
+            rig,
+            scratch,
+            kind == Kind::StickyNative,
+            &[PORT],
+        )?,
         Kind::NftDnat => start_nft_dnat(&mut running, rig)?,
         Kind::NftL2Dsr => start_nft_dsr(&mut running, rig)?,
         Kind::Haproxy => start_haproxy(&mut running, rig, scratch)?,
@@ -189,8 +192,11 @@ impl Running {
         self.pins.take();
         self.peer_xdp.take();
         for (family, table) in std::mem::take(&mut self.nft_tables) {
-            if let Err(err) = in_ns(&self.lb_ns, &["nft", "delete", "table", family, table], None)
-            {
+            if let Err(err) = in_ns(
+                &self.lb_ns,
+                &["nft", "delete", "table", family, table],
+                None,
+            ) {
                 problems.push(format!("{err:#}"));
             }
         }
@@ -213,10 +219,17 @@ impl Running {
 
     /// Checks the balancer namespace is back to its plain state.
     fn check_gone(&self) -> Result<()> {
-        let link = in_ns(&self.lb_ns, &["ip", "-j", "link", "show", "dev", "lb0"], None)?;
+        let link = in_ns(
+            &self.lb_ns,
+            &["ip", "-j", "link", "show", "dev", "lb0"],
+            None,
+        )?;
         let link: serde_json::Value = serde_json::from_str(&link).context("ip -j link")?;
         if link[0].get("xdp").is_some() {
-            bail!("an XDP program is still attached to lb0: {}", link[0]["xdp"]);
+            bail!(
+                "an XDP program is still attached to lb0: {}",
+                link[0]["xdp"]
+            );
         }
         let tables = in_ns(&self.lb_ns, &["nft", "list", "tables"], None)?;
         if tables.contains(NFT_DNAT_TABLE) || tables.contains(NFT_DSR_TABLE) {
@@ -228,7 +241,10 @@ impl Running {
             None,
         )?;
         if !listeners.trim().is_empty() {
-            bail!("something still listens on port {PORT}: {}", listeners.trim());
+            bail!(
+                "something still listens on port {PORT}: {}",
+                listeners.trim()
+            );
         }
         Ok(())
     }
@@ -238,7 +254,11 @@ impl Drop for Running {
     fn drop(&mut self) {
         let problems = self.teardown();
         if !problems.is_empty() {
-            eprintln!("slb-bench-e2e: cleaning up {}: {}", self.kind.key(), problems.join("; "));
+            eprintln!(
+                "slb-bench-e2e: cleaning up {}: {}",
+                self.kind.key(),
+                problems.join("; ")
+            );
         }
     }
 }
@@ -432,7 +452,10 @@ fn start_haproxy(running: &mut Running, rig: &Rig, scratch: &Path) -> Result<()>
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("haproxy does not listen after {READY_TIMEOUT:?}: {}", read_log(&log_path));
+            bail!(
+                "haproxy does not listen after {READY_TIMEOUT:?}: {}",
+                read_log(&log_path)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -507,9 +530,18 @@ pub fn sanity(kind: Kind, rig: &Rig, probes: usize) -> Result<Spread> {
     if spread.keys().any(|name| !name.starts_with('b')) {
         bail!("{}: unexpected answers {spread:?}", kind.key());
     }
-    let names = probe_keepalive(rig.client_ns(), clients[0], kind.target(rig, 0), 3, PROBE_TIMEOUT)?;
+    let names = probe_keepalive(
+        rig.client_ns(),
+        clients[0],
+        kind.target(rig, 0),
+        3,
+        PROBE_TIMEOUT,
+    )?;
     if names.iter().any(|n| n != &names[0]) {
-        bail!("{}: one kept-alive connection reached {names:?}", kind.key());
+        bail!(
+            "{}: one kept-alive connection reached {names:?}",
+            kind.key()
+        );
     }
     Ok(spread)
 }

@@ -128,7 +128,8 @@ impl ThreadOutcome {
                 if ended >= window.start && ended < window.end {
                     self.completed += 1;
                     let us = ended.duration_since(started).as_micros();
-                    self.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                    self.latencies_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
                 }
             }
             Err(err) => {
@@ -271,7 +272,10 @@ fn keepalive_loop(plan: &ThreadPlan, window: Window, timeout: Duration, max: u64
         }
         let Some(live) = conn.as_mut() else { continue };
         let t0 = Instant::now();
-        let result = live.exchange(KEEPALIVE_REQUEST).map(drop).map_err(anyhow::Error::from);
+        let result = live
+            .exchange(KEEPALIVE_REQUEST)
+            .map(drop)
+            .map_err(anyhow::Error::from);
         if result.is_err() {
             conn = None;
         }
@@ -406,7 +410,12 @@ impl HttpConn {
         }
         loop {
             match self.stream.read(&mut self.buf[self.filled..]) {
-                Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "closed mid-answer")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "closed mid-answer",
+                    ));
+                }
                 Ok(n) => {
                     self.filled += n;
                     return Ok(());
@@ -423,7 +432,10 @@ fn invalid(what: &str) -> io::Error {
 }
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
 }
 
 /// Checks the status is 200 and returns the Content-Length.
@@ -443,7 +455,11 @@ fn parse_head(head: &[u8]) -> io::Result<usize> {
 
 /// A blocking TCP connection from `source` (any port) to `target`; `timeout` bounds the connect
 /// and every later read and write. std cannot bind before connecting, hence libc.
-pub fn connect_from(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+pub fn connect_from(
+    source: Ipv4Addr,
+    target: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     // SAFETY: plain socket(2); the descriptor is owned by `fd` right away.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -507,7 +523,12 @@ pub fn connect_from(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -
     Ok(stream)
 }
 
-fn set_int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int_option(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: valid fd, a c_int of the size passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -518,7 +539,11 @@ fn set_int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: li
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {

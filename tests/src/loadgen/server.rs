@@ -215,7 +215,10 @@ fn serve(mut stream: TcpStream, shared: &Shared, ok: &[u8], ok_close: &[u8]) {
 
 /// Length of the request head (through the blank line), if complete.
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
 }
 
 /// HTTP/1.0 closes unless it asks for keep-alive; HTTP/1.1 keeps alive unless it asks to close.
