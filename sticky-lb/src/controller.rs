@@ -1000,10 +1000,9 @@ impl Controller {
             .map(|s| (s.params.id, s.params.client_mask[0]))
             .collect();
         let mut maps = PinnedMaps::open(&self.pins)?;
-        let keys: Vec<StickKey> = maps
-            .stick
-            .keys()
-            .filter_map(|k| k.ok())
+        let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| match (ids.get(&k.service), client) {
                 (None, _) => false,
                 (Some(_), None) => true,

@@ -1,6 +1,7 @@
 //! sticky-lb's controller: configuration, Maglev tables, the kernel data path as the controller
 //! sees it, the expiry sweep and the read-side views the CLI prints.
 
+pub mod batch;
 pub mod config;
 pub mod control;
 pub mod controller;

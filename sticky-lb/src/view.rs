@@ -78,8 +78,7 @@ pub fn stick_rows(
     let now = monotonic_ns();
     let mut rows = Vec::new();
     let mut order = Vec::new();
-    for item in maps.stick.iter() {
-        let Ok((key, entry)) = item else { continue };
+    for (key, entry) in crate::batch::lookup_all(&maps.stick, 8192)? {
         let service_record = state.service(key.service);
         if let Some(name) = service
             && service_record.is_none_or(|s| s.name != name)
@@ -193,8 +192,7 @@ pub fn status(target: &Target) -> Result<Status> {
     let (state, maps) = target.open()?;
     let mut per_backend: BTreeMap<BackendId, u64> = BTreeMap::new();
     let mut stick_entries = 0;
-    for item in maps.stick.iter() {
-        let Ok((_, entry)) = item else { continue };
+    for (_, entry) in crate::batch::lookup_all(&maps.stick, 8192)? {
         stick_entries += 1;
         *per_backend.entry(entry.backend).or_default() += 1;
     }
