@@ -274,6 +274,19 @@ impl Dataplane {
         self.ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap()
     }
 
+    /// Loads another program of the object (the benchmark's reference programs) for test runs.
+    pub fn extra_program(&mut self, name: &str) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(program)
+    }
+
     /// Takes a map not held by `Dataplane` itself (stick table, counters) as a typed handle.
     pub fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
         &mut self,
