@@ -25,6 +25,13 @@ pub fn client_hash(client: &[u32; 4], service: u32) -> u32 {
     fmix32(h)
 }
 
+/// Home slot of a service (VIP and port, both as raw network-order values) in the service
+/// index of `slots` entries (a power of two).
+#[inline(always)]
+pub fn service_slot(vip: u32, port: u16, slots: u32) -> u32 {
+    fmix32(vip ^ ((port as u32) << 16) ^ 0x5bd1_e995) & (slots - 1)
+}
+
 /// Murmur3's 32-bit finaliser: every input bit affects every output bit.
 #[inline(always)]
 pub fn fmix32(mut h: u32) -> u32 {

@@ -15,10 +15,18 @@ pub type BackendId = u32;
 pub type ServiceId = u32;
 
 /// Bump when any map layout below changes; pinned maps of another version are not reused.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
-/// Capacity of the services map (virtual services per interface).
+/// Virtual services per interface.
 pub const MAX_SERVICES: u32 = 64;
+/// Slots of the service index (a power of two, far more than services, so probe chains stay
+/// short).
+pub const SERVICE_INDEX_SLOTS: u32 = 1024;
+/// Slots the data path probes in the service index before deciding a packet is not for a
+/// service; the controller never places a service further from its hash slot.
+pub const SERVICE_INDEX_PROBES: u32 = 4;
+/// A service-index slot whose service was removed: lookups probe past it.
+pub const SERVICE_INDEX_TOMBSTONE: u32 = u32::MAX;
 /// Capacity of the backends map (backend ids across all services).
 pub const MAX_BACKENDS: u32 = 4096;
 /// Default stick-table size, like HAProxy `stick-table size 1m`.
@@ -38,6 +46,7 @@ pub const STICK_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Map names (at most 15 characters: the kernel truncates longer names and reuse by name breaks).
 pub mod map_names {
+    pub const SERVICE_INDEX: &str = "slb_svc_index";
     pub const SERVICES: &str = "slb_services";
     pub const BACKENDS: &str = "slb_backends";
     pub const MAGLEV: &str = "slb_maglev";
@@ -48,7 +57,8 @@ pub mod map_names {
     pub const FLOWS: &str = "slb_flows";
     pub const ACTIVE: &str = "slb_active";
     pub const META: &str = "slb_meta";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
+        SERVICE_INDEX,
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -65,7 +75,7 @@ pub mod map_names {
 /// IP protocol numbers used in [`ServiceKey::protocol`].
 pub const PROTO_TCP: u8 = 6;
 
-/// Key of the services map: what a packet must be addressed to for the balancer to take it.
+/// What a packet must be addressed to for the balancer to take it; a service's identity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
@@ -103,24 +113,35 @@ pub enum Forwarding {
     Dsr = 0,
 }
 
-/// Value of the services map: the per-service parameters the data path needs.
+/// A service's parameters (the services array holds two copies per service, indexed
+/// `id * 2 + generation`; the service index points at the current one).
+///
+/// The service's address is part of the value: the data path finds a service through a small
+/// hash index of array slots (array lookups are inlined by the verifier, a hash-map lookup costs
+/// tens of nanoseconds on every TCP packet) and checks the address to rule out collisions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    pub id: ServiceId,
+    pub vip: [u32; 4],
+    /// Destination port in network byte order.
+    pub port: u16,
+    pub protocol: u8,
     /// A [`Policy`] value.
     pub policy: u8,
+    pub id: ServiceId,
     /// A [`Forwarding`] value.
     pub forwarding: u8,
     pub flags: u8,
-    pub _pad: u8,
+    pub _pad: u16,
     /// First slot of this service's active table in the Maglev array: the Maglev table for
-    /// `ip-hash`, the list of up backends for `least-conn`. The controller
-    /// writes the inactive copy, then flips this field in one map update: a packet sees the old
-    /// table or the new one, never half of each.
+    /// `ip-hash`, the list of up backends for `least-conn`. The controller writes the inactive
+    /// copy of the table and of these parameters, then points the service index at the new
+    /// parameters with one aligned 32-bit store: a packet sees the old service or the new one,
+    /// never half of each.
     pub ring_base: u32,
     /// Size of this service's Maglev table (a prime), or the number of listed backends.
     pub ring_size: u32,
+    pub _pad2: u32,
     /// A stick entry idle longer than this is treated as absent and swept.
     pub stick_timeout_ns: u64,
     /// Mask applied to the client address before it keys the stick table and the hash
@@ -318,7 +339,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 40);
+        assert_eq!(size_of::<Service>(), 64);
         assert_eq!(size_of::<StickKey>(), 20);
         assert_eq!(size_of::<StickEntry>(), 24);
         assert_eq!(size_of::<Backend>(), 32);

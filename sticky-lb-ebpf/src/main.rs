@@ -23,10 +23,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use maps::SERVICES;
+use maps::{SERVICE_INDEX, SERVICES};
 use parse::Parsed;
 use select::NoBackend;
-use sticky_lb_common::{Counter, PROTO_TCP, Policy, ServiceKey};
+use sticky_lb_common::{
+    Counter, PROTO_TCP, Policy, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE,
+    Service, hash::service_slot,
+};
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
 /// (read-only data, so the verifier treats it as a constant).
@@ -47,14 +50,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         Parsed::Fragment => return pass(Counter::PassFragment),
         Parsed::Truncated => return pass(Counter::PassMalformed),
     };
-    let key = ServiceKey {
-        vip: [packet.daddr, 0, 0, 0],
-        port: packet.dport,
-        protocol: PROTO_TCP,
-        _pad: 0,
-    };
-    // SAFETY: service entries are replaced whole by the controller, never written in place.
-    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(service) = find_service(packet.daddr, packet.dport) else {
         return pass(Counter::PassNotService);
     };
     let client = packet.saddr & service.client_mask[0];
@@ -76,6 +72,30 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         }
         Err(NoBackend::BadId) => drop(Counter::DropBadBackend),
     }
+}
+
+/// The service a TCP packet to `daddr:dport` belongs to: a few inlined array lookups in the
+/// service index (see maps.rs), the address checked to rule out a colliding slot.
+#[inline(always)]
+fn find_service(daddr: u32, dport: u16) -> Option<&'static Service> {
+    let home = service_slot(daddr, dport, SERVICE_INDEX_SLOTS);
+    let mut probe = 0;
+    while probe < SERVICE_INDEX_PROBES {
+        let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
+        probe += 1;
+        let entry = *SERVICE_INDEX.get(slot)?;
+        if entry == 0 {
+            return None;
+        }
+        if entry == SERVICE_INDEX_TOMBSTONE {
+            continue;
+        }
+        let service = SERVICES.get(entry - 1)?;
+        if service.vip[0] == daddr && service.port == dport && service.protocol == PROTO_TCP {
+            return Some(service);
+        }
+    }
+    None
 }
 
 #[inline(always)]

@@ -4,17 +4,23 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_SERVICES, Service, ServiceCounters, ServiceKey, StickEntry, StickKey,
+    MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry, StickKey,
 };
 
-/// Virtual services: (VIP, port, protocol) -> parameters. A miss here means "not ours": pass.
+/// Where to find a service: slot `hash::service_slot(VIP, port)` (or one of the next few) holds
+/// 1 + the index of its parameters in `SERVICES`; 0 means no service, so the packet is not ours.
+#[map(name = "slb_svc_index")]
+pub static SERVICE_INDEX: Array<u32> = Array::with_max_entries(SERVICE_INDEX_SLOTS, 0);
+
+/// Service parameters, two copies per service (`id * 2 + generation`): the controller rewrites
+/// the copy the index does not point at, then flips the index.
 #[map(name = "slb_services")]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: Array<Service> = Array::with_max_entries(2 * MAX_SERVICES, 0);
 
 /// Backends by id: address, MAC, state, owning service.
 #[map(name = "slb_backends")]

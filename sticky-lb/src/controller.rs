@@ -232,12 +232,10 @@ fn service_entry(service: &crate::config::ServiceConfig, id: ServiceId) -> (Serv
             crate::config::Policy::LeastConn => Policy::LeastConn as u8,
         },
         forwarding: Forwarding::Dsr as u8,
-        flags: 0,
-        _pad: 0,
-        ring_base: 0,
-        ring_size: 0,
         stick_timeout_ns: service.stick.timeout.as_nanos() as u64,
         client_mask: [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
+        // Address, ring base and size are filled in when the service is published.
+        ..Default::default()
     };
     (key, params)
 }
@@ -516,15 +514,10 @@ impl Controller {
     /// Deletes service entries no current service has.
     fn remove_stale_services(&mut self) -> Result<()> {
         let live: Vec<ServiceKey> = self.services.iter().map(|s| s.key).collect();
-        let stale: Vec<ServiceKey> = self
-            .dataplane
-            .services
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(k))
-            .collect();
-        for key in stale {
-            self.dataplane.services.remove(&key)?;
+        for key in self.dataplane.service_keys()? {
+            if !live.contains(&key) {
+                self.dataplane.remove_service(&key)?;
+            }
         }
         Ok(())
     }

@@ -19,8 +19,9 @@ use aya::{
 use log::{info, warn};
 use std::path::{Path, PathBuf};
 use sticky_lb_common::{
-    Backend, BackendCounters, BackendId, COUNTER_COUNT, Service, ServiceCounters, ServiceId,
-    ServiceKey, StickEntry, StickKey, map_names,
+    Backend, BackendCounters, BackendId, COUNTER_COUNT, MAX_SERVICES, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, ServiceCounters, ServiceId, ServiceKey,
+    StickEntry, StickKey, hash::service_slot, map_names,
 };
 
 /// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
@@ -141,9 +142,18 @@ pub struct Dataplane {
     /// `None` for a data path that is loaded but never pinned or attached (tests, benchmarks).
     pins: Option<PinDir>,
     options: LoadOptions,
-    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub service_index: Array<MapData, u32>,
+    pub services: Array<MapData, Service>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, BackendId>,
+}
+
+/// Where a service sits, or would sit, in the service index.
+enum IndexSlot {
+    /// The slot holds the service; `params` is the services-array index it points at.
+    Found { slot: u32, params: u32 },
+    /// Not there; `slot` is where it goes.
+    Free { slot: u32 },
 }
 
 impl Dataplane {
@@ -188,6 +198,7 @@ impl Dataplane {
                 }
             )
         })?;
+        let service_index = take(&mut ebpf, map_names::SERVICE_INDEX)?;
         let services = take(&mut ebpf, map_names::SERVICES)?;
         let backends = take(&mut ebpf, map_names::BACKENDS)?;
         let maglev = take(&mut ebpf, map_names::MAGLEV)?;
@@ -202,6 +213,7 @@ impl Dataplane {
             ebpf,
             pins,
             options,
+            service_index,
             services,
             backends,
             maglev,
@@ -311,10 +323,44 @@ impl Dataplane {
         (2 * service + half) * self.options.maglev_stride
     }
 
+    /// Finds `key` in the service index, probing as the data path does.
+    fn locate(&self, key: &ServiceKey) -> Result<IndexSlot> {
+        let home = service_slot(key.vip[0], key.port, SERVICE_INDEX_SLOTS);
+        let mut free = None;
+        for probe in 0..SERVICE_INDEX_PROBES {
+            let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
+            let entry = self.service_index.get(&slot, 0)?;
+            if entry == 0 || entry == SERVICE_INDEX_TOMBSTONE {
+                free.get_or_insert(slot);
+                if entry == 0 {
+                    break; // the data path stops probing here too
+                }
+                continue;
+            }
+            let service = self.services.get(&(entry - 1), 0)?;
+            if service.vip == key.vip
+                && service.port == key.port
+                && service.protocol == key.protocol
+            {
+                return Ok(IndexSlot::Found {
+                    slot,
+                    params: entry - 1,
+                });
+            }
+        }
+        match free {
+            Some(slot) => Ok(IndexSlot::Free { slot }),
+            None => bail!(
+                "the service index has no free slot near this service's hash (too many colliding services)"
+            ),
+        }
+    }
+
     /// Writes `slots` (a Maglev table, or the up backends of a least-connections service) into
-    /// the inactive copy of the service's table, then publishes the service entry pointing at
-    /// it: one map update, so each packet sees the old table or the new one.
-    /// `service.ring_base` and `ring_size` are set here.
+    /// the inactive copy of the service's table and the service's parameters into their
+    /// inactive copy, then points the service index at them: one aligned 32-bit store, so each
+    /// packet sees the old service and table or the new ones. `service`'s address, ring base and
+    /// size are set here.
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
@@ -328,22 +374,61 @@ impl Dataplane {
                 self.options.maglev_stride
             );
         }
-        if service.id >= self.options.maglev_services {
+        if service.id >= self.options.maglev_services || service.id >= MAX_SERVICES {
             bail!("service id {} beyond the Maglev array", service.id);
         }
-        let active = self.services.get(key, 0).ok().map(|s| s.ring_base);
-        let half = match active {
-            Some(base) if base == self.ring_base(service.id, 0) => 1,
+        let location = self.locate(key)?;
+        let (index_slot, current) = match location {
+            IndexSlot::Found { slot, params } => (slot, Some(self.services.get(&params, 0)?)),
+            IndexSlot::Free { slot } => (slot, None),
+        };
+        // The table copy and the parameters copy not in use now.
+        let half = match current {
+            Some(c) if c.id == service.id && c.ring_base == self.ring_base(service.id, 0) => 1,
             _ => 0,
         };
         let base = self.ring_base(service.id, half);
         // One batched write instead of a syscall per slot (65,537 of them by default).
         let indexes: Vec<u32> = (base..base + slots.len() as u32).collect();
         crate::batch::update(&self.maglev, &indexes, slots).context("writing the table")?;
+        service.vip = key.vip;
+        service.port = key.port;
+        service.protocol = key.protocol;
         service.ring_base = base;
         service.ring_size = slots.len() as u32;
-        self.services.insert(key, service, 0)?;
+        let params = service.id * 2 + half;
+        self.services.set(params, service, 0)?;
+        self.service_index.set(index_slot, &(params + 1), 0)?;
         Ok(())
+    }
+
+    /// Takes a service out of the index (a tombstone keeps other services' probe chains whole).
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        if let IndexSlot::Found { slot, .. } = self.locate(key)? {
+            self.service_index.set(slot, &SERVICE_INDEX_TOMBSTONE, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The services the index holds (to find those a new config no longer has).
+    pub fn service_keys(&self) -> Result<Vec<ServiceKey>> {
+        let mut keys = Vec::new();
+        for (slot, entry) in
+            crate::batch::lookup_all(&self.service_index, SERVICE_INDEX_SLOTS as usize)?
+        {
+            let _ = slot;
+            if entry == 0 || entry == SERVICE_INDEX_TOMBSTONE {
+                continue;
+            }
+            let s = self.services.get(&(entry - 1), 0)?;
+            keys.push(ServiceKey {
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol,
+                _pad: 0,
+            });
+        }
+        Ok(keys)
     }
 }
 
@@ -357,7 +442,6 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
 /// Read-side handles on a pinned data path, for `table show`, `status` and the expiry sweep;
 /// they work from any process while the controller runs (or after it left the data path running).
 pub struct PinnedMaps {
-    pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
     pub stick: HashMap<MapData, StickKey, StickEntry>,
     pub stats: PerCpuArray<MapData, u64>,
@@ -375,7 +459,6 @@ impl PinnedMaps {
             );
         }
         Ok(PinnedMaps {
-            services: open_pinned(pins, map_names::SERVICES)?,
             backends: open_pinned(pins, map_names::BACKENDS)?,
             stick: open_pinned(pins, map_names::STICK)?,
             stats: open_pinned(pins, map_names::STATS)?,

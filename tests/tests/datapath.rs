@@ -97,14 +97,9 @@ impl Fixture {
         };
         let service = Service {
             id: 1,
-            policy: 0,
-            forwarding: 0,
-            flags: 0,
-            _pad: 0,
-            ring_base: 0,
-            ring_size: 0,
             stick_timeout_ns: TIMEOUT_NS,
             client_mask: [mask(client_prefix), 0, 0, 0],
+            ..Default::default()
         };
         let stick = dataplane.take_map(map_names::STICK).unwrap();
         let stats = dataplane.take_map(map_names::STATS).unwrap();
@@ -628,4 +623,56 @@ fn ip_hash_services_track_no_flows() {
     let mut f = Fixture::new(32);
     f.run(&segment(client(1), 5000, SYN));
     assert!(f.flows.keys().next().is_none());
+}
+
+#[test]
+fn services_sharing_an_index_slot_are_told_apart_and_removal_keeps_the_other() {
+    use sticky_lb_common::{SERVICE_INDEX_SLOTS, hash::service_slot};
+    let mut f = Fixture::new(32);
+    // A second service whose (VIP, port) hashes to the same index slot as the first.
+    let home = service_slot(f.key.vip[0], f.key.port, SERVICE_INDEX_SLOTS);
+    let other_port = (1..u16::MAX)
+        .find(|p| *p != PORT && service_slot(f.key.vip[0], p.to_be(), SERVICE_INDEX_SLOTS) == home)
+        .expect("a colliding port");
+    let other_key = ServiceKey {
+        port: other_port.to_be(),
+        ..f.key
+    };
+    let mut other = Service {
+        id: 0,
+        stick_timeout_ns: TIMEOUT_NS,
+        client_mask: [u32::MAX, 0, 0, 0],
+        ..Default::default()
+    };
+    // It has one backend of its own (id 9).
+    let backend = Backend {
+        addr: [v4(Ipv4Addr::new(198, 18, 0, 99)), 0, 0, 0],
+        mac: [0x02, 0xbe, 0, 0, 0, 0x99],
+        state: BackendState::Up as u8,
+        _pad: 0,
+        service: 0,
+        weight: 1,
+    };
+    f.dataplane.backends.set(9, &backend, 0).unwrap();
+    f.dataplane
+        .publish_service(&other_key, &mut other, &[9; 251])
+        .unwrap();
+    let to_other = Frame::tcp_syn(client(1), VIP, other_port).build();
+    let (verdict, out) = f.run(&to_other);
+    assert_eq!(
+        (verdict, &out[0..6]),
+        (XDP_TX, &[0x02, 0xbe, 0, 0, 0, 0x99][..])
+    );
+    let to_first = Frame::tcp_syn(client(2), VIP, PORT).build();
+    let result = f.run(&to_first);
+    assert_ne!(f.forwarded_to(&result), usize::MAX);
+    // Remove the first: the second, probed past the tombstone, still works; the first passes.
+    let first_key = f.key;
+    f.dataplane.remove_service(&first_key).unwrap();
+    let (verdict, _) = f.run(&to_other);
+    assert_eq!(verdict, XDP_TX);
+    let fresh = Frame::tcp_syn(client(3), VIP, PORT).build();
+    let result = f.run(&fresh);
+    assert_passed_untouched(&fresh, result);
+    assert_eq!(f.dataplane.service_keys().unwrap(), vec![other_key]);
 }

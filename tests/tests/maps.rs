@@ -26,7 +26,10 @@ fn dataplane(stick_table_size: u32) -> Dataplane {
 }
 
 fn key(i: u32) -> StickKey {
-    StickKey { service: i % 3, client: [i, 0, 0, 0] }
+    StickKey {
+        service: i % 3,
+        client: [i, 0, 0, 0],
+    }
 }
 
 #[test]
@@ -34,7 +37,12 @@ fn lookup_all_returns_every_entry_across_chunks() {
     let mut dp = dataplane(50_000);
     let mut stick: HashMap<MapData, StickKey, StickEntry> = dp.take_map(map_names::STICK).unwrap();
     for i in 0..20_000u32 {
-        let entry = StickEntry { backend: i % 7, _pad: 0, last_seen_ns: i as u64, created_ns: 0 };
+        let entry = StickEntry {
+            backend: i % 7,
+            _pad: 0,
+            last_seen_ns: i as u64,
+            created_ns: 0,
+        };
         stick.insert(&key(i), &entry, 0).unwrap();
     }
     // A chunk size that does not divide the count exercises the cursor and the last partial chunk.
@@ -57,7 +65,11 @@ fn delete_skips_missing_keys_and_update_writes_an_array() {
     }
     stick.remove(&key(50)).unwrap();
     let wanted: Vec<StickKey> = (40..60).map(key).collect();
-    assert_eq!(batch::delete(&stick, &wanted).unwrap(), 19, "19 present, 1 already gone");
+    assert_eq!(
+        batch::delete(&stick, &wanted).unwrap(),
+        19,
+        "19 present, 1 already gone"
+    );
     assert_eq!(batch::lookup_all(&stick, 64).unwrap().len(), 80);
 
     // The Maglev array: one batched write of 65,537 slots.

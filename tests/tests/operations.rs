@@ -397,12 +397,11 @@ fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
         ],
     );
     assert_eq!(code, 1);
-    assert!(
-        err.contains(
-            "uses map layout 999, this binary uses 1: it cannot adopt it; nothing was changed"
-        ),
-        "{err}"
+    let expected = format!(
+        "uses map layout 999, this binary uses {}: it cannot adopt it; nothing was changed",
+        sticky_lb_common::LAYOUT_VERSION
     );
+    assert!(err.contains(&expected), "{err}");
     assert_eq!(
         xdp_prog_id(&s),
         Some(new_prog),
