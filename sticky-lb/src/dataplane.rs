@@ -146,6 +146,9 @@ pub struct Dataplane {
     pub services: Array<MapData, Service>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, BackendId>,
+    /// What this process last wrote into each table copy (by its first slot), so a swap
+    /// rewrites only the slots that differ: a backend change moves a fraction of a table.
+    written: std::collections::HashMap<u32, Vec<BackendId>>,
 }
 
 /// Where a service sits, or would sit, in the service index.
@@ -217,6 +220,7 @@ impl Dataplane {
             services,
             backends,
             maglev,
+            written: std::collections::HashMap::new(),
         })
     }
 
@@ -388,9 +392,18 @@ impl Dataplane {
             _ => 0,
         };
         let base = self.ring_base(service.id, half);
-        // One batched write instead of a syscall per slot (65,537 of them by default).
-        let indexes: Vec<u32> = (base..base + slots.len() as u32).collect();
-        crate::batch::update(&self.maglev, &indexes, slots).context("writing the table")?;
+        // Only the slots that differ from what this copy holds, in one batched write (the whole
+        // copy when this process has not written it yet).
+        let (indexes, values): (Vec<u32>, Vec<BackendId>) = match self.written.get(&base) {
+            Some(old) if old.len() == slots.len() => (base..)
+                .zip(slots.iter().zip(old))
+                .filter(|(_, (new, old))| new != old)
+                .map(|(i, (new, _))| (i, *new))
+                .unzip(),
+            _ => ((base..base + slots.len() as u32).collect(), slots.to_vec()),
+        };
+        crate::batch::update(&self.maglev, &indexes, &values).context("writing the table")?;
+        self.written.insert(base, slots.to_vec());
         service.vip = key.vip;
         service.port = key.port;
         service.protocol = key.protocol;
