@@ -315,6 +315,33 @@ pub struct ServiceCounters {
     pub insert_failures: u64,
 }
 
+impl BackendCounters {
+    /// Sum of per-CPU values.
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a BackendCounters>) -> BackendCounters {
+        per_cpu
+            .into_iter()
+            .fold(BackendCounters::default(), |a, c| BackendCounters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            })
+    }
+}
+
+impl ServiceCounters {
+    /// Sum of per-CPU values.
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a ServiceCounters>) -> ServiceCounters {
+        per_cpu
+            .into_iter()
+            .fold(ServiceCounters::default(), |a, c| ServiceCounters {
+                stick_hits: a.stick_hits + c.stick_hits,
+                stick_misses: a.stick_misses + c.stick_misses,
+                stick_inserts: a.stick_inserts + c.stick_inserts,
+                redispatches: a.redispatches + c.redispatches,
+                insert_failures: a.insert_failures + c.insert_failures,
+            })
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

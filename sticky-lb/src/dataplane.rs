@@ -489,26 +489,11 @@ impl PinnedMaps {
     }
 
     pub fn backend_counters(&self, id: BackendId) -> Result<BackendCounters> {
-        let per_cpu = self.backend_stats.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendCounters::default(), |a, c| BackendCounters {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }))
+        Ok(BackendCounters::sum(self.backend_stats.get(&id, 0)?.iter()))
     }
 
     pub fn service_counters(&self, id: ServiceId) -> Result<ServiceCounters> {
-        let per_cpu = self.service_stats.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(ServiceCounters::default(), |a, c| ServiceCounters {
-                stick_hits: a.stick_hits + c.stick_hits,
-                stick_misses: a.stick_misses + c.stick_misses,
-                stick_inserts: a.stick_inserts + c.stick_inserts,
-                redispatches: a.redispatches + c.redispatches,
-                insert_failures: a.insert_failures + c.insert_failures,
-            }))
+        Ok(ServiceCounters::sum(self.service_stats.get(&id, 0)?.iter()))
     }
 }
 

@@ -202,3 +202,12 @@ pub fn backend_server(rig: &Rig, k: usize) -> NameServer {
     )
     .expect("backend server")
 }
+
+/// How many times each backend name occurs.
+pub fn count_names(names: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_default() += 1;
+    }
+    counts
+}

@@ -237,16 +237,7 @@ impl Fixture {
     }
 
     fn service_counters(&self) -> ServiceCounters {
-        let per_cpu = self.service_stats.get(&self.service.id, 0).unwrap();
-        per_cpu
-            .iter()
-            .fold(ServiceCounters::default(), |a, c| ServiceCounters {
-                stick_hits: a.stick_hits + c.stick_hits,
-                stick_misses: a.stick_misses + c.stick_misses,
-                stick_inserts: a.stick_inserts + c.stick_inserts,
-                redispatches: a.redispatches + c.redispatches,
-                insert_failures: a.insert_failures + c.insert_failures,
-            })
+        ServiceCounters::sum(self.service_stats.get(&self.service.id, 0).unwrap().iter())
     }
 
     /// Asserts the frame was forwarded to `backend` by DSR: destination MAC = the backend's,

@@ -3,7 +3,6 @@
 //! metrics that move with traffic.
 
 use std::{
-    collections::BTreeMap,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     sync::{
@@ -16,16 +15,8 @@ use sticky_lb_tests::{
     balancer::cli,
     netns::in_netns,
     rig::fetch_names_many,
-    scenario::{Mode, Setup, TIMEOUT, backend_server},
+    scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
 };
-
-fn count(names: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for n in names {
-        *counts.entry(n.clone()).or_default() += 1;
-    }
-    counts
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -101,7 +92,7 @@ fn control_api_drives_the_stick_table_and_the_pool() {
         "{out}"
     );
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[30..].to_vec();
-    let new = count(&s.round(&newcomers));
+    let new = count_names(&s.round(&newcomers));
     assert!(
         new.get("b4").copied().unwrap_or(0) >= 3,
         "b4 takes new clients: {new:?}"
@@ -232,7 +223,7 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
         "no stick entry of a remaining backend is lost"
     );
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[80..].to_vec();
-    let new_clients = count(&s.round(&newcomers));
+    let new_clients = count_names(&s.round(&newcomers));
     assert!(
         !new_clients.contains_key("b3") && new_clients.contains_key("b4"),
         "{new_clients:?}"
@@ -252,7 +243,7 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let moved = count(&s.round(&on_b3));
+    let moved = count_names(&s.round(&on_b3));
     assert!(!moved.contains_key("b3"), "{moved:?}");
 
     // SIGHUP reloads too: weight 0 drains b1.

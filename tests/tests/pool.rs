@@ -10,19 +10,11 @@ use std::{
 use sticky_lb_tests::{
     balancer::cli,
     rig::{HoldServer, HttpBehaviour, HttpServer, open_held_many},
-    scenario::{Mode, PORT, Setup, TIMEOUT, backend_server},
+    scenario::{Mode, PORT, Setup, TIMEOUT, backend_server, count_names},
 };
 
 /// Fast checks so the tests take seconds: every 200 ms, 150 ms timeout, rise 2, fall 3.
 const FAST_CHECKS: &str = "    health_check:\n      interval: 200ms\n      timeout: 150ms\n      rise: 2\n      fall: 3\n";
-
-fn count(names: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for n in names {
-        *counts.entry(n.clone()).or_default() += 1;
-    }
-    counts
-}
 
 /// b2's server stops while clients keep coming: detected within interval x fall + 1 s; its
 /// clients move, each to one live backend for all its connections; nobody else moves. It comes
@@ -80,7 +72,7 @@ fn failure_and_recovery(mode: Mode) {
         "moved clients stay where they are (no flapping back)"
     );
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[90..].to_vec();
-    let new = count(&s.round(&newcomers));
+    let new = count_names(&s.round(&newcomers));
     eprintln!("{mode:?}: after recovery, 60 new clients went to {new:?}");
     assert!(
         new.get("b2").copied().unwrap_or(0) >= 8,
@@ -130,7 +122,7 @@ fn drain_keeps_stuck_clients_until_their_entries_expire() {
     assert_eq!(out.trim(), "web/b1: drain (weight 1)");
     assert_eq!(s.backend_status("b1")["state"], "drain");
     let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[100..].to_vec();
-    let new = count(&s.round(&newcomers));
+    let new = count_names(&s.round(&newcomers));
     assert!(
         !new.contains_key("b1"),
         "a draining backend takes no new client: {new:?}"
@@ -142,7 +134,7 @@ fn drain_keeps_stuck_clients_until_their_entries_expire() {
     }
     // Idle past the 3 s timeout (and a 0.5 s sweep): their entries are gone, they move.
     std::thread::sleep(Duration::from_millis(4000));
-    let later = count(&s.round(&on_b1));
+    let later = count_names(&s.round(&on_b1));
     eprintln!(
         "drain: {} clients of b1 stayed while active; after their entries expired they went to {later:?}",
         on_b1.len()
@@ -178,7 +170,7 @@ fn weights_share_new_clients() {
     let config = s.config_with("", "", &weights);
     s.start(&config);
     let clients = s.rig.client_addrs().to_vec();
-    let counts = count(&s.round(&clients));
+    let counts = count_names(&s.round(&clients));
     eprintln!("weights 1:2:3 over 600 clients: {counts:?} (ideal 100/200/300)");
     for (name, ideal) in [("b1", 100), ("b2", 200), ("b3", 300)] {
         let n = counts.get(name).copied().unwrap_or(0) as i64;
@@ -223,7 +215,7 @@ fn least_conn_balances_open_connections() {
     };
     let clients = s.rig.client_addrs().to_vec();
     let mut held = open(&clients[..90]);
-    let first = count(&held.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
+    let first = count_names(&held.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
     eprintln!("least-conn: 90 long-lived connections spread {first:?}");
     for name in ["b1", "b2", "b3"] {
         let n = first.get(name).copied().unwrap_or(0);
@@ -254,7 +246,7 @@ fn least_conn_balances_open_connections() {
     // New clients fill b1 and b2 up to b3's count before b3 gets any.
     let catch_up = 2 * b3_count;
     let more = open(&clients[90..90 + catch_up]);
-    let second = count(&more.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
+    let second = count_names(&more.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
     eprintln!("least-conn: with b3 holding {b3_count}, {catch_up} new clients went to {second:?}");
     assert!(
         !second.contains_key("b3"),
