@@ -16,7 +16,7 @@
 //!
 //! Environment: `SLB_BENCH_RUNS` (rounds, default 5), `SLB_BENCH_SECONDS` (measured seconds per
 //! mode, default 3), `SLB_BENCH_THREADS` (client threads, default 32), `SLB_BENCH_PPS` (0 skips
-//! the packet-rate run), `STICKY_LB_BIN` (the sticky-lb binary; default: next to this one).
+//! the packet-rate run), `SLB_BENCH_E2E` (0 skips the end-to-end part), `STICKY_LB_BIN` (the sticky-lb binary; default: next to this one).
 //! Markdown to stdout, progress to stderr, JSON to target/bench/e2e.json.
 
 use std::collections::BTreeMap;
@@ -61,6 +61,8 @@ const SETTLE: Duration = Duration::from_millis(500);
 const PPS_FRAMES: u32 = 1 << 20;
 const PPS_BATCH: u32 = 64;
 const PPS_RUN_DEADLINE: Duration = Duration::from_secs(30);
+/// Frames per source address in the delivery check before the rate runs.
+const PPS_CHECK_PER_SOURCE: u32 = 16;
 /// A port nothing listens on: backends answer the live frames' SYNs with a cheap RST.
 const PPS_PORT: u16 = 9;
 
@@ -70,6 +72,7 @@ struct Settings {
     seconds: f64,
     threads: usize,
     pps: bool,
+    e2e: bool,
 }
 
 impl Settings {
@@ -88,6 +91,7 @@ impl Settings {
             seconds: var("SLB_BENCH_SECONDS", 3.0f64)?,
             threads: var("SLB_BENCH_THREADS", 32usize)?,
             pps: var("SLB_BENCH_PPS", 1u8)? != 0,
+            e2e: var("SLB_BENCH_E2E", 1u8)? != 0,
         };
         if settings.runs == 0 || !(0.1..=600.0).contains(&settings.seconds) {
             bail!("SLB_BENCH_RUNS must be at least 1 and SLB_BENCH_SECONDS within 0.1..=600");
@@ -256,7 +260,8 @@ fn run() -> Result<()> {
         })
         .collect();
     let started = Instant::now();
-    for round in 0..settings.runs {
+    let rounds = if settings.e2e { settings.runs } else { 0 };
+    for round in 0..rounds {
         for i in 0..rows.len() {
             // Rotate the order so each balancer runs early in some rounds and late in others.
             let row = &mut rows[(i + round) % Kind::ALL.len()];
@@ -343,7 +348,11 @@ fn run() -> Result<()> {
             Some(Ok(report)) => report.json(),
         },
     });
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    // tests/ -> the workspace root's target/bench, like slb-bench.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("e2e.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
@@ -418,10 +427,12 @@ struct PpsProgram {
     name: &'static str,
     /// Kernel-measured nanoseconds per frame, one per run.
     ns_per_frame: Vec<f64>,
-    /// Frames per wall-clock second of the whole run, one per run.
+    /// Frames per wall-clock second of the whole run (syscalls included), one per run.
     wall_pps: Vec<f64>,
-    /// Share of the frames that arrived at the backends, one per run.
-    delivered: Vec<f64>,
+    /// Share of the frames that reached the peer's XDP sink, one per run.
+    reached: Vec<f64>,
+    /// Share of the frames of the delivery check that arrived at the backends.
+    delivered: f64,
     retval: u32,
 }
 
@@ -431,9 +442,23 @@ impl PpsProgram {
             name,
             ns_per_frame: Vec::new(),
             wall_pps: Vec::new(),
-            delivered: Vec::new(),
+            reached: Vec::new(),
+            delivered: f64::NAN,
             retval: 0,
         }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "program": self.name,
+            "ns_per_frame_median": median(self.ns_per_frame.iter().copied()),
+            "mpps_median": median(self.ns_per_frame.iter().map(|ns| 1e3 / ns)),
+            "wall_mpps_median": median(self.wall_pps.iter().map(|pps| pps / 1e6)),
+            "reached_peer_median": median(self.reached.iter().copied()),
+            "delivered_to_backends_in_check": self.delivered,
+            "last_retval": self.retval,
+            "ns_per_frame_runs": self.ns_per_frame,
+        })
     }
 }
 
@@ -445,26 +470,14 @@ struct PpsReport {
 
 impl PpsReport {
     fn json(&self) -> Value {
-        let program = |p: &PpsProgram| {
-            json!({
-                "program": p.name,
-                "ns_per_frame_median": median(p.ns_per_frame.iter().copied()),
-                "mpps_median": median(p.ns_per_frame.iter().map(|ns| 1e3 / ns)),
-                "wall_mpps_median": median(p.wall_pps.iter().map(|pps| pps / 1e6)),
-                "delivered_median": median(p.delivered.iter().copied()),
-                "last_retval": p.retval,
-                "ns_per_frame_runs": p.ns_per_frame,
-                "delivered_runs": p.delivered,
-            })
-        };
         json!({
-            "mode": "BPF_PROG_TEST_RUN, BPF_F_TEST_XDP_LIVE_FRAMES, ingress lb0, native sticky-lb",
+            "mode": "BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, ingress lb0 (sticky-lb running native), XDP_DROP sink on the veth peer",
             "frames_per_run": self.frames_per_run,
             "batch_size": PPS_BATCH,
             "sources": CLIENT_ADDRESSES,
-            "xdp_tx_noop": program(&self.noop),
-            "sticky_lb": program(&self.sticky),
-            "ratio_sticky_to_noop_median": ratios(&self.sticky.ns_per_frame, &self.noop.ns_per_frame, |s, n| n / s),
+            "xdp_tx_noop": self.noop.json(),
+            "sticky_lb": self.sticky.json(),
+            "rate_ratio_sticky_to_noop_median": ratios(&self.sticky.ns_per_frame, &self.noop.ns_per_frame, |s, n| n / s),
         })
     }
 }
@@ -474,24 +487,60 @@ fn ratios(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> Option<f64> {
     median(a.iter().zip(b).map(|(&a, &b)| f(a, b)))
 }
 
+/// One pass of live frames: each frame `per_source` times, as received on `ifindex` of the
+/// balancer namespace. Returns (frames sent, kernel ns per frame, wall seconds, last retval).
+fn live_pass(
+    rig: &Rig,
+    program: &impl AsFd,
+    ifindex: u32,
+    frames: &[Vec<u8>],
+    per_source: u32,
+) -> Result<(u64, f64, f64, u32)> {
+    let started = Instant::now();
+    // The kernel resolves the ingress ifindex in the calling thread's namespace.
+    let (sent, weighted_ns, retval) = in_netns(rig.lb_ns(), || -> Result<(u64, f64, u32)> {
+        let (mut sent, mut weighted_ns, mut retval) = (0u64, 0.0, 0);
+        for (i, frame) in frames.iter().enumerate() {
+            // Bounded by the frame count, and by time should the machine crawl.
+            if started.elapsed() > PPS_RUN_DEADLINE || client::STOP.load(Ordering::Relaxed) {
+                break;
+            }
+            let r = live_frames::run_live(program, ifindex, frame, per_source, PPS_BATCH)
+                .with_context(|| {
+                    format!("frame {i}, repeat {per_source}, {sent} frames sent before")
+                })?;
+            sent += u64::from(per_source);
+            weighted_ns += r.per_frame.as_nanos() as f64 * f64::from(per_source);
+            retval = r.retval;
+        }
+        Ok((sent, weighted_ns, retval))
+    })?;
+    if sent == 0 {
+        bail!("no frames sent");
+    }
+    Ok((
+        sent,
+        weighted_ns / sent as f64,
+        started.elapsed().as_secs_f64(),
+        retval,
+    ))
+}
+
 /// Live-frames SYNs from every client address to VIP:[`PPS_PORT`] through the program of a
-/// running native sticky-lb, and (frames already addressed to the backends) through an XDP_TX
-/// no-op, alternating run by run.
+/// running native sticky-lb, and through an XDP_TX no-op, alternating run by run. First a small
+/// delivery check with the usual XDP_PASS peer (frames must arrive at the backends), then the
+/// rate runs with an XDP_DROP sink on the peer.
 fn packet_rate(rig: &Rig, scratch: &std::path::Path, runs: usize) -> Result<PpsReport> {
     eprintln!("packet rate: starting sticky-lb (native) with a service on port {PPS_PORT}");
-    let running = balancers::start_sticky_with_ports(rig, scratch, true, &[PORT, PPS_PORT])?;
+    let mut running = balancers::start_sticky_with_ports(rig, scratch, true, &[PORT, PPS_PORT])?;
     balancers::sanity(Kind::StickyNative, rig, SANITY_PROBES)?;
     let link = sticky_lb::dataplane::PinDir::new(Some(rig.lb_ns()), rig.lb_dev()).link();
     let sticky_prog = live_frames::program_of_pinned_link(&link)?;
-    let noop_prog = live_frames::load_xdp_tx_noop()?;
-    let link_json = in_ns(
-        rig.lb_ns(),
-        &["ip", "-j", "link", "show", "dev", rig.lb_dev()],
-        None,
-    )?;
-    let ifindex = serde_json::from_str::<Value>(&link_json)?[0]["ifindex"]
-        .as_u64()
-        .context("no ifindex for lb0")? as u32;
+    let noop_prog = live_frames::load_xdp_action(live_frames::XDP_TX, "xdp_tx_noop")?;
+    let sink_prog = live_frames::load_xdp_action(live_frames::XDP_DROP, "xdp_drop_sink")?;
+    let lb_ifindex = ifindex(rig.lb_ns(), rig.lb_dev())?;
+    let (bridge_ns, peer_dev) = rig.bridge_peer_of_lb();
+    let peer_ifindex = ifindex(bridge_ns, peer_dev)?;
 
     let clients = rig.client_addrs();
     let per_source = PPS_FRAMES / clients.len() as u32;
@@ -510,64 +559,83 @@ fn packet_rate(rig: &Rig, scratch: &std::path::Path, runs: usize) -> Result<PpsR
     };
     let sticky_frames: Vec<Vec<u8>> = (0..clients.len()).map(|i| frame(i, false)).collect();
     let noop_frames: Vec<Vec<u8>> = (0..clients.len()).map(|i| frame(i, true)).collect();
-
     let mut noop = PpsProgram::new("XDP_TX no-op");
     let mut sticky = PpsProgram::new("sticky-lb");
+
+    // Delivery check: a few frames per source through the real path to the backends.
+    for (program, fd, frames) in [
+        (&mut noop, noop_prog.as_fd(), &noop_frames),
+        (&mut sticky, sticky_prog.as_fd(), &sticky_frames),
+    ] {
+        let before = backend_rx_packets(rig)?;
+        let (sent, ..) = live_pass(rig, &fd, lb_ifindex, frames, PPS_CHECK_PER_SOURCE)?;
+        // Frames still crossing the bridge arrive within milliseconds.
+        std::thread::sleep(Duration::from_millis(300));
+        let arrived = backend_rx_packets(rig)?.saturating_sub(before);
+        program.delivered = arrived as f64 / sent as f64;
+        eprintln!(
+            "packet rate: {} delivery check: {arrived} of {sent} frames reached the backends",
+            program.name
+        );
+    }
+
+    // Rate runs: the peer drops every frame in its XDP hook, so only the sending side is timed.
+    running.detach_peer_xdp();
+    let sink = in_netns(bridge_ns, || {
+        live_frames::attach_xdp_native(&sink_prog, peer_ifindex)
+    })?;
     for run in 0..runs {
         for (program, fd, frames) in [
             (&mut noop, noop_prog.as_fd(), &noop_frames),
             (&mut sticky, sticky_prog.as_fd(), &sticky_frames),
         ] {
             interrupted()?;
-            let rx_before = backend_rx_packets(rig)?;
-            let started = Instant::now();
-            // The kernel resolves the ingress ifindex in the caller's namespace.
-            let (sent, weighted_ns, retval) =
-                in_netns(rig.lb_ns(), || -> Result<(u64, f64, u32)> {
-                    let (mut sent, mut weighted_ns, mut retval) = (0u64, 0.0, 0);
-                    for f in frames {
-                        if started.elapsed() > PPS_RUN_DEADLINE
-                            || client::STOP.load(Ordering::Relaxed)
-                        {
-                            break;
-                        }
-                        let r = live_frames::run_live(&fd, ifindex, f, per_source, PPS_BATCH)?;
-                        sent += u64::from(per_source);
-                        weighted_ns += r.per_frame.as_nanos() as f64 * f64::from(per_source);
-                        retval = r.retval;
-                    }
-                    Ok((sent, weighted_ns, retval))
-                })?;
-            let wall = started.elapsed().as_secs_f64();
-            // Frames still in flight through the bridge arrive within milliseconds.
-            std::thread::sleep(Duration::from_millis(200));
-            let rx_after = backend_rx_packets(rig)?;
-            if sent == 0 {
-                bail!("no frames sent");
-            }
-            let ns = weighted_ns / sent as f64;
-            let delivered = rx_after.saturating_sub(rx_before) as f64 / sent as f64;
+            let before = peer_xdp_packets(bridge_ns, peer_dev)?;
+            let (sent, ns, wall, retval) = live_pass(rig, &fd, lb_ifindex, frames, per_source)?;
+            std::thread::sleep(Duration::from_millis(50));
+            let reached =
+                peer_xdp_packets(bridge_ns, peer_dev)?.saturating_sub(before) as f64 / sent as f64;
             eprintln!(
-                "[pps run {}/{runs}] {}: {:.1} ns/frame ({:.2} Mpps kernel time, {:.2} Mpps wall), {:.1}% delivered, retval {retval}",
+                "[pps run {}/{runs}] {}: {ns:.1} ns/frame ({:.2} Mpps kernel time, {:.2} Mpps wall), {:.1}% reached the peer, retval {retval}",
                 run + 1,
                 program.name,
-                ns,
                 1e3 / ns,
                 sent as f64 / wall / 1e6,
-                delivered * 100.0
+                reached * 100.0
             );
             program.ns_per_frame.push(ns);
             program.wall_pps.push(sent as f64 / wall);
-            program.delivered.push(delivered);
+            program.reached.push(reached);
             program.retval = retval;
         }
     }
+    drop(sink);
     running.stop()?;
     Ok(PpsReport {
         frames_per_run: per_source * clients.len() as u32,
         noop,
         sticky,
     })
+}
+
+/// The ifindex of `dev` in namespace `ns`.
+fn ifindex(ns: &str, dev: &str) -> Result<u32> {
+    let out = in_ns(ns, &["ip", "-j", "link", "show", "dev", dev], None)?;
+    let index = serde_json::from_str::<Value>(&out)?[0]["ifindex"]
+        .as_u64()
+        .with_context(|| format!("no ifindex for {dev} in {ns}"))?;
+    Ok(index as u32)
+}
+
+/// Frames the veth `dev` has run through its XDP program so far (all queues).
+fn peer_xdp_packets(ns: &str, dev: &str) -> Result<u64> {
+    let out = in_ns(ns, &["ethtool", "-S", dev], None)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter(|(name, _)| name.starts_with("rx_queue_") && name.ends_with("_xdp_packets"))
+        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+        .sum())
 }
 
 /// Frames received by all backends' eth0 so far.
@@ -626,85 +694,89 @@ fn print_report(
         .iter()
         .find(|r| r.kind == Kind::Direct)
         .expect("the none row");
-    println!(
-        "## End to end: {} client threads over {} client addresses, {} backends, median of {} rounds of {} s per mode\n",
-        settings.threads, CLIENT_ADDRESSES, BACKENDS, settings.runs, settings.seconds
-    );
-    println!(
-        "| balancer | short conn/s | × none | p50 ms | p99 ms | CPU-s / 1k conn | keep-alive req/s | × none | p50 ms | p99 ms | CPU-s / 1k req |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for row in rows {
-        if row.measurements.is_empty() {
-            let why = row
-                .failures
-                .first()
-                .map(|(_, e)| e.as_str())
-                .unwrap_or("not run");
-            println!(
-                "| {} | failed: {} | | | | | | | | | |",
-                row.kind.label(),
-                why.replace('|', "/").replace('\n', " ")
-            );
-            continue;
-        }
+    if settings.e2e {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.kind.label(),
-            fmt(med(row, |m| m.short.rate), 0),
-            fmt(ratio_to_none(row, none, |m| m.short.rate), 2),
-            fmt(med(row, |m| m.short.p50_ms), 2),
-            fmt(med(row, |m| m.short.p99_ms), 2),
-            fmt(med(row, |m| m.short.cpu_per_1k), 3),
-            fmt(med(row, |m| m.keepalive.rate), 0),
-            fmt(ratio_to_none(row, none, |m| m.keepalive.rate), 2),
-            fmt(med(row, |m| m.keepalive.p50_ms), 3),
-            fmt(med(row, |m| m.keepalive.p99_ms), 3),
-            fmt(med(row, |m| m.keepalive.cpu_per_1k), 3),
+            "## End to end: {} client threads over {} client addresses, {} backends, median of {} rounds of {} s per mode\n",
+            settings.threads, CLIENT_ADDRESSES, BACKENDS, settings.runs, settings.seconds
         );
-    }
-    println!();
-    println!(
-        "CPU-s per 1k is whole-machine busy time (user+nice+system+irq+softirq+steal from /proc/stat) over the measured window, load generator and backends included. × none is the ratio to no balancer within the same round, median over rounds."
-    );
-    let mut notes = Vec::new();
-    for row in rows {
-        if !row.failures.is_empty() {
-            notes.push(format!(
-                "{}: {} of {} rounds failed (first: {})",
-                row.kind.key(),
-                row.failures.len(),
-                settings.runs,
-                row.failures[0].1
-            ));
+        println!(
+            "| balancer | short conn/s | × none | p50 ms | p99 ms | CPU-s / 1k conn | keep-alive req/s | × none | p50 ms | p99 ms | CPU-s / 1k req |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in rows {
+            if row.measurements.is_empty() {
+                let why = row
+                    .failures
+                    .first()
+                    .map(|(_, e)| e.as_str())
+                    .unwrap_or("not run");
+                println!(
+                    "| {} | failed: {} | | | | | | | | | |",
+                    row.kind.label(),
+                    why.replace('|', "/").replace('\n', " ")
+                );
+                continue;
+            }
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.kind.label(),
+                fmt(med(row, |m| m.short.rate), 0),
+                fmt(ratio_to_none(row, none, |m| m.short.rate), 2),
+                fmt(med(row, |m| m.short.p50_ms), 2),
+                fmt(med(row, |m| m.short.p99_ms), 2),
+                fmt(med(row, |m| m.short.cpu_per_1k), 3),
+                fmt(med(row, |m| m.keepalive.rate), 0),
+                fmt(ratio_to_none(row, none, |m| m.keepalive.rate), 2),
+                fmt(med(row, |m| m.keepalive.p50_ms), 3),
+                fmt(med(row, |m| m.keepalive.p99_ms), 3),
+                fmt(med(row, |m| m.keepalive.cpu_per_1k), 3),
+            );
         }
-        let errors: u64 = row
-            .measurements
-            .iter()
-            .map(|m| m.short.errors + m.keepalive.errors)
-            .sum();
-        if errors > 0 {
-            let first = row
+        println!();
+        println!(
+            "CPU-s per 1k is whole-machine busy time (user+nice+system+irq+softirq+steal from /proc/stat) over the measured window, load generator and backends included. × none is the ratio to no balancer within the same round, median over rounds."
+        );
+        let mut notes = Vec::new();
+        for row in rows {
+            if !row.failures.is_empty() {
+                notes.push(format!(
+                    "{}: {} of {} rounds failed (first: {})",
+                    row.kind.key(),
+                    row.failures.len(),
+                    settings.runs,
+                    row.failures[0].1
+                ));
+            }
+            let errors: u64 = row
                 .measurements
                 .iter()
-                .find_map(|m| {
-                    m.short
-                        .first_error
-                        .clone()
-                        .or(m.keepalive.first_error.clone())
-                })
-                .unwrap_or_default();
-            notes.push(format!(
-                "{}: {errors} failed requests over all rounds (first: {first})",
-                row.kind.key()
-            ));
+                .map(|m| m.short.errors + m.keepalive.errors)
+                .sum();
+            if errors > 0 {
+                let first = row
+                    .measurements
+                    .iter()
+                    .find_map(|m| {
+                        m.short
+                            .first_error
+                            .clone()
+                            .or(m.keepalive.first_error.clone())
+                    })
+                    .unwrap_or_default();
+                notes.push(format!(
+                    "{}: {errors} failed requests over all rounds (first: {first})",
+                    row.kind.key()
+                ));
+            }
         }
-    }
-    if !notes.is_empty() {
-        println!();
-        for note in notes {
-            println!("- {note}");
+        if !notes.is_empty() {
+            println!();
+            for note in notes {
+                println!("- {note}");
+            }
         }
+    } else {
+        println!("## End to end: skipped (SLB_BENCH_E2E=0)");
     }
 
     match pps {
@@ -716,12 +788,12 @@ fn print_report(
                 report.frames_per_run, settings.runs
             );
             println!(
-                "| program | ns / frame | Mpps | × no-op rate | Mpps wall clock | delivered to backends |"
+                "| program | ns / frame | Mpps | × no-op rate | reached the peer | delivered to backends (check) |"
             );
             println!("|---|---:|---:|---:|---:|---:|");
             for p in [&report.noop, &report.sticky] {
                 println!(
-                    "| {} | {} | {} | {} | {} | {}% |",
+                    "| {} | {} | {} | {} | {}% | {}% |",
                     p.name,
                     fmt(median(p.ns_per_frame.iter().copied()), 1),
                     fmt(median(p.ns_per_frame.iter().map(|ns| 1e3 / ns)), 2),
@@ -729,12 +801,12 @@ fn print_report(
                         ratios(&p.ns_per_frame, &report.noop.ns_per_frame, |p, n| n / p),
                         2
                     ),
-                    fmt(median(p.wall_pps.iter().map(|pps| pps / 1e6)), 2),
-                    fmt(median(p.delivered.iter().map(|d| d * 100.0)), 1),
+                    fmt(median(p.reached.iter().map(|r| r * 100.0)), 1),
+                    fmt(Some(p.delivered * 100.0), 1),
                 );
             }
             println!(
-                "\nns / frame is the kernel's own timing: the program, the transmit into the veth and the softirq work it triggers on the same CPU (bridge, backend stack answering with a RST), so both rows carry the same downstream cost."
+                "\nns / frame is the kernel's own timing of the live-frames run: the program, the XDP transmit into lb0's veth peer and the peer's XDP_DROP sink (softirq on the same CPU). Mpps = 1000 / ns. Wall-clock rates (in the JSON) also count each call's set-up, which the kernel's timing leaves out; they are not comparable between the programs. The delivery check sent {PPS_CHECK_PER_SOURCE} frames per source with the normal XDP_PASS peer and counted them at the backends' eth0."
             );
         }
     }

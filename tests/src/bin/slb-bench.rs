@@ -118,7 +118,12 @@ impl Bench {
             };
             dataplane.backends.set(i, &entry, 0).unwrap();
         }
-        let key = ServiceKey { vip: [v4(VIP), 0, 0, 0], port: 80u16.to_be(), protocol: PROTO_TCP, _pad: 0 };
+        let key = ServiceKey {
+            vip: [v4(VIP), 0, 0, 0],
+            port: 80u16.to_be(),
+            protocol: PROTO_TCP,
+            _pad: 0,
+        };
         let service = Service {
             id: 0,
             policy: policy as u8,
@@ -127,7 +132,13 @@ impl Bench {
             ..Default::default()
         };
         let stick = dataplane.take_map(map_names::STICK).unwrap();
-        let mut bench = Bench { dataplane, stick, key, service, names };
+        let mut bench = Bench {
+            dataplane,
+            stick,
+            key,
+            service,
+            names,
+        };
         bench.publish(10);
         bench
     }
@@ -138,20 +149,42 @@ impl Bench {
         let slots: Vec<u32> = if self.service.policy == Policy::LeastConn as u8 {
             (0..n as u32).collect()
         } else {
-            let members: Vec<maglev::Member<'_>> =
-                self.names[..n].iter().enumerate().map(|(i, name)| maglev::Member { id: i as u32, name, weight: 1 }).collect();
-            maglev::Table::build(DEFAULT_MAGLEV_TABLE_SIZE, &members).slots().to_vec()
+            let members: Vec<maglev::Member<'_>> = self.names[..n]
+                .iter()
+                .enumerate()
+                .map(|(i, name)| maglev::Member {
+                    id: i as u32,
+                    name,
+                    weight: 1,
+                })
+                .collect();
+            maglev::Table::build(DEFAULT_MAGLEV_TABLE_SIZE, &members)
+                .slots()
+                .to_vec()
         };
-        self.dataplane.publish_service(&self.key, &mut self.service, &slots).unwrap();
+        self.dataplane
+            .publish_service(&self.key, &mut self.service, &slots)
+            .unwrap();
         started.elapsed()
     }
 
     /// Fills the stick table with `count` entries for clients 0..count (batched).
     fn fill(&mut self, count: u32) -> Duration {
         let now = monotonic_ns();
-        let keys: Vec<StickKey> = (0..count).map(|i| StickKey { service: 0, client: [v4(client(i)), 0, 0, 0] }).collect();
-        let values: Vec<StickEntry> =
-            (0..count).map(|i| StickEntry { backend: i % 10, _pad: 0, last_seen_ns: now, created_ns: now }).collect();
+        let keys: Vec<StickKey> = (0..count)
+            .map(|i| StickKey {
+                service: 0,
+                client: [v4(client(i)), 0, 0, 0],
+            })
+            .collect();
+        let values: Vec<StickEntry> = (0..count)
+            .map(|i| StickEntry {
+                backend: i % 10,
+                _pad: 0,
+                last_seen_ns: now,
+                created_ns: now,
+            })
+            .collect();
         let started = Instant::now();
         batch::update(&self.stick, &keys, &values).unwrap();
         started.elapsed()
@@ -163,7 +196,9 @@ fn random_frames(count: usize, range: u32, offset: u32, seed: u64) -> Vec<Vec<u8
     let mut state = seed;
     (0..count)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             syn(client(offset + ((state >> 33) as u32) % range), 80)
         })
         .collect()
@@ -180,18 +215,39 @@ fn main() {
 
     eprintln!("part a: per-packet cost");
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
-    let floor = median((0..RUNS).map(|_| repeated(b.dataplane.extra_program(PASS_PROGRAM).unwrap(), &hot)).collect());
+    let floor = median(
+        (0..RUNS)
+            .map(|_| repeated(b.dataplane.extra_program(PASS_PROGRAM).unwrap(), &hot))
+            .collect(),
+    );
     push("XDP_PASS no-op (the floor), repeat", floor);
     b.fill(1);
-    let bare_hot = median((0..RUNS).map(|_| repeated(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &hot)).collect());
+    let bare_hot = median(
+        (0..RUNS)
+            .map(|_| repeated(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &hot))
+            .collect(),
+    );
     push("bare LRU lookup, hot key, repeat", bare_hot);
     let program = b.dataplane.program();
-    push("pass-through: TCP not to a service, repeat", median((0..RUNS).map(|_| repeated(program, &syn(client(1), 8080))).collect()));
+    push(
+        "pass-through: TCP not to a service, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(program, &syn(client(1), 8080)))
+                .collect(),
+        ),
+    );
     let mut arp = Frame::tcp_syn(client(1), VIP, 80);
     arp.ether_type = 0x0806;
     let arp = arp.build();
-    push("pass-through: ARP, repeat", median((0..RUNS).map(|_| repeated(program, &arp)).collect()));
-    push("malformed (truncated IPv4), repeat", median((0..RUNS).map(|_| repeated(program, &hot[..30])).collect()));
+    push(
+        "pass-through: ARP, repeat",
+        median((0..RUNS).map(|_| repeated(program, &arp)).collect()),
+    );
+    push(
+        "malformed (truncated IPv4), repeat",
+        median((0..RUNS).map(|_| repeated(program, &hot[..30])).collect()),
+    );
     let hit_hot = median((0..RUNS).map(|_| repeated(program, &hot)).collect());
     push("stick hit, hot key, repeat", hit_hot);
     drop(b);
@@ -200,14 +256,27 @@ fn main() {
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
     let fill = b.fill(TABLE);
     let frames = random_frames(KEYS, TABLE, 0, 0x1234_5678);
-    let bare_random = median((0..RUNS).map(|_| each_once(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &frames)).collect());
+    let bare_random = median(
+        (0..RUNS)
+            .map(|_| each_once(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &frames))
+            .collect(),
+    );
     push("bare LRU lookup, random keys, full 1M table", bare_random);
-    let hit_random = median((0..RUNS).map(|_| each_once(b.dataplane.program(), &frames)).collect());
+    let hit_random = median(
+        (0..RUNS)
+            .map(|_| each_once(b.dataplane.program(), &frames))
+            .collect(),
+    );
     push("stick hit, random keys, full 1M table", hit_random);
     // Misses into the full table: every insert evicts. New keys each run.
     let full_miss = median(
         (0..RUNS)
-            .map(|r| each_once(b.dataplane.program(), &random_frames(KEYS, u32::MAX / 4, TABLE + r as u32 * 7_919_993, r as u64)))
+            .map(|r| {
+                each_once(
+                    b.dataplane.program(),
+                    &random_frames(KEYS, u32::MAX / 4, TABLE + r as u32 * 7_919_993, r as u64),
+                )
+            })
             .collect(),
     );
     push("miss + Maglev + insert, full table (evicting)", full_miss);
@@ -218,7 +287,9 @@ fn main() {
         (0..RUNS)
             .map(|r| {
                 let mut b = Bench::new(Policy::IpHash, u64::MAX);
-                let frames: Vec<Vec<u8>> = (0..KEYS as u32).map(|i| syn(client(i * 3 + r as u32), 80)).collect();
+                let frames: Vec<Vec<u8>> = (0..KEYS as u32)
+                    .map(|i| syn(client(i * 3 + r as u32), 80))
+                    .collect();
                 each_once(b.dataplane.program(), &frames)
             })
             .collect(),
@@ -227,15 +298,29 @@ fn main() {
 
     // Least-connections: an expired entry sends every packet through the pick (10 backends).
     let mut b = Bench::new(Policy::LeastConn, 0);
-    push("least-conn pick (10 backends) + insert, repeat", median((0..RUNS).map(|_| repeated(b.dataplane.program(), &hot)).collect()));
+    push(
+        "least-conn pick (10 backends) + insert, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(b.dataplane.program(), &hot))
+                .collect(),
+        ),
+    );
     drop(b);
 
     eprintln!("part b: control plane");
     let names: Vec<String> = (0..1000).map(|i| format!("backend-{i}")).collect();
     let mut builds = Vec::new();
     for n in [10usize, 100, 1000] {
-        let members: Vec<maglev::Member<'_>> =
-            names[..n].iter().enumerate().map(|(i, name)| maglev::Member { id: i as u32, name, weight: 1 }).collect();
+        let members: Vec<maglev::Member<'_>> = names[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| maglev::Member {
+                id: i as u32,
+                name,
+                weight: 1,
+            })
+            .collect();
         let ms = median(
             (0..RUNS)
                 .map(|_| {
@@ -264,12 +349,25 @@ fn main() {
     let mut checked = 0;
     for i in 0..1000 {
         let f = syn(client(i), 80);
-        let r = b.dataplane.program().test_run(TestRunOptions { data_in: Some(&f), data_out: Some(&mut out), ..TestRunOptions::new() }).unwrap();
+        let r = b
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&f),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
         assert_eq!(r.return_value, 3);
-        assert_ne!(out[5], 9, "backend-9 left the table: no new client may reach it");
+        assert_ne!(
+            out[5], 9,
+            "backend-9 left the table: no new client may reach it"
+        );
         checked += 1;
     }
-    eprintln!("  backend change in effect after {change_ms:.2} ms ({checked} packets after it avoided the removed backend)");
+    eprintln!(
+        "  backend change in effect after {change_ms:.2} ms ({checked} packets after it avoided the removed backend)"
+    );
     drop(b);
 
     // Sweep of a full table: wall time, and the hot-hit cost measured while it runs.
@@ -278,7 +376,11 @@ fn main() {
     let timeouts = std::collections::BTreeMap::from([(0u32, u64::MAX / 2)]);
     let mut sweep_secs = Vec::new();
     let mut during = Vec::new();
-    let quiet = median((0..RUNS).map(|_| repeated(b.dataplane.program(), &hot)).collect());
+    let quiet = median(
+        (0..RUNS)
+            .map(|_| repeated(b.dataplane.program(), &hot))
+            .collect(),
+    );
     for _ in 0..RUNS {
         let stick = &mut b.stick;
         let program = b.dataplane.program();
@@ -298,14 +400,25 @@ fn main() {
     }
     let sweep = median(sweep_secs);
     let during = median(during);
-    eprintln!("  sweep of 1M entries: {sweep:.3} s; hot hit {quiet:.1} ns quiet, {during:.1} ns during the sweep");
+    eprintln!(
+        "  sweep of 1M entries: {sweep:.3} s; hot hit {quiet:.1} ns quiet, {during:.1} ns during the sweep"
+    );
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
 
     println!("### a. Per-packet cost (BPF_PROG_TEST_RUN, median of {RUNS})\n");
     println!("| case | ns/packet | x floor |");
@@ -314,17 +427,27 @@ fn main() {
         println!("| {name} | {ns:.1} | {:.2} |", ns / floor);
     }
     println!();
-    println!("sticky-lb over the bare lookup (our own code): hot {:.1} ns, random {:.1} ns; pass-through over the floor: {:.1} ns\n",
-        hit_hot - bare_hot, hit_random - bare_random, rows[2].1 - floor);
+    println!(
+        "sticky-lb over the bare lookup (our own code): hot {:.1} ns, random {:.1} ns; pass-through over the floor: {:.1} ns\n",
+        hit_hot - bare_hot,
+        hit_random - bare_random,
+        rows[2].1 - floor
+    );
     println!("### b. Control plane (median of {RUNS})\n");
     println!("| operation | time |");
     println!("|---|---:|");
     for (n, ms) in &builds {
         println!("| Maglev build, {n} backends, M = 65537 | {ms:.2} ms |");
     }
-    println!("| fill 1,048,576 stick entries (batched) | {:.3} s |", fill.as_secs_f64());
+    println!(
+        "| fill 1,048,576 stick entries (batched) | {:.3} s |",
+        fill.as_secs_f64()
+    );
     println!("| expiry sweep over 1,048,576 entries | {sweep:.3} s |");
-    println!("| hot hit quiet / during the sweep | {quiet:.1} / {during:.1} ns ({:+.0}%) |", (during / quiet - 1.0) * 100.0);
+    println!(
+        "| hot hit quiet / during the sweep | {quiet:.1} / {during:.1} ns ({:+.0}%) |",
+        (during / quiet - 1.0) * 100.0
+    );
     println!("| backend change in effect (rebuild + swap) | {change_ms:.2} ms |");
     println!("\nmachine: {machine}, {cpus} CPUs, kernel {kernel}");
 
@@ -341,5 +464,9 @@ fn main() {
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("datapath.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("datapath.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
 }

@@ -165,6 +165,12 @@ impl Running {
         self.kind
     }
 
+    /// Detaches the XDP_PASS program from the balancer's bridge port (native sticky-lb only),
+    /// so the caller can put its own program there for a while.
+    pub fn detach_peer_xdp(&mut self) {
+        self.peer_xdp.take();
+    }
+
     /// Stops everything this set-up started and checks that nothing of it is left: no XDP
     /// program or pins on the balancer's interface, no nft tables of ours, no HAProxy.
     pub fn stop(mut self) -> Result<()> {
@@ -303,6 +309,21 @@ fn start_sticky(
         &dir,
         &sticky_config(rig, native, ports),
     )?);
+    // The mode asked for must be the mode the kernel reports (iproute2: 1 driver, 2 generic).
+    let link = in_ns(
+        rig.lb_ns(),
+        &["ip", "-j", "link", "show", "dev", rig.lb_dev()],
+        None,
+    )?;
+    let link: serde_json::Value = serde_json::from_str(&link).context("ip -j link")?;
+    let mode = link[0]["xdp"]["mode"].as_u64();
+    let expected = if native { 1 } else { 2 };
+    if mode != Some(expected) {
+        bail!(
+            "sticky-lb started, but lb0 reports XDP {} instead of mode {expected}",
+            link[0]["xdp"]
+        );
+    }
     Ok(())
 }
 
@@ -388,12 +409,15 @@ fn start_nft_dsr(running: &mut Running, rig: &Rig) -> Result<()> {
 /// HAProxy in the balancer namespace as our own child (`-db`: foreground, no daemon), with a
 /// config in the scratch directory; never the host's service or /etc/haproxy.
 fn start_haproxy(running: &mut Running, rig: &Rig, scratch: &Path) -> Result<()> {
+    // Far above the client concurrency, and within the usual 20k descriptor limit (HAProxy
+    // needs two descriptors per connection and refuses to start otherwise).
+    const MAXCONN: u32 = 8000;
     let dir = scratch.join(running.kind.key());
     std::fs::create_dir_all(&dir)?;
     let mut config = format!(
         "global\n\
          \tnbthread 2\n\
-         \tmaxconn 100000\n\
+         \tmaxconn {MAXCONN}\n\
          defaults\n\
          \tmode tcp\n\
          \ttimeout connect 2s\n\
@@ -401,7 +425,7 @@ fn start_haproxy(running: &mut Running, rig: &Rig, scratch: &Path) -> Result<()>
          \ttimeout server 30s\n\
          frontend web\n\
          \tbind {vip}:{PORT}\n\
-         \tmaxconn 100000\n\
+         \tmaxconn {MAXCONN}\n\
          \tdefault_backend pool\n\
          backend pool\n\
          \tbalance source\n",

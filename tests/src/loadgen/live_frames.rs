@@ -7,7 +7,9 @@
 //! aya 0.16 offers the flag (`TestRunAttrs::xdp_live_frames`), but its `test_run` needs an
 //! `Xdp` it loaded itself; here the program is the one the running `sticky-lb` attached (found
 //! through its pinned link) and a two-instruction `XDP_TX` program as the baseline, so both are
-//! driven by the same raw `bpf(2)` calls.
+//! driven by the same raw `bpf(2)` calls. A two-instruction `XDP_DROP` program on the veth peer
+//! then takes the transmitted frames off the wire at once, so the measured time is the sending
+//! side's (program and transmit), not the rig's whole TCP stack answering every SYN.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -18,10 +20,14 @@ use anyhow::{Context, Result, bail};
 /// bpf(2) commands and constants (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_PROG_TEST_RUN: libc::c_int = 10;
+const BPF_LINK_CREATE: libc::c_int = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// The kernel's upper bound for `batch_size` (TEST_XDP_MAX_BATCH).
 pub const MAX_BATCH: u32 = 256;
+pub const XDP_DROP: u32 = 1;
 pub const XDP_TX: u32 = 3;
 
 /// `union bpf_attr`, the BPF_PROG_LOAD member, up to `expected_attach_type`.
@@ -63,6 +69,17 @@ struct TestRunAttr {
     batch_size: u32,
 }
 
+/// `union bpf_attr`, the BPF_LINK_CREATE member; the tail (per link type) stays zero.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    tail: [u64; 4],
+}
+
 /// `struct xdp_md`, the context a test run may pass in.
 #[repr(C)]
 #[derive(Default)]
@@ -93,28 +110,51 @@ fn sys_bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
-/// Loads `r0 = XDP_TX; exit`: the cheapest program that transmits, the floor for sticky-lb.
-pub fn load_xdp_tx_noop() -> Result<OwnedFd> {
+/// Loads `r0 = action; exit`: the cheapest XDP program returning `action` (`XDP_TX` is the
+/// floor sticky-lb is compared with, `XDP_DROP` the sink on the peer).
+pub fn load_xdp_action(action: u32, name: &str) -> Result<OwnedFd> {
     // struct bpf_insn: opcode, dst/src registers, offset, immediate (little-endian here).
+    let imm = action.to_le_bytes();
     let insns: [[u8; 8]; 2] = [
-        // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 3
-        [0xb7, 0x00, 0, 0, XDP_TX as u8, 0, 0, 0],
+        // BPF_ALU64 | BPF_MOV | BPF_K: r0 = action
+        [0xb7, 0x00, 0, 0, imm[0], imm[1], imm[2], imm[3]],
         // BPF_JMP | BPF_EXIT
         [0x95, 0x00, 0, 0, 0, 0, 0, 0],
     ];
     let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"xdp_tx_nop");
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_XDP,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        prog_name,
+        // What libbpf sets for SEC("xdp"); needed to attach it through a link.
+        expected_attach_type: BPF_XDP,
         ..ProgLoadAttr::default()
     };
-    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr).context("BPF_PROG_LOAD of the XDP_TX no-op")?;
+    let fd =
+        sys_bpf(BPF_PROG_LOAD, &mut attr).with_context(|| format!("BPF_PROG_LOAD of {name}"))?;
     // SAFETY: BPF_PROG_LOAD returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Attaches `program` in driver (native) mode to interface `ifindex` of the calling thread's
+/// namespace through a bpf_link; closing the returned descriptor detaches it, so nothing
+/// outlives this process.
+pub fn attach_xdp_native(program: &impl AsFd, ifindex: u32) -> Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_fd().as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_DRV_MODE,
+        ..LinkCreateAttr::default()
+    };
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)
+        .with_context(|| format!("BPF_LINK_CREATE (XDP, native) on ifindex {ifindex}"))?;
+    // SAFETY: BPF_LINK_CREATE returned a new descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
@@ -193,5 +233,6 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TestRunAttr, ctx_in), 48);
         assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
         assert_eq!(size_of::<XdpMd>(), 24);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, flags), 12);
     }
 }

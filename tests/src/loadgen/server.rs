@@ -229,7 +229,7 @@ fn wants_close(head: &[u8]) -> bool {
     let connection = lines
         .filter_map(|l| l.strip_prefix("connection:"))
         .map(str::trim)
-        .next_back();
+        .last();
     match connection {
         Some(value) if value.contains("close") => true,
         Some(value) if value.contains("keep-alive") => false,
