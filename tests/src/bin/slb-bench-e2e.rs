@@ -272,7 +272,7 @@ fn run() -> Result<()> {
                 settings.runs,
                 row.kind.key()
             );
-            match measure(row.kind, round, &rig, scratch.path(), &settings) {
+            match measure(row.kind, round, &rig, scratch.path(), &settings)? {
                 Ok(m) => {
                     eprintln!(
                         "[round {}/{}] {}: short {:.0} conn/s (p50 {:.2} ms, p99 {:.2} ms, {:.3} CPU-s/1k, {} errors); keep-alive {:.0} req/s (p50 {:.3} ms, p99 {:.3} ms, {:.3} CPU-s/1k, {} errors); backends {:?}",
@@ -361,34 +361,44 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-/// Starts `kind`, checks it, measures both modes, stops it (checking it is gone).
+/// Starts `kind`, checks it, measures both modes, stops it (checking it is gone). The outer
+/// error is fatal: the balancer could not be removed, so the rig is in no state to measure the
+/// next one. The inner error only fails this balancer's round.
 fn measure(
     kind: Kind,
     round: usize,
     rig: &Rig,
     scratch: &std::path::Path,
     settings: &Settings,
-) -> Result<Measurement> {
-    let running = balancers::start(kind, rig, scratch)?;
-    let spread = balancers::sanity(kind, rig, SANITY_PROBES)?;
-    let short = client::run(&load_spec(kind, Mode::Short, rig, settings))?;
-    std::thread::sleep(SETTLE);
-    let keepalive = client::run(&load_spec(kind, Mode::KeepAlive, rig, settings))?;
-    running.stop()?;
-    for (mode, result) in [("short", &short), ("keep-alive", &keepalive)] {
-        if result.completed == 0 {
-            bail!(
-                "{mode}: nothing completed; first error: {}",
-                result.first_error.as_deref().unwrap_or("none")
-            );
+) -> Result<Result<Measurement>> {
+    let running = match balancers::start(kind, rig, scratch) {
+        Ok(running) => running,
+        // Whatever was set up before the failure was removed when `start` dropped it.
+        Err(err) => return Ok(Err(err)),
+    };
+    let outcome = (|| -> Result<Measurement> {
+        let spread = balancers::sanity(kind, rig, SANITY_PROBES)?;
+        let short = client::run(&load_spec(kind, Mode::Short, rig, settings))?;
+        std::thread::sleep(SETTLE);
+        let keepalive = client::run(&load_spec(kind, Mode::KeepAlive, rig, settings))?;
+        for (mode, result) in [("short", &short), ("keep-alive", &keepalive)] {
+            if result.completed == 0 {
+                bail!(
+                    "{mode}: nothing completed; first error: {}",
+                    result.first_error.as_deref().unwrap_or("none")
+                );
+            }
         }
-    }
-    Ok(Measurement {
-        round,
-        spread,
-        short: Figures::from(&short),
-        keepalive: Figures::from(&keepalive),
-    })
+        Ok(Measurement {
+            round,
+            spread,
+            short: Figures::from(&short),
+            keepalive: Figures::from(&keepalive),
+        })
+    })();
+    // Stopped and checked on success and failure alike.
+    running.stop()?;
+    Ok(outcome)
 }
 
 /// Thread `t` gets client addresses t, t + threads, t + 2 * threads, ... (used in turn), and
