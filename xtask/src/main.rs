@@ -61,20 +61,7 @@ fn main() -> Result<()> {
             require_root("./x bench")?;
             setup()?;
             build(true)?;
-            run(cargo_user()
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "sticky-lb-tests",
-                    "--bin",
-                    "slb-bench",
-                ])
-                .env(
-                    "STICKY_LB_BIN",
-                    workspace().join("target/release/sticky-lb"),
-                ))
+            bench()
         }
         Cmd::Dist => {
             setup()?;
@@ -373,5 +360,30 @@ fn dist() -> Result<()> {
         generate(&["completions", shell], dist.join("completions").join(file))?;
     }
     eprintln!("xtask: wrote {}", dist.display());
+    Ok(())
+}
+
+/// Runs the per-packet/control-plane benchmark, then the end-to-end one; each prints a markdown
+/// report (also saved under target/bench/ next to its JSON).
+fn bench() -> Result<()> {
+    let root = workspace();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    run(cargo_user().args(["build", "--release", "--quiet", "-p", "sticky-lb-tests", "--bins"]))?;
+    for (binary, report) in [("slb-bench", "datapath.md"), ("slb-bench-e2e", "e2e.md")] {
+        eprintln!("xtask: running {binary}");
+        let out = Command::new(root.join("target/release").join(binary))
+            .env("STICKY_LB_BIN", root.join("target/release/sticky-lb"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {binary}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        std::fs::write(out_dir.join(report), text.as_bytes())?;
+        if !out.status.success() {
+            bail!("{binary} failed with {}", out.status);
+        }
+    }
+    eprintln!("xtask: reports in {}", out_dir.display());
     Ok(())
 }
