@@ -14,6 +14,8 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the rig and the tests use: `ip` (netns, veth, bridge) and `ethtool`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+/// What the end-to-end benchmark compares sticky-lb with.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables"), ("haproxy", "haproxy")];
 
 #[derive(Parser)]
 #[command(about = "Set-up, build, test and demo for sticky-lb")]
@@ -60,6 +62,7 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             require_root("./x bench")?;
             setup()?;
+            ensure_debian_packages(BENCH_PACKAGES)?;
             build(true)?;
             bench()
         }
@@ -152,7 +155,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 fn setup() -> Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_PACKAGES)?;
     ensure_bpffs()?;
     Ok(())
 }
@@ -248,8 +251,8 @@ fn ensure_bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(binary, _)| {
             !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
