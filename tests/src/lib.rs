@@ -7,3 +7,4 @@ pub mod netns;
 pub mod packet;
 pub mod rig;
 pub mod scenario;
+mod socket;

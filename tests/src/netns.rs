@@ -97,10 +97,19 @@ fn check_ns_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a command with a deadline and returns its stdout; the error carries
-/// the command line, exit status and stderr. `stdin`, when given, is fed to
-/// the command's standard input.
+/// Runs a command within [`COMMAND_TIMEOUT`]; see [`run_command_within`].
 pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow::Result<String> {
+    run_command_within(command, stdin, COMMAND_TIMEOUT)
+}
+
+/// Runs a command to completion within `timeout` (killed after that) and
+/// returns its stdout; the error carries the command line, exit status and
+/// stderr. `stdin`, when given, is fed to the command's standard input.
+pub(crate) fn run_command_within(
+    command: &mut Command,
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let command_line = format!("{command:?}");
     let mut child = command
         .stdin(if stdin.is_some() {
@@ -131,7 +140,7 @@ pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow:
 
     // Bounded wait: poll with a growing sleep (fast commands return quickly,
     // slow ones do not spin), kill the child when the deadline passes.
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let mut nap = Duration::from_micros(500);
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -154,7 +163,7 @@ pub(crate) fn run_command(command: &mut Command, stdin: Option<&str>) -> anyhow:
     let stderr = stderr_reader.join().unwrap_or_default();
     match status {
         None => bail!(
-            "{command_line} did not finish within {COMMAND_TIMEOUT:?}; stderr: {}",
+            "{command_line} did not finish within {timeout:?}; stderr: {}",
             stderr.trim()
         ),
         Some(status) if !status.success() => {

@@ -18,7 +18,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 
 use crate::netns::{self, NetNs, in_netns};
+use crate::socket;
 
 /// The service address: on the balancer's `lb0` (so clients' ARP resolves it
 /// to the balancer) and on every backend's `lo` (so backends accept the
@@ -447,6 +448,39 @@ const SERVER_START_TIMEOUT: Duration = Duration::from_secs(5);
 /// A name longer than this is not an answer from our server.
 const MAX_ANSWER_LEN: u64 = 4096;
 
+/// The methods every server handle ([`NameServer`], [`HoldServer`],
+/// [`HttpServer`]) shares, for an `impl` block of a struct that keeps its
+/// [`ServerThread`] in a field `server`; `named` adds those of the servers
+/// that answer with a `name` field. A macro rather than a trait, so they stay
+/// inherent methods that callers use without importing anything.
+macro_rules! server_handle_methods {
+    () => {
+        /// The address it listens on (the actual port if `bind` had port 0).
+        pub fn addr(&self) -> SocketAddrV4 {
+            self.server.addr
+        }
+
+        /// Stops the server, closing every connection it still holds open,
+        /// and waits for its thread (Drop does the same).
+        pub fn stop(mut self) {
+            self.server.shutdown();
+        }
+    };
+    (named) => {
+        server_handle_methods!();
+
+        /// The name it answers with.
+        pub fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// Connections accepted so far.
+        pub fn accepted(&self) -> u64 {
+            self.server.accepted()
+        }
+    };
+}
+
 /// A TCP server inside a namespace that answers every connection with its
 /// name and a newline, then closes. Tells tests which backend they reached.
 #[derive(Debug)]
@@ -477,25 +511,7 @@ impl NameServer {
         })
     }
 
-    /// The name it answers with.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The address it listens on (the actual port if `bind` had port 0).
-    pub fn addr(&self) -> SocketAddrV4 {
-        self.server.addr
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.server.accepted()
-    }
-
-    /// Stops the server and waits for its thread (Drop does the same).
-    pub fn stop(mut self) {
-        self.server.shutdown();
-    }
+    server_handle_methods!(named);
 }
 
 /// Enters `ns` on this (dedicated) thread and binds a nonblocking listener.
@@ -585,124 +601,16 @@ fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyho
     read_answer(stream, deadline).with_context(|| format!("read answer {src} -> {dst}"))
 }
 
-/// TCP connect with a chosen source address and a deadline. std cannot bind
-/// a socket before connecting, hence libc: socket, bind, nonblocking
-/// connect, poll for writability, SO_ERROR.
+/// TCP connect with a chosen source address, done by `deadline`. The stream
+/// comes back blocking and without timeouts.
 fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream> {
-    // SAFETY: plain socket(2); the fd is owned by `fd` from here on.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-
-    // Pick the source port at connect time rather than bind time: a port
-    // then only has to be unique per 4-tuple, not per source address, so
-    // thousands of short connections do not exhaust the ephemeral range.
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd, option value is a c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setsockopt IP_BIND_ADDRESS_NO_PORT");
-    }
-
-    let local = sockaddr_in(SocketAddrV4::new(src, 0));
-    // SAFETY: valid fd and a sockaddr_in of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&local as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("bind {src}"));
-    }
-
-    let remote = sockaddr_in(dst);
-    // SAFETY: as for bind.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&remote as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(err.into());
-        }
-        wait_writable(&fd, deadline)?;
-        let mut so_error: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid fd, output buffer is a c_int with its size in `len`.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut so_error as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("getsockopt SO_ERROR");
-        }
-        if so_error != 0 {
-            return Err(std::io::Error::from_raw_os_error(so_error).into());
-        }
-    }
-    let stream = TcpStream::from(fd);
-    stream.set_nonblocking(false)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let stream = socket::connect_from(src, dst, left)?;
+    // The connect's bound stays on as a write timeout; drop it: readers here
+    // set their own deadline per read, and held connections are handed over
+    // like fresh ones, without any.
+    stream.set_write_timeout(None)?;
     Ok(stream)
-}
-
-/// Waits until a connecting socket is writable (connected or failed), or the
-/// deadline passes.
-fn wait_writable(fd: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
-    // Bounded: every iteration either returns or is an EINTR, and the
-    // remaining time shrinks towards the deadline.
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!("timed out");
-        }
-        let mut pollfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // Round up so a sub-millisecond remainder still waits a little.
-        let millis = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
-        match rc {
-            0 => bail!("timed out"),
-            n if n > 0 => return Ok(()),
-            _ => {
-                let err = std::io::Error::last_os_error();
-                if err.kind() != ErrorKind::Interrupted {
-                    return Err(err).context("poll");
-                }
-            }
-        }
-    }
 }
 
 /// Reads to EOF (at most [`MAX_ANSWER_LEN`] bytes) before the deadline.
@@ -743,17 +651,6 @@ fn read_until(
         }
     }
     Ok((answer, false))
-}
-
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1129,31 +1026,12 @@ impl HoldServer {
         })
     }
 
-    /// The name it answers with.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The address it listens on (the actual port if `bind` had port 0).
-    pub fn addr(&self) -> SocketAddrV4 {
-        self.server.addr
-    }
+    server_handle_methods!(named);
 
     /// Connections currently held open (updated every loop round, i.e.
     /// within [`ACCEPT_POLL`] of a change).
     pub fn open_connections(&self) -> usize {
         self.server.open_connections()
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.server.accepted()
-    }
-
-    /// Stops the server, closing every held connection, and waits for its
-    /// thread (Drop does the same).
-    pub fn stop(mut self) {
-        self.server.shutdown();
     }
 }
 
@@ -1350,16 +1228,7 @@ impl HttpServer {
         self.server.open_connections()
     }
 
-    /// The address it listens on (the actual port if `bind` had port 0).
-    pub fn addr(&self) -> SocketAddrV4 {
-        self.server.addr
-    }
-
-    /// Stops the server, closing every open connection, and waits for its
-    /// thread (Drop does the same).
-    pub fn stop(mut self) {
-        self.server.shutdown();
-    }
+    server_handle_methods!();
 }
 
 /// The mode is plain data, always consistent, so a panic while it was
@@ -1376,16 +1245,8 @@ fn reset_connection(stream: TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid fd; the option value is a `linger` of the size passed.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    // Failure is the plain FIN described above.
+    let _ = socket::set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
     drop(stream);
 }
 

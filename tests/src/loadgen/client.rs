@@ -7,7 +7,6 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use super::cpu::{CpuDelta, CpuTimes};
 use super::quantile;
 use crate::netns::spawn_in_netns;
+use crate::socket;
 
 /// Set (e.g. by a SIGINT handler) to make every running load thread stop at its next request.
 pub static STOP: AtomicBool = AtomicBool::new(false);
@@ -454,107 +454,19 @@ fn parse_head(head: &[u8]) -> io::Result<usize> {
 }
 
 /// A blocking TCP connection from `source` (any port) to `target`; `timeout` bounds the connect
-/// and every later read and write. std cannot bind before connecting, hence libc.
+/// and every later read and write.
 pub fn connect_from(
     source: Ipv4Addr,
     target: SocketAddrV4,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    // SAFETY: plain socket(2); the descriptor is owned by `fd` right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // The port is chosen at connect time, per 4-tuple, instead of at bind time per address:
-    // otherwise every source address could only use each ephemeral port once at a time.
-    set_int_option(&fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // On Linux SO_SNDTIMEO also bounds a blocking connect.
-    // SAFETY: valid fd, a timeval of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let local = sockaddr_in(SocketAddrV4::new(source, 0));
-    // SAFETY: valid fd, a sockaddr_in of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&local as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let remote = sockaddr_in(target);
-    // SAFETY: as for bind.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&remote as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        // A connect that ran into SO_SNDTIMEO reports EINPROGRESS.
-        if err.raw_os_error() == Some(libc::EINPROGRESS) {
-            return Err(io::Error::new(ErrorKind::TimedOut, "connect timed out"));
-        }
-        return Err(err);
-    }
-    let stream = TcpStream::from(fd);
+    // Leaves `timeout` on as the write timeout (SO_SNDTIMEO, which also bounded the connect).
+    let stream = socket::connect_from(source, target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
+    // Requests are single small writes each waiting for an answer: no reason to let Nagle
+    // hold any of them back.
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-fn set_int_option(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: valid fd, a c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
 }
 
 #[cfg(test)]
