@@ -204,8 +204,31 @@ fn random_frames(count: usize, range: u32, offset: u32, seed: u64) -> Vec<Vec<u8
         .collect()
 }
 
+/// `SLB_BENCH_QUICK=1`: only the hot rows, 21 runs each, for before/after comparisons while
+/// changing the data path (min and median printed).
+fn quick() {
+    let mut b = Bench::new(Policy::IpHash, u64::MAX);
+    b.fill(1);
+    let hot = syn(client(1), 80);
+    let other = syn(client(1), 8080);
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![("floor", vec![]), ("bare hot", vec![]), ("pass-through", vec![]), ("hit hot", vec![])];
+    for _ in 0..21 {
+        rows[0].1.push(repeated(b.dataplane.extra_program(PASS_PROGRAM).unwrap(), &hot));
+        rows[1].1.push(repeated(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &hot));
+        rows[2].1.push(repeated(b.dataplane.program(), &other));
+        rows[3].1.push(repeated(b.dataplane.program(), &hot));
+    }
+    for (name, values) in rows {
+        let min = values.iter().cloned().fold(f64::MAX, f64::min);
+        println!("{name:>14}: min {min:.0} ns, median {:.0} ns", median(values));
+    }
+}
+
 fn main() {
     require_root();
+    if std::env::var_os("SLB_BENCH_QUICK").is_some() {
+        return quick();
+    }
     let mut rows: Vec<(String, f64)> = Vec::new();
     let mut push = |name: &str, ns: f64| {
         eprintln!("  {name}: {ns:.1} ns");
