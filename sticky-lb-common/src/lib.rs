@@ -258,7 +258,8 @@ pub enum Counter {
     DropNoBackend = 4,
     /// Dropped: the backend id found in the Maglev table has no backend entry.
     DropBadBackend = 5,
-    /// Aborted: a map lookup that cannot fail did (a bug; XDP_ABORTED shows in tracepoints).
+    /// Aborted: the service index named a parameters slot that does not exist (a controller
+    /// bug; XDP_ABORTED also fires the xdp_exception tracepoint).
     Aborted = 6,
 }
 

@@ -50,8 +50,14 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         Parsed::Fragment => return pass(Counter::PassFragment),
         Parsed::Truncated => return pass(Counter::PassMalformed),
     };
-    let Some(service) = find_service(packet.daddr, packet.dport) else {
-        return pass(Counter::PassNotService);
+    let service = match find_service(packet.daddr, packet.dport) {
+        Lookup::Service(service) => service,
+        Lookup::NotService => return pass(Counter::PassNotService),
+        Lookup::Corrupt => {
+            // XDP_ABORTED also fires the xdp_exception tracepoint, so the bug is visible.
+            stats::count(Counter::Aborted);
+            return xdp_action::XDP_ABORTED;
+        }
     };
     let client = packet.saddr & service.client_mask[0];
     // The coarse clock (jiffies resolution) is plenty for second-granular refreshes and timeouts,
@@ -74,28 +80,41 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// What the service index says about a destination.
+enum Lookup {
+    Service(&'static Service),
+    NotService,
+    /// The index names a parameters slot that does not exist: a controller bug, not traffic.
+    Corrupt,
+}
+
 /// The service a TCP packet to `daddr:dport` belongs to: a few inlined array lookups in the
 /// service index (see maps.rs), the address checked to rule out a colliding slot.
 #[inline(always)]
-fn find_service(daddr: u32, dport: u16) -> Option<&'static Service> {
+fn find_service(daddr: u32, dport: u16) -> Lookup {
     let home = service_slot(daddr, dport, SERVICE_INDEX_SLOTS);
     let mut probe = 0;
     while probe < SERVICE_INDEX_PROBES {
         let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
         probe += 1;
-        let entry = *SERVICE_INDEX.get(slot)?;
+        let entry = match SERVICE_INDEX.get(slot) {
+            Some(&entry) => entry,
+            None => return Lookup::Corrupt,
+        };
         if entry == 0 {
-            return None;
+            return Lookup::NotService;
         }
         if entry == SERVICE_INDEX_TOMBSTONE {
             continue;
         }
-        let service = SERVICES.get(entry - 1)?;
+        let Some(service) = SERVICES.get(entry - 1) else {
+            return Lookup::Corrupt;
+        };
         if service.vip[0] == daddr && service.port == dport && service.protocol == PROTO_TCP {
-            return Some(service);
+            return Lookup::Service(service);
         }
     }
-    None
+    Lookup::NotService
 }
 
 #[inline(always)]

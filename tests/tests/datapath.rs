@@ -667,3 +667,17 @@ fn services_sharing_an_index_slot_are_told_apart_and_removal_keeps_the_other() {
     assert_passed_untouched(&fresh, result);
     assert_eq!(f.dataplane.service_keys().unwrap(), vec![other_key]);
 }
+
+#[test]
+fn a_corrupt_service_index_aborts_instead_of_guessing() {
+    use sticky_lb_common::{SERVICE_INDEX_SLOTS, hash::service_slot};
+    let mut f = Fixture::new(32);
+    // Point the service's index slot past the end of the services array.
+    let home = service_slot(f.key.vip[0], f.key.port, SERVICE_INDEX_SLOTS);
+    f.dataplane.service_index.set(home, &10_000, 0).unwrap();
+    let frame = Frame::tcp_syn(client(1), VIP, PORT).build();
+    let (verdict, _) = f.run(&frame);
+    assert_eq!(verdict, 0, "XDP_ABORTED");
+    assert_eq!(f.counter(Counter::Aborted), 1);
+    assert!(f.stick_entry(client(1)).is_none());
+}

@@ -3,8 +3,7 @@
 //! metrics that move with traffic.
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,7 +12,6 @@ use std::{
 };
 use sticky_lb_tests::{
     balancer::cli,
-    netns::in_netns,
     rig::fetch_names_many,
     scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
 };
@@ -401,20 +399,28 @@ fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
     assert_eq!(s.round(&clients), placement, "and keeps forwarding");
 }
 
-/// GET /metrics from inside the balancer's namespace.
+/// GET /metrics with curl (a real HTTP client) from inside the balancer's namespace.
 fn scrape(ns: &str, addr: SocketAddrV4) -> String {
-    in_netns(ns, || {
-        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
-            .expect("metrics listener");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.0 200 OK"), "{response}");
-        response
-    })
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn sample(text: &str, series: &str) -> f64 {

@@ -12,8 +12,10 @@ use std::{
 /// Nightly for the XDP program (-Z build-std=core; its LLVM 23 matches bpf-linker's).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the rig and the tests use: `ip` (netns, veth, bridge) and `ethtool`.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+/// Debian packages the rig and the tests use: `ip` (netns, veth, bridge), `ethtool`, and `curl`
+/// (the metrics test scrapes with a real HTTP client).
+const DEBIAN_PACKAGES: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("curl", "curl")];
 /// What the end-to-end benchmark compares sticky-lb with.
 const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables"), ("haproxy", "haproxy")];
 
@@ -372,7 +374,14 @@ fn bench() -> Result<()> {
     let root = workspace();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    run(cargo_user().args(["build", "--release", "--quiet", "-p", "sticky-lb-tests", "--bins"]))?;
+    run(cargo_user().args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "sticky-lb-tests",
+        "--bins",
+    ]))?;
     for (binary, report) in [("slb-bench", "datapath.md"), ("slb-bench-e2e", "e2e.md")] {
         eprintln!("xtask: running {binary}");
         let out = Command::new(root.join("target/release").join(binary))

@@ -211,16 +211,30 @@ fn quick() {
     b.fill(1);
     let hot = syn(client(1), 80);
     let other = syn(client(1), 8080);
-    let mut rows: Vec<(&str, Vec<f64>)> = vec![("floor", vec![]), ("bare hot", vec![]), ("pass-through", vec![]), ("hit hot", vec![])];
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("floor", vec![]),
+        ("bare hot", vec![]),
+        ("pass-through", vec![]),
+        ("hit hot", vec![]),
+    ];
     for _ in 0..21 {
-        rows[0].1.push(repeated(b.dataplane.extra_program(PASS_PROGRAM).unwrap(), &hot));
-        rows[1].1.push(repeated(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &hot));
+        rows[0].1.push(repeated(
+            b.dataplane.extra_program(PASS_PROGRAM).unwrap(),
+            &hot,
+        ));
+        rows[1].1.push(repeated(
+            b.dataplane.extra_program(BENCH_LOOKUP).unwrap(),
+            &hot,
+        ));
         rows[2].1.push(repeated(b.dataplane.program(), &other));
         rows[3].1.push(repeated(b.dataplane.program(), &hot));
     }
     for (name, values) in rows {
         let min = values.iter().cloned().fold(f64::MAX, f64::min);
-        println!("{name:>14}: min {min:.0} ns, median {:.0} ns", median(values));
+        println!(
+            "{name:>14}: min {min:.0} ns, median {:.0} ns",
+            median(values)
+        );
     }
 }
 
