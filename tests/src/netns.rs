@@ -288,3 +288,18 @@ pub fn unique_tag(test: &str) -> String {
     };
     format!("{short}-{}-{counter}", std::process::id())
 }
+
+/// Namespaces currently listed by `ip netns list` whose name contains `needle` (tests use it to
+/// prove their guards removed everything).
+pub fn listed_namespaces(needle: &str) -> Vec<String> {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}

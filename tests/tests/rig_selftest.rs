@@ -3,27 +3,12 @@
 //! Needs root.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::Command;
 use std::time::Duration;
 
-use sticky_lb_tests::netns::{in_netns, require_root};
+use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root};
 use sticky_lb_tests::rig::{NameServer, Rig, RigOptions, fetch_name, fetch_names_many};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Namespaces currently listed by `ip netns list` whose name contains `needle`.
-fn listed_namespaces(needle: &str) -> Vec<String> {
-    let output = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.contains(needle))
-        .map(str::to_owned)
-        .collect()
-}
 
 #[test]
 fn client_reaches_backend_and_rig_cleans_up() {

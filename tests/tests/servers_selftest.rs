@@ -4,10 +4,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sticky_lb_tests::netns::{in_netns, require_root, unique_tag};
+use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root, unique_tag};
 use sticky_lb_tests::rig::{
     HoldServer, HttpBehaviour, HttpServer, Rig, RigOptions, open_held_many,
 };
@@ -143,18 +142,4 @@ fn wait_for(what: &str, condition: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Namespaces currently listed by `ip netns list` whose name contains `needle`.
-fn listed_namespaces(needle: &str) -> Vec<String> {
-    let output = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.contains(needle))
-        .map(str::to_owned)
-        .collect()
 }

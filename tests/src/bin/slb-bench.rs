@@ -149,15 +149,7 @@ impl Bench {
         let slots: Vec<u32> = if self.service.policy == Policy::LeastConn as u8 {
             (0..n as u32).collect()
         } else {
-            let members: Vec<maglev::Member<'_>> = self.names[..n]
-                .iter()
-                .enumerate()
-                .map(|(i, name)| maglev::Member {
-                    id: i as u32,
-                    name,
-                    weight: 1,
-                })
-                .collect();
+            let members = equal_members(&self.names[..n]);
             maglev::Table::build(DEFAULT_MAGLEV_TABLE_SIZE, &members)
                 .slots()
                 .to_vec()
@@ -189,6 +181,19 @@ impl Bench {
         batch::update(&self.stick, &keys, &values).unwrap();
         started.elapsed()
     }
+}
+
+/// Backends `0..names.len()` with equal weights, as Maglev members.
+fn equal_members(names: &[String]) -> Vec<maglev::Member<'_>> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| maglev::Member {
+            id: i as u32,
+            name,
+            weight: 1,
+        })
+        .collect()
 }
 
 /// Frames from `count` clients picked pseudo-randomly in `0..range` (plus `offset`).
@@ -349,15 +354,7 @@ fn main() {
     let names: Vec<String> = (0..1000).map(|i| format!("backend-{i}")).collect();
     let mut builds = Vec::new();
     for n in [10usize, 100, 1000] {
-        let members: Vec<maglev::Member<'_>> = names[..n]
-            .iter()
-            .enumerate()
-            .map(|(i, name)| maglev::Member {
-                id: i as u32,
-                name,
-                weight: 1,
-            })
-            .collect();
+        let members = equal_members(&names[..n]);
         let ms = median(
             (0..RUNS)
                 .map(|_| {
