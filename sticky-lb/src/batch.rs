@@ -66,6 +66,21 @@ where
     K: Pod + Default,
     V: Pod + Default,
 {
+    lookup_all_paced(map, chunk, std::time::Duration::ZERO)
+}
+
+/// [`lookup_all`] with a pause after each chunk: a background walk of a big table then takes
+/// longer but competes less with the data path for memory bandwidth and cache.
+pub fn lookup_all_paced<M, K, V>(
+    map: &M,
+    chunk: usize,
+    pause: std::time::Duration,
+) -> io::Result<Vec<(K, V)>>
+where
+    M: IterableMap<K, V>,
+    K: Pod + Default,
+    V: Pod + Default,
+{
     let fd = map_fd(map);
     let mut out = Vec::new();
     let mut keys = vec![K::default(); chunk];
@@ -94,6 +109,9 @@ where
             return Ok(out);
         }
         first = false;
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
 }
 

@@ -15,6 +15,9 @@ use sticky_lb_common::{BackendId, FlowEntry, FlowKey, ServiceId, StickEntry, Sti
 
 use crate::dataplane::monotonic_ns;
 
+/// Pause between the sweep's batched reads.
+const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// What one sweep saw and did.
 #[derive(Clone, Debug, Default)]
 pub struct SweepReport {
@@ -47,8 +50,9 @@ pub fn sweep(
     // Collect first, delete after: deleting while walking with get_next_key can restart the walk.
     let now = monotonic_ns();
     let mut candidates = Vec::new();
-    // One syscall per 8192 entries: a million-entry table is read in well under a second.
-    for (key, entry) in crate::batch::lookup_all(stick, 8192)? {
+    // One syscall per 4096 entries, then a breath: a million-entry table is read in well under
+    // a second while packets on other CPUs keep most of the memory bandwidth.
+    for (key, entry) in crate::batch::lookup_all_paced(stick, 4096, SWEEP_PAUSE)? {
         report.scanned += 1;
         match timeouts.get(&key.service) {
             Some(&timeout) if !is_idle(&entry, now, timeout) => {
