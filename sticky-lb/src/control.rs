@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
@@ -147,7 +147,8 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
                     let _ = write.write_all(format!("{text}\n").as_bytes()).await;
                     return;
                 }
-                let mut lines = tokio::io::BufReader::new(read.take_limit()).lines();
+                // Read at most MAX_REQUEST bytes: an endless line cannot exhaust memory.
+                let mut lines = tokio::io::BufReader::new(read.take(MAX_REQUEST as u64)).lines();
                 let reply =
                     match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
                         Ok(Ok(Some(line))) => match serde_json::from_str::<Request>(&line) {
@@ -171,19 +172,6 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
             });
         }
     }))
-}
-
-/// Caps how much of a request is read, so an endless line cannot exhaust memory.
-trait TakeLimit {
-    fn take_limit(self) -> tokio::io::Take<Self>
-    where
-        Self: Sized;
-}
-
-impl<T: tokio::io::AsyncRead> TakeLimit for T {
-    fn take_limit(self) -> tokio::io::Take<Self> {
-        tokio::io::AsyncReadExt::take(self, MAX_REQUEST as u64)
-    }
 }
 
 /// Sends one request to a running controller and returns its reply (the CLI side).

@@ -11,14 +11,12 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
-use sticky_lb_common::{BackendId, LAYOUT_VERSION, MAX_BACKENDS, ServiceId};
+use sticky_lb_common::{BackendId, MAX_BACKENDS, ServiceId};
 
 const RUN_DIR: &str = "/run/sticky-lb";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuntimeState {
-    /// Map layout of the pinned maps (`sticky_lb_common::LAYOUT_VERSION`).
-    pub layout_version: u32,
     pub interface: String,
     pub netns: Option<String>,
     /// `native` or `generic`.
@@ -214,8 +212,6 @@ pub fn mac_string(mac: Option<[u8; 6]>) -> Option<String> {
     mac.as_ref().map(format_mac)
 }
 
-pub const LAYOUT: u32 = LAYOUT_VERSION;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +235,6 @@ mod tests {
 
     fn state(config: &Config, ids: &[(ServiceId, Vec<BackendId>)]) -> RuntimeState {
         RuntimeState {
-            layout_version: LAYOUT,
             interface: "lo".into(),
             netns: None,
             xdp_mode: "generic".into(),

@@ -14,13 +14,12 @@ use sticky_lb::{
     maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, COUNTER_COUNT, Counter, FlowEntry, FlowKey, PROTO_TCP,
-    Policy, Service, ServiceCounters, ServiceKey, StickEntry, StickKey, hash::client_hash,
-    map_names,
+    Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, PROTO_TCP, Policy, Service,
+    ServiceCounters, ServiceKey, StickEntry, StickKey, hash::client_hash, map_names,
 };
 use sticky_lb_tests::{
     netns::require_root,
-    packet::{ETH_LEN, Frame, LB_MAC, TCP_LEN, VLAN_LEN},
+    packet::{ETH_LEN, Frame, TCP_LEN, VLAN_LEN},
 };
 
 const XDP_DROP: u32 = 1;
@@ -514,12 +513,6 @@ fn service_without_backends_drops() {
     assert!(f.stick_entry(client(1)).is_none());
 }
 
-#[test]
-fn counters_cover_every_reason() {
-    assert_eq!(Counter::ALL.len(), COUNTER_COUNT as usize);
-    let _ = LB_MAC;
-}
-
 /// A TCP segment from `client:port` with the given flags.
 fn segment(client_addr: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
     let mut frame = Frame::tcp_syn(client_addr, VIP, PORT);
@@ -656,7 +649,7 @@ fn services_sharing_an_index_slot_are_told_apart_and_removal_keeps_the_other() {
     );
     let to_first = Frame::tcp_syn(client(2), VIP, PORT).build();
     let result = f.run(&to_first);
-    assert_ne!(f.forwarded_to(&result), usize::MAX);
+    f.forwarded_to(&result); // asserts XDP_TX to one of the first service's backends
     // Remove the first: the second, probed past the tombstone, still works; the first passes.
     let first_key = f.key;
     f.dataplane.remove_service(&first_key).unwrap();

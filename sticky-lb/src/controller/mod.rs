@@ -591,7 +591,6 @@ impl Controller {
 
     fn runtime_state(&self) -> RuntimeState {
         RuntimeState {
-            layout_version: LAYOUT_VERSION,
             interface: self.config.interface.clone(),
             netns: self.netns.clone(),
             xdp_mode: self.mode.clone(),

@@ -37,9 +37,9 @@ fn v4(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// Median of the runs (one implementation, shared with the end-to-end benchmark).
+fn median(runs: Vec<f64>) -> f64 {
+    sticky_lb_tests::loadgen::median(runs).expect("at least one run")
 }
 
 fn syn(src: Ipv4Addr, port: u16) -> Vec<u8> {

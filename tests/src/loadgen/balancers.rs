@@ -104,18 +104,25 @@ pub struct Running {
     haproxy: Option<Child>,
 }
 
+impl Running {
+    /// Nothing set up yet; dropping it removes whatever gets set up later.
+    fn new(kind: Kind, rig: &Rig) -> Running {
+        Running {
+            kind,
+            lb_ns: rig.lb_ns().to_owned(),
+            sticky: None,
+            pins: None,
+            peer_xdp: None,
+            nft_tables: Vec::new(),
+            sysctls: Vec::new(),
+            haproxy: None,
+        }
+    }
+}
+
 /// Starts `kind` in `rig` (scratch files under `scratch`) and waits until it forwards.
 pub fn start(kind: Kind, rig: &Rig, scratch: &Path) -> Result<Running> {
-    let mut running = Running {
-        kind,
-        lb_ns: rig.lb_ns().to_owned(),
-        sticky: None,
-        pins: None,
-        peer_xdp: None,
-        nft_tables: Vec::new(),
-        sysctls: Vec::new(),
-        haproxy: None,
-    };
+    let mut running = Running::new(kind, rig);
     // On any error below, dropping `running` removes whatever was already set up.
     match kind {
         Kind::Direct => {}
@@ -146,16 +153,7 @@ pub fn start_sticky_with_ports(
     } else {
         Kind::StickyGeneric
     };
-    let mut running = Running {
-        kind,
-        lb_ns: rig.lb_ns().to_owned(),
-        sticky: None,
-        pins: None,
-        peer_xdp: None,
-        nft_tables: Vec::new(),
-        sysctls: Vec::new(),
-        haproxy: None,
-    };
+    let mut running = Running::new(kind, rig);
     start_sticky(&mut running, rig, scratch, native, ports)?;
     Ok(running)
 }
