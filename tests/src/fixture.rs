@@ -1,0 +1,276 @@
+//! A loaded sticky-lb XDP program under BPF_PROG_TEST_RUN, unpinned and unattached, with small
+//! tables, one service 198.18.0.100:80 and three backends: frames built in a test go in, the
+//! verdict, the bytes that come out and the map contents are checked (the style of Katran's
+//! testing/fixtures). Used by the data-path fixtures and the packet fuzzer.
+
+use crate::{netns::require_root, packet::{ETH_LEN, Frame}};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use std::net::Ipv4Addr;
+use sticky_lb::{
+    dataplane::{Dataplane, LoadOptions},
+    maglev,
+};
+use sticky_lb_common::{
+    Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, PROTO_TCP, Policy, Service,
+    ServiceCounters, ServiceKey, StickEntry, StickKey, hash::client_hash, map_names,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const PORT: u16 = 80;
+pub const RING: u32 = 251; // a small prime keeps the test fast; the logic is size-independent
+pub const TIMEOUT_NS: u64 = 60_000_000_000;
+/// The balancer interface's MAC as the program is told it (the source MAC of forwarded frames).
+pub const OUR_MAC: [u8; 6] = [0x02, 0x5b, 0, 0, 0, 0xfe];
+
+pub struct Fixture {
+    pub dataplane: Dataplane,
+    pub key: ServiceKey,
+    pub service: Service,
+    pub backends: Vec<(BackendId, String, [u8; 6])>,
+    pub stick: HashMap<MapData, StickKey, StickEntry>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, ServiceCounters>,
+    pub flows: HashMap<MapData, FlowKey, FlowEntry>,
+    pub active: Array<MapData, i64>,
+}
+
+pub fn v4(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub fn mask(prefix: u32) -> u32 {
+    u32::from_ne_bytes((u32::MAX << (32 - prefix)).to_be_bytes())
+}
+
+impl Fixture {
+    pub fn new(client_prefix: u32) -> Fixture {
+        require_root();
+        let mut dataplane = Dataplane::load(
+            None,
+            LoadOptions {
+                stick_table_size: 1024,
+                flow_table_size: 1024,
+                maglev_stride: RING,
+                maglev_services: 2,
+                interface_mac: OUR_MAC,
+                log_level: 0,
+            },
+        )
+        .expect("the kernel accepts the program");
+        let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
+            .map(|i| {
+                (
+                    i + 5,
+                    format!("web-{i}"),
+                    [0x02, 0xbe, 0, 0, 0, i as u8 + 1],
+                )
+            })
+            .collect();
+        for (id, _, mac) in &backends {
+            let entry = Backend {
+                addr: [v4(Ipv4Addr::new(198, 18, 0, 11 + *id as u8)), 0, 0, 0],
+                mac: *mac,
+                state: BackendState::Up as u8,
+                _pad: 0,
+                service: 1,
+                weight: 1,
+            };
+            dataplane.backends.set(*id, &entry, 0).unwrap();
+        }
+        let key = ServiceKey {
+            vip: [v4(VIP), 0, 0, 0],
+            port: PORT.to_be(),
+            protocol: PROTO_TCP,
+            _pad: 0,
+        };
+        let service = Service {
+            id: 1,
+            stick_timeout_ns: TIMEOUT_NS,
+            client_mask: [mask(client_prefix), 0, 0, 0],
+            ..Default::default()
+        };
+        let stick = dataplane.take_map(map_names::STICK).unwrap();
+        let stats = dataplane.take_map(map_names::STATS).unwrap();
+        let service_stats = dataplane.take_map(map_names::SERVICE_STATS).unwrap();
+        let flows = dataplane.take_map(map_names::FLOWS).unwrap();
+        let active = dataplane.take_map(map_names::ACTIVE).unwrap();
+        let mut fixture = Fixture {
+            dataplane,
+            key,
+            service,
+            backends,
+            stick,
+            stats,
+            service_stats,
+            flows,
+            active,
+        };
+        fixture.publish(&[0, 1, 2]);
+        fixture
+    }
+
+    /// Publishes a Maglev table made of the given backends (indexes into `self.backends`).
+    pub fn publish(&mut self, members: &[usize]) -> maglev::Table {
+        let members: Vec<maglev::Member<'_>> = members
+            .iter()
+            .map(|&i| maglev::Member {
+                id: self.backends[i].0,
+                name: &self.backends[i].1,
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::Table::build(RING, &members);
+        self.dataplane
+            .publish_service(&self.key, &mut self.service, table.slots())
+            .unwrap();
+        table
+    }
+
+    /// Turns the service into a least-connections one over the given backends.
+    pub fn least_conn(&mut self, members: &[usize]) {
+        self.service.policy = Policy::LeastConn as u8;
+        let ids: Vec<BackendId> = members.iter().map(|&i| self.backends[i].0).collect();
+        self.dataplane
+            .publish_service(&self.key, &mut self.service, &ids)
+            .unwrap();
+    }
+
+    pub fn set_weight(&mut self, backend: usize, weight: u32) {
+        let id = self.backends[backend].0;
+        let mut entry = self.dataplane.backends.get(&id, 0).unwrap();
+        entry.weight = weight;
+        self.dataplane.backends.set(id, &entry, 0).unwrap();
+    }
+
+    pub fn active(&self, backend: usize) -> i64 {
+        self.active.get(&self.backends[backend].0, 0).unwrap()
+    }
+
+    pub fn set_active(&mut self, backend: usize, count: i64) {
+        self.active
+            .set(self.backends[backend].0, &count, 0)
+            .unwrap();
+    }
+
+    /// Index of the backend a forwarded frame went to.
+    pub fn forwarded_to(&self, (verdict, out): &(u32, Vec<u8>)) -> usize {
+        assert_eq!(*verdict, XDP_TX);
+        self.backends
+            .iter()
+            .position(|b| b.2 == out[0..6])
+            .expect("a backend's MAC")
+    }
+
+    pub fn set_state(&mut self, backend: usize, state: BackendState) {
+        let id = self.backends[backend].0;
+        let mut entry = self.dataplane.backends.get(&id, 0).unwrap();
+        entry.state = state as u8;
+        self.dataplane.backends.set(id, &entry, 0).unwrap();
+    }
+
+    /// Runs one frame; returns the verdict and the frame as the program left it.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// The backend (index) the Maglev table gives a client, computed the way the program does.
+    pub fn predicted(&self, table: &maglev::Table, client: Ipv4Addr) -> usize {
+        let masked = v4(client) & self.service.client_mask[0];
+        let id = table.lookup(client_hash(&[masked, 0, 0, 0], self.service.id));
+        self.index_of(id)
+    }
+
+    pub fn index_of(&self, id: BackendId) -> usize {
+        self.backends
+            .iter()
+            .position(|b| b.0 == id)
+            .expect("a known backend id")
+    }
+
+    pub fn stick_entry(&self, client: Ipv4Addr) -> Option<StickEntry> {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        self.stick.get(&key, 0).ok()
+    }
+
+    pub fn set_stick(&mut self, client: Ipv4Addr, backend: usize, last_seen_ns: u64) {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        let entry = StickEntry {
+            backend: self.backends[backend].0,
+            _pad: 0,
+            last_seen_ns,
+            created_ns: last_seen_ns,
+        };
+        self.stick.insert(&key, &entry, 0).unwrap();
+    }
+
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.stats.get(&(counter as u32), 0).unwrap().iter().sum()
+    }
+
+    pub fn service_counters(&self) -> ServiceCounters {
+        ServiceCounters::sum(self.service_stats.get(&self.service.id, 0).unwrap().iter())
+    }
+
+    /// Asserts the frame was forwarded to `backend` by DSR: destination MAC = the backend's,
+    /// source MAC = ours, every other byte unchanged.
+    pub fn assert_forwarded(&self, input: &[u8], (verdict, output): (u32, Vec<u8>), backend: usize) {
+        assert_eq!(verdict, XDP_TX, "expected XDP_TX");
+        assert_eq!(output.len(), input.len());
+        assert_eq!(output[0..6], self.backends[backend].2, "destination MAC");
+        assert_eq!(output[6..12], OUR_MAC, "source MAC");
+        assert_eq!(
+            output[12..],
+            input[12..],
+            "bytes after the MACs must be untouched"
+        );
+    }
+}
+
+pub fn assert_passed_untouched(input: &[u8], (verdict, output): (u32, Vec<u8>)) {
+    assert_eq!(verdict, XDP_PASS, "expected XDP_PASS");
+    assert_eq!(output, input, "a passed frame must be untouched");
+}
+
+pub fn client(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, n)
+}
+
+/// A TCP segment from `client:port` with the given flags.
+pub fn segment(client_addr: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
+    let mut frame = Frame::tcp_syn(client_addr, VIP, PORT);
+    frame.src_port = port;
+    let mut bytes = frame.build();
+    // The flags byte is the 14th of the TCP header (checksum not recomputed: XDP never checks it).
+    bytes[ETH_LEN + 20 + 13] = flags;
+    bytes
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN_ACK: u8 = 0x11;
+pub const RST: u8 = 0x04;
+
