@@ -15,7 +15,7 @@ pub type BackendId = u32;
 pub type ServiceId = u32;
 
 /// Bump when any map layout below changes; pinned maps of another version are not reused.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Virtual services per interface.
 pub const MAX_SERVICES: u32 = 64;
@@ -31,18 +31,43 @@ pub const SERVICE_INDEX_TOMBSTONE: u32 = u32::MAX;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Default stick-table size, like HAProxy `stick-table size 1m`.
 pub const DEFAULT_STICK_TABLE_SIZE: u32 = 1 << 20;
-/// Default size of the flow table least-connections services use to count connections.
-pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 18;
+/// Default size of the connection table (every open TCP connection of every service, about 90
+/// bytes of kernel memory each: 1M entries take about 90 MB).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// A least-connections service compares at most this many backends per new client: the bound
 /// keeps the data path's loop short enough for the verifier and the per-packet budget.
 pub const MAX_LEAST_CONN_BACKENDS: u32 = 32;
 /// Default Maglev lookup-table size (prime, as the paper requires).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
+/// The owning service of an unused backend slot (no service has this id).
+pub const NO_SERVICE: ServiceId = u32::MAX;
 /// Marks an empty Maglev slot (a service with no eligible backend).
 pub const NO_BACKEND: BackendId = u32::MAX;
-/// A stick entry's last-seen time is rewritten only once it is this old, so a busy client costs a
-/// map write at most once a second instead of once a packet.
+/// A stick entry's or a connection's last-seen time is rewritten only once it is this old (or half
+/// the stick timeout, if that is shorter), so a busy client costs a map write at most once a
+/// second instead of once a packet.
 pub const STICK_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How old a last-seen time (ns) may get before a packet rewrites it: the smaller of
+/// [`STICK_REFRESH_NS`] and half the timeout (ns), so an entry used more often than its timeout
+/// is always refreshed before it expires, whatever the timeout.
+#[inline(always)]
+pub fn refresh_interval_ns(timeout_ns: u64) -> u64 {
+    let half = timeout_ns >> 1;
+    if half < STICK_REFRESH_NS {
+        half
+    } else {
+        STICK_REFRESH_NS
+    }
+}
+
+/// Time (ns) since `last_seen_ns` at `now_ns`. A last-seen time ahead of `now` (another CPU read
+/// the coarse clock just after a tick this CPU has not seen yet) is idle 0, never a huge
+/// wrapped-around idle time that would expire a live entry.
+#[inline(always)]
+pub fn idle_ns(now_ns: u64, last_seen_ns: u64) -> u64 {
+    now_ns.saturating_sub(last_seen_ns)
+}
 
 /// Map names (at most 15 characters: the kernel truncates longer names and reuse by name breaks).
 pub mod map_names {
@@ -57,7 +82,8 @@ pub mod map_names {
     pub const FLOWS: &str = "slb_flows";
     pub const ACTIVE: &str = "slb_active";
     pub const META: &str = "slb_meta";
-    pub const ALL: [&str; 11] = [
+    pub const INSERT_BUDGET: &str = "slb_ins_budget";
+    pub const ALL: [&str; 12] = [
         SERVICE_INDEX,
         SERVICES,
         BACKENDS,
@@ -69,6 +95,7 @@ pub mod map_names {
         FLOWS,
         ACTIVE,
         META,
+        INSERT_BUDGET,
     ];
 }
 
@@ -141,7 +168,10 @@ pub struct Service {
     pub ring_base: u32,
     /// Size of this service's Maglev table (a prime), or the number of listed backends.
     pub ring_size: u32,
-    pub _pad2: u32,
+    /// Flood guard: the least time (ns) between two new stick entries on one CPU, on average
+    /// (a rate limit of 1e9 / this per CPU per second, with a burst of one second's worth); a
+    /// client above it is placed by the policy's hash without an entry. 0 = no limit.
+    pub insert_interval_ns: u32,
     /// A stick entry idle longer than this is treated as absent and swept.
     pub stick_timeout_ns: u64,
     /// Mask applied to the client address before it keys the stick table and the hash
@@ -159,19 +189,52 @@ pub struct StickKey {
 }
 
 /// Value of the stick table: where a client goes and how long it has been going there.
+///
+/// `backend` and `version` form one aligned 64-bit word ([`StickEntry::placement`]) that the data
+/// path replaces with a compare-and-exchange, so when several CPUs re-place one client at once
+/// (an expired entry, a backend that went down) the first choice wins everywhere. An odd
+/// version marks a replacement in progress (its backend is already the winner's); the writer
+/// then stamps the times and makes the version even again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StickEntry {
     pub backend: BackendId,
-    pub _pad: u32,
+    /// Incremented twice by every replacement (odd while it is in progress).
+    pub version: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, at [`STICK_REFRESH_NS`] granularity.
     pub last_seen_ns: u64,
     /// `bpf_ktime_get_coarse_ns` when the client was first assigned to this backend.
     pub created_ns: u64,
 }
 
-/// Key of the flow table: one TCP connection of a least-connections service (the VIP and port
-/// are the service's).
+impl StickEntry {
+    /// A fresh entry placing a client on `backend` at `now_ns`.
+    pub const fn placed(backend: BackendId, now_ns: u64) -> StickEntry {
+        StickEntry {
+            backend,
+            version: 0,
+            last_seen_ns: now_ns,
+            created_ns: now_ns,
+        }
+    }
+
+    /// `backend` and `version` as the one 64-bit word the data path compares and exchanges
+    /// (little-endian: the backend in the low half).
+    pub const fn placement(&self) -> u64 {
+        self.backend as u64 | (self.version as u64) << 32
+    }
+
+    pub const fn placement_backend(word: u64) -> BackendId {
+        word as u32
+    }
+
+    pub const fn placement_version(word: u64) -> u32 {
+        (word >> 32) as u32
+    }
+}
+
+/// Key of the connection table: one TCP connection of a service (the VIP and port are the
+/// service's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -183,14 +246,38 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// Value of the flow table: which backend counts this connection as active.
+/// Value of the connection table: the backend an open connection is forwarded to for its whole
+/// life (whatever happens to its client's stick entry), and which counts it as active.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
     pub backend: BackendId,
-    pub _pad: u32,
-    /// Refreshed at [`STICK_REFRESH_NS`] granularity; the controller expires idle flows.
+    /// A [`FlowState`] value.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// Refreshed at [`refresh_interval_ns`] granularity; the controller expires idle flows.
     pub last_seen_ns: u64,
+}
+
+/// Where a connection is in its life, as far as the client's half shows it (in DSR the server's
+/// half is never seen). Like IPVS, each state has its own idle timeout, so a flood of SYNs that
+/// never complete leaves the table quickly.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// Only the client's SYN seen (IPVS SYN_RECV): `flow_opening_timeout`.
+    Opening = 0,
+    /// The client sent a segment without SYN (its handshake ACK): `flow_idle_timeout`.
+    Established = 1,
+}
+
+/// Per-CPU, per-service state of the flood guard: a generic cell rate algorithm (GCRA, ITU-T
+/// I.371) over new stick entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InsertBudget {
+    /// Theoretical arrival time (ns, coarse monotonic clock) of the next new entry.
+    pub next_ns: u64,
 }
 
 /// A backend's state in the data path.
@@ -226,7 +313,8 @@ impl BackendState {
     }
 }
 
-/// Value of the backends map, indexed by [`BackendId`].
+/// Value of the backends map, indexed by [`BackendId`]. Slots without a backend hold
+/// [`Backend::UNUSED`] and are never forwarded to: every pick checks the state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -242,6 +330,18 @@ pub struct Backend {
     pub weight: u32,
 }
 
+impl Backend {
+    /// What a slot without a backend holds (also a removed backend's slot).
+    pub const UNUSED: Backend = Backend {
+        addr: [0; 4],
+        mac: [0; 6],
+        state: BackendState::Unused as u8,
+        _pad: 0,
+        service: NO_SERVICE,
+        weight: 0,
+    };
+}
+
 /// Indexes of the global per-CPU counters (`slb_stats`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,29 +353,37 @@ pub enum Counter {
     /// Passed: an IPv4 fragment (no reliable ports; see README "Limits").
     PassFragment = 2,
     /// Passed: the frame ends inside a header it claims to carry.
-    PassMalformed = 3,
+    PassTruncated = 3,
     /// Dropped: the service has no eligible backend.
     DropNoBackend = 4,
-    /// Dropped: the backend id found in the Maglev table has no backend entry.
+    /// Dropped: the table named a backend that is not up (a slot in use by no backend, or one
+    /// that changed state in the moment before the controller published a new table).
     DropBadBackend = 5,
     /// Aborted: the service index named a parameters slot that does not exist (a controller
     /// bug; XDP_ABORTED also fires the xdp_exception tracepoint).
     Aborted = 6,
+    /// Passed: an IPv4 header that is not well formed (version not 4, IHL below 5, total length
+    /// shorter than its headers or longer than the frame).
+    PassBadIpHeader = 7,
+    /// Passed: a TCP header that is not well formed (data offset below 5 or past the packet).
+    PassBadTcpHeader = 8,
 }
 
 /// Number of [`Counter`] slots. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 9;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
         Counter::PassNotIp,
         Counter::PassNotService,
         Counter::PassFragment,
-        Counter::PassMalformed,
+        Counter::PassTruncated,
         Counter::DropNoBackend,
         Counter::DropBadBackend,
         Counter::Aborted,
+        Counter::PassBadIpHeader,
+        Counter::PassBadTcpHeader,
     ];
 
     /// Name used by `status` and in metrics.
@@ -284,10 +392,12 @@ impl Counter {
             Counter::PassNotIp => "pass_not_ip",
             Counter::PassNotService => "pass_not_service",
             Counter::PassFragment => "pass_fragment",
-            Counter::PassMalformed => "pass_malformed",
+            Counter::PassTruncated => "pass_truncated",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropBadBackend => "drop_bad_backend",
             Counter::Aborted => "aborted",
+            Counter::PassBadIpHeader => "pass_bad_ip_header",
+            Counter::PassBadTcpHeader => "pass_bad_tcp_header",
         }
     }
 }
@@ -314,6 +424,12 @@ pub struct ServiceCounters {
     pub redispatches: u64,
     /// The entry could not be written (should not happen with an LRU map).
     pub insert_failures: u64,
+    /// Another CPU placed or moved the same client first; its choice was used.
+    pub races_lost: u64,
+    /// New clients placed without an entry because the flood guard's rate was exceeded.
+    pub inserts_skipped: u64,
+    /// New connections not tracked because the connection table was full.
+    pub flows_untracked: u64,
 }
 
 impl BackendCounters {
@@ -339,6 +455,9 @@ impl ServiceCounters {
                 stick_inserts: a.stick_inserts + c.stick_inserts,
                 redispatches: a.redispatches + c.redispatches,
                 insert_failures: a.insert_failures + c.insert_failures,
+                races_lost: a.races_lost + c.races_lost,
+                inserts_skipped: a.inserts_skipped + c.inserts_skipped,
+                flows_untracked: a.flows_untracked + c.flows_untracked,
             })
     }
 }
@@ -357,6 +476,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for InsertBudget {}
 }
 
 #[cfg(test)]
@@ -372,9 +492,36 @@ mod tests {
         assert_eq!(size_of::<StickEntry>(), 24);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<BackendCounters>(), 16);
-        assert_eq!(size_of::<ServiceCounters>(), 40);
+        assert_eq!(size_of::<ServiceCounters>(), 64);
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<FlowEntry>(), 16);
+        assert_eq!(size_of::<InsertBudget>(), 8);
+    }
+
+    #[test]
+    fn a_last_seen_in_the_future_is_idle_zero() {
+        assert_eq!(idle_ns(1_000, 4_000), 0);
+        assert_eq!(idle_ns(5_000, 4_000), 1_000);
+    }
+
+    #[test]
+    fn refresh_comes_before_expiry_for_every_timeout() {
+        assert_eq!(refresh_interval_ns(60_000_000_000), STICK_REFRESH_NS);
+        assert_eq!(refresh_interval_ns(500_000_000), 250_000_000);
+        for timeout in [2, 1_000, 100_000_000, 1_999_999_999, 2_000_000_000] {
+            assert!(refresh_interval_ns(timeout) < timeout);
+        }
+    }
+
+    #[test]
+    fn the_placement_word_packs_backend_then_version() {
+        let e = StickEntry {
+            backend: 7,
+            version: 2,
+            ..Default::default()
+        };
+        assert_eq!(e.placement(), 7 | (2 << 32));
+        assert_eq!(StickEntry::placement_backend(e.placement()), 7);
     }
 
     #[test]

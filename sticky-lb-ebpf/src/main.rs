@@ -1,18 +1,21 @@
 //! sticky-lb's XDP data path.
 //!
-//! For each frame: parse Ethernet/IPv4/TCP; if it is addressed to a configured service, find the
-//! client's backend in the stick table (or choose one with the service's policy and record it),
-//! rewrite the frame for that backend and transmit it. Everything else is passed to the kernel
-//! untouched so the host keeps working.
+//! For each frame: parse Ethernet/IPv4/TCP; if it is a well-formed segment addressed to a
+//! configured service, send it to its connection's backend (connection table), or for a new
+//! connection to its client's backend (stick table), or choose one with the service's policy and
+//! record it; rewrite the frame's MACs for that backend and transmit it. Everything else is
+//! passed to the kernel untouched so the host keeps working.
 #![no_std]
 #![no_main]
-// Atomic add on the BPF target (see conntrack.rs).
+// Atomic add and compare-and-exchange on the BPF target (see atomic.rs).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod atomic;
 mod bench;
 mod conntrack;
 mod forward;
+mod guard;
 mod maps;
 mod parse;
 mod select;
@@ -24,11 +27,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use maps::{SERVICE_INDEX, SERVICES};
-use parse::Parsed;
+use conntrack::Opened;
+use parse::{Ipv4Tcp, Parsed};
 use select::NoBackend;
 use sticky_lb_common::{
-    Counter, PROTO_TCP, Policy, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE,
-    Service, hash::service_slot,
+    Backend, BackendId, Counter, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
+    SERVICE_INDEX_TOMBSTONE, Service, hash::service_slot, refresh_interval_ns,
 };
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
@@ -48,7 +52,9 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         Parsed::NotIpv4 => return pass(Counter::PassNotIp),
         Parsed::NotTcp => return pass(Counter::PassNotService),
         Parsed::Fragment => return pass(Counter::PassFragment),
-        Parsed::Truncated => return pass(Counter::PassMalformed),
+        Parsed::Truncated => return pass(Counter::PassTruncated),
+        Parsed::BadIpHeader => return pass(Counter::PassBadIpHeader),
+        Parsed::BadTcpHeader => return pass(Counter::PassBadTcpHeader),
     };
     let service = match find_service(packet.daddr, packet.dport) {
         Lookup::Service(service) => service,
@@ -60,24 +66,54 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         }
     };
     let client = packet.saddr & service.client_mask[0];
-    // The coarse clock (jiffies resolution) is plenty for second-granular refreshes and timeouts,
-    // and far cheaper than the precise one, which reads the clock source.
+    // The coarse clock (jiffies resolution) is plenty for refreshes and timeouts of 100 ms and
+    // more, and far cheaper than the precise one, which reads the clock source.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    match select::backend_for(service, client, now) {
-        Ok((id, backend)) => {
-            if service.policy == Policy::LeastConn as u8 {
-                conntrack::track(service.id, &packet, id, now);
+    let refresh_ns = refresh_interval_ns(service.stick_timeout_ns);
+    // An open connection goes where it started, whatever its client's entry says now.
+    let flow_key = conntrack::key(service.id, &packet);
+    if let Some(flow) = conntrack::lookup(&flow_key) {
+        // SAFETY: a live hash-map value; the backend id is written once, at insert.
+        let id = unsafe { (*flow).backend };
+        match select::usable(service, id) {
+            // A SYN on an established connection's key is a new connection reusing the port
+            // (its TIME_WAIT is over): it is placed like any other, below.
+            Some(backend) if !(packet.opens() && conntrack::established(flow)) => {
+                if packet.closes() {
+                    conntrack::close(&flow_key, id);
+                } else if conntrack::touch(flow, &packet, now, refresh_ns) {
+                    select::refresh(service, client, id, now);
+                }
+                return forward(ctx, &packet, id, backend);
             }
-            forward::dsr(packet.eth, backend, IFACE_MAC.load());
-            stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
-            xdp_action::XDP_TX
+            // Or its backend is down, disabled or gone: the connection ends here, and the
+            // client is placed anew below.
+            _ => conntrack::close(&flow_key, id),
+        }
+    }
+    match select::backend_for(service, client, now, refresh_ns, packet.opens()) {
+        Ok(choice) => {
+            if packet.opens() && choice.recorded {
+                if let Opened::Full = conntrack::open(&flow_key, choice.id, now) {
+                    stats::count_service(service.id, |c| &mut c.flows_untracked);
+                }
+            }
+            forward(ctx, &packet, choice.id, choice.backend)
         }
         Err(NoBackend::Empty) => {
             debug!(ctx, "service {} has no eligible backend", service.id);
             drop(Counter::DropNoBackend)
         }
-        Err(NoBackend::BadId) => drop(Counter::DropBadBackend),
+        Err(NoBackend::NotUp) => drop(Counter::DropBadBackend),
     }
+}
+
+/// Sends the frame to `backend` by L2 DSR and counts it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, packet: &Ipv4Tcp, id: BackendId, backend: &Backend) -> u32 {
+    forward::dsr(packet.eth, backend, IFACE_MAC.load());
+    stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
+    xdp_action::XDP_TX
 }
 
 /// What the service index says about a destination.

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget, MAX_BACKENDS,
     MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry, StickKey,
 };
 
@@ -52,17 +52,28 @@ pub static BACKEND_STATS: PerCpuArray<BackendCounters> =
 pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-/// Open TCP connections of least-connections services, from SYN to the client's FIN or RST (in
-/// DSR the server's half is never seen); the controller expires idle ones. LRU, so a flood of
-/// SYNs evicts old flows instead of failing inserts.
+/// The connection table: every open TCP connection of every service -> its backend, from the
+/// client's SYN to its FIN or RST (in DSR the server's half is never seen); the controller expires
+/// idle ones. A connection keeps its backend for its whole life whatever happens to its client's
+/// stick entry (IPVS and Katran keep per-connection state for the same reason). A plain hash,
+/// not an LRU: an eviction would silently move a live connection and leave its backend's active
+/// count wrong, so a full table refuses new connections (counted) instead.
 #[map(name = "slb_flows")]
-pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Active connections per backend id, shared by all CPUs (atomic adds): what least-connections
-/// compares. The controller recounts it from the flow table to correct drift.
+/// Array flag: user space may mmap the array (include/uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Open connections per backend id, shared by all CPUs: what least-connections compares. Only
+/// atomic adds change it, from the data path (a connection opened, or closed by the packet whose
+/// delete won) and from the controller through a shared mapping (a connection it expired, again
+/// only when its delete won), so the counts are exact at every moment.
 #[map(name = "slb_active")]
-pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, BPF_F_MMAPABLE);
+
+/// Flood guard state per service, per CPU (no atomics): when the next new stick entry is due.
+#[map(name = "slb_ins_budget")]
+pub static INSERT_BUDGET: PerCpuArray<InsertBudget> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// The map layout version (slot 0), written when the maps are created. The data path never
 /// reads it: a controller checks it before adopting pinned maps, so a binary with another layout

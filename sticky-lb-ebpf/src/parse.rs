@@ -33,7 +33,12 @@ pub enum Parsed {
     Fragment,
     /// The frame ends inside a header.
     Truncated,
-    /// A TCP segment.
+    /// The IPv4 header is not well formed: version not 4, IHL below 5, total length shorter
+    /// than the headers it must hold or longer than the frame.
+    BadIpHeader,
+    /// The TCP header is not well formed: data offset below 5, or reaching past the IP packet.
+    BadTcpHeader,
+    /// A well-formed, unfragmented TCP segment.
     Tcp(Ipv4Tcp),
 }
 
@@ -53,7 +58,26 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and the TCP ports.
+impl Ipv4Tcp {
+    /// The first segment of a connection: SYN without ACK. Only these create stick entries and
+    /// connections, so a flood of mid-connection segments from made-up sources records nothing.
+    #[inline(always)]
+    pub fn opens(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// The client ends the connection (FIN) or aborts it (RST).
+    #[inline(always)]
+    pub fn closes(&self) -> bool {
+        self.flags & (TCP_FIN | TCP_RST) != 0
+    }
+}
+
+/// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and TCP, and accepts the
+/// segment only if it is well formed: IHL >= 5; total length covering the IP and TCP headers and
+/// not beyond the frame (trailing Ethernet padding is allowed); not a fragment; TCP data offset
+/// >= 5 with the TCP header inside the total length. Anything else is reported by kind, so the
+/// caller passes it untouched and counts why; a malformed frame is never forwarded.
 #[inline(always)]
 pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -78,7 +102,7 @@ pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Parsed::Truncated;
+        return Parsed::BadIpHeader;
     }
     if ip.proto != IPPROTO_TCP {
         return Parsed::NotTcp;
@@ -86,12 +110,26 @@ pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
     if u16::from_be_bytes(ip.frags) & IP_MF_AND_OFFSET != 0 {
         return Parsed::Fragment;
     }
-    // Options make the header longer than 20 bytes; the TCP header starts after them.
+    // Options make the header longer than 20 bytes; the TCP header starts after them. (Bounds
+    // first: the verifier needs this check on the pointer itself, and a check placed after the
+    // length checks below would be folded away by the compiler.)
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset + ihl) else {
         return Parsed::Truncated;
     };
+    // The IP packet must hold its own header and a minimal TCP header, and must fit the frame;
+    // the frame may be longer (Ethernet pads short frames to 60 bytes).
+    let total = u16::from_be_bytes(ip.tot_len) as usize;
+    let frame = ctx.data_end() - ctx.data();
+    if total < ihl + TcpHdr::LEN || offset + total > frame {
+        return Parsed::BadIpHeader;
+    }
+    // The data offset is the high nibble of the 13th byte, the flags the 14th.
+    let doff_byte = unsafe { *(tcp as *const u8).add(12) };
+    let doff = ((doff_byte >> 4) as usize) * 4;
+    if doff < TcpHdr::LEN || ihl + doff > total {
+        return Parsed::BadTcpHeader;
+    }
     let tcp_ref = unsafe { &*tcp };
-    // The flags are the 14th byte of the TCP header (after the data offset byte).
     let flags = unsafe { *(tcp as *const u8).add(13) };
     Parsed::Tcp(Ipv4Tcp {
         eth,

@@ -13,6 +13,11 @@ use sticky_lb_common::{
 
 /// Largest Maglev table accepted (a prime); 16 services x 2 copies x this x 4 bytes stays small.
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
+/// Shortest stick timeout: entries are refreshed every half timeout by a clock that ticks every
+/// 1 to 10 ms (jiffies).
+pub const MIN_STICK_TIMEOUT: Duration = Duration::from_millis(100);
+/// Shortest connection timeouts: twice the longest refresh interval (`STICK_REFRESH_NS`).
+pub const MIN_FLOW_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,12 +34,15 @@ pub struct Config {
     /// How often the expiry sweep walks the stick table (and the flow table).
     #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
     pub sweep_interval: Duration,
-    /// Connections least-connections services can track at once (one LRU map).
+    /// Open connections the connection table holds at once, across all services.
     #[serde(default = "default_flow_table_size")]
     pub flow_table_size: u32,
-    /// A tracked connection with no packet from the client for this long stops counting.
+    /// An established connection with no packet from the client for this long is over.
     #[serde(default = "default_flow_idle_timeout", deserialize_with = "duration")]
     pub flow_idle_timeout: Duration,
+    /// A connection that sent only its SYN, idle this long, is over (IPVS SYN_RECV).
+    #[serde(default = "default_flow_opening_timeout", deserialize_with = "duration")]
+    pub flow_opening_timeout: Duration,
     /// On reload: whether operator changes made at run time survive (HAProxy's server-state).
     #[serde(default)]
     pub runtime_changes: RuntimeChanges,
@@ -152,6 +160,10 @@ pub struct StickConfig {
     /// address, 24 sticks a whole /24 (IPVS `-M`, HAProxy `ipmask`).
     #[serde(default = "default_client_mask")]
     pub client_mask: u8,
+    /// Flood guard: new entries per second per CPU; above it a new client is placed by the
+    /// policy's hash without an entry, so a SYN flood cannot evict real clients. 0 = no limit.
+    #[serde(default = "default_insert_rate_limit")]
+    pub insert_rate_limit: u32,
 }
 
 impl Default for StickConfig {
@@ -159,6 +171,7 @@ impl Default for StickConfig {
         StickConfig {
             timeout: default_stick_timeout(),
             client_mask: default_client_mask(),
+            insert_rate_limit: default_insert_rate_limit(),
         }
     }
 }
@@ -311,6 +324,12 @@ fn default_flow_idle_timeout() -> Duration {
     // IPVS's default for established TCP connections.
     Duration::from_secs(15 * 60)
 }
+fn default_flow_opening_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_insert_rate_limit() -> u32 {
+    20_000
+}
 fn default_maglev_table_size() -> u32 {
     DEFAULT_MAGLEV_TABLE_SIZE
 }
@@ -409,11 +428,19 @@ impl Config {
         if self.flow_table_size == 0 {
             return Err(err(&[K("flow_table_size")], "must be at least 1".into()));
         }
-        if self.flow_idle_timeout.is_zero() {
-            return Err(err(
-                &[K("flow_idle_timeout")],
-                "must be longer than 0".into(),
-            ));
+        // A connection's last-seen time is refreshed once a second at most (STICK_REFRESH_NS):
+        // a shorter timeout would expire connections that are in use.
+        for (field, value) in [
+            ("flow_idle_timeout", self.flow_idle_timeout),
+            ("flow_opening_timeout", self.flow_opening_timeout),
+        ] {
+            if value < MIN_FLOW_TIMEOUT {
+                return Err(err(
+                    &[K(field)],
+                    "must be at least 2s (a connection's last-seen time is refreshed once a second)"
+                        .into(),
+                ));
+            }
         }
         if self.sweep_interval.is_zero() {
             return Err(err(&[K("sweep_interval")], "must be longer than 0".into()));
@@ -490,9 +517,13 @@ impl Config {
             if service.stick.client_mask == 0 || service.stick.client_mask > 32 {
                 return Err(err(&stick, "must be a prefix length from 1 to 32".into()));
             }
-            if service.stick.timeout.is_zero() {
+            if service.stick.timeout < MIN_STICK_TIMEOUT {
                 let timeout = [K("services"), I(i), K("stick"), K("timeout")];
-                return Err(err(&timeout, "must be longer than 0".into()));
+                return Err(err(
+                    &timeout,
+                    "must be at least 100ms (the data path's clock ticks every few milliseconds)"
+                        .into(),
+                ));
             }
             if service.backends.is_empty() {
                 return Err(err(

@@ -6,12 +6,9 @@
 //! path could wait on: BPF hash maps are read and deleted element by element.
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData};
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Instant,
-};
-use sticky_lb_common::{BackendId, FlowEntry, FlowKey, ServiceId, StickEntry, StickKey};
+use aya::maps::{HashMap, MapData};
+use std::{collections::BTreeMap, time::Instant};
+use sticky_lb_common::{BackendId, ServiceId, StickEntry, StickKey, idle_ns};
 
 use crate::dataplane::monotonic_ns;
 
@@ -37,7 +34,7 @@ pub struct SweepReport {
 
 /// Whether an entry last seen at `last_seen_ns` has been idle longer than `timeout_ns` at `now_ns`.
 fn is_idle(entry: &StickEntry, now_ns: u64, timeout_ns: u64) -> bool {
-    now_ns.saturating_sub(entry.last_seen_ns) >= timeout_ns
+    idle_ns(now_ns, entry.last_seen_ns) >= timeout_ns
 }
 
 /// One pass over the table. `timeouts` maps each live service id to its stick timeout.
@@ -87,52 +84,6 @@ pub fn sweep(
         }
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
-}
-
-/// What one pass over the flow table saw and did.
-#[derive(Clone, Debug, Default)]
-pub struct FlowReport {
-    pub scanned: u64,
-    pub expired: u64,
-    /// Active connections per backend after the recount.
-    pub active: BTreeMap<BackendId, i64>,
-}
-
-/// Deletes flows idle longer than `idle_timeout_ns` (or of services no longer least-conn), then
-/// recounts the flows per backend and writes the counts the data path compares. The data path
-/// keeps the counts with atomic adds; the recount corrects what it cannot see: flows the LRU
-/// evicted, clients that vanished without a FIN, and the server-side closes DSR never shows.
-/// A SYN or FIN landing between the count and the write is off by one until the next sweep.
-pub fn sweep_flows(
-    flows: &mut HashMap<MapData, FlowKey, FlowEntry>,
-    active: &mut Array<MapData, i64>,
-    services: &BTreeSet<ServiceId>,
-    backends: &BTreeSet<BackendId>,
-    idle_timeout_ns: u64,
-) -> Result<FlowReport> {
-    let mut report = FlowReport::default();
-    let now = monotonic_ns();
-    let mut stale = Vec::new();
-    for (key, flow) in crate::batch::lookup_all(flows, 8192)? {
-        report.scanned += 1;
-        if !services.contains(&key.service)
-            || now.saturating_sub(flow.last_seen_ns) >= idle_timeout_ns
-        {
-            stale.push(key);
-        } else {
-            *report.active.entry(flow.backend).or_default() += 1;
-        }
-    }
-    for key in stale {
-        if flows.remove(&key).is_ok() {
-            report.expired += 1;
-        }
-    }
-    for &backend in backends {
-        let count = report.active.get(&backend).copied().unwrap_or(0);
-        active.set(backend, &count, 0)?;
-    }
     Ok(report)
 }
 

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod control;
+pub mod conntrack;
 pub mod controller;
 pub mod dataplane;
 pub mod expiry;
@@ -12,5 +13,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod neighbour;
 pub mod netns;
+pub mod offload;
 pub mod state;
 pub mod view;

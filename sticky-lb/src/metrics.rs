@@ -152,6 +152,7 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
     let mut states = Vec::new();
     let mut weights = Vec::new();
     let mut check_seconds = Vec::new();
+    let (mut races, mut skipped, mut untracked) = (Vec::new(), Vec::new(), Vec::new());
     let (mut hits, mut misses, mut inserts, mut redispatches, mut expired, mut entries) = (
         Vec::new(),
         Vec::new(),
@@ -167,6 +168,9 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
         misses.push((service.clone(), c.stick_misses as f64));
         inserts.push((service.clone(), c.stick_inserts as f64));
         redispatches.push((service.clone(), c.redispatches as f64));
+        races.push((service.clone(), c.races_lost as f64));
+        skipped.push((service.clone(), c.inserts_skipped as f64));
+        untracked.push((service.clone(), c.flows_untracked as f64));
         expired.push((
             service.clone(),
             snap.expired_total.get(&s.id).copied().unwrap_or(0) as f64,
@@ -270,7 +274,7 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
         &mut out,
         "sticky_lb_service_stick_misses_total",
         "counter",
-        "Packets whose client had no live stick entry.",
+        "New connections (and unknown segments) whose client had no live stick entry.",
         &misses,
     );
     family(
@@ -286,6 +290,27 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
         "counter",
         "Clients moved off a failed, disabled or removed backend.",
         &redispatches,
+    );
+    family(
+        &mut out,
+        "sticky_lb_service_stick_races_lost_total",
+        "counter",
+        "Placements where another CPU placed the same client first (its choice was used).",
+        &races,
+    );
+    family(
+        &mut out,
+        "sticky_lb_service_stick_inserts_skipped_total",
+        "counter",
+        "New clients placed without a stick entry because the flood guard's rate was exceeded.",
+        &skipped,
+    );
+    family(
+        &mut out,
+        "sticky_lb_service_connections_untracked_total",
+        "counter",
+        "New connections not tracked because the connection table was full.",
+        &untracked,
     );
     family(
         &mut out,

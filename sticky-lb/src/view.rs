@@ -171,6 +171,9 @@ pub struct ServiceStatus {
     pub stick_misses: u64,
     pub stick_inserts: u64,
     pub redispatches: u64,
+    pub races_lost: u64,
+    pub inserts_skipped: u64,
+    pub connections_untracked: u64,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -231,6 +234,9 @@ pub fn status(target: &Target) -> Result<Status> {
             stick_misses: c.stick_misses,
             stick_inserts: c.stick_inserts,
             redispatches: c.redispatches,
+            races_lost: c.races_lost,
+            inserts_skipped: c.inserts_skipped,
+            connections_untracked: c.flows_untracked,
             backends,
         });
     }
@@ -280,8 +286,14 @@ pub fn print_status(s: &Status) {
             svc.client_mask
         );
         println!(
-            "  stick hits {}  misses {}  inserts {}  redispatches {}",
-            svc.stick_hits, svc.stick_misses, svc.stick_inserts, svc.redispatches
+            "  stick hits {}  misses {}  inserts {}  redispatches {}  races lost {}  inserts skipped {}  connections untracked {}",
+            svc.stick_hits,
+            svc.stick_misses,
+            svc.stick_inserts,
+            svc.redispatches,
+            svc.races_lost,
+            svc.inserts_skipped,
+            svc.connections_untracked
         );
         print_backend_rows(svc);
     }

@@ -5,11 +5,12 @@
 
 use crate::{netns::require_root, packet::{ETH_LEN, Frame}};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
 };
 use std::net::Ipv4Addr;
 use sticky_lb::{
+    conntrack::ActiveCounts,
     dataplane::{Dataplane, LoadOptions},
     maglev,
 };
@@ -55,8 +56,8 @@ impl Fixture {
         let mut dataplane = Dataplane::load(
             None,
             LoadOptions {
-                stick_table_size: 1024,
-                flow_table_size: 1024,
+                stick_table_size: 1 << 16,
+                flow_table_size: 1 << 16,
                 maglev_stride: RING,
                 maglev_services: 2,
                 interface_mac: OUR_MAC,
@@ -177,18 +178,36 @@ impl Fixture {
 
     /// Runs one frame; returns the verdict and the frame as the program left it.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .dataplane
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run_on(self.dataplane.program(), frame)
+    }
+
+    /// A second handle on the connection table (for a sweep running beside the program).
+    pub fn flows_handle(&self) -> HashMap<MapData, FlowKey, FlowEntry> {
+        HashMap::try_from(aya::maps::Map::HashMap(reopen(IterableMap::map(&self.flows))))
+            .unwrap()
+    }
+
+    /// The active counts mapped into this process, as the controller maps them.
+    pub fn active_counts(&self) -> ActiveCounts {
+        ActiveCounts::new(reopen(IterableMap::map(&self.active))).expect("slb_active is mappable")
+    }
+
+    /// Writes a stick entry as it is (any version, any times).
+    pub fn set_stick_entry(&mut self, client: Ipv4Addr, entry: StickEntry) {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        self.stick.insert(&key, &entry, 0).unwrap();
+    }
+
+    /// Removes a client's stick entry (as the sweep or an LRU eviction would).
+    pub fn remove_stick(&mut self, client: Ipv4Addr) {
+        let key = StickKey {
+            service: self.service.id,
+            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
+        };
+        self.stick.remove(&key).unwrap();
     }
 
     /// The backend (index) the Maglev table gives a client, computed the way the program does.
@@ -220,7 +239,7 @@ impl Fixture {
         };
         let entry = StickEntry {
             backend: self.backends[backend].0,
-            _pad: 0,
+            version: 0,
             last_seen_ns,
             created_ns: last_seen_ns,
         };
@@ -248,6 +267,25 @@ impl Fixture {
             "bytes after the MACs must be untouched"
         );
     }
+}
+
+/// Runs one frame through `program` (which may be shared by several threads).
+pub fn run_on(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Another handle on the same kernel map.
+fn reopen(map: &MapData) -> MapData {
+    MapData::from_id(map.info().unwrap().id()).unwrap()
 }
 
 pub fn assert_passed_untouched(input: &[u8], (verdict, output): (u32, Vec<u8>)) {

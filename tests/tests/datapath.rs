@@ -6,8 +6,9 @@
 
 use std::net::Ipv4Addr;
 use sticky_lb::dataplane::monotonic_ns;
+use sticky_lb::conntrack;
 use sticky_lb_common::{
-    Backend, BackendState, Counter, Service, ServiceKey,
+    Backend, BackendState, Counter, FlowEntry, FlowState, Service, ServiceKey, StickEntry,
 };
 use sticky_lb_tests::{
     fixture::*,
@@ -44,8 +45,9 @@ fn hit_follows_the_stick_table_not_the_hash() {
     let predicted = f.predicted(&table, client(7));
     let stuck = (predicted + 1) % 3;
     f.set_stick(client(7), stuck, monotonic_ns());
-    let frame = Frame::tcp_syn(client(7), VIP, PORT).build();
-    for _ in 0..3 {
+    // Three new connections of the stuck client.
+    for port in 1..=3 {
+        let frame = segment(client(7), port, SYN);
         let result = f.run(&frame);
         f.assert_forwarded(&frame, result, stuck);
     }
@@ -56,16 +58,15 @@ fn hit_follows_the_stick_table_not_the_hash() {
 #[test]
 fn hit_refreshes_last_seen_only_once_it_is_a_second_old() {
     let mut f = Fixture::new(32);
-    let frame = Frame::tcp_syn(client(9), VIP, PORT).build();
     // Fresh entry: a hit must not write it.
     let fresh = monotonic_ns();
     f.set_stick(client(9), 0, fresh);
-    f.run(&frame);
+    f.run(&segment(client(9), 1, SYN));
     assert_eq!(f.stick_entry(client(9)).unwrap().last_seen_ns, fresh);
     // Two seconds old: the hit refreshes it.
     let old = monotonic_ns() - 2_000_000_000;
     f.set_stick(client(9), 0, old);
-    f.run(&frame);
+    f.run(&segment(client(9), 2, SYN));
     let entry = f.stick_entry(client(9)).unwrap();
     assert!(entry.last_seen_ns > old + 1_000_000_000);
     assert_eq!(entry.created_ns, old, "a refresh keeps the creation time");
@@ -111,7 +112,7 @@ fn down_backend_redispatches_once_and_the_new_choice_sticks() {
     let table = f.publish(&[0, 2]);
     let expected = f.predicted(&table, client(5));
     assert_ne!(expected, 1);
-    let frame = Frame::tcp_syn(client(5), VIP, PORT).build();
+    let frame = segment(client(5), 1, SYN);
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, expected);
     assert_eq!(
@@ -121,6 +122,7 @@ fn down_backend_redispatches_once_and_the_new_choice_sticks() {
     // The backend comes back: the moved client stays where it is now.
     f.set_state(1, BackendState::Up);
     f.publish(&[0, 1, 2]);
+    let frame = segment(client(5), 2, SYN);
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, expected);
     let c = f.service_counters();
@@ -231,7 +233,7 @@ fn truncated_frames_are_passed_untouched_at_every_length() {
             assert_passed_untouched(cut, result);
         }
     }
-    assert!(f.counter(Counter::PassMalformed) > 0);
+    assert!(f.counter(Counter::PassTruncated) > 0);
     assert!(
         f.stick_entry(client(6)).is_none(),
         "no entry from a truncated frame"
@@ -339,10 +341,20 @@ fn least_conn_skips_backends_that_are_not_up() {
 }
 
 #[test]
-fn ip_hash_services_track_no_flows() {
+fn every_service_tracks_and_counts_its_connections() {
     let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let backend = f.predicted(&table, client(1));
     f.run(&segment(client(1), 5000, SYN));
-    assert!(f.flows.keys().next().is_none());
+    let flows: Vec<FlowEntry> = f.flows.iter().map(|r| r.unwrap().1).collect();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(f.index_of(flows[0].backend), backend);
+    assert_eq!(flows[0].state, FlowState::Opening as u8);
+    assert_eq!(f.active(backend), 1);
+    // The handshake's ACK establishes it.
+    f.run(&segment(client(1), 5000, ACK));
+    let flow = f.flows.iter().next().unwrap().unwrap().1;
+    assert_eq!(flow.state, FlowState::Established as u8);
 }
 
 #[test]
@@ -409,4 +421,433 @@ fn a_corrupt_service_index_aborts_instead_of_guessing() {
     assert_eq!(verdict, 0, "XDP_ABORTED");
     assert_eq!(f.counter(Counter::Aborted), 1);
     assert!(f.stick_entry(client(1)).is_none());
+}
+
+// --- Malformed frames: passed untouched, counted by reason, never recorded ---------------------
+
+/// A SYN to the service with its bytes changed by `mutate` (offsets from the IPv4 header).
+fn mangled(n: u8, mutate: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut bytes = Frame::tcp_syn(client(n), VIP, PORT).build();
+    mutate(&mut bytes);
+    bytes
+}
+
+const IP: usize = ETH_LEN;
+const TCP: usize = ETH_LEN + 20;
+
+#[test]
+fn malformed_segments_to_a_service_are_passed_and_counted_by_reason() {
+    let mut f = Fixture::new(32);
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        (
+            "TCP data offset 4",
+            mangled(1, |b| b[TCP + 12] = 4 << 4),
+            Counter::PassBadTcpHeader,
+        ),
+        (
+            "TCP data offset 15 in a 40-byte IP packet",
+            mangled(2, |b| b[TCP + 12] = 15 << 4),
+            Counter::PassBadTcpHeader,
+        ),
+        (
+            "IPv4 total length 1400 in a 74-byte frame",
+            mangled(3, |b| {
+                b.resize(74, 0);
+                b[IP + 2..IP + 4].copy_from_slice(&1400u16.to_be_bytes());
+            }),
+            Counter::PassBadIpHeader,
+        ),
+        (
+            "IPv4 total length 30, below IHL x 4 + 20",
+            mangled(4, |b| b[IP + 2..IP + 4].copy_from_slice(&30u16.to_be_bytes())),
+            Counter::PassBadIpHeader,
+        ),
+        (
+            "frame cut 6 bytes into the TCP header",
+            mangled(5, |b| b.truncate(TCP + 6)),
+            Counter::PassTruncated,
+        ),
+    ];
+    for (what, frame, reason) in cases {
+        let before = f.counter(reason);
+        let result = f.run(&frame);
+        assert_eq!(result.0, XDP_PASS, "{what}");
+        assert_passed_untouched(&frame, result);
+        assert_eq!(f.counter(reason), before + 1, "{what} counted as {reason:?}");
+    }
+    for n in 1..=5 {
+        assert!(f.stick_entry(client(n)).is_none(), "no entry from a malformed frame");
+    }
+    assert!(f.flows.keys().next().is_none(), "no connection from a malformed frame");
+}
+
+#[test]
+fn ethernet_padding_after_the_ip_packet_is_allowed() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    // A 54-byte SYN padded to the 60-byte Ethernet minimum: tot_len 40 < frame.
+    let frame = mangled(6, |b| b.resize(60, 0));
+    let result = f.run(&frame);
+    let expected = f.predicted(&table, client(6));
+    f.assert_forwarded(&frame, result, expected);
+}
+
+// --- First choice wins: racing CPUs never split a client ---------------------------------------
+
+#[test]
+fn a_replacement_in_progress_on_another_cpu_wins() {
+    // Another CPU has claimed this expired entry for backend `claimed` (odd version) but not yet
+    // stamped its times: a SYN here must follow the claim, not place the client itself.
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let predicted = f.predicted(&table, client(20));
+    let claimed = (predicted + 1) % 3;
+    let long_ago = monotonic_ns() - TIMEOUT_NS - 1_000_000_000;
+    f.set_stick_entry(
+        client(20),
+        StickEntry {
+            backend: f.backends[claimed].0,
+            version: 7,
+            last_seen_ns: long_ago,
+            created_ns: long_ago,
+        },
+    );
+    let frame = segment(client(20), 1, SYN);
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, claimed);
+    let entry = f.stick_entry(client(20)).unwrap();
+    assert_eq!((entry.backend, entry.version), (f.backends[claimed].0, 7), "untouched");
+    assert_eq!(f.service_counters().races_lost, 1);
+}
+
+#[test]
+fn a_replacement_makes_the_version_even_again() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let predicted = f.predicted(&table, client(21));
+    let stale = (predicted + 1) % 3;
+    let long_ago = monotonic_ns() - TIMEOUT_NS - 1_000_000_000;
+    f.set_stick_entry(
+        client(21),
+        StickEntry {
+            backend: f.backends[stale].0,
+            version: 4,
+            last_seen_ns: long_ago,
+            created_ns: long_ago,
+        },
+    );
+    let frame = segment(client(21), 1, SYN);
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, predicted);
+    let entry = f.stick_entry(client(21)).unwrap();
+    assert_eq!((f.index_of(entry.backend), entry.version), (predicted, 6));
+    assert!(entry.last_seen_ns > long_ago && entry.created_ns == entry.last_seen_ns);
+}
+
+/// Pins the calling thread to one CPU, so two threads run the program on two CPUs at once.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+#[test]
+fn two_cpus_placing_the_same_new_clients_agree_on_every_one() {
+    // Least-connections makes two CPUs' picks for one client differ whenever their counts do;
+    // with last-writer-wins inserts, one CPU's connection would then go to a backend the entry no
+    // longer names. Both CPUs open a connection (different ports) for each of the same clients in
+    // lockstep; every client's two connections must reach one backend, the one its entry names.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    const CLIENTS: u32 = 20_000;
+    let client_of = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    let backend_macs: Vec<[u8; 6]> = f.backends.iter().map(|b| b.2).collect();
+    let program = &*f.dataplane.program();
+    let barrier = std::sync::Barrier::new(2);
+    let picks: Vec<Vec<usize>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2u16)
+            .map(|cpu| {
+                let (barrier, macs) = (&barrier, &backend_macs);
+                scope.spawn(move || {
+                    pin_to_cpu(cpu as usize);
+                    let mut picks = Vec::with_capacity(CLIENTS as usize);
+                    for i in 0..CLIENTS {
+                        let frame = segment(client_of(i), 1000 + cpu, SYN);
+                        if i % 64 == 0 {
+                            barrier.wait();
+                        }
+                        let (verdict, out) = run_on(program, &frame);
+                        assert_eq!(verdict, XDP_TX);
+                        picks.push(macs.iter().position(|m| *m == out[0..6]).unwrap());
+                    }
+                    picks
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut split = 0;
+    for i in 0..CLIENTS {
+        let entry = f.stick_entry(client_of(i)).expect("an entry per client");
+        let recorded = f.index_of(entry.backend);
+        if picks[0][i as usize] != recorded || picks[1][i as usize] != recorded {
+            split += 1;
+        }
+    }
+    let c = f.service_counters();
+    eprintln!(
+        "{CLIENTS} clients placed on two CPUs at once: {} inserts, {} races lost, {split} split",
+        c.stick_inserts, c.races_lost
+    );
+    assert_eq!(split, 0, "clients whose connections went to two backends");
+    assert_eq!(c.stick_inserts, CLIENTS as u64, "one insert per client");
+}
+
+// --- Clock edges and short timeouts -----------------------------------------------------------
+
+#[test]
+fn a_last_seen_just_ahead_of_now_is_a_hit() {
+    // Another CPU refreshed the entry just after a clock tick this CPU has not seen yet.
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let stuck = (f.predicted(&table, client(30)) + 1) % 3;
+    let ahead = monotonic_ns() + 4_000_000;
+    f.set_stick(client(30), stuck, ahead);
+    let frame = segment(client(30), 1, SYN);
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, stuck);
+    assert_eq!(f.index_of(f.stick_entry(client(30)).unwrap().backend), stuck);
+    assert_eq!(f.service_counters().stick_hits, 1);
+}
+
+#[test]
+fn a_500ms_timeout_is_refreshed_before_it_expires() {
+    let mut f = Fixture::new(32);
+    f.service.stick_timeout_ns = 500_000_000;
+    let table = f.publish(&[0, 1, 2]);
+    let stuck = (f.predicted(&table, client(31)) + 1) % 3;
+    // 300 ms idle: past half the timeout, so this hit must refresh it (a one-second refresh
+    // threshold never would, and the entry would expire 200 ms later).
+    let seen = monotonic_ns() - 300_000_000;
+    f.set_stick(client(31), stuck, seen);
+    let frame = segment(client(31), 1, SYN);
+    let result = f.run(&frame);
+    f.assert_forwarded(&frame, result, stuck);
+    let entry = f.stick_entry(client(31)).unwrap();
+    assert!(entry.last_seen_ns >= seen + 300_000_000, "refreshed");
+    assert_eq!(entry.created_ns, seen);
+}
+
+// --- An open connection keeps its backend -------------------------------------------------------
+
+#[test]
+fn an_open_connection_keeps_its_backend_when_its_entry_is_gone_and_the_pool_changed() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1]);
+    // A client whose slot the new backend (2) takes once it is added.
+    let n = (40..=250)
+        .find(|&n| {
+            let with_2 = maglev_members(&f, &[0, 1, 2]);
+            f.predicted(&with_2, client(n)) == 2
+        })
+        .expect("a client that backend 2 would take");
+    let first = f.predicted(&table, client(n));
+    let syn = segment(client(n), 7000, SYN);
+    let result = f.run(&syn);
+    f.assert_forwarded(&syn, result, first);
+    f.run(&segment(client(n), 7000, ACK));
+    // Its entry is swept (idle longer than the timeout) and a backend is added.
+    f.remove_stick(client(n));
+    f.publish(&[0, 1, 2]);
+    let data = segment(client(n), 7000, ACK);
+    let result = f.run(&data);
+    f.assert_forwarded(&data, result, first);
+    // A new connection of that client goes where the policy says now.
+    let syn = segment(client(n), 7001, SYN);
+    let result = f.run(&syn);
+    f.assert_forwarded(&syn, result, 2);
+}
+
+#[test]
+fn an_open_connection_on_a_backend_that_went_down_is_moved_and_uncounted() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let first = f.predicted(&table, client(41));
+    f.run(&segment(client(41), 7000, SYN));
+    f.run(&segment(client(41), 7000, ACK));
+    assert_eq!(f.active(first), 1);
+    f.set_state(first, BackendState::Down);
+    let others: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    let table = f.publish(&others);
+    let data = segment(client(41), 7000, ACK);
+    let result = f.run(&data);
+    f.assert_forwarded(&data, result, f.predicted(&table, client(41)));
+    assert_eq!(f.active(first), 0, "the connection stopped counting on the down backend");
+    assert!(f.flows.keys().next().is_none());
+}
+
+#[test]
+fn a_syn_reusing_an_established_connections_port_is_a_new_connection() {
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    f.run(&segment(client(42), 7000, SYN));
+    f.run(&segment(client(42), 7000, ACK));
+    let first = f.index_of(f.stick_entry(client(42)).unwrap().backend);
+    assert_eq!(f.active(first), 1);
+    // The client never sent a FIN we saw; it reuses the port after TIME_WAIT.
+    f.run(&segment(client(42), 7000, SYN));
+    assert_eq!((0..3).map(|i| f.active(i)).sum::<i64>(), 1, "counted once");
+    let flow = f.flows.iter().next().unwrap().unwrap().1;
+    assert_eq!(flow.state, FlowState::Opening as u8);
+}
+
+fn maglev_members(f: &Fixture, members: &[usize]) -> sticky_lb::maglev::Table {
+    let members: Vec<sticky_lb::maglev::Member<'_>> = members
+        .iter()
+        .map(|&i| sticky_lb::maglev::Member {
+            id: f.backends[i].0,
+            name: &f.backends[i].1,
+            weight: 1,
+        })
+        .collect();
+    sticky_lb::maglev::Table::build(RING, &members)
+}
+
+// --- Flood guard --------------------------------------------------------------------------------
+
+#[test]
+fn the_flood_guard_caps_new_entries_and_places_the_rest_by_hash() {
+    let mut f = Fixture::new(32);
+    f.service.insert_interval_ns = 100_000_000; // 10 new entries a second per CPU
+    let table = f.publish(&[0, 1, 2]);
+    for n in 1..=60 {
+        let frame = segment(client(n), 1, SYN);
+        let result = f.run(&frame);
+        f.assert_forwarded(&frame, result, f.predicted(&table, client(n)));
+    }
+    let recorded = (1..=60).filter(|&n| f.stick_entry(client(n)).is_some()).count() as u64;
+    let c = f.service_counters();
+    // A burst of one second's worth (10, 11 if the clock ticked) then nothing more.
+    assert!((10..=12).contains(&recorded), "{recorded} entries");
+    assert_eq!(c.inserts_skipped, 60 - recorded);
+    assert_eq!(c.stick_inserts, recorded);
+}
+
+#[test]
+fn only_a_syn_creates_an_entry() {
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    for flags in [ACK, FIN_ACK, RST, 0x18 /* PSH ACK */, 0x12 /* SYN ACK */] {
+        let frame = segment(client(50), 1, flags);
+        let result = f.run(&frame);
+        f.assert_forwarded(&frame, result, f.predicted(&table, client(50)));
+    }
+    assert!(f.stick_entry(client(50)).is_none());
+    assert!(f.flows.keys().next().is_none());
+}
+
+// --- Connection counts are exact ----------------------------------------------------------------
+
+#[test]
+fn counts_stay_exact_while_a_sweep_deletes_connections_the_data_path_closes() {
+    // One thread opens 1,000 connections and closes them (FIN or RST) while another sweeps the
+    // connection table with the controller's code, expiring every connection of backend 0 (as if
+    // it went down): each connection is uncounted by exactly one of them.
+    let mut f = Fixture::new(32);
+    f.least_conn(&[0, 1, 2]);
+    let active = f.active_counts();
+    let mut flows = f.flows_handle();
+    let serving: std::collections::BTreeSet<u32> =
+        [f.backends[1].0, f.backends[2].0].into_iter().collect();
+    let expiry = conntrack::Expiry {
+        opening_timeout_ns: 60_000_000_000,
+        idle_timeout_ns: 60_000_000_000,
+        services: [f.service.id].into(),
+        serving,
+    };
+    let ids: Vec<u32> = f.backends.iter().map(|b| b.0).collect();
+    let program = &*f.dataplane.program();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sweeps = std::thread::scope(|scope| {
+        let sweeper = scope.spawn(|| {
+            let mut sweeps = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                conntrack::sweep(&mut flows, &active, &expiry).unwrap();
+                sweeps += 1;
+            }
+            sweeps
+        });
+        for i in 0..1000u16 {
+            let c = Ipv4Addr::new(198, 18, 2 + (i / 250) as u8, (i % 250) as u8 + 1);
+            run_on(program, &segment(c, 9000 + i, SYN));
+            run_on(program, &segment(c, 9000 + i, ACK));
+            if i % 3 == 0 {
+                run_on(program, &segment(c, 9000 + i, if i % 2 == 0 { FIN_ACK } else { RST }));
+            }
+            // Every count is never negative and never above what the table holds.
+            for &id in &ids {
+                assert!(active.get(id) >= 0, "backend {id} counted below zero");
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        sweeper.join().unwrap()
+    });
+    conntrack::sweep(&mut flows, &active, &expiry).unwrap();
+    let mut open = std::collections::BTreeMap::<u32, i64>::new();
+    for entry in f.flows.iter() {
+        *open.entry(entry.unwrap().1.backend).or_default() += 1;
+    }
+    eprintln!("{sweeps} sweeps ran beside 1,000 connections; open now {open:?}");
+    for &id in &ids {
+        assert_eq!(
+            active.get(id),
+            open.get(&id).copied().unwrap_or(0),
+            "backend {id}: the count equals its open connections"
+        );
+    }
+    assert_eq!(open.get(&ids[0]), None, "backend 0's connections were all expired");
+    assert!(sweeps > 0);
+}
+
+// --- Unused backend slots ----------------------------------------------------------------------
+
+#[test]
+fn a_table_naming_an_unused_or_down_slot_never_forwards_there() {
+    let mut f = Fixture::new(32);
+    // Backend 1's slot is cleared (removed) before a table without it is published.
+    let id = f.backends[1].0;
+    f.dataplane.backends.set(id, &Backend::UNUSED, 0).unwrap();
+    for n in 1..=60 {
+        let frame = segment(client(n), 1, SYN);
+        let (verdict, out) = f.run(&frame);
+        assert_ne!(&out[0..6], &[0u8; 6], "never to MAC 00:00:00:00:00:00");
+        if verdict == XDP_TX {
+            assert_ne!(f.forwarded_to(&(verdict, out)), 1);
+        } else {
+            assert_eq!(verdict, XDP_DROP);
+        }
+    }
+    assert!(f.counter(Counter::DropBadBackend) > 0, "some clients hashed to the cleared slot");
+    // The same for a slot whose backend went down.
+    f.set_state(2, BackendState::Down);
+    let before = f.counter(Counter::DropBadBackend);
+    for n in 61..=120 {
+        let frame = segment(client(n), 1, SYN);
+        let result = f.run(&frame);
+        if result.0 == XDP_TX {
+            assert_eq!(f.forwarded_to(&result), 0);
+        }
+    }
+    assert!(f.counter(Counter::DropBadBackend) > before);
 }

@@ -39,7 +39,7 @@ fn lookup_all_returns_every_entry_across_chunks() {
     for i in 0..20_000u32 {
         let entry = StickEntry {
             backend: i % 7,
-            _pad: 0,
+            version: 0,
             last_seen_ns: i as u64,
             created_ns: 0,
         };

@@ -150,7 +150,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let socket = control::socket_path(controller.netns.as_deref(), &controller.config.interface);
     let server = control::serve(&socket, control_tx)?;
     let mut metrics_server = controller.start_metrics()?;
-    let (sweep_tx, mut sweep_rx) = mpsc::channel::<expiry::SweepReport>(4);
+    let (sweep_tx, mut sweep_rx) = mpsc::channel::<sweep::Swept>(4);
     let mut sweeping: Option<JoinHandle<()>> = None;
     let mut detach = false;
     loop {
@@ -220,6 +220,10 @@ fn service_entry(service: &crate::config::ServiceConfig, id: ServiceId) -> (Serv
         },
         forwarding: Forwarding::Dsr as u8,
         stick_timeout_ns: service.stick.timeout.as_nanos() as u64,
+        insert_interval_ns: match service.stick.insert_rate_limit {
+            0 => 0,
+            rate => 1_000_000_000 / rate,
+        },
         client_mask: [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
         // Address, ring base and size are filled in when the service is published.
         ..Default::default()
@@ -461,6 +465,7 @@ impl Controller {
                 .map(|s| s.backends.len())
                 .sum::<usize>()
         );
+        crate::offload::warn_if_rx_vlan_offload(&controller.config.interface);
         controller.sync_checkers();
         controller.write_state()?;
         Ok(controller)
@@ -476,7 +481,7 @@ impl Controller {
                     // Stuck clients of a removed backend are redispatched on their next packet.
                     self.dataplane
                         .backends
-                        .set(old.id, &Backend::default(), 0)?;
+                        .set(old.id, &Backend::UNUSED, 0)?;
                 }
             }
         }

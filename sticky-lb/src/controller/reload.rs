@@ -175,7 +175,7 @@ impl Controller {
         }
         let mut removed_backends = 0;
         for id in old_ids.difference(&live) {
-            self.dataplane.backends.set(*id, &Backend::default(), 0)?;
+            self.dataplane.backends.set(*id, &Backend::UNUSED, 0)?;
             self.retired_ids.insert(*id);
             removed_backends += 1;
         }

@@ -202,7 +202,7 @@ impl Controller {
                     checker.task.abort();
                 }
                 // Its stuck clients find no backend and are redispatched on their next packet.
-                self.dataplane.backends.set(b.id, &Backend::default(), 0)?;
+                self.dataplane.backends.set(b.id, &Backend::UNUSED, 0)?;
                 self.publish(i)?;
                 self.write_state()?;
                 Ok(format!("{name} removed"))
@@ -295,12 +295,7 @@ impl Controller {
         let now = monotonic_ns();
         maps.stick.insert(
             &key,
-            &StickEntry {
-                backend: b.id,
-                _pad: 0,
-                last_seen_ns: now,
-                created_ns: now,
-            },
+            &StickEntry::placed(b.id, now),
             0,
         )?;
         let message = format!("{service} {client} -> {backend}");
@@ -374,6 +369,9 @@ impl Controller {
                 "stick_misses": c.stick_misses,
                 "stick_inserts": c.stick_inserts,
                 "redispatches": c.redispatches,
+                "races_lost": c.races_lost,
+                "inserts_skipped": c.inserts_skipped,
+                "connections_untracked": c.flows_untracked,
                 "backends": backends,
             }));
         }
@@ -390,12 +388,15 @@ impl Controller {
         ];
         for s in &services {
             lines.push(format!(
-                "{}: hits {} misses {} inserts {} redispatches {}",
+                "{}: hits {} misses {} inserts {} redispatches {} races_lost {} inserts_skipped {} connections_untracked {}",
                 s["name"].as_str().unwrap_or(""),
                 s["stick_hits"],
                 s["stick_misses"],
                 s["stick_inserts"],
-                s["redispatches"]
+                s["redispatches"],
+                s["races_lost"],
+                s["inserts_skipped"],
+                s["connections_untracked"]
             ));
         }
         Ok(Reply::with_data(

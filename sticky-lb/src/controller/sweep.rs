@@ -1,81 +1,94 @@
-//! The periodic sweep: expired stick entries and idle flows, then what follows from them
-//! (backends that drained out, metrics).
+//! The periodic sweep: expired stick entries and connections that are over, then what follows
+//! from them (backends that drained out, metrics).
 
 use super::*;
+use crate::conntrack;
+
+/// What one sweep found, for the main loop.
+pub(super) struct Swept {
+    stick: expiry::SweepReport,
+    /// `None` if the connection table could not be swept this time.
+    connections: Option<conntrack::SweepReport>,
+}
 
 impl Controller {
-    /// After a sweep: retire drained-out backends no client is stuck to, and refresh metrics.
-    pub(super) fn after_sweep(&mut self, report: expiry::SweepReport) -> Result<()> {
+    /// After a sweep: retire drained-out backends (no client stuck to them and no connection open
+    /// on them any more), and refresh metrics.
+    pub(super) fn after_sweep(&mut self, swept: Swept) -> Result<()> {
         let mut finished = Vec::new();
-        for (i, s) in self.services.iter().enumerate() {
-            for (j, b) in s.backends.iter().enumerate() {
-                if b.retiring && report.live_by_backend.get(&b.id).copied().unwrap_or(0) == 0 {
-                    finished.push((i, j, format!("{}/{}", s.config.name, b.name)));
+        if let Some(connections) = &swept.connections {
+            for (i, s) in self.services.iter().enumerate() {
+                for (j, b) in s.backends.iter().enumerate() {
+                    let stuck = swept.stick.live_by_backend.get(&b.id).copied().unwrap_or(0);
+                    let open = connections.open_by_backend.get(&b.id).copied().unwrap_or(0);
+                    if b.retiring && stuck == 0 && open == 0 {
+                        finished.push((i, j, format!("{}/{}", s.config.name, b.name)));
+                    }
                 }
             }
         }
         for (i, j, name) in finished.into_iter().rev() {
             self.remove_backend(i, j, BackendRemoval::Immediate)?;
-            info!("backend {name} drained out: no client is stuck to it any more; removed");
+            info!(
+                "backend {name} drained out: no client is stuck to it and no connection is open on it any more; removed"
+            );
         }
         if let Ok(mut m) = self.metrics.lock() {
-            m.record_sweep(&report);
+            m.record_sweep(&swept.stick);
         }
         Ok(())
     }
 
-    /// The expiry sweep as a blocking job: stick entries, then the flow table of least-conn
-    /// services with its recount. Its report goes back to the main loop.
-    pub(super) fn sweep_job(
-        &self,
-        reports: mpsc::Sender<expiry::SweepReport>,
-    ) -> impl FnOnce() + Send + 'static {
+    /// The expiry sweep as a blocking job: stick entries, then the connection table. Its report
+    /// goes back to the main loop.
+    pub(super) fn sweep_job(&self, reports: mpsc::Sender<Swept>) -> impl FnOnce() + Send + 'static {
         let pins = self.pins.clone();
         let timeouts: BTreeMap<ServiceId, u64> = self
             .services
             .iter()
             .map(|s| (s.params.id, s.params.stick_timeout_ns))
             .collect();
-        let least_conn: BTreeSet<ServiceId> = self
-            .services
-            .iter()
-            .filter(|s| s.config.policy == crate::config::Policy::LeastConn)
-            .map(|s| s.params.id)
-            .collect();
-        let counted: BTreeSet<BackendId> = self
-            .services
-            .iter()
-            .filter(|s| least_conn.contains(&s.params.id))
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        let flow_idle_ns = self.config.flow_idle_timeout.as_nanos() as u64;
+        let expiry = conntrack::Expiry {
+            opening_timeout_ns: self.config.flow_opening_timeout.as_nanos() as u64,
+            idle_timeout_ns: self.config.flow_idle_timeout.as_nanos() as u64,
+            services: timeouts.keys().copied().collect(),
+            serving: self
+                .services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .filter(|b| b.state.keeps_stuck_clients())
+                .map(|b| b.id)
+                .collect(),
+        };
         move || {
             let stick = dataplane::open_pinned(&pins, map_names::STICK)
                 .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts));
             log_sweep(&stick);
-            if let Ok(report) = stick {
-                let _ = reports.blocking_send(report);
-            }
-            if least_conn.is_empty() {
+            let Ok(stick) = stick else {
                 return;
-            }
-            let flows = dataplane::open_pinned(&pins, map_names::FLOWS).and_then(|mut flows| {
-                let mut active = dataplane::open_pinned(&pins, map_names::ACTIVE)?;
-                expiry::sweep_flows(&mut flows, &mut active, &least_conn, &counted, flow_idle_ns)
+            };
+            let connections = dataplane::open_pinned(&pins, map_names::FLOWS).and_then(|mut flows| {
+                let active = conntrack::ActiveCounts::open(&pins)?;
+                conntrack::sweep(&mut flows, &active, &expiry)
             });
-            match flows {
-                Ok(r) if r.expired > 0 => info!(
-                    "flow sweep: {} of {} connections idle past {:?} stopped counting",
-                    r.expired,
-                    r.scanned,
-                    Duration::from_nanos(flow_idle_ns)
-                ),
-                Ok(r) => debug!(
-                    "flow sweep: {} connections, active {:?}",
-                    r.scanned, r.active
-                ),
-                Err(e) => warn!("flow sweep failed: {e:#}"),
-            }
+            let connections = match connections {
+                Ok(r) => {
+                    if r.expired > 0 {
+                        info!(
+                            "connection sweep: {} of {} connections over (idle, or their backend stopped serving), {} used again meanwhile",
+                            r.expired, r.scanned, r.refreshed
+                        );
+                    } else {
+                        debug!("connection sweep: {} connections, none over", r.scanned);
+                    }
+                    Some(r)
+                }
+                Err(e) => {
+                    warn!("connection sweep failed: {e:#}");
+                    None
+                }
+            };
+            let _ = reports.blocking_send(Swept { stick, connections });
         }
     }
 }

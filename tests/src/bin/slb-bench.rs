@@ -172,7 +172,7 @@ impl Bench {
         let values: Vec<StickEntry> = (0..count)
             .map(|i| StickEntry {
                 backend: i % 10,
-                _pad: 0,
+                version: 0,
                 last_seen_ns: now,
                 created_ns: now,
             })
