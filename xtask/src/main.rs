@@ -369,7 +369,8 @@ fn dist() -> Result<()> {
 }
 
 /// Runs the per-packet/control-plane benchmark, then the end-to-end one; each prints a markdown
-/// report (also saved under target/bench/ next to its JSON).
+/// report (also saved under target/bench/ next to its JSON). Then the packet fuzzer at a million
+/// frames, whose summary is saved as target/bench/fuzz.md.
 fn bench() -> Result<()> {
     let root = workspace();
     let out_dir = root.join("target/bench");
@@ -395,6 +396,37 @@ fn bench() -> Result<()> {
         if !out.status.success() {
             bail!("{binary} failed with {}", out.status);
         }
+    }
+    // Ten times the test suite's frames, in a release build: rarer malformations get their turn.
+    eprintln!("xtask: running the packet fuzzer");
+    let out = cargo_user()
+        .args([
+            "test",
+            "--release",
+            "--quiet",
+            "-p",
+            "sticky-lb-tests",
+            "--test",
+            "fuzz",
+            "--",
+            "--nocapture",
+        ])
+        .env("SLB_FUZZ_FRAMES", "1000000")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the packet fuzzer")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The summary line, and the seed and time per frame.
+    let summary: String = text
+        .lines()
+        .filter(|line| line.starts_with("fuzz"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    print!("{summary}");
+    std::fs::write(out_dir.join("fuzz.md"), summary.as_bytes())?;
+    if !out.status.success() {
+        print!("{text}");
+        bail!("the packet fuzzer failed with {}", out.status);
     }
     eprintln!("xtask: reports in {}", out_dir.display());
     Ok(())
