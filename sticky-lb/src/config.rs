@@ -41,7 +41,10 @@ pub struct Config {
     #[serde(default = "default_flow_idle_timeout", deserialize_with = "duration")]
     pub flow_idle_timeout: Duration,
     /// A connection that sent only its SYN, idle this long, is over (IPVS SYN_RECV).
-    #[serde(default = "default_flow_opening_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_flow_opening_timeout",
+        deserialize_with = "duration"
+    )]
     pub flow_opening_timeout: Duration,
     /// On reload: whether operator changes made at run time survive (HAProxy's server-state).
     #[serde(default)]

@@ -37,9 +37,9 @@ impl ActiveCounts {
     /// Maps the pinned `slb_active` array of a data path.
     pub fn open(pins: &PinDir) -> Result<ActiveCounts> {
         let path = pins.map(map_names::ACTIVE);
-        let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        ActiveCounts::new(map)
-            .with_context(|| format!("mapping {}", path.display()))
+        let map =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        ActiveCounts::new(map).with_context(|| format!("mapping {}", path.display()))
     }
 
     /// Maps an `slb_active` array.
@@ -159,7 +159,10 @@ pub fn sweep(
             *report.open_by_backend.entry(flow.backend).or_default() += 1;
         }
     }
-    let fd = aya::maps::IterableMap::map(&*flows).fd().as_fd().as_raw_fd();
+    let fd = aya::maps::IterableMap::map(&*flows)
+        .fd()
+        .as_fd()
+        .as_raw_fd();
     for key in over {
         // The value handed back is exactly what was deleted; nobody else can delete it now.
         let Some(flow) = lookup_and_delete(fd, &key)? else {

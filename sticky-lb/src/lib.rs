@@ -3,8 +3,8 @@
 
 pub mod batch;
 pub mod config;
-pub mod control;
 pub mod conntrack;
+pub mod control;
 pub mod controller;
 pub mod dataplane;
 pub mod expiry;

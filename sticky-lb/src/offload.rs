@@ -76,7 +76,8 @@ pub fn rx_vlan_offload(interface: &str) -> io::Result<bool> {
 /// bytes each, native-endian u32s; bit i is bit i % 32 of block i / 32). `None` if no feature
 /// has that name or the blocks do not reach its bit.
 fn feature_active(names: &[u8], blocks: &[u8], name: &str) -> Option<bool> {
-    let bit = names.chunks_exact(ETH_GSTRING_LEN).position(|raw| {
+    let (names, _) = names.as_chunks::<ETH_GSTRING_LEN>();
+    let bit = names.iter().position(|raw| {
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
         &raw[..end] == name.as_bytes()
     })?;
@@ -197,7 +198,7 @@ mod tests {
     /// apart).
     fn blocks(count: usize, active: &[usize]) -> Vec<u8> {
         let mut buf = vec![0u8; count.div_ceil(32) * FEATURE_BLOCK_LEN];
-        for block in buf.chunks_exact_mut(FEATURE_BLOCK_LEN) {
+        for block in buf.as_chunks_mut::<FEATURE_BLOCK_LEN>().0 {
             put_u32(block, 0, u32::MAX);
         }
         for &bit in active {

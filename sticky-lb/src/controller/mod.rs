@@ -479,9 +479,7 @@ impl Controller {
             for old in previous.services.iter().flat_map(|s| s.backends.iter()) {
                 if !live.contains(&old.id) {
                     // Stuck clients of a removed backend are redispatched on their next packet.
-                    self.dataplane
-                        .backends
-                        .set(old.id, &Backend::UNUSED, 0)?;
+                    self.dataplane.backends.set(old.id, &Backend::UNUSED, 0)?;
                 }
             }
         }

@@ -293,11 +293,7 @@ impl Controller {
             ],
         };
         let now = monotonic_ns();
-        maps.stick.insert(
-            &key,
-            &StickEntry::placed(b.id, now),
-            0,
-        )?;
+        maps.stick.insert(&key, &StickEntry::placed(b.id, now), 0)?;
         let message = format!("{service} {client} -> {backend}");
         info!("operator: table set {message}");
         Ok(Reply::ok(message))

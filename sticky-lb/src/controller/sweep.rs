@@ -67,10 +67,11 @@ impl Controller {
             let Ok(stick) = stick else {
                 return;
             };
-            let connections = dataplane::open_pinned(&pins, map_names::FLOWS).and_then(|mut flows| {
-                let active = conntrack::ActiveCounts::open(&pins)?;
-                conntrack::sweep(&mut flows, &active, &expiry)
-            });
+            let connections =
+                dataplane::open_pinned(&pins, map_names::FLOWS).and_then(|mut flows| {
+                    let active = conntrack::ActiveCounts::open(&pins)?;
+                    conntrack::sweep(&mut flows, &active, &expiry)
+                });
             let connections = match connections {
                 Ok(r) => {
                     if r.expired > 0 {
