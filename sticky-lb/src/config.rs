@@ -331,7 +331,7 @@ fn default_flow_opening_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_insert_rate_limit() -> u32 {
-    20_000
+    5_000
 }
 fn default_maglev_table_size() -> u32 {
     DEFAULT_MAGLEV_TABLE_SIZE

@@ -67,6 +67,9 @@ struct TestRunAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit, so it is zero: the kernel refuses (EINVAL) an attr whose bytes past the last
+    /// field it knows are not zero, and implicit padding may hold anything.
+    _pad: u32,
 }
 
 /// `union bpf_attr`, the BPF_LINK_CREATE member; the tail (per link type) stays zero.
@@ -217,6 +220,26 @@ pub fn run_live(
         retval: attr.retval,
         per_frame: Duration::from_nanos(u64::from(attr.duration)),
     })
+}
+
+/// Runs `program` once on `frame` without live mode: the program and its maps do their work
+/// (stick table, counters), but nothing is transmitted. Returns the verdict. Drives a flood of
+/// frames that each differ (live mode repeats one frame) through a running balancer's program.
+pub fn run_once(program: &impl AsFd, frame: &[u8]) -> Result<u32> {
+    // Room for what the program hands back (it may grow the frame by a header or two).
+    let mut out = [0u8; 512];
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_fd().as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_size_out: out.len() as u32,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)
+        .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
+    Ok(attr.retval)
 }
 
 #[cfg(test)]
