@@ -3,7 +3,10 @@
 //! verdict, the bytes that come out and the map contents are checked (the style of Katran's
 //! testing/fixtures). Used by the data-path fixtures and the packet fuzzer.
 
-use crate::{netns::require_root, packet::{ETH_LEN, Frame}};
+use crate::{
+    netns::require_root,
+    packet::Frame,
+};
 use aya::{
     maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
@@ -183,8 +186,10 @@ impl Fixture {
 
     /// A second handle on the connection table (for a sweep running beside the program).
     pub fn flows_handle(&self) -> HashMap<MapData, FlowKey, FlowEntry> {
-        HashMap::try_from(aya::maps::Map::HashMap(reopen(IterableMap::map(&self.flows))))
-            .unwrap()
+        HashMap::try_from(aya::maps::Map::HashMap(reopen(IterableMap::map(
+            &self.flows,
+        ))))
+        .unwrap()
     }
 
     /// The active counts mapped into this process, as the controller maps them.
@@ -256,7 +261,12 @@ impl Fixture {
 
     /// Asserts the frame was forwarded to `backend` by DSR: destination MAC = the backend's,
     /// source MAC = ours, every other byte unchanged.
-    pub fn assert_forwarded(&self, input: &[u8], (verdict, output): (u32, Vec<u8>), backend: usize) {
+    pub fn assert_forwarded(
+        &self,
+        input: &[u8],
+        (verdict, output): (u32, Vec<u8>),
+        backend: usize,
+    ) {
         assert_eq!(verdict, XDP_TX, "expected XDP_TX");
         assert_eq!(output.len(), input.len());
         assert_eq!(output[0..6], self.backends[backend].2, "destination MAC");
@@ -301,14 +311,11 @@ pub fn client(n: u8) -> Ipv4Addr {
 pub fn segment(client_addr: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
     let mut frame = Frame::tcp_syn(client_addr, VIP, PORT);
     frame.src_port = port;
-    let mut bytes = frame.build();
-    // The flags byte is the 14th of the TCP header (checksum not recomputed: XDP never checks it).
-    bytes[ETH_LEN + 20 + 13] = flags;
-    bytes
+    frame.tcp_flags = flags;
+    frame.build()
 }
 
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const FIN_ACK: u8 = 0x11;
 pub const RST: u8 = 0x04;
-

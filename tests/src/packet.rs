@@ -25,6 +25,8 @@ pub struct Frame {
     pub protocol: u8,
     pub src_port: u16,
     pub dst_port: u16,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub tcp_flags: u8,
     pub payload: Vec<u8>,
 }
 
@@ -46,6 +48,7 @@ impl Frame {
             protocol: 6,
             src_port: 40000,
             dst_port: port,
+            tcp_flags: 0x02,
             payload: Vec::new(),
         }
     }
@@ -123,7 +126,7 @@ impl Frame {
         tcp.extend_from_slice(&1u32.to_be_bytes()); // seq
         tcp.extend_from_slice(&0u32.to_be_bytes()); // ack
         tcp.push(5 << 4); // data offset
-        tcp.push(0x02); // SYN
+        tcp.push(self.tcp_flags);
         tcp.extend_from_slice(&64240u16.to_be_bytes());
         tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
         tcp.extend_from_slice(&self.payload);

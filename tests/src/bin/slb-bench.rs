@@ -21,8 +21,8 @@ use sticky_lb::{
     expiry, maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendState, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, PROTO_TCP, Policy,
-    Service, ServiceKey, StickEntry, StickKey, map_names,
+    Backend, BackendState, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey,
+    FlowState, PROTO_TCP, Policy, Service, ServiceKey, StickEntry, StickKey, map_names,
 };
 use sticky_lb_tests::{netns::require_root, packet::Frame};
 
@@ -44,6 +44,14 @@ fn median(runs: Vec<f64>) -> f64 {
 
 fn syn(src: Ipv4Addr, port: u16) -> Vec<u8> {
     Frame::tcp_syn(src, VIP, port).build()
+}
+
+/// A segment of an open connection from `src:src_port` to the service (ACK).
+fn ack(src: Ipv4Addr, src_port: u16) -> Vec<u8> {
+    let mut frame = Frame::tcp_syn(src, VIP, 80);
+    frame.src_port = src_port;
+    frame.tcp_flags = 0x10;
+    frame.build()
 }
 
 /// Client address number `i` (10.0.0.0 upwards: keys only, never on a wire).
@@ -86,6 +94,7 @@ fn each_once(program: &Xdp, frames: &[Vec<u8>]) -> f64 {
 struct Bench {
     dataplane: Dataplane,
     stick: HashMap<MapData, StickKey, StickEntry>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
     key: ServiceKey,
     service: Service,
     names: Vec<String>,
@@ -98,7 +107,7 @@ impl Bench {
             None,
             LoadOptions {
                 stick_table_size: TABLE,
-                flow_table_size: 1 << 16,
+                flow_table_size: 1 << 18,
                 maglev_stride: DEFAULT_MAGLEV_TABLE_SIZE,
                 maglev_services: 1,
                 interface_mac: [2, 0, 0, 0, 0, 1],
@@ -132,9 +141,11 @@ impl Bench {
             ..Default::default()
         };
         let stick = dataplane.take_map(map_names::STICK).unwrap();
+        let flows = dataplane.take_map(map_names::FLOWS).unwrap();
         let mut bench = Bench {
             dataplane,
             stick,
+            flows,
             key,
             service,
             names,
@@ -181,6 +192,28 @@ impl Bench {
         batch::update(&self.stick, &keys, &values).unwrap();
         started.elapsed()
     }
+
+    /// Opens `count` connections, clients 0..count from source port 40000 (batched).
+    fn fill_flows(&mut self, count: u32) {
+        let now = monotonic_ns();
+        let keys: Vec<FlowKey> = (0..count)
+            .map(|i| FlowKey {
+                service: 0,
+                client: [v4(client(i)), 0, 0, 0],
+                client_port: 40000u16.to_be(),
+                _pad: 0,
+            })
+            .collect();
+        let values: Vec<FlowEntry> = (0..count)
+            .map(|i| FlowEntry {
+                backend: i % 10,
+                state: FlowState::Established as u8,
+                _pad: [0; 3],
+                last_seen_ns: now,
+            })
+            .collect();
+        batch::update(&self.flows, &keys, &values).unwrap();
+    }
 }
 
 /// Backends `0..names.len()` with equal weights, as Maglev members.
@@ -214,7 +247,8 @@ fn random_frames(count: usize, range: u32, offset: u32, seed: u64) -> Vec<Vec<u8
 fn quick() {
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
     b.fill(1);
-    let hot = syn(client(1), 80);
+    b.fill_flows(1);
+    let hot = ack(client(0), 40000);
     let other = syn(client(1), 8080);
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("floor", vec![]),
@@ -253,7 +287,8 @@ fn main() {
         eprintln!("  {name}: {ns:.1} ns");
         rows.push((name.to_string(), ns));
     };
-    let hot = syn(client(1), 80);
+    // The hot packet: a segment of an open connection of a stuck client (connection-table hit).
+    let hot = ack(client(0), 40000);
 
     eprintln!("part a: per-packet cost");
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
@@ -264,6 +299,7 @@ fn main() {
     );
     push("XDP_PASS no-op (the floor), repeat", floor);
     b.fill(1);
+    b.fill_flows(1);
     let bare_hot = median(
         (0..RUNS)
             .map(|_| repeated(b.dataplane.extra_program(BENCH_LOOKUP).unwrap(), &hot))
@@ -291,7 +327,32 @@ fn main() {
         median((0..RUNS).map(|_| repeated(program, &hot[..30])).collect()),
     );
     let hit_hot = median((0..RUNS).map(|_| repeated(program, &hot)).collect());
-    push("stick hit, hot key, repeat", hit_hot);
+    push("open connection (connection-table hit), hot key, repeat", hit_hot);
+    // A segment of a connection the table does not hold (flow miss, then the stick hit).
+    push(
+        "stuck client, no connection entry (flow miss + stick hit), hot, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(program, &ack(client(0), 40001)))
+                .collect(),
+        ),
+    );
+    drop(b);
+
+    // The flood guard: a SYN of a new client over the rate is placed by hash, no insert.
+    let mut b = Bench::new(Policy::IpHash, u64::MAX);
+    b.service.insert_interval_ns = u32::MAX;
+    b.publish(10);
+    // The first SYN takes the burst's one entry; every later one is over the rate.
+    repeated(b.dataplane.program(), &syn(client(5), 80));
+    push(
+        "new client over the flood guard's rate (miss, no insert), repeat",
+        median(
+            (0..RUNS)
+                .map(|r| repeated(b.dataplane.program(), &syn(client(100 + r as u32), 80)))
+                .collect(),
+        ),
+    );
     drop(b);
 
     // Random keys over a full table: the realistic case, dominated by cache misses.
@@ -304,12 +365,46 @@ fn main() {
             .collect(),
     );
     push("bare LRU lookup, random keys, full 1M table", bare_random);
+    // Open connections of those clients (one each): every segment is a connection-table hit.
+    b.fill_flows(KEYS as u32 * 5);
+    let acks: Vec<Vec<u8>> = random_frames(KEYS, KEYS as u32 * 5, 0, 0x1234_5678)
+        .into_iter()
+        .map(|mut f| {
+            f[14 + 20 + 13] = 0x10; // ACK (XDP never checks the TCP checksum)
+            f
+        })
+        .collect();
     let hit_random = median(
         (0..RUNS)
-            .map(|_| each_once(b.dataplane.program(), &frames))
+            .map(|_| each_once(b.dataplane.program(), &acks))
             .collect(),
     );
-    push("stick hit, random keys, full 1M table", hit_random);
+    push(
+        "open connection (connection-table hit), random keys, 1M clients",
+        hit_random,
+    );
+    // New connections of stuck clients: flow miss, stick hit, connection insert. Each run
+    // from a new source port, so every SYN opens a connection.
+    let new_conn = median(
+        (0..RUNS)
+            .map(|r| {
+                let frames: Vec<Vec<u8>> = frames
+                    .iter()
+                    .map(|f| {
+                        let mut f = f.clone();
+                        f[14 + 20..14 + 22].copy_from_slice(&(1000 + r as u16).to_be_bytes());
+                        f
+                    })
+                    .take(KEYS / 4)
+                    .collect();
+                each_once(b.dataplane.program(), &frames)
+            })
+            .collect(),
+    );
+    push(
+        "new connection of a stuck client (stick hit + connection insert), random keys",
+        new_conn,
+    );
     // Misses into the full table: every insert evicts. New keys each run.
     let full_miss = median(
         (0..RUNS)
@@ -338,17 +433,19 @@ fn main() {
     );
     push("miss + Maglev + insert, table not full", not_full);
 
-    // Least-connections: an expired entry sends every packet through the pick (10 backends).
-    let mut b = Bench::new(Policy::LeastConn, 0);
-    push(
-        "least-conn pick (10 backends) + insert, repeat",
-        median(
-            (0..RUNS)
-                .map(|_| repeated(b.dataplane.program(), &hot))
-                .collect(),
-        ),
+    // Least-connections: new clients, each through the pick (10 backends) and inserts.
+    let least_conn = median(
+        (0..RUNS)
+            .map(|r| {
+                let mut b = Bench::new(Policy::LeastConn, u64::MAX);
+                let frames: Vec<Vec<u8>> = (0..KEYS as u32 / 4)
+                    .map(|i| syn(client(i * 3 + r as u32), 80))
+                    .collect();
+                each_once(b.dataplane.program(), &frames)
+            })
+            .collect(),
     );
-    drop(b);
+    push("least-conn pick (10 backends) + inserts, new clients", least_conn);
 
     eprintln!("part b: control plane");
     let names: Vec<String> = (0..1000).map(|i| format!("backend-{i}")).collect();
