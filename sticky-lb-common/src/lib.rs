@@ -248,6 +248,10 @@ pub struct FlowKey {
 
 /// Value of the connection table: the backend an open connection is forwarded to for its whole
 /// life (whatever happens to its client's stick entry), and which counts it as active.
+///
+/// `backend` and `state` share one aligned 64-bit word ([`FlowEntry::word`]) changed only by
+/// compare-and-exchange: a connection stops counting on its backend exactly once, by whoever moves
+/// it to [`FlowState::Closing`] first (its FIN or RST, or the controller expiring it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -269,6 +273,50 @@ pub enum FlowState {
     Opening = 0,
     /// The client sent a segment without SYN (its handshake ACK): `flow_idle_timeout`.
     Established = 1,
+    /// The client sent its FIN (IPVS FIN_WAIT/TIME_WAIT): no longer counted, but still
+    /// forwarded to its backend, which may go on sending (a half-close) while the client ACKs;
+    /// `flow_closing_timeout`.
+    Closing = 2,
+}
+
+impl FlowState {
+    /// Whether a connection in this state counts on its backend's active count.
+    pub const fn is_counted(state: u8) -> bool {
+        state == FlowState::Opening as u8 || state == FlowState::Established as u8
+    }
+}
+
+impl FlowEntry {
+    /// `backend` and `state` as the one 64-bit word the data path compares and exchanges
+    /// (little-endian: the backend in the low half, the state in the byte after it).
+    pub const fn word(backend: BackendId, state: u8) -> u64 {
+        backend as u64 | (state as u64) << 32
+    }
+
+    pub const fn word_state(word: u64) -> u8 {
+        (word >> 32) as u8
+    }
+}
+
+/// Input of the `expire_flow` program: which connection to end, and only if its client was
+/// last seen before `seen_before_ns` (u64::MAX: whatever its last-seen time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpireRequest {
+    pub key: FlowKey,
+    pub seen_before_ns: u64,
+}
+
+/// What `expire_flow` did (its return value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpireOutcome {
+    /// No such connection, or it was used since `seen_before_ns`: kept.
+    Kept = 0,
+    /// Deleted; it had already stopped counting (closing).
+    Deleted = 1,
+    /// Deleted, and this call took it off its backend's active count.
+    Uncounted = 2,
 }
 
 /// Per-CPU, per-service state of the flood guard: a generic cell rate algorithm (GCRA, ITU-T
@@ -477,6 +525,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for InsertBudget {}
+    unsafe impl aya::Pod for ExpireRequest {}
 }
 
 #[cfg(test)]
@@ -496,6 +545,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<FlowEntry>(), 16);
         assert_eq!(size_of::<InsertBudget>(), 8);
+        assert_eq!(size_of::<ExpireRequest>(), 32);
     }
 
     #[test]

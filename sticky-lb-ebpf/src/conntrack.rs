@@ -1,13 +1,16 @@
 //! The connection table: each open TCP connection keeps the backend it started on for its whole
 //! life, whatever happens to its client's stick entry (expired while a WebSocket idles, evicted,
 //! swept, or its drained backend retired), unless that backend goes down. A connection opens with
-//! the client's SYN and ends with its FIN or RST; in DSR the server's half is never seen, so a
+//! the client's SYN and closes with its FIN or RST; in DSR the server's half is never seen, so a
 //! connection the server closes lasts until the client's FIN (which normally follows at once)
 //! or until the controller expires it as idle.
 //!
 //! Each backend's active count changes only by atomic adds: +1 by the SYN whose insert created
-//! the connection, -1 by whoever's delete removed it (the data path on FIN or RST, the controller
-//! when it expires one). A delete succeeds once, so each connection is counted exactly once.
+//! the connection, -1 by whoever moves it to closing first (its FIN or RST, or the controller
+//! expiring it through the `expire_flow` program): a compare-and-exchange succeeds once, so each
+//! connection is uncounted exactly once. A closing connection keeps forwarding to its backend
+//! (in DSR the server may still be sending after the client's FIN) until the controller deletes
+//! it after `flow_closing_timeout` without a packet; a RST deletes it at once.
 
 use crate::{
     atomic,
@@ -38,12 +41,6 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
     FLOWS.get_ptr_mut(key)
 }
 
-/// Whether the connection has seen more than its SYN.
-#[inline(always)]
-pub fn established(flow: *mut FlowEntry) -> bool {
-    // SAFETY: a live hash-map value.
-    unsafe { (*flow).state == FlowState::Established as u8 }
-}
 
 /// Notes a segment of an open connection: the client's first segment without SYN establishes it,
 /// and its last-seen time is refreshed once it is `refresh_ns` old. Returns whether it was
@@ -51,16 +48,57 @@ pub fn established(flow: *mut FlowEntry) -> bool {
 /// connection keeps its entry).
 #[inline(always)]
 pub fn touch(flow: *mut FlowEntry, packet: &Ipv4Tcp, now: u64, refresh_ns: u64) -> bool {
-    // SAFETY: a live hash-map value; single-byte and aligned 8-byte stores.
-    let flow = unsafe { &mut *flow };
-    if flow.state == FlowState::Opening as u8 && !packet.opens() {
-        flow.state = FlowState::Established as u8;
-    }
-    if idle_ns(now, flow.last_seen_ns) >= refresh_ns {
-        flow.last_seen_ns = now;
-        return true;
+    // SAFETY: a live hash-map value; the state changes only by compare-and-exchange of its
+    // aligned first word, the last-seen time by whole aligned stores.
+    unsafe {
+        if (*flow).state == FlowState::Opening as u8 && !packet.opens() {
+            let backend = (*flow).backend;
+            // Fails only if a FIN or RST moved it to closing meanwhile; that stays.
+            let _ = atomic::compare_exchange(
+                flow as *mut u64,
+                FlowEntry::word(backend, FlowState::Opening as u8),
+                FlowEntry::word(backend, FlowState::Established as u8),
+            );
+        }
+        if idle_ns(now, (*flow).last_seen_ns) >= refresh_ns {
+            (*flow).last_seen_ns = now;
+            return true;
+        }
     }
     false
+}
+
+/// Ends a connection: moves it to closing and takes it off its backend's active count, exactly
+/// once whoever else ends it at the same moment (its FIN and RST on two CPUs, the controller
+/// expiring it). The entry stays, so the client's last segments still reach its backend. Returns
+/// whether this call uncounted it.
+#[inline(always)]
+pub fn finish(flow: *mut FlowEntry) -> bool {
+    let word = flow as *mut u64;
+    // A compare-and-exchange fails only if the state changed under it: opening to established
+    // (once) or to closing (then the next round sees it closed); three rounds always decide.
+    let mut round = 0;
+    while round < 3 {
+        // SAFETY: a live hash-map value; its aligned first word holds backend and state.
+        let seen = unsafe { atomic::load(word) };
+        if !FlowState::is_counted(FlowEntry::word_state(seen)) {
+            return false;
+        }
+        let backend = seen as u32;
+        let closing = FlowEntry::word(backend, FlowState::Closing as u8);
+        if unsafe { atomic::compare_exchange(word, seen, closing) }.is_ok() {
+            add_active(backend, -1);
+            return true;
+        }
+        round += 1;
+    }
+    false
+}
+
+/// Deletes a connection (after [`finish`]: deleting never changes a count).
+#[inline(always)]
+pub fn remove(key: &FlowKey) -> bool {
+    FLOWS.remove(key).is_ok()
 }
 
 /// What became of a new connection.
@@ -89,15 +127,6 @@ pub fn open(key: &FlowKey, backend: BackendId, now: u64) -> Opened {
         }
         Err(e) if e == -EEXIST => Opened::Exists,
         Err(_) => Opened::Full,
-    }
-}
-
-/// Ends a connection counted on `backend`: only the delete that wins uncounts it (a
-/// retransmitted FIN, or the controller's sweep at the same moment, finds nothing to delete).
-#[inline(always)]
-pub fn close(key: &FlowKey, backend: BackendId) {
-    if FLOWS.remove(key).is_ok() {
-        add_active(backend, -1);
     }
 }
 

@@ -14,6 +14,7 @@
 mod atomic;
 mod bench;
 mod conntrack;
+mod expire;
 mod forward;
 mod guard;
 mod maps;
@@ -28,10 +29,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use maps::{SERVICE_INDEX, SERVICES};
 use conntrack::Opened;
-use parse::{Ipv4Tcp, Parsed};
+use parse::{Ipv4Tcp, Parsed, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{
-    Backend, BackendId, Counter, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
+    Backend, BackendId, Counter, FlowState, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
     SERVICE_INDEX_TOMBSTONE, Service, hash::service_slot, refresh_interval_ns,
 };
 
@@ -74,21 +75,32 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
     let flow_key = conntrack::key(service.id, &packet);
     if let Some(flow) = conntrack::lookup(&flow_key) {
         // SAFETY: a live hash-map value; the backend id is written once, at insert.
-        let id = unsafe { (*flow).backend };
+        let (id, state) = unsafe { ((*flow).backend, (*flow).state) };
         match select::usable(service, id) {
-            // A SYN on an established connection's key is a new connection reusing the port
-            // (its TIME_WAIT is over): it is placed like any other, below.
-            Some(backend) if !(packet.opens() && conntrack::established(flow)) => {
-                if packet.closes() {
-                    conntrack::close(&flow_key, id);
-                } else if conntrack::touch(flow, &packet, now, refresh_ns) {
-                    select::refresh(service, client, id, now);
+            // A SYN on an established or closing connection's key is a new connection reusing
+            // the port (its TIME_WAIT is over): it is placed like any other, below.
+            Some(backend) if !(packet.opens() && state != FlowState::Opening as u8) => {
+                if packet.flags & TCP_RST != 0 {
+                    conntrack::finish(flow);
+                    conntrack::remove(&flow_key);
+                } else {
+                    // A FIN stops the count, but the connection keeps its backend: in DSR the
+                    // server may still be sending, and the client's ACKs must reach it.
+                    if packet.flags & TCP_FIN != 0 {
+                        conntrack::finish(flow);
+                    }
+                    if conntrack::touch(flow, &packet, now, refresh_ns) {
+                        select::refresh(service, client, id, now);
+                    }
                 }
                 return forward(ctx, &packet, id, backend);
             }
             // Or its backend is down, disabled or gone: the connection ends here, and the
             // client is placed anew below.
-            _ => conntrack::close(&flow_key, id),
+            _ => {
+                conntrack::finish(flow);
+                conntrack::remove(&flow_key);
+            }
         }
     }
     match select::backend_for(service, client, now, refresh_ns, packet.opens()) {

@@ -61,15 +61,12 @@ pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
 #[map(name = "slb_flows")]
 pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Array flag: user space may mmap the array (include/uapi/linux/bpf.h).
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
 /// Open connections per backend id, shared by all CPUs: what least-connections compares. Only
-/// atomic adds change it, from the data path (a connection opened, or closed by the packet whose
-/// delete won) and from the controller through a shared mapping (a connection it expired, again
-/// only when its delete won), so the counts are exact at every moment.
+/// atomic adds in BPF change it: +1 by the SYN that created a connection, -1 by whoever moved
+/// it to closing first (its FIN or RST, or the controller through the `expire_flow` program),
+/// so the counts are exact at every moment.
 #[map(name = "slb_active")]
-pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, BPF_F_MMAPABLE);
+pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Flood guard state per service, per CPU (no atomics): when the next new stick entry is due.
 #[map(name = "slb_ins_budget")]

@@ -66,11 +66,6 @@ impl Ipv4Tcp {
         self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// The client ends the connection (FIN) or aborts it (RST).
-    #[inline(always)]
-    pub fn closes(&self) -> bool {
-        self.flags & (TCP_FIN | TCP_RST) != 0
-    }
 }
 
 /// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and TCP, and accepts the

@@ -46,6 +46,13 @@ pub struct Config {
         deserialize_with = "duration"
     )]
     pub flow_opening_timeout: Duration,
+    /// A connection whose client sent its FIN, idle this long, is deleted (IPVS FIN_WAIT);
+    /// until then its last segments still reach its backend.
+    #[serde(
+        default = "default_flow_closing_timeout",
+        deserialize_with = "duration"
+    )]
+    pub flow_closing_timeout: Duration,
     /// On reload: whether operator changes made at run time survive (HAProxy's server-state).
     #[serde(default)]
     pub runtime_changes: RuntimeChanges,
@@ -330,6 +337,9 @@ fn default_flow_idle_timeout() -> Duration {
 fn default_flow_opening_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_flow_closing_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_insert_rate_limit() -> u32 {
     5_000
 }
@@ -436,6 +446,7 @@ impl Config {
         for (field, value) in [
             ("flow_idle_timeout", self.flow_idle_timeout),
             ("flow_opening_timeout", self.flow_opening_timeout),
+            ("flow_closing_timeout", self.flow_closing_timeout),
         ] {
             if value < MIN_FLOW_TIMEOUT {
                 return Err(err(

@@ -1,107 +1,99 @@
-//! The connection table as the controller sees it: expiring connections, and the per-backend
-//! active counts least-connections compares.
+//! The connection table as the controller sees it: finding the connections that are over and
+//! ending them.
 //!
-//! The counts change only by atomic adds, from the data path and from here, through a shared
-//! mapping of the `slb_active` array (BPF_F_MMAPABLE): a connection is uncounted by whoever's
-//! delete removed it, so the counts are exact at every moment, with no recount that could
-//! overwrite a concurrent change. The controller deletes with BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-//! which hands back exactly the value it removed.
+//! A connection stops counting on its backend by a compare-and-exchange of its state, so it is
+//! uncounted exactly once whoever ends it (its FIN or RST in the data path, or this sweep). User
+//! space has no compare-and-exchange on a hash-map value, so the sweep ends each connection by
+//! running the `expire_flow` program in the same object (BPF_PROG_TEST_RUN): the same code, the
+//! same atomics. Nothing here writes a count.
 
-use crate::dataplane::{PinDir, monotonic_ns};
-use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, MapData};
+use crate::dataplane::monotonic_ns;
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData},
+    programs::ProgramFd,
+};
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     mem::size_of,
     os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicI64, Ordering},
 };
 use sticky_lb_common::{
-    BackendId, FlowEntry, FlowKey, FlowState, MAX_BACKENDS, ServiceId, idle_ns, map_names,
+    BackendId, ExpireOutcome, ExpireRequest, FlowEntry, FlowKey, FlowState, ServiceId, idle_ns,
 };
 
-/// The `slb_active` array mapped into this process: one i64 per backend id.
-pub struct ActiveCounts {
-    base: *mut AtomicI64,
-    len: usize,
-    /// Keeps the map open while it is mapped.
-    _map: MapData,
-}
+/// Runs the data path's `expire_flow` program on one connection at a time.
+pub struct Expirer(ProgramFd);
 
-// SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for ActiveCounts {}
-unsafe impl Sync for ActiveCounts {}
-
-impl ActiveCounts {
-    /// Maps the pinned `slb_active` array of a data path.
-    pub fn open(pins: &PinDir) -> Result<ActiveCounts> {
-        let path = pins.map(map_names::ACTIVE);
-        let map =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        ActiveCounts::new(map).with_context(|| format!("mapping {}", path.display()))
+impl Expirer {
+    pub fn new(program: ProgramFd) -> Expirer {
+        Expirer(program)
     }
 
-    /// Maps an `slb_active` array.
-    pub fn new(map: MapData) -> Result<ActiveCounts> {
-        let len = MAX_BACKENDS as usize;
-        let bytes = (len * size_of::<i64>()).next_multiple_of(page_size());
-        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE; the kernel checks the length
-        // against the array's size and the fd stays open while the mapping lives.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
+    /// Ends connection `key` unless its client was seen at or after `seen_before_ns`.
+    pub fn expire(&self, key: &FlowKey, seen_before_ns: u64) -> io::Result<ExpireOutcome> {
+        let request = ExpireRequest {
+            key: *key,
+            seen_before_ns,
+        };
+        // The program reads the request as packet data; XDP test runs want at least an
+        // Ethernet header's worth (the request is 32 bytes) and room to copy it back.
+        let mut out = [0u8; size_of::<ExpireRequest>()];
+        let mut attr = TestRunAttr {
+            prog_fd: self.0.as_fd().as_raw_fd() as u32,
+            data_size_in: size_of::<ExpireRequest>() as u32,
+            data_in: &request as *const ExpireRequest as u64,
+            data_size_out: out.len() as u32,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix for BPF_PROG_TEST_RUN (explicit zero
+        // padding); the buffers it points at live across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                size_of::<TestRunAttr>() as u32,
             )
         };
-        if base == libc::MAP_FAILED {
-            bail!(
-                "{} (maps from before layout 3 are not mappable: `sticky-lb detach`)",
-                io::Error::last_os_error()
-            );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(ActiveCounts {
-            base: base as *mut AtomicI64,
-            len,
-            _map: map,
+        Ok(match attr.retval {
+            2 => ExpireOutcome::Uncounted,
+            1 => ExpireOutcome::Deleted,
+            _ => ExpireOutcome::Kept,
         })
     }
-
-    fn slot(&self, backend: BackendId) -> Option<&AtomicI64> {
-        // SAFETY: in bounds of the mapping, aligned (the kernel maps the array's values from a
-        // page boundary, 8 bytes each).
-        ((backend as usize) < self.len).then(|| unsafe { &*self.base.add(backend as usize) })
-    }
-
-    /// Adds `delta` to a backend's count, atomically with the data path's own adds.
-    pub fn add(&self, backend: BackendId, delta: i64) {
-        if let Some(slot) = self.slot(backend) {
-            slot.fetch_add(delta, Ordering::SeqCst);
-        }
-    }
-
-    /// A backend's open connections now.
-    pub fn get(&self, backend: BackendId) -> i64 {
-        self.slot(backend)
-            .map_or(0, |slot| slot.load(Ordering::SeqCst))
-    }
 }
 
-impl Drop for ActiveCounts {
-    fn drop(&mut self) {
-        let bytes = (self.len * size_of::<i64>()).next_multiple_of(page_size());
-        // SAFETY: unmapping exactly what `open` mapped.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, bytes) };
-    }
-}
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+/// `union bpf_attr`'s `test` member (linux/bpf.h), up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    /// Explicit, so it is zero: the kernel refuses (EINVAL) an attr whose bytes past the last
+    /// field it knows are not zero, and implicit padding may hold anything.
+    _pad: u32,
 }
 
 /// Which connections are over: the idle timeouts (ns) by state, and which services and backends
@@ -110,6 +102,7 @@ fn page_size() -> usize {
 pub struct Expiry {
     pub opening_timeout_ns: u64,
     pub idle_timeout_ns: u64,
+    pub closing_timeout_ns: u64,
     /// Services that exist; connections of others are over.
     pub services: BTreeSet<ServiceId>,
     /// Backends whose connections continue (up or draining). A connection on any other backend
@@ -119,15 +112,18 @@ pub struct Expiry {
 }
 
 impl Expiry {
-    fn is_over(&self, key: &FlowKey, flow: &FlowEntry, now: u64) -> bool {
-        let timeout = if flow.state == FlowState::Opening as u8 {
-            self.opening_timeout_ns
-        } else {
-            self.idle_timeout_ns
+    /// If connection `key` is over at `now`, the last-seen time before which it may be ended
+    /// (so a packet that arrives between this scan and the end keeps it).
+    fn over(&self, key: &FlowKey, flow: &FlowEntry, now: u64) -> Option<u64> {
+        if !self.services.contains(&key.service) || !self.serving.contains(&flow.backend) {
+            return Some(u64::MAX);
+        }
+        let timeout = match flow.state {
+            s if s == FlowState::Opening as u8 => self.opening_timeout_ns,
+            s if s == FlowState::Established as u8 => self.idle_timeout_ns,
+            _ => self.closing_timeout_ns,
         };
-        !self.services.contains(&key.service)
-            || !self.serving.contains(&flow.backend)
-            || idle_ns(now, flow.last_seen_ns) >= timeout
+        (idle_ns(now, flow.last_seen_ns) >= timeout).then(|| now.saturating_sub(timeout) + 1)
     }
 }
 
@@ -135,96 +131,46 @@ impl Expiry {
 #[derive(Clone, Debug, Default)]
 pub struct SweepReport {
     pub scanned: u64,
+    /// Connections ended and deleted.
     pub expired: u64,
-    /// Connections that looked over but were used again before they were deleted.
+    /// Of those, the ones still counted until this sweep ended them (no FIN seen).
+    pub uncounted: u64,
+    /// Connections that looked over but were used again before they were ended.
     pub refreshed: u64,
-    /// Open connections left per backend.
+    /// Connections left per backend, closing ones included (they still reach it).
     pub open_by_backend: BTreeMap<BackendId, u64>,
 }
 
-/// One pass: deletes the connections that are over and uncounts each on its backend.
+/// One pass: ends the connections that are over.
 pub fn sweep(
-    flows: &mut HashMap<MapData, FlowKey, FlowEntry>,
-    active: &ActiveCounts,
+    flows: &HashMap<MapData, FlowKey, FlowEntry>,
+    expirer: &Expirer,
     expiry: &Expiry,
 ) -> Result<SweepReport> {
     let mut report = SweepReport::default();
     let now = monotonic_ns();
-    let mut over = Vec::new();
     for (key, flow) in crate::batch::lookup_all(flows, 8192)? {
         report.scanned += 1;
-        if expiry.is_over(&key, &flow, now) {
-            over.push(key);
-        } else {
+        let Some(seen_before) = expiry.over(&key, &flow, now) else {
             *report.open_by_backend.entry(flow.backend).or_default() += 1;
-        }
-    }
-    let fd = aya::maps::IterableMap::map(&*flows)
-        .fd()
-        .as_fd()
-        .as_raw_fd();
-    for key in over {
-        // The value handed back is exactly what was deleted; nobody else can delete it now.
-        let Some(flow) = lookup_and_delete(fd, &key)? else {
-            continue; // the data path closed it first (and uncounted it)
+            continue;
         };
-        if !expiry.is_over(&key, &flow, monotonic_ns()) {
-            // Used again since the scan: put it back. If a new connection took the key in the
-            // meantime (only a SYN inserts), that one counted itself and this one is over.
-            if flows.insert(&key, &flow, BPF_NOEXIST).is_ok() {
+        match expirer
+            .expire(&key, seen_before)
+            .context("running expire_flow")?
+        {
+            ExpireOutcome::Kept => {
                 report.refreshed += 1;
                 *report.open_by_backend.entry(flow.backend).or_default() += 1;
-                continue;
+            }
+            ExpireOutcome::Deleted => report.expired += 1,
+            ExpireOutcome::Uncounted => {
+                report.expired += 1;
+                report.uncounted += 1;
             }
         }
-        active.add(flow.backend, -1);
-        report.expired += 1;
     }
     Ok(report)
-}
-
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-const BPF_NOEXIST: u64 = 1;
-
-/// `union bpf_attr`'s element member (linux/bpf.h).
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Deletes `key` and returns the value it held, or `None` if it was not there (kernel 5.14+ for
-/// hash maps).
-fn lookup_and_delete(fd: i32, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
-    let mut value = FlowEntry::default();
-    let mut attr = ElemAttr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: key as *const FlowKey as u64,
-        value: &mut value as *mut FlowEntry as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for this command; key and value point at
-    // buffers of the map's key and value sizes that live across the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            size_of::<ElemAttr>() as u32,
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(value));
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOENT) {
-        return Ok(None);
-    }
-    Err(err)
 }
 
 #[cfg(test)]
@@ -235,6 +181,7 @@ mod tests {
         Expiry {
             opening_timeout_ns: 10,
             idle_timeout_ns: 100,
+            closing_timeout_ns: 20,
             services: [1].into(),
             serving: [5].into(),
         }
@@ -256,11 +203,26 @@ mod tests {
             ..Default::default()
         };
         let e = expiry();
-        assert!(e.is_over(&key, &flow(FlowState::Opening, 5, 1000), 1010));
-        assert!(!e.is_over(&key, &flow(FlowState::Established, 5, 1000), 1010));
-        assert!(e.is_over(&key, &flow(FlowState::Established, 5, 1000), 1100));
+        // Ended only if not seen again since the moment it became over.
+        assert_eq!(
+            e.over(&key, &flow(FlowState::Opening, 5, 1000), 1010),
+            Some(1001)
+        );
+        assert_eq!(
+            e.over(&key, &flow(FlowState::Established, 5, 1000), 1010),
+            None
+        );
+        assert_eq!(
+            e.over(&key, &flow(FlowState::Established, 5, 1000), 1100),
+            Some(1001)
+        );
+        assert_eq!(e.over(&key, &flow(FlowState::Closing, 5, 1000), 1015), None);
+        assert_eq!(
+            e.over(&key, &flow(FlowState::Closing, 5, 1000), 1020),
+            Some(1001)
+        );
         // A last-seen time ahead of now is idle 0.
-        assert!(!e.is_over(&key, &flow(FlowState::Opening, 5, 2000), 1000));
+        assert_eq!(e.over(&key, &flow(FlowState::Opening, 5, 2000), 1000), None);
     }
 
     #[test]
@@ -270,11 +232,17 @@ mod tests {
             service: 2,
             ..Default::default()
         };
-        assert!(e.is_over(&other_service, &flow(FlowState::Established, 5, 0), 0));
+        assert_eq!(
+            e.over(&other_service, &flow(FlowState::Established, 5, 0), 0),
+            Some(u64::MAX)
+        );
         let key = FlowKey {
             service: 1,
             ..Default::default()
         };
-        assert!(e.is_over(&key, &flow(FlowState::Established, 6, 0), 0));
+        assert_eq!(
+            e.over(&key, &flow(FlowState::Established, 6, 0), 0),
+            Some(u64::MAX)
+        );
     }
 }

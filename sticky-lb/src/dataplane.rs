@@ -31,6 +31,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STICKY_LB_EBPF
 pub const PROGRAM: &str = "sticky_lb";
 /// A do-nothing XDP program in the same object (rig peers, benchmark floor).
 pub const PASS_PROGRAM: &str = "xdp_pass";
+/// The program the controller ends connections with (never attached; see `conntrack`).
+pub const EXPIRE_PROGRAM: &str = "expire_flow";
 
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -212,6 +214,13 @@ impl Dataplane {
         program
             .load()
             .context("the kernel rejected the XDP program")?;
+        let expire: &mut Xdp = ebpf
+            .program_mut(EXPIRE_PROGRAM)
+            .context("program expire_flow missing")?
+            .try_into()?;
+        expire
+            .load()
+            .context("the kernel rejected the expire_flow program")?;
         Ok(Dataplane {
             ebpf,
             pins,
@@ -288,6 +297,16 @@ impl Dataplane {
     /// The XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
     pub fn program(&mut self) -> &mut Xdp {
         self.ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap()
+    }
+
+    /// A handle that ends connections the way the data path does (for the sweep's thread).
+    pub fn expirer(&self) -> Result<crate::conntrack::Expirer> {
+        let program: &Xdp = self
+            .ebpf
+            .program(EXPIRE_PROGRAM)
+            .context("program expire_flow missing")?
+            .try_into()?;
+        Ok(crate::conntrack::Expirer::new(program.fd()?.try_clone()?))
     }
 
     /// Loads another program of the object (the benchmark's reference programs) for test runs.

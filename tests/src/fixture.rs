@@ -3,17 +3,13 @@
 //! verdict, the bytes that come out and the map contents are checked (the style of Katran's
 //! testing/fixtures). Used by the data-path fixtures and the packet fuzzer.
 
-use crate::{
-    netns::require_root,
-    packet::Frame,
-};
+use crate::{netns::require_root, packet::Frame};
 use aya::{
     maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use std::net::Ipv4Addr;
 use sticky_lb::{
-    conntrack::ActiveCounts,
     dataplane::{Dataplane, LoadOptions},
     maglev,
 };
@@ -192,9 +188,17 @@ impl Fixture {
         .unwrap()
     }
 
-    /// The active counts mapped into this process, as the controller maps them.
-    pub fn active_counts(&self) -> ActiveCounts {
-        ActiveCounts::new(reopen(IterableMap::map(&self.active))).expect("slb_active is mappable")
+    /// A second handle on the active counts (for a thread beside the program).
+    pub fn active_handle(&self) -> Array<MapData, i64> {
+        Array::try_from(aya::maps::Map::Array(reopen(IterableMap::map(
+            &self.active,
+        ))))
+        .unwrap()
+    }
+
+    /// The active count of backend id `id`.
+    pub fn active_of(&self, id: BackendId) -> i64 {
+        self.active.get(&id, 0).unwrap()
     }
 
     /// Writes a stick entry as it is (any version, any times).

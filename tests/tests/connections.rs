@@ -46,6 +46,13 @@ const LINE_SERVER_MAX_CONNECTIONS: usize = 1000;
 /// `HoldServer` then only reads): to learn which backend a segment sent on an old, idle
 /// connection reached, the backend has to answer on that connection. One thread per
 /// connection; the tests here open at most a few hundred.
+/// These tests measure time (idle periods, a 500 ms timeout, polls for counts): run them one at a
+/// time, so on a 2-CPU machine one test's load never stretches another's pauses.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct LineServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -194,6 +201,7 @@ fn with_sweep_interval(config: String, interval: &str) -> String {
 /// of these clients' new connections now go to it. Every idle connection's next request must
 /// still reach the backend it opened on, without a reset.
 fn idle_connection_keeps_its_backend_after_its_entry_expired_and_the_pool_changed(mode: Mode) {
+    let _one_at_a_time = one_at_a_time();
     let tag = match mode {
         Mode::Native => "idlekeep-n",
         Mode::Generic => "idlekeep-g",
@@ -325,13 +333,15 @@ fn idle_connection_keeps_its_backend_after_its_entry_expired_and_the_pool_change
 
 /// How long the clients keep connecting, and how often.
 const KEEP_CONNECTING: Duration = Duration::from_secs(3);
-const CONNECT_EVERY: Duration = Duration::from_millis(100);
+const CONNECT_EVERY: Duration = Duration::from_millis(50);
 
-/// Stick timeout 500 ms, refreshed at half of it (250 ms): three clients that open a new short
-/// connection every 100 ms for 3 s keep the entry they got first (its age only grows, one
+/// Stick timeout 500 ms, refreshed at half of it (250 ms), so a client connecting more often than
+/// every 250 ms must never lose its entry: three clients that open a new short connection every
+/// 50 ms for 3 s keep the entry they got first (its age only grows, one
 /// insert each, never idle past the timeout). Once they stop, their entries expire and are
 /// swept (every 200 ms) well within 1.5 s.
 fn stick_timeout_of_500ms_is_refreshed_by_a_client_that_keeps_connecting(mode: Mode) {
+    let _one_at_a_time = one_at_a_time();
     let tag = match mode {
         Mode::Native => "refresh-n",
         Mode::Generic => "refresh-g",
@@ -559,6 +569,7 @@ impl Dice {
 /// 500 ms) expire and are swept between rounds, so each round's clients are placed anew, and the
 /// connection sweep walks the table every 100 ms throughout: neither may move a count.
 fn least_conn_counts_equal_open_connections_while_sweeps_run(mode: Mode) {
+    let _one_at_a_time = one_at_a_time();
     let tag = match mode {
         Mode::Native => "lccount-n",
         Mode::Generic => "lccount-g",

@@ -5,10 +5,10 @@
 //! small tables, one service 198.18.0.100:80 and three backends.
 
 use std::net::Ipv4Addr;
-use sticky_lb::dataplane::monotonic_ns;
 use sticky_lb::conntrack;
+use sticky_lb::dataplane::monotonic_ns;
 use sticky_lb_common::{
-    Backend, BackendState, Counter, FlowEntry, FlowState, Service, ServiceKey, StickEntry,
+    Backend, BackendState, Counter, FlowEntry, FlowKey, FlowState, Service, ServiceKey, StickEntry,
 };
 use sticky_lb_tests::{
     fixture::*,
@@ -318,7 +318,39 @@ fn connection_closes_are_counted_once() {
     // A mid-connection packet of a flow never seen opening is not counted.
     f.run(&segment(client(1), 3002, ACK));
     assert_eq!(f.active(0), 0);
-    assert!(f.flows.keys().next().is_none(), "no flow left");
+    // The FIN's connection stays, closing, so the client's last segments reach its backend;
+    // the RST's is gone.
+    let left: Vec<(FlowKey, FlowEntry)> = f.flows.iter().map(|r| r.unwrap()).collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.client_port, 3000u16.to_be());
+    assert_eq!(left[0].1.state, FlowState::Closing as u8);
+}
+
+#[test]
+fn after_the_clients_fin_its_acks_still_reach_the_backend_that_is_sending() {
+    // A half-close: the client sends its request and FIN, the server goes on sending, and the
+    // client's ACKs come through the balancer. Its entry expires and a backend joins meanwhile:
+    // the ACKs must still reach the first backend, or it is reset mid-response.
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1]);
+    let n = (40..=250)
+        .find(|&n| f.predicted(&maglev_members(&f, &[0, 1, 2]), client(n)) == 2)
+        .expect("a client that backend 2 would take");
+    let first = f.predicted(&table, client(n));
+    f.run(&segment(client(n), 7100, SYN));
+    f.run(&segment(client(n), 7100, ACK));
+    f.run(&segment(client(n), 7100, FIN_ACK));
+    assert_eq!(f.active(first), 0, "a closing connection no longer counts");
+    f.remove_stick(client(n));
+    f.publish(&[0, 1, 2]);
+    let ack = segment(client(n), 7100, ACK);
+    let result = f.run(&ack);
+    f.assert_forwarded(&ack, result, first);
+    // A new connection on the same port after TIME_WAIT is placed anew.
+    let syn = segment(client(n), 7100, SYN);
+    let result = f.run(&syn);
+    f.assert_forwarded(&syn, result, 2);
+    assert_eq!((f.active(first), f.active(2)), (0, 1));
 }
 
 #[test]
@@ -459,7 +491,9 @@ fn malformed_segments_to_a_service_are_passed_and_counted_by_reason() {
         ),
         (
             "IPv4 total length 30, below IHL x 4 + 20",
-            mangled(4, |b| b[IP + 2..IP + 4].copy_from_slice(&30u16.to_be_bytes())),
+            mangled(4, |b| {
+                b[IP + 2..IP + 4].copy_from_slice(&30u16.to_be_bytes())
+            }),
             Counter::PassBadIpHeader,
         ),
         (
@@ -473,12 +507,22 @@ fn malformed_segments_to_a_service_are_passed_and_counted_by_reason() {
         let result = f.run(&frame);
         assert_eq!(result.0, XDP_PASS, "{what}");
         assert_passed_untouched(&frame, result);
-        assert_eq!(f.counter(reason), before + 1, "{what} counted as {reason:?}");
+        assert_eq!(
+            f.counter(reason),
+            before + 1,
+            "{what} counted as {reason:?}"
+        );
     }
     for n in 1..=5 {
-        assert!(f.stick_entry(client(n)).is_none(), "no entry from a malformed frame");
+        assert!(
+            f.stick_entry(client(n)).is_none(),
+            "no entry from a malformed frame"
+        );
     }
-    assert!(f.flows.keys().next().is_none(), "no connection from a malformed frame");
+    assert!(
+        f.flows.keys().next().is_none(),
+        "no connection from a malformed frame"
+    );
 }
 
 #[test]
@@ -516,7 +560,11 @@ fn a_replacement_in_progress_on_another_cpu_wins() {
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, claimed);
     let entry = f.stick_entry(client(20)).unwrap();
-    assert_eq!((entry.backend, entry.version), (f.backends[claimed].0, 7), "untouched");
+    assert_eq!(
+        (entry.backend, entry.version),
+        (f.backends[claimed].0, 7),
+        "untouched"
+    );
     assert_eq!(f.service_counters().races_lost, 1);
 }
 
@@ -627,7 +675,10 @@ fn a_last_seen_just_ahead_of_now_is_a_hit() {
     let frame = segment(client(30), 1, SYN);
     let result = f.run(&frame);
     f.assert_forwarded(&frame, result, stuck);
-    assert_eq!(f.index_of(f.stick_entry(client(30)).unwrap().backend), stuck);
+    assert_eq!(
+        f.index_of(f.stick_entry(client(30)).unwrap().backend),
+        stuck
+    );
     assert_eq!(f.service_counters().stick_hits, 1);
 }
 
@@ -693,7 +744,11 @@ fn an_open_connection_on_a_backend_that_went_down_is_moved_and_uncounted() {
     let data = segment(client(41), 7000, ACK);
     let result = f.run(&data);
     f.assert_forwarded(&data, result, f.predicted(&table, client(41)));
-    assert_eq!(f.active(first), 0, "the connection stopped counting on the down backend");
+    assert_eq!(
+        f.active(first),
+        0,
+        "the connection stopped counting on the down backend"
+    );
     assert!(f.flows.keys().next().is_none());
 }
 
@@ -736,7 +791,9 @@ fn the_flood_guard_caps_new_entries_and_places_the_rest_by_hash() {
         let result = f.run(&frame);
         f.assert_forwarded(&frame, result, f.predicted(&table, client(n)));
     }
-    let recorded = (1..=60).filter(|&n| f.stick_entry(client(n)).is_some()).count() as u64;
+    let recorded = (1..=60)
+        .filter(|&n| f.stick_entry(client(n)).is_some())
+        .count() as u64;
     let c = f.service_counters();
     // A burst of one second's worth (10, 11 if the clock ticked) then nothing more.
     assert!((10..=12).contains(&recorded), "{recorded} entries");
@@ -748,7 +805,10 @@ fn the_flood_guard_caps_new_entries_and_places_the_rest_by_hash() {
 fn only_a_syn_creates_an_entry() {
     let mut f = Fixture::new(32);
     let table = f.publish(&[0, 1, 2]);
-    for flags in [ACK, FIN_ACK, RST, 0x18 /* PSH ACK */, 0x12 /* SYN ACK */] {
+    for flags in [
+        ACK, FIN_ACK, RST, 0x18, /* PSH ACK */
+        0x12, /* SYN ACK */
+    ] {
         let frame = segment(client(50), 1, flags);
         let result = f.run(&frame);
         f.assert_forwarded(&frame, result, f.predicted(&table, client(50)));
@@ -762,61 +822,81 @@ fn only_a_syn_creates_an_entry() {
 #[test]
 fn counts_stay_exact_while_a_sweep_deletes_connections_the_data_path_closes() {
     // One thread opens 1,000 connections and closes them (FIN or RST) while another sweeps the
-    // connection table with the controller's code, expiring every connection of backend 0 (as if
+    // connection table with the controller's code, ending every connection of backend 0 (as if
     // it went down): each connection is uncounted by exactly one of them.
     let mut f = Fixture::new(32);
     f.least_conn(&[0, 1, 2]);
-    let active = f.active_counts();
-    let mut flows = f.flows_handle();
+    let expirer = f.dataplane.expirer().unwrap();
+    let flows = f.flows_handle();
     let serving: std::collections::BTreeSet<u32> =
         [f.backends[1].0, f.backends[2].0].into_iter().collect();
     let expiry = conntrack::Expiry {
         opening_timeout_ns: 60_000_000_000,
         idle_timeout_ns: 60_000_000_000,
+        closing_timeout_ns: 60_000_000_000,
         services: [f.service.id].into(),
         serving,
     };
     let ids: Vec<u32> = f.backends.iter().map(|b| b.0).collect();
+    let active = f.active_handle();
     let program = &*f.dataplane.program();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let sweeps = std::thread::scope(|scope| {
+    let mut open_now = std::collections::BTreeMap::<u16, ()>::new();
+    let (sweeps, uncounted) = std::thread::scope(|scope| {
         let sweeper = scope.spawn(|| {
-            let mut sweeps = 0;
+            let (mut sweeps, mut uncounted) = (0, 0);
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                conntrack::sweep(&mut flows, &active, &expiry).unwrap();
+                uncounted += conntrack::sweep(&flows, &expirer, &expiry)
+                    .unwrap()
+                    .uncounted;
                 sweeps += 1;
             }
-            sweeps
+            (sweeps, uncounted)
         });
         for i in 0..1000u16 {
             let c = Ipv4Addr::new(198, 18, 2 + (i / 250) as u8, (i % 250) as u8 + 1);
             run_on(program, &segment(c, 9000 + i, SYN));
             run_on(program, &segment(c, 9000 + i, ACK));
             if i % 3 == 0 {
-                run_on(program, &segment(c, 9000 + i, if i % 2 == 0 { FIN_ACK } else { RST }));
+                let close = if i % 2 == 0 { FIN_ACK } else { RST };
+                run_on(program, &segment(c, 9000 + i, close));
+            } else {
+                open_now.insert(i, ());
             }
-            // Every count is never negative and never above what the table holds.
+            // No count ever goes below zero (a connection uncounted twice would).
             for &id in &ids {
-                assert!(active.get(id) >= 0, "backend {id} counted below zero");
+                let count: i64 = active.get(&id, 0).unwrap();
+                assert!(count >= 0, "backend {id} counted below zero");
             }
         }
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         sweeper.join().unwrap()
     });
-    conntrack::sweep(&mut flows, &active, &expiry).unwrap();
-    let mut open = std::collections::BTreeMap::<u32, i64>::new();
+    conntrack::sweep(&flows, &expirer, &expiry).unwrap();
+    // What is still counted: connections neither closed by the client nor ended by the sweep.
+    let mut counted = std::collections::BTreeMap::<u32, i64>::new();
     for entry in f.flows.iter() {
-        *open.entry(entry.unwrap().1.backend).or_default() += 1;
+        let flow = entry.unwrap().1;
+        if flow.state != FlowState::Closing as u8 {
+            *counted.entry(flow.backend).or_default() += 1;
+        }
     }
-    eprintln!("{sweeps} sweeps ran beside 1,000 connections; open now {open:?}");
+    eprintln!(
+        "{sweeps} sweeps ran beside 1,000 connections ({} left open by the client), uncounting {uncounted}; counted now {counted:?}",
+        open_now.len()
+    );
     for &id in &ids {
         assert_eq!(
-            active.get(id),
-            open.get(&id).copied().unwrap_or(0),
+            f.active_of(id),
+            counted.get(&id).copied().unwrap_or(0),
             "backend {id}: the count equals its open connections"
         );
     }
-    assert_eq!(open.get(&ids[0]), None, "backend 0's connections were all expired");
+    assert_eq!(
+        counted.get(&ids[0]),
+        None,
+        "backend 0's connections were all ended"
+    );
     assert!(sweeps > 0);
 }
 
@@ -838,7 +918,10 @@ fn a_table_naming_an_unused_or_down_slot_never_forwards_there() {
             assert_eq!(verdict, XDP_DROP);
         }
     }
-    assert!(f.counter(Counter::DropBadBackend) > 0, "some clients hashed to the cleared slot");
+    assert!(
+        f.counter(Counter::DropBadBackend) > 0,
+        "some clients hashed to the cleared slot"
+    );
     // The same for a slot whose backend went down.
     f.set_state(2, BackendState::Down);
     let before = f.counter(Counter::DropBadBackend);

@@ -48,9 +48,11 @@ impl Controller {
             .iter()
             .map(|s| (s.params.id, s.params.stick_timeout_ns))
             .collect();
+        let expirer = self.dataplane.expirer();
         let expiry = conntrack::Expiry {
             opening_timeout_ns: self.config.flow_opening_timeout.as_nanos() as u64,
             idle_timeout_ns: self.config.flow_idle_timeout.as_nanos() as u64,
+            closing_timeout_ns: self.config.flow_closing_timeout.as_nanos() as u64,
             services: timeouts.keys().copied().collect(),
             serving: self
                 .services
@@ -67,17 +69,14 @@ impl Controller {
             let Ok(stick) = stick else {
                 return;
             };
-            let connections =
-                dataplane::open_pinned(&pins, map_names::FLOWS).and_then(|mut flows| {
-                    let active = conntrack::ActiveCounts::open(&pins)?;
-                    conntrack::sweep(&mut flows, &active, &expiry)
-                });
+            let connections = dataplane::open_pinned(&pins, map_names::FLOWS)
+                .and_then(|flows| conntrack::sweep(&flows, &expirer?, &expiry));
             let connections = match connections {
                 Ok(r) => {
                     if r.expired > 0 {
                         info!(
-                            "connection sweep: {} of {} connections over (idle, or their backend stopped serving), {} used again meanwhile",
-                            r.expired, r.scanned, r.refreshed
+                            "connection sweep: {} of {} connections ended (idle, closed, or their backend stopped serving; {} of them still counted), {} used again meanwhile",
+                            r.expired, r.scanned, r.uncounted, r.refreshed
                         );
                     } else {
                         debug!("connection sweep: {} connections, none over", r.scanned);

@@ -327,7 +327,10 @@ fn main() {
         median((0..RUNS).map(|_| repeated(program, &hot[..30])).collect()),
     );
     let hit_hot = median((0..RUNS).map(|_| repeated(program, &hot)).collect());
-    push("open connection (connection-table hit), hot key, repeat", hit_hot);
+    push(
+        "open connection (connection-table hit), hot key, repeat",
+        hit_hot,
+    );
     // A segment of a connection the table does not hold (flow miss, then the stick hit).
     push(
         "stuck client, no connection entry (flow miss + stick hit), hot, repeat",
@@ -445,7 +448,10 @@ fn main() {
             })
             .collect(),
     );
-    push("least-conn pick (10 backends) + inserts, new clients", least_conn);
+    push(
+        "least-conn pick (10 backends) + inserts, new clients",
+        least_conn,
+    );
 
     eprintln!("part b: control plane");
     let names: Vec<String> = (0..1000).map(|i| format!("backend-{i}")).collect();

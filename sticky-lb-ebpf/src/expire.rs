@@ -1,0 +1,33 @@
+//! `expire_flow`: how the controller ends a connection it finds idle or whose backend stopped
+//! serving. Never attached: the controller runs it with BPF_PROG_TEST_RUN, one request per call,
+//! so ending a connection is the same compare-and-exchange whether a packet or the controller
+//! does it, and a connection whose FIN arrives at that moment is still uncounted exactly once (a
+//! delete from user space cannot tell whether the FIN got there first).
+
+use crate::{conntrack, maps::FLOWS, parse::ptr_at};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use sticky_lb_common::{ExpireOutcome, ExpireRequest};
+
+/// Input: an [`ExpireRequest`] as the test run's data. Returns an [`ExpireOutcome`].
+#[xdp]
+pub fn expire_flow(ctx: XdpContext) -> u32 {
+    let Some(request) = ptr_at::<ExpireRequest>(&ctx, 0) else {
+        return ExpireOutcome::Kept as u32;
+    };
+    // SAFETY: ptr_at checked the data holds the request; copied so the key is on the stack.
+    let request = unsafe { *request };
+    let Some(flow) = FLOWS.get_ptr_mut(&request.key) else {
+        return ExpireOutcome::Kept as u32;
+    };
+    // Used again since the controller decided: it stays.
+    if unsafe { (*flow).last_seen_ns } >= request.seen_before_ns {
+        return ExpireOutcome::Kept as u32;
+    }
+    let uncounted = conntrack::finish(flow);
+    let deleted = conntrack::remove(&request.key);
+    match (uncounted, deleted) {
+        (true, _) => ExpireOutcome::Uncounted as u32,
+        (false, true) => ExpireOutcome::Deleted as u32,
+        (false, false) => ExpireOutcome::Kept as u32,
+    }
+}
