@@ -157,7 +157,8 @@ fn real_clients_keep_their_backends_through_a_syn_flood_and_a_pool_change() {
     // The pool change was real: new clients reach the added backend.
     let fresh = s.round(&fresh);
     let to_b4 = fresh.iter().filter(|n| *n == "b4").count();
-    eprintln!(
+    // On stdout, so `./x bench` can keep the figure.
+    println!(
         "flood: {sent} SYNs from random sources in {:.1} s ({:.2} M/s) with guard rate {rate}/s per CPU, \
          backend added at {:.1} s; {} rounds of {REAL_CLIENTS} real connections ({failed} failed); \
          clients that kept their backend: connecting throughout {kept} of {REAL_CLIENTS} ({:.1}%), \

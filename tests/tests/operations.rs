@@ -23,7 +23,9 @@ fn json(text: &str) -> serde_json::Value {
 #[test]
 fn control_api_drives_the_stick_table_and_the_pool() {
     let mut s = Setup::new("api", Mode::Generic, 3, 80);
-    let config = s.config(3, "3s", "");
+    // A draining backend goes once no client is stuck to it and its closed connections are
+    // gone too (they still reach it for flow_closing_timeout after the client's FIN).
+    let config = s.config(3, "3s", "flow_closing_timeout: 2s\n");
     s.start(&config);
     let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..30].to_vec();
     let first = s.round(&clients);
@@ -176,7 +178,7 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
     let mut s = Setup::new("reload", Mode::Generic, 3, 160);
     let checks = "    health_check:\n      interval: 200ms\n      timeout: 150ms\n";
     let three = s.config_with(
-        "",
+        "flow_closing_timeout: 2s\n",
         &format!("    stick:\n      timeout: 3s\n{checks}"),
         &vec![String::new(); 3],
     );
@@ -195,14 +197,14 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
     std::fs::write(&path, three.replace("port: 80", "port: 0")).unwrap();
     let (code, _, err) = cli(s.rig.lb_ns(), &["reload"]);
     assert_eq!(code, 1);
-    assert!(err.contains("reload refused, nothing changed: config error: services[0].port (line 7): must be 1 to 65535"), "{err}");
+    assert!(err.contains("reload refused, nothing changed: config error: services[0].port (line 8): must be 1 to 65535"), "{err}");
     assert_eq!(s.round(&clients), before);
 
     // The new config: b3 leaves, b4 joins.
     let k = s.rig.add_backend().unwrap();
     s.servers.push(backend_server(&s.rig, k));
     let mut new = s.config_with(
-        "",
+        "flow_closing_timeout: 2s\n",
         &format!("    stick:\n      timeout: 3s\n{checks}"),
         &vec![String::new(); 4],
     );

@@ -398,7 +398,17 @@ fn bench() -> Result<()> {
         }
     }
     // Ten times the test suite's frames, in a release build: rarer malformations get their turn.
-    eprintln!("xtask: running the packet fuzzer");
+    bench_test(&out_dir, "fuzz", ("SLB_FUZZ_FRAMES", "1000000"), "fuzz.md")?;
+    // The flood figure: 5,000,000 SYNs from random sources while a backend is added.
+    bench_test(&out_dir, "flood", ("SLB_FLOOD_SYNS", "5000000"), "flood.md")?;
+    eprintln!("xtask: reports in {}", out_dir.display());
+    Ok(())
+}
+
+/// Runs integration test `test` (release build) with one variable set, prints the lines of its
+/// output that start with the test's name (its figures) and saves them to `report`.
+fn bench_test(out_dir: &Path, test: &str, var: (&str, &str), report: &str) -> Result<()> {
+    eprintln!("xtask: running the {test} test with {}={}", var.0, var.1);
     let out = cargo_user()
         .args([
             "test",
@@ -407,27 +417,25 @@ fn bench() -> Result<()> {
             "-p",
             "sticky-lb-tests",
             "--test",
-            "fuzz",
+            test,
             "--",
             "--nocapture",
         ])
-        .env("SLB_FUZZ_FRAMES", "1000000")
+        .env(var.0, var.1)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running the packet fuzzer")?;
+        .with_context(|| format!("running the {test} test"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // The summary line, and the seed and time per frame.
-    let summary: String = text
+    let figures: String = text
         .lines()
-        .filter(|line| line.starts_with("fuzz"))
+        .filter(|line| line.starts_with(test))
         .map(|line| format!("{line}\n"))
         .collect();
-    print!("{summary}");
-    std::fs::write(out_dir.join("fuzz.md"), summary.as_bytes())?;
+    print!("{figures}");
+    std::fs::write(out_dir.join(report), figures.as_bytes())?;
     if !out.status.success() {
         print!("{text}");
-        bail!("the packet fuzzer failed with {}", out.status);
+        bail!("the {test} test failed with {}", out.status);
     }
-    eprintln!("xtask: reports in {}", out_dir.display());
     Ok(())
 }
