@@ -184,12 +184,10 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
             let bc = maps.backend_counters(b.id)?;
             packets.push((labels.clone(), bc.packets as f64));
             bytes.push((labels.clone(), bc.bytes as f64));
-            if s.policy == "least-conn" {
-                active.push((
-                    labels.clone(),
-                    maps.active.get(&b.id, 0).unwrap_or(0).max(0) as f64,
-                ));
-            }
+            active.push((
+                labels.clone(),
+                maps.active.get(&b.id, 0).unwrap_or(0) as f64,
+            ));
             stuck.push((
                 labels.clone(),
                 snap.live_by_backend.get(&b.id).copied().unwrap_or(0) as f64,

@@ -215,11 +215,8 @@ pub fn status(target: &Target) -> Result<Status> {
                 packets: bc.packets,
                 bytes: bc.bytes,
                 stick_entries: per_backend.get(&b.id).copied().unwrap_or(0),
-                active_connections: if s.policy == "least-conn" {
-                    maps.active.get(&b.id, 0).unwrap_or(0).max(0)
-                } else {
-                    0
-                },
+                // Raw, not clamped: the counts are exact, and a negative one would be a bug to see.
+                active_connections: maps.active.get(&b.id, 0).unwrap_or(0),
             });
         }
         services.push(ServiceStatus {
@@ -318,11 +315,7 @@ fn print_backend_rows(svc: &ServiceStatus) {
             b.packets,
             b.bytes,
             b.stick_entries,
-            if svc.policy == "least-conn" {
-                b.active_connections.to_string()
-            } else {
-                "-".into()
-            }
+            b.active_connections
         );
     }
 }

@@ -107,7 +107,7 @@ impl Bench {
             None,
             LoadOptions {
                 stick_table_size: TABLE,
-                flow_table_size: 1 << 18,
+                flow_table_size: sticky_lb_common::DEFAULT_FLOW_TABLE_SIZE,
                 maglev_stride: DEFAULT_MAGLEV_TABLE_SIZE,
                 maglev_services: 1,
                 interface_mac: [2, 0, 0, 0, 0, 1],
