@@ -280,16 +280,17 @@ fn listed(service: &Service) -> u32 {
     }
 }
 
-/// For a least-connections client that gets no entry: the first up backend of the list from a
-/// slot chosen by the client hash, so every segment of that client goes to the same one.
+/// Calls `visit` with each up backend a least-connections service lists, starting at a slot
+/// chosen by the client hash (so ties do not all go to the first backend), until it returns true.
 #[inline(always)]
-fn least_conn_stable_pick(
+fn scan_listed(
     service: &Service,
     client: u32,
-) -> Result<(BackendId, &'static Backend), NoBackend> {
+    mut visit: impl FnMut(BackendId, &'static Backend) -> bool,
+) {
     let count = listed(service);
     if count == 0 {
-        return Err(NoBackend::Empty);
+        return;
     }
     let start = client_hash(&[client, 0, 0, 0], service.id) % count;
     let mut i = 0;
@@ -302,16 +303,31 @@ fn least_conn_stable_pick(
             slot -= count;
         }
         i += 1;
-        if let Ok(found) = up_backend(service, slot) {
-            return Ok(found);
+        if let Ok((id, backend)) = up_backend(service, slot)
+            && visit(id, backend)
+        {
+            return;
         }
     }
-    Err(NoBackend::Empty)
+}
+
+/// For a least-connections client that gets no entry: the first up backend of the list from a
+/// slot chosen by the client hash, so every segment of that client goes to the same one.
+#[inline(always)]
+fn least_conn_stable_pick(
+    service: &Service,
+    client: u32,
+) -> Result<(BackendId, &'static Backend), NoBackend> {
+    let mut found = None;
+    scan_listed(service, client, |id, backend| {
+        found = Some((id, backend));
+        true
+    });
+    found.ok_or(NoBackend::Empty)
 }
 
 /// The up backend with the fewest active connections per unit of weight. The controller lists
-/// the service's up backends where its Maglev table would be; the scan starts at a slot chosen
-/// by the client hash so that ties do not all go to the first backend.
+/// the service's up backends where its Maglev table would be.
 ///
 /// Inlined like everything else: a separate BPF function cannot return this `Result` (the
 /// calling convention has one return register).
@@ -320,27 +336,10 @@ fn least_conn_pick(
     service: &Service,
     client: u32,
 ) -> Result<(BackendId, &'static Backend), NoBackend> {
-    let count = listed(service);
-    if count == 0 {
-        return Err(NoBackend::Empty);
-    }
-    let start = client_hash(&[client, 0, 0, 0], service.id) % count;
     let mut best: Option<(BackendId, &'static Backend, i64)> = None;
-    let mut i = 0;
-    while i < MAX_LEAST_CONN_BACKENDS {
-        if i >= count {
-            break;
-        }
-        let mut slot = start + i;
-        if slot >= count {
-            slot -= count;
-        }
-        i += 1;
-        let Ok((id, backend)) = up_backend(service, slot) else {
-            continue;
-        };
+    scan_listed(service, client, |id, backend| {
         if backend.weight == 0 {
-            continue;
+            return false;
         }
         let active = conntrack::active(id);
         // active / weight < best_active / best_weight, without division.
@@ -353,7 +352,8 @@ fn least_conn_pick(
         if better {
             best = Some((id, backend, active));
         }
-    }
+        false
+    });
     match best {
         Some((id, backend, _)) => Ok((id, backend)),
         None => Err(NoBackend::Empty),

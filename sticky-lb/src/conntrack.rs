@@ -7,7 +7,10 @@
 //! running the `expire_flow` program in the same object (BPF_PROG_TEST_RUN): the same code, the
 //! same atomics. Nothing here writes a count.
 
-use crate::dataplane::monotonic_ns;
+use crate::{
+    dataplane::monotonic_ns,
+    prog_run::{self, TestRunAttr},
+};
 use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap, MapData},
@@ -17,7 +20,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     mem::size_of,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
 };
 use sticky_lb_common::{
     BackendId, ExpireOutcome, ExpireRequest, FlowEntry, FlowKey, FlowState, ServiceId, idle_ns,
@@ -40,60 +43,22 @@ impl Expirer {
         // The program reads the request as packet data; XDP test runs want at least an
         // Ethernet header's worth (the request is 32 bytes) and room to copy it back.
         let mut out = [0u8; size_of::<ExpireRequest>()];
-        let mut attr = TestRunAttr {
-            prog_fd: self.0.as_fd().as_raw_fd() as u32,
-            data_size_in: size_of::<ExpireRequest>() as u32,
-            data_in: &request as *const ExpireRequest as u64,
-            data_size_out: out.len() as u32,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ..TestRunAttr::default()
-        };
-        // SAFETY: `attr` is a valid bpf_attr prefix for BPF_PROG_TEST_RUN (explicit zero
-        // padding); the buffers it points at live across the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                size_of::<TestRunAttr>() as u32,
+        // SAFETY: ExpireRequest is plain old data with no padding (checked in -common).
+        let input = unsafe {
+            std::slice::from_raw_parts(
+                &request as *const ExpireRequest as *const u8,
+                size_of::<ExpireRequest>(),
             )
         };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut attr = TestRunAttr::new(self.0.as_fd(), input, &mut out);
+        // SAFETY: the buffers `attr` points at live across the call, sized as it says.
+        unsafe { prog_run::test_run(&mut attr) }?;
         Ok(match attr.retval {
             2 => ExpireOutcome::Uncounted,
             1 => ExpireOutcome::Deleted,
             _ => ExpireOutcome::Kept,
         })
     }
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-/// `union bpf_attr`'s `test` member (linux/bpf.h), up to `batch_size`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    /// Explicit, so it is zero: the kernel refuses (EINVAL) an attr whose bytes past the last
-    /// field it knows are not zero, and implicit padding may hold anything.
-    _pad: u32,
 }
 
 /// Which connections are over: the idle timeouts (ns) by state, and which services and backends

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod neighbour;
 pub mod netns;
 pub mod offload;
+pub mod prog_run;
 pub mod state;
 pub mod view;

@@ -5,7 +5,7 @@
 use crate::{
     balancer::{Balancer, DataPathGuard, PeerXdp, ScratchDir, cli},
     netns::{require_root, unique_tag},
-    rig::{NameServer, Rig, RigOptions, fetch_names_many},
+    rig::{HoldServer, NameServer, Rig, RigOptions, fetch_names_many},
 };
 use serde_json::Value;
 use std::{
@@ -159,6 +159,25 @@ impl Setup {
         )
         .expect("starting sticky-lb");
         self.balancer = Some(balancer);
+    }
+
+    /// Replaces the backends' name servers on the service port with servers that hold each
+    /// connection open (for counting connections). The caller keeps them alive.
+    pub fn hold_connections(&mut self) -> Vec<HoldServer> {
+        let backends = self.rig.backend_count();
+        for server in self.servers.drain(..backends) {
+            server.stop();
+        }
+        (1..=backends)
+            .map(|k| {
+                HoldServer::start(
+                    self.rig.backend_ns(k),
+                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                    &format!("b{k}"),
+                )
+                .expect("holding server")
+            })
+            .collect()
     }
 
     pub fn vip(&self) -> SocketAddrV4 {

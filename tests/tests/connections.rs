@@ -29,7 +29,7 @@ use sticky_lb::{dataplane::PinnedMaps, state};
 use sticky_lb_common::BackendId;
 use sticky_lb_tests::{
     netns::in_netns,
-    rig::{HeldConnection, HoldServer, fetch_names_many, open_held_many},
+    rig::{HeldConnection, fetch_names_many, open_held_many},
     scenario::{Mode, PORT, Setup, TIMEOUT},
 };
 
@@ -575,19 +575,7 @@ fn least_conn_counts_equal_open_connections_while_sweeps_run(mode: Mode) {
         Mode::Generic => "lccount-g",
     };
     let mut s = Setup::new(tag, mode, 3, CLIENTS);
-    for server in s.servers.drain(..3) {
-        server.stop();
-    }
-    let holders: Vec<HoldServer> = (1..=3)
-        .map(|k| {
-            HoldServer::start(
-                s.rig.backend_ns(k),
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-                &format!("b{k}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let holders = s.hold_connections();
     let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180);
     let config = with_sweep_interval(
         s.config_with(

@@ -9,8 +9,8 @@ use std::{
 };
 use sticky_lb_tests::{
     balancer::cli,
-    rig::{HoldServer, HttpBehaviour, HttpServer, open_held_many},
-    scenario::{Mode, PORT, Setup, TIMEOUT, backend_server, count_names},
+    rig::{HttpBehaviour, HttpServer, open_held_many},
+    scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
 };
 
 /// Fast checks so the tests take seconds: every 200 ms, 150 ms timeout, rise 2, fall 3.
@@ -189,20 +189,8 @@ fn weights_share_new_clients() {
 #[test]
 fn least_conn_balances_open_connections() {
     let mut s = Setup::new("lc", Mode::Generic, 3, 200);
-    // Replace the name servers on port 80 with servers that hold each connection open.
-    for server in s.servers.drain(..3) {
-        server.stop();
-    }
-    let holders: Vec<HoldServer> = (1..=3)
-        .map(|k| {
-            HoldServer::start(
-                s.rig.backend_ns(k),
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-                &format!("b{k}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    // Servers that hold each connection open, in place of the name servers.
+    let holders = s.hold_connections();
     let config = s.config_with("", "    policy: least-conn\n", &vec![String::new(); 3]);
     s.start(&config);
     let vip = s.vip();

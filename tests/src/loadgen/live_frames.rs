@@ -16,15 +16,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sticky_lb::prog_run::{self, BPF_F_TEST_XDP_LIVE_FRAMES, TestRunAttr};
 
 /// bpf(2) commands and constants (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_int = 5;
-const BPF_PROG_TEST_RUN: libc::c_int = 10;
 const BPF_LINK_CREATE: libc::c_int = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// The kernel's upper bound for `batch_size` (TEST_XDP_MAX_BATCH).
 pub const MAX_BATCH: u32 = 256;
 pub const XDP_DROP: u32 = 1;
@@ -46,30 +45,6 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
-}
-
-/// `union bpf_attr`, the BPF_PROG_TEST_RUN member, up to `batch_size`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    /// Explicit, so it is zero: the kernel refuses (EINVAL) an attr whose bytes past the last
-    /// field it knows are not zero, and implicit padding may hold anything.
-    _pad: u32,
 }
 
 /// `union bpf_attr`, the BPF_LINK_CREATE member; the tail (per link type) stays zero.
@@ -204,18 +179,16 @@ pub fn run_live(
         ingress_ifindex: ifindex,
         ..XdpMd::default()
     };
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ctx_size_in: size_of::<XdpMd>() as u32,
-        ctx_in: (&mut ctx as *mut XdpMd) as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        batch_size,
-        ..TestRunAttr::default()
-    };
-    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN (XDP live frames)")?;
+    let mut attr = TestRunAttr::new(program.as_fd(), frame, &mut []);
+    // Live mode takes no output buffer.
+    attr.data_out = 0;
+    attr.repeat = repeat;
+    attr.ctx_size_in = size_of::<XdpMd>() as u32;
+    attr.ctx_in = (&mut ctx as *mut XdpMd) as u64;
+    attr.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
+    attr.batch_size = batch_size;
+    // SAFETY: frame and context live across the call.
+    unsafe { prog_run::test_run(&mut attr) }.context("BPF_PROG_TEST_RUN (XDP live frames)")?;
     Ok(LiveRun {
         retval: attr.retval,
         per_frame: Duration::from_nanos(u64::from(attr.duration)),
@@ -228,16 +201,9 @@ pub fn run_live(
 pub fn run_once(program: &impl AsFd, frame: &[u8]) -> Result<u32> {
     // Room for what the program hands back (it may grow the frame by a header or two).
     let mut out = [0u8; 512];
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        data_size_out: out.len() as u32,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ..TestRunAttr::default()
-    };
-    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)
+    let mut attr = TestRunAttr::new(program.as_fd(), frame, &mut out);
+    // SAFETY: frame and output buffer live across the call.
+    unsafe { prog_run::test_run(&mut attr) }
         .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
     Ok(attr.retval)
 }
@@ -251,10 +217,6 @@ mod tests {
         // Offsets from include/uapi/linux/bpf.h; a wrong layout would make every call EINVAL.
         assert_eq!(size_of::<ProgLoadAttr>(), 72);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
-        assert_eq!(size_of::<TestRunAttr>(), 80);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, repeat), 32);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, ctx_in), 48);
-        assert_eq!(std::mem::offset_of!(TestRunAttr, batch_size), 72);
         assert_eq!(size_of::<XdpMd>(), 24);
         assert_eq!(std::mem::offset_of!(LinkCreateAttr, flags), 12);
     }
