@@ -31,7 +31,7 @@ pub struct Config {
     /// Entries in the stick table, shared by all services (one LRU map).
     #[serde(default = "default_stick_table_size")]
     pub stick_table_size: u32,
-    /// How often the expiry sweep walks the stick table (and the flow table).
+    /// How often the expiry sweep walks the stick table and the connection table.
     #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
     pub sweep_interval: Duration,
     /// Open connections the connection table holds at once, across all services.

@@ -223,7 +223,7 @@ pub fn render(pins: &PinDir, snapshot: &Mutex<Snapshot>, stick_capacity: u32) ->
         &mut out,
         "sticky_lb_backend_active_connections",
         "gauge",
-        "Open connections counted by the data path (least-conn services).",
+        "Open connections counted by the data path (from the SYN to the client's FIN or RST).",
         &active,
     );
     family(

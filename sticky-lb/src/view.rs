@@ -187,7 +187,7 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub stick_entries: u64,
-    /// Open connections counted by the data path (least-conn services only).
+    /// Open connections counted by the data path (from the SYN to the client's FIN or RST).
     pub active_connections: i64,
 }
 
