@@ -34,7 +34,7 @@ pub fn service_slot(vip: u32, port: u16, slots: u32) -> u32 {
 
 /// Murmur3's 32-bit finaliser: every input bit affects every output bit.
 #[inline(always)]
-pub fn fmix32(mut h: u32) -> u32 {
+pub const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

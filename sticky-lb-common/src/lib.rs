@@ -249,8 +249,8 @@ pub struct FlowKey {
 /// Value of the connection table: the backend an open connection is forwarded to for its whole
 /// life (whatever happens to its client's stick entry), and which counts it as active.
 ///
-/// `backend` and `state` share one aligned 64-bit word ([`FlowEntry::word`]) changed only by
-/// compare-and-exchange: a connection stops counting on its backend exactly once, by whoever moves
+/// `backend`, `state` and `tag` share one aligned 64-bit word ([`FlowEntry::word`]) changed only
+/// by compare-and-exchange: a connection stops counting on its backend exactly once, by whoever moves
 /// it to [`FlowState::Closing`] first (its FIN or RST, or the controller expiring it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -258,7 +258,10 @@ pub struct FlowEntry {
     pub backend: BackendId,
     /// A [`FlowState`] value.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// [`FlowKey::tag`] of the connection's key: a CPU that still holds a pointer to an entry
+    /// deleted and reused for another connection (a preallocated hash map reuses entries at
+    /// once) sees a tag that is not its own and leaves the entry alone.
+    pub tag: [u8; 3],
     /// Refreshed at [`refresh_interval_ns`] granularity; the controller expires idle flows.
     pub last_seen_ns: u64,
 }
@@ -287,14 +290,48 @@ impl FlowState {
 }
 
 impl FlowEntry {
-    /// `backend` and `state` as the one 64-bit word the data path compares and exchanges
-    /// (little-endian: the backend in the low half, the state in the byte after it).
-    pub const fn word(backend: BackendId, state: u8) -> u64 {
-        backend as u64 | (state as u64) << 32
+    /// A new connection of `key` on `backend` in `state`, last seen at `now_ns`.
+    pub const fn new(
+        key: &FlowKey,
+        backend: BackendId,
+        state: FlowState,
+        now_ns: u64,
+    ) -> FlowEntry {
+        let tag = key.tag().to_le_bytes();
+        FlowEntry {
+            backend,
+            state: state as u8,
+            tag: [tag[0], tag[1], tag[2]],
+            last_seen_ns: now_ns,
+        }
     }
 
+    /// The state byte of a word (little-endian: the backend in the low half, then the state,
+    /// then the 24-bit tag).
     pub const fn word_state(word: u64) -> u8 {
         (word >> 32) as u8
+    }
+
+    pub const fn word_tag(word: u64) -> u32 {
+        (word >> 40) as u32
+    }
+
+    /// `word` with its state replaced.
+    pub const fn word_with_state(word: u64, state: FlowState) -> u64 {
+        word & !(0xff << 32) | (state as u64) << 32
+    }
+}
+
+impl FlowKey {
+    /// 24 bits derived from the whole key (murmur3's finaliser over its words).
+    pub const fn tag(&self) -> u32 {
+        let mut h = self.service ^ (self.client_port as u32) << 16;
+        let mut i = 0;
+        while i < 4 {
+            h = hash::fmix32(h ^ self.client[i]);
+            i += 1;
+        }
+        h & 0x00ff_ffff
     }
 }
 
@@ -561,6 +598,37 @@ mod tests {
         for timeout in [2, 1_000, 100_000_000, 1_999_999_999, 2_000_000_000] {
             assert!(refresh_interval_ns(timeout) < timeout);
         }
+    }
+
+    #[test]
+    fn the_flow_word_packs_backend_state_and_tag() {
+        let key = FlowKey {
+            service: 3,
+            client: [0x0100_12c6, 0, 0, 0],
+            client_port: 40000u16.to_be(),
+            _pad: 0,
+        };
+        let entry = FlowEntry::new(&key, 7, FlowState::Established, 0);
+        // SAFETY: FlowEntry is 16 bytes of integers; the word is its first 8, little-endian.
+        let word = u64::from_le_bytes(
+            unsafe { core::mem::transmute::<FlowEntry, [u8; 16]>(entry) }[..8]
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(word as u32, 7);
+        assert_eq!(FlowEntry::word_state(word), FlowState::Established as u8);
+        assert_eq!(FlowEntry::word_tag(word), key.tag());
+        let closing = FlowEntry::word_with_state(word, FlowState::Closing);
+        assert_eq!(
+            (closing as u32, FlowEntry::word_tag(closing)),
+            (7, key.tag())
+        );
+        assert_eq!(FlowEntry::word_state(closing), FlowState::Closing as u8);
+        let other = FlowKey {
+            client_port: 40001u16.to_be(),
+            ..key
+        };
+        assert_ne!(key.tag(), other.tag());
     }
 
     #[test]

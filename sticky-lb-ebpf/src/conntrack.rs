@@ -42,23 +42,29 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
 }
 
 
-/// Notes a segment of an open connection: the client's first segment without SYN establishes it,
-/// and its last-seen time is refreshed once it is `refresh_ns` old. Returns whether it was
+/// Notes a segment of open connection `key`: the client's first segment without SYN establishes
+/// it, and its last-seen time is refreshed once it is `refresh_ns` old. Returns whether it was
 /// refreshed (the caller then refreshes the client's stick entry too, so a client with an open
 /// connection keeps its entry).
 #[inline(always)]
-pub fn touch(flow: *mut FlowEntry, packet: &Ipv4Tcp, now: u64, refresh_ns: u64) -> bool {
+pub fn touch(flow: *mut FlowEntry, key: &FlowKey, packet: &Ipv4Tcp, now: u64, refresh_ns: u64) -> bool {
     // SAFETY: a live hash-map value; the state changes only by compare-and-exchange of its
     // aligned first word, the last-seen time by whole aligned stores.
     unsafe {
         if (*flow).state == FlowState::Opening as u8 && !packet.opens() {
-            let backend = (*flow).backend;
-            // Fails only if a FIN or RST moved it to closing meanwhile; that stays.
-            let _ = atomic::compare_exchange(
-                flow as *mut u64,
-                FlowEntry::word(backend, FlowState::Opening as u8),
-                FlowEntry::word(backend, FlowState::Established as u8),
-            );
+            let word = flow as *mut u64;
+            let seen = atomic::load(word);
+            // Once per connection, so the tag is computed only here.
+            if FlowEntry::word_state(seen) == FlowState::Opening as u8
+                && FlowEntry::word_tag(seen) == key.tag()
+            {
+                // Fails only if a FIN or RST moved it to closing meanwhile; that stays.
+                let _ = atomic::compare_exchange(
+                    word,
+                    seen,
+                    FlowEntry::word_with_state(seen, FlowState::Established),
+                );
+            }
         }
         if idle_ns(now, (*flow).last_seen_ns) >= refresh_ns {
             (*flow).last_seen_ns = now;
@@ -68,26 +74,27 @@ pub fn touch(flow: *mut FlowEntry, packet: &Ipv4Tcp, now: u64, refresh_ns: u64) 
     false
 }
 
-/// Ends a connection: moves it to closing and takes it off its backend's active count, exactly
-/// once whoever else ends it at the same moment (its FIN and RST on two CPUs, the controller
-/// expiring it). The entry stays, so the client's last segments still reach its backend. Returns
-/// whether this call uncounted it.
+/// Ends connection `key`: moves it to closing and takes it off its backend's active count,
+/// exactly once whoever else ends it at the same moment (its FIN and RST on two CPUs, the
+/// controller expiring it). The entry stays, so the client's last segments still reach its
+/// backend. An entry whose tag is not `key`'s was deleted and reused for another connection
+/// meanwhile: it is left alone. Returns whether this call uncounted the connection.
 #[inline(always)]
-pub fn finish(flow: *mut FlowEntry) -> bool {
+pub fn finish(flow: *mut FlowEntry, key: &FlowKey) -> bool {
     let word = flow as *mut u64;
+    let tag = key.tag();
     // A compare-and-exchange fails only if the state changed under it: opening to established
     // (once) or to closing (then the next round sees it closed); three rounds always decide.
     let mut round = 0;
     while round < 3 {
-        // SAFETY: a live hash-map value; its aligned first word holds backend and state.
+        // SAFETY: a live hash-map value; its aligned first word holds backend, state and tag.
         let seen = unsafe { atomic::load(word) };
-        if !FlowState::is_counted(FlowEntry::word_state(seen)) {
+        if FlowEntry::word_tag(seen) != tag || !FlowState::is_counted(FlowEntry::word_state(seen)) {
             return false;
         }
-        let backend = seen as u32;
-        let closing = FlowEntry::word(backend, FlowState::Closing as u8);
+        let closing = FlowEntry::word_with_state(seen, FlowState::Closing);
         if unsafe { atomic::compare_exchange(word, seen, closing) }.is_ok() {
-            add_active(backend, -1);
+            add_active(seen as u32, -1);
             return true;
         }
         round += 1;
@@ -114,12 +121,7 @@ pub enum Opened {
 /// Records a new connection on `backend` and counts it.
 #[inline(always)]
 pub fn open(key: &FlowKey, backend: BackendId, now: u64) -> Opened {
-    let flow = FlowEntry {
-        backend,
-        state: FlowState::Opening as u8,
-        _pad: [0; 3],
-        last_seen_ns: now,
-    };
+    let flow = FlowEntry::new(key, backend, FlowState::Opening, now);
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
             add_active(backend, 1);

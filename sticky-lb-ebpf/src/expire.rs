@@ -4,9 +4,13 @@
 //! does it, and a connection whose FIN arrives at that moment is still uncounted exactly once (a
 //! delete from user space cannot tell whether the FIN got there first).
 
-use crate::{conntrack, maps::FLOWS, parse::ptr_at};
+use crate::{
+    conntrack,
+    maps::{BACKENDS, FLOWS},
+    parse::ptr_at,
+};
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use sticky_lb_common::{ExpireOutcome, ExpireRequest};
+use sticky_lb_common::{BackendState, ExpireOutcome, ExpireRequest};
 
 /// Input: an [`ExpireRequest`] as the test run's data. Returns an [`ExpireOutcome`].
 #[xdp]
@@ -20,10 +24,20 @@ pub fn expire_flow(ctx: XdpContext) -> u32 {
         return ExpireOutcome::Kept as u32;
     };
     // Used again since the controller decided: it stays.
-    if unsafe { (*flow).last_seen_ns } >= request.seen_before_ns {
+    let (backend, last_seen) = unsafe { ((*flow).backend, (*flow).last_seen_ns) };
+    if last_seen >= request.seen_before_ns {
         return ExpireOutcome::Kept as u32;
     }
-    let uncounted = conntrack::finish(flow);
+    // Ended because its backend stopped serving (the controller's view when its sweep began):
+    // if the backend serves again by now (enabled, back up), it stays.
+    if request.seen_before_ns == u64::MAX
+        && let Some(b) = BACKENDS.get(backend)
+        && b.service == request.key.service
+        && BackendState::from_u8(b.state).keeps_stuck_clients()
+    {
+        return ExpireOutcome::Kept as u32;
+    }
+    let uncounted = conntrack::finish(flow, &request.key);
     let deleted = conntrack::remove(&request.key);
     match (uncounted, deleted) {
         (true, _) => ExpireOutcome::Uncounted as u32,

@@ -77,28 +77,25 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         // SAFETY: a live hash-map value; the backend id is written once, at insert.
         let (id, state) = unsafe { ((*flow).backend, (*flow).state) };
         match select::usable(service, id) {
-            // A SYN on an established or closing connection's key is a new connection reusing
-            // the port (its TIME_WAIT is over): it is placed like any other, below.
-            Some(backend) if !(packet.opens() && state != FlowState::Opening as u8) => {
-                if packet.flags & TCP_RST != 0 {
-                    conntrack::finish(flow);
-                    conntrack::remove(&flow_key);
-                } else {
-                    // A FIN stops the count, but the connection keeps its backend: in DSR the
-                    // server may still be sending, and the client's ACKs must reach it.
-                    if packet.flags & TCP_FIN != 0 {
-                        conntrack::finish(flow);
-                    }
-                    if conntrack::touch(flow, &packet, now, refresh_ns) {
-                        select::refresh(service, client, id, now);
-                    }
+            // Only a connection that is closing gives its port to a new one (the client's
+            // TIME_WAIT is over), like IPVS: a SYN on an open connection is a retransmission,
+            // or made up, and changes nothing.
+            Some(backend) if !(packet.opens() && state == FlowState::Closing as u8) => {
+                // The client's FIN or RST stops the count, but the connection keeps its backend
+                // until it has been idle for the closing timeout: in DSR the server may still be
+                // sending, and the client's ACKs must reach it.
+                if packet.flags & (TCP_FIN | TCP_RST) != 0 {
+                    conntrack::finish(flow, &flow_key);
+                }
+                if conntrack::touch(flow, &flow_key, &packet, now, refresh_ns) {
+                    select::refresh(service, client, id, now);
                 }
                 return forward(ctx, &packet, id, backend);
             }
             // Or its backend is down, disabled or gone: the connection ends here, and the
             // client is placed anew below.
             _ => {
-                conntrack::finish(flow);
+                conntrack::finish(flow, &flow_key);
                 conntrack::remove(&flow_key);
             }
         }

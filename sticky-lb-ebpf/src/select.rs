@@ -13,6 +13,7 @@ use crate::{
     maps::{BACKENDS, MAGLEV, STICK},
     stats::count_service,
 };
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use sticky_lb_common::{
     Backend, BackendId, BackendState, MAX_LEAST_CONN_BACKENDS, NO_BACKEND, Policy, Service,
     StickEntry, StickKey, hash::client_hash, idle_ns,
@@ -149,7 +150,13 @@ pub fn backend_for(
         return unrecorded(service, client);
     }
     let (id, backend) = pick(service, client)?;
-    match STICK.insert(&key, &StickEntry::placed(id, now), BPF_NOEXIST) {
+    // A random even version: a CPU still holding a pointer to an entry deleted meanwhile (the
+    // sweep) and reused for this one cannot mistake it for the one it read (ABA).
+    let entry = StickEntry {
+        version: unsafe { bpf_get_prandom_u32() } & !1,
+        ..StickEntry::placed(id, now)
+    };
+    match STICK.insert(&key, &entry, BPF_NOEXIST) {
         Ok(()) => {
             count_service(service.id, |c| &mut c.stick_inserts);
             Ok(Choice {

@@ -153,12 +153,7 @@ mod tests {
     }
 
     fn flow(state: FlowState, backend: BackendId, last_seen_ns: u64) -> FlowEntry {
-        FlowEntry {
-            backend,
-            state: state as u8,
-            _pad: [0; 3],
-            last_seen_ns,
-        }
+        FlowEntry::new(&FlowKey::default(), backend, state, last_seen_ns)
     }
 
     #[test]

@@ -188,6 +188,14 @@ impl Fixture {
         .unwrap()
     }
 
+    /// A second handle on the backends (for a thread beside the program).
+    pub fn backends_handle(&self) -> Array<MapData, Backend> {
+        Array::try_from(aya::maps::Map::Array(reopen(IterableMap::map(
+            &self.dataplane.backends,
+        ))))
+        .unwrap()
+    }
+
     /// A second handle on the active counts (for a thread beside the program).
     pub fn active_handle(&self) -> Array<MapData, i64> {
         Array::try_from(aya::maps::Map::Array(reopen(IterableMap::map(

@@ -204,13 +204,10 @@ impl Bench {
                 _pad: 0,
             })
             .collect();
-        let values: Vec<FlowEntry> = (0..count)
-            .map(|i| FlowEntry {
-                backend: i % 10,
-                state: FlowState::Established as u8,
-                _pad: [0; 3],
-                last_seen_ns: now,
-            })
+        let values: Vec<FlowEntry> = keys
+            .iter()
+            .zip(0..)
+            .map(|(key, i)| FlowEntry::new(key, i % 10, FlowState::Established, now))
             .collect();
         batch::update(&self.flows, &keys, &values).unwrap();
     }
