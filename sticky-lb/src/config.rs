@@ -99,7 +99,8 @@ pub enum RuntimeChanges {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendRemoval {
-    /// Drain it: stuck clients stay until their entries expire, then it is removed.
+    /// Drain it: stuck clients stay until their entries expire and open connections until they
+    /// close, then it is removed.
     #[default]
     Drain,
     /// Remove it at once: its stuck clients move on their next packet.

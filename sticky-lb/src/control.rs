@@ -71,7 +71,8 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", tag = "action", content = "value")]
 pub enum BackendAction {
-    /// No new clients; stuck clients stay until their entries expire.
+    /// No new clients; stuck clients stay until their entries expire, open connections until
+    /// they close.
     Drain,
     /// Back to normal (up if its health checks pass).
     Enable,

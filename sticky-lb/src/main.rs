@@ -11,8 +11,9 @@ use sticky_lb::{
 
 /// sticky-lb: a Layer-4 TCP load balancer with session persistence, its data path in XDP.
 ///
-/// A client keeps reaching the same backend for as long as its stick-table entry lives, while
-/// backends are added, drained, fail and come back.
+/// A client keeps reaching the same backend while its stick-table entry lives (refreshed while it
+/// comes back), and each open connection keeps its backend for its whole life, while backends are
+/// added, drained, fail and come back; only a failed or disabled backend loses its clients.
 #[derive(Parser)]
 #[command(name = "sticky-lb", version, propagate_version = true)]
 struct Cli {
@@ -63,7 +64,7 @@ enum Command {
     },
     /// Re-read the running controller's config and apply the difference (as SIGHUP does).
     Reload,
-    /// Detach the data path and remove its pinned state (the stick table with it).
+    /// Detach the data path and remove its pinned state (the stick and connection tables with it).
     Detach,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
@@ -139,7 +140,8 @@ enum BackendCommand {
         /// SERVICE/BACKEND
         backend: String,
     },
-    /// No new clients; clients already stuck to it stay until their entries expire.
+    /// No new clients; clients already stuck to it stay until their entries expire, and open
+    /// connections until they close.
     Drain {
         /// SERVICE/BACKEND
         backend: String,
@@ -149,7 +151,8 @@ enum BackendCommand {
         /// SERVICE/BACKEND
         backend: String,
     },
-    /// Out of service: its stuck clients move to another backend, checks notwithstanding.
+    /// Out of service: its stuck clients and open connections move to another backend (the
+    /// connections are reset there; `drain` lets them finish), checks notwithstanding.
     Disable {
         /// SERVICE/BACKEND
         backend: String,

@@ -62,7 +62,7 @@ pub struct BackendRecord {
     /// Added with `backend add`, not from the config.
     #[serde(default)]
     pub from_api: bool,
-    /// Left the config and drains until its clients' entries expire.
+    /// Left the config and drains until its clients' entries expire and its connections close.
     #[serde(default)]
     pub retiring: bool,
 }

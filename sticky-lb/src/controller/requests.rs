@@ -192,7 +192,7 @@ impl Controller {
                 self.services[i].backends[j].retiring = true;
                 self.refresh_backend(i, j, true)?;
                 Ok(format!(
-                    "{name} drains: removed once no client is stuck to it"
+                    "{name} drains: removed once no client is stuck to it and no connection is open on it"
                 ))
             }
             BackendRemoval::Immediate => {
