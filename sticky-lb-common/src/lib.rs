@@ -221,7 +221,12 @@ impl StickEntry {
     /// `backend` and `version` as the one 64-bit word the data path compares and exchanges
     /// (little-endian: the backend in the low half).
     pub const fn placement(&self) -> u64 {
-        self.backend as u64 | (self.version as u64) << 32
+        Self::placement_word(self.backend, self.version)
+    }
+
+    /// The placement word of `backend` at `version`.
+    pub const fn placement_word(backend: BackendId, version: u32) -> u64 {
+        backend as u64 | (version as u64) << 32
     }
 
     pub const fn placement_backend(word: u64) -> BackendId {

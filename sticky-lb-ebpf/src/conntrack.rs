@@ -10,7 +10,8 @@
 //! expiring it through the `expire_flow` program): a compare-and-exchange succeeds once, so each
 //! connection is uncounted exactly once. A closing connection keeps forwarding to its backend
 //! (in DSR the server may still be sending after the client's FIN) until the controller deletes
-//! it after `flow_closing_timeout` without a packet; a RST deletes it at once.
+//! it after `flow_closing_timeout` without a packet; a RST closes it the same way (a made-up RST
+//! cannot end a connection's pinning at once).
 
 use crate::{
     atomic,
@@ -41,13 +42,18 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
     FLOWS.get_ptr_mut(key)
 }
 
-
 /// Notes a segment of open connection `key`: the client's first segment without SYN establishes
 /// it, and its last-seen time is refreshed once it is `refresh_ns` old. Returns whether it was
 /// refreshed (the caller then refreshes the client's stick entry too, so a client with an open
 /// connection keeps its entry).
 #[inline(always)]
-pub fn touch(flow: *mut FlowEntry, key: &FlowKey, packet: &Ipv4Tcp, now: u64, refresh_ns: u64) -> bool {
+pub fn touch(
+    flow: *mut FlowEntry,
+    key: &FlowKey,
+    packet: &Ipv4Tcp,
+    now: u64,
+    refresh_ns: u64,
+) -> bool {
     // SAFETY: a live hash-map value; the state changes only by compare-and-exchange of its
     // aligned first word, the last-seen time by whole aligned stores.
     unsafe {

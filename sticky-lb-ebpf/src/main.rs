@@ -27,8 +27,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use maps::{SERVICE_INDEX, SERVICES};
 use conntrack::Opened;
+use maps::{SERVICE_INDEX, SERVICES};
 use parse::{Ipv4Tcp, Parsed, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry, StickKey,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget,
+    MAX_BACKENDS, MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry,
+    StickKey,
 };
 
 /// Where to find a service: slot `hash::service_slot(VIP, port)` (or one of the next few) holds
@@ -59,7 +60,8 @@ pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
 /// not an LRU: an eviction would silently move a live connection and leave its backend's active
 /// count wrong, so a full table refuses new connections (counted) instead.
 #[map(name = "slb_flows")]
-pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static FLOWS: HashMap<FlowKey, FlowEntry> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Open connections per backend id, shared by all CPUs: what least-connections compares. Only
 /// atomic adds in BPF change it: +1 by the SYN that created a connection, -1 by whoever moved
@@ -70,7 +72,8 @@ pub static ACTIVE: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Flood guard state per service, per CPU (no atomics): when the next new stick entry is due.
 #[map(name = "slb_ins_budget")]
-pub static INSERT_BUDGET: PerCpuArray<InsertBudget> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static INSERT_BUDGET: PerCpuArray<InsertBudget> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// The map layout version (slot 0), written when the maps are created. The data path never
 /// reads it: a controller checks it before adopting pinned maps, so a binary with another layout

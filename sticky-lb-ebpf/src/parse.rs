@@ -65,7 +65,6 @@ impl Ipv4Tcp {
     pub fn opens(&self) -> bool {
         self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
-
 }
 
 /// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and TCP, and accepts the

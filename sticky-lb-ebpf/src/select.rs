@@ -107,7 +107,8 @@ pub fn backend_for(
         // A new connection of an expired client, or any segment of a client whose backend is
         // down, disabled or gone: place it anew and replace the entry, first writer wins.
         let (id, backend) = pick(service, client)?;
-        let claimed = pack(id, StickEntry::placement_version(seen).wrapping_add(1));
+        let claimed =
+            StickEntry::placement_word(id, StickEntry::placement_version(seen).wrapping_add(1));
         // SAFETY: as above.
         match unsafe { atomic::compare_exchange(word, seen, claimed) } {
             Ok(()) => {
@@ -118,7 +119,10 @@ pub fn backend_for(
                     let _ = atomic::compare_exchange(
                         word,
                         claimed,
-                        pack(id, StickEntry::placement_version(seen).wrapping_add(2)),
+                        StickEntry::placement_word(
+                            id,
+                            StickEntry::placement_version(seen).wrapping_add(2),
+                        ),
                     );
                 }
                 if live {
@@ -189,8 +193,8 @@ pub fn backend_for(
 }
 
 /// Refreshes the last-seen time of `client`'s entry if it still places the client on `backend`:
-/// a client with an open connection keeps its entry (IPVS keeps a persistence template while
-/// connections use it).
+/// a client whose open connection keeps sending keeps its entry, though it opens no new
+/// connection. (An idle connection does not: its entry expires after the timeout.)
 #[inline(always)]
 pub fn refresh(service: &Service, client: u32, backend: BackendId, now: u64) {
     let key = StickKey {
@@ -206,12 +210,6 @@ pub fn refresh(service: &Service, client: u32, backend: BackendId, now: u64) {
             unsafe { (*entry).last_seen_ns = now };
         }
     }
-}
-
-/// The placement word of `backend` at `version` (see `StickEntry::placement`).
-#[inline(always)]
-fn pack(backend: BackendId, version: u32) -> u64 {
-    backend as u64 | (version as u64) << 32
 }
 
 /// The choice another CPU recorded first, if its backend still takes clients; otherwise (it went
@@ -260,7 +258,9 @@ fn up_backend(service: &Service, slot: u32) -> Result<(BackendId, &'static Backe
         _ => return Err(NoBackend::Empty),
     };
     match BACKENDS.get(id) {
-        Some(backend) if backend.service == service.id && backend.state == BackendState::Up as u8 => {
+        Some(backend)
+            if backend.service == service.id && backend.state == BackendState::Up as u8 =>
+        {
             Ok((id, backend))
         }
         _ => Err(NoBackend::NotUp),

@@ -100,8 +100,9 @@ pub struct SweepReport {
     pub expired: u64,
     /// Of those, the ones still counted until this sweep ended them (no FIN seen).
     pub uncounted: u64,
-    /// Connections that looked over but were used again before they were ended.
-    pub refreshed: u64,
+    /// Connections that looked over at the scan but were kept: used again since, or their backend
+    /// serves again.
+    pub kept: u64,
     /// Connections left per backend, closing ones included (they still reach it).
     pub open_by_backend: BTreeMap<BackendId, u64>,
 }
@@ -125,7 +126,7 @@ pub fn sweep(
             .context("running expire_flow")?
         {
             ExpireOutcome::Kept => {
-                report.refreshed += 1;
+                report.kept += 1;
                 *report.open_by_backend.entry(flow.backend).or_default() += 1;
             }
             ExpireOutcome::Deleted => report.expired += 1,

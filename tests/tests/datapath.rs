@@ -34,6 +34,13 @@ fn miss_chooses_by_maglev_and_records_the_choice() {
         seen.insert(expected);
     }
     assert_eq!(seen.len(), 3, "40 clients over 3 backends use all of them");
+    // New entries start at a random even version (a CPU holding a pointer to a deleted and
+    // reused entry must not mistake it for the one it read).
+    let versions: std::collections::BTreeSet<u32> = (1..=40)
+        .map(|n| f.stick_entry(client(n)).unwrap().version)
+        .collect();
+    assert!(versions.iter().all(|v| v % 2 == 0), "{versions:?}");
+    assert!(versions.len() > 30, "versions are random: {versions:?}");
     let c = f.service_counters();
     assert_eq!((c.stick_misses, c.stick_inserts, c.stick_hits), (40, 40, 0));
 }
@@ -988,4 +995,37 @@ fn the_sweep_keeps_a_connection_whose_backend_serves_again() {
     );
     assert_eq!(f.active(0), 0);
     assert!(f.flows.keys().next().is_none());
+}
+
+#[test]
+fn a_close_never_touches_an_entry_reused_for_another_connection() {
+    // A CPU that read connection A's entry may find it deleted and reused for connection B (a
+    // preallocated hash reuses entries at once). Simulated: A's key holds an entry tagged for
+    // another key. A's FIN must neither close it nor uncount anything.
+    let mut f = Fixture::new(32);
+    let table = f.publish(&[0, 1, 2]);
+    let backend = f.predicted(&table, client(70));
+    f.run(&segment(client(70), 8000, SYN));
+    assert_eq!(f.active(backend), 1);
+    let (key, _) = f.flows.iter().next().unwrap().unwrap();
+    let other = FlowKey {
+        client_port: 8001u16.to_be(),
+        ..key
+    };
+    let foreign = FlowEntry::new(
+        &other,
+        f.backends[backend].0,
+        FlowState::Established,
+        monotonic_ns(),
+    );
+    f.flows.insert(&key, &foreign, 0).unwrap();
+    let fin = segment(client(70), 8000, FIN_ACK);
+    let result = f.run(&fin);
+    f.assert_forwarded(&fin, result, backend);
+    assert_eq!(f.active(backend), 1, "not uncounted");
+    assert_eq!(
+        f.flows.get(&key, 0).unwrap().state,
+        FlowState::Established as u8,
+        "not closed"
+    );
 }

@@ -75,8 +75,8 @@ impl Controller {
                 Ok(r) => {
                     if r.expired > 0 {
                         info!(
-                            "connection sweep: {} of {} connections ended (idle, closed, or their backend stopped serving; {} of them still counted), {} used again meanwhile",
-                            r.expired, r.scanned, r.uncounted, r.refreshed
+                            "connection sweep: {} of {} connections ended (idle, closed, or their backend stopped serving; {} of them still counted), {} kept (used again, or their backend serves again)",
+                            r.expired, r.scanned, r.uncounted, r.kept
                         );
                     } else {
                         debug!("connection sweep: {} connections, none over", r.scanned);
