@@ -1050,3 +1050,8 @@ mod example_configs {
         }
     }
 }
+
+/// The IPv4 client mask for a prefix length of `bits` (0..=32), as a host-order u32.
+pub fn client_mask_v4(bits: u8) -> u32 {
+    u32::MAX.checked_shl(32 - bits.min(32) as u32).unwrap_or(0)
+}

@@ -18,10 +18,11 @@ use aya::{
 };
 use log::{info, warn};
 use std::path::{Path, PathBuf};
+use crate::service_index::{ServiceIndex, Slot};
 use sticky_lb_common::{
-    Backend, BackendCounters, BackendId, COUNTER_COUNT, MAX_SERVICES, SERVICE_INDEX_PROBES,
-    SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, ServiceCounters, ServiceId, ServiceKey,
-    StickEntry, StickKey, hash::service_slot, map_names,
+    Backend, BackendCounters, BackendId, COUNTER_COUNT, MAX_SERVICES, SERVICE_INDEX_SLOTS,
+    SERVICE_INDEX_TOMBSTONE, Service, ServiceCounters, ServiceId, ServiceKey, StickEntry,
+    StickKey, map_names,
 };
 
 /// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
@@ -348,10 +349,8 @@ impl Dataplane {
 
     /// Finds `key` in the service index, probing as the data path does.
     fn locate(&self, key: &ServiceKey) -> Result<IndexSlot> {
-        let home = service_slot(key.vip[0], key.port, SERVICE_INDEX_SLOTS);
         let mut free = None;
-        for probe in 0..SERVICE_INDEX_PROBES {
-            let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
+        for slot in crate::service_index::probe_sequence(key) {
             let entry = self.service_index.get(&slot, 0)?;
             if entry == 0 || entry == SERVICE_INDEX_TOMBSTONE {
                 free.get_or_insert(slot);
@@ -377,6 +376,59 @@ impl Dataplane {
                 "the service index has no free slot near this service's hash (too many colliding services)"
             ),
         }
+    }
+
+    /// A copy of the service index (plans are checked against it before anything is written).
+    pub fn service_index(&self) -> Result<ServiceIndex> {
+        let mut index = ServiceIndex::empty();
+        for (slot, entry) in
+            crate::batch::lookup_all(&self.service_index, SERVICE_INDEX_SLOTS as usize)?
+        {
+            let value = match entry {
+                0 => Slot::Empty,
+                SERVICE_INDEX_TOMBSTONE => Slot::Tombstone,
+                params => {
+                    let s = self.services.get(&(params - 1), 0)?;
+                    Slot::Service(ServiceKey {
+                        vip: s.vip,
+                        port: s.port,
+                        protocol: s.protocol,
+                        _pad: 0,
+                    })
+                }
+            };
+            index.set(slot, value);
+        }
+        Ok(index)
+    }
+
+    /// Forgets what this process wrote into the tables: the next publish of each rewrites it
+    /// whole (after a failed write, whose slots may be half written).
+    pub fn forget_written(&mut self) {
+        self.written.clear();
+    }
+
+    /// Zeroes backend `id`'s packet counters and open-connection count: a new backend given an
+    /// id starts from 0.
+    pub fn reset_backend_counters(&mut self, id: BackendId) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let map = self
+            .ebpf
+            .map_mut(map_names::BACKEND_STATS)
+            .context("map slb_backend_st missing")?;
+        let mut stats: PerCpuArray<&mut MapData, BackendCounters> = PerCpuArray::try_from(map)?;
+        stats.set(
+            id,
+            aya::maps::PerCpuValues::try_from(vec![BackendCounters::default(); cpus.get() as usize])?,
+            0,
+        )?;
+        let map = self
+            .ebpf
+            .map_mut(map_names::ACTIVE)
+            .context("map slb_active missing")?;
+        let mut active: Array<&mut MapData, i64> = Array::try_from(map)?;
+        active.set(id, &0, 0)?;
+        Ok(())
     }
 
     /// Writes `slots` (a Maglev table, or the up backends of a least-connections service) into
@@ -421,7 +473,11 @@ impl Dataplane {
                 .unzip(),
             _ => ((base..base + slots.len() as u32).collect(), slots.to_vec()),
         };
-        crate::batch::update(&self.maglev, &indexes, &values).context("writing the table")?;
+        if let Err(e) = crate::batch::update(&self.maglev, &indexes, &values) {
+            // Some slots may be written: the next publish of this copy rewrites all of it.
+            self.written.remove(&base);
+            return Err(e).context("writing the table");
+        }
         self.written.insert(base, slots.to_vec());
         service.vip = key.vip;
         service.port = key.port;

@@ -25,8 +25,14 @@ pub struct SweepReport {
     /// Live entries left per backend and per service (occupancy).
     pub live_by_backend: BTreeMap<BackendId, u64>,
     pub live_by_service: BTreeMap<ServiceId, u64>,
-    /// Entries of services that no longer exist.
+    /// Entries of services that no longer exist, deleted (their service was orphaned in the
+    /// previous sweep too).
     pub orphaned: u64,
+    /// Services not in `timeouts` that entries still name: orphans now, deleted by the next
+    /// sweep if they still are then.
+    pub orphan_services: std::collections::BTreeSet<ServiceId>,
+    /// Backends that orphaned entries left in the table still name.
+    pub named_by_orphans: std::collections::BTreeSet<BackendId>,
     /// Entries that looked expired but were refreshed before we deleted them.
     pub refreshed: u64,
     pub duration_ms: u64,
@@ -37,10 +43,14 @@ fn is_idle(entry: &StickEntry, now_ns: u64, timeout_ns: u64) -> bool {
     idle_ns(now_ns, entry.last_seen_ns) >= timeout_ns
 }
 
-/// One pass over the table. `timeouts` maps each live service id to its stick timeout.
+/// One pass over the table. `timeouts` maps each live service id to its stick timeout. Entries
+/// of other services are deleted only if their service is in `confirmed_orphans` (found
+/// orphaned by the previous sweep as well): a service added while this sweep's caller copied
+/// the service list is not mistaken for a removed one.
 pub fn sweep(
     stick: &mut HashMap<MapData, StickKey, StickEntry>,
     timeouts: &BTreeMap<ServiceId, u64>,
+    confirmed_orphans: &std::collections::BTreeSet<ServiceId>,
 ) -> Result<SweepReport> {
     let started = Instant::now();
     let mut report = SweepReport::default();
@@ -57,7 +67,14 @@ pub fn sweep(
                 *report.live_by_service.entry(key.service).or_default() += 1;
             }
             Some(_) => candidates.push((key, false)),
-            None => candidates.push((key, true)),
+            None => {
+                report.orphan_services.insert(key.service);
+                if confirmed_orphans.contains(&key.service) {
+                    candidates.push((key, true));
+                } else {
+                    report.named_by_orphans.insert(entry.backend);
+                }
+            }
         }
     }
     for (key, orphan) in candidates {

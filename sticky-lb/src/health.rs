@@ -61,6 +61,9 @@ pub struct Transition {
 pub struct Tracker {
     healthy: bool,
     streak: u32,
+    /// No verdict yet: the first result decides (a new backend is not up before it passes a
+    /// check, nor held down for `rise` intervals after it does).
+    pending: bool,
 }
 
 impl Tracker {
@@ -71,7 +74,20 @@ impl Tracker {
 
     /// A tracker that starts from a known verdict (a checker restarted by a reload).
     pub fn starting(healthy: bool) -> Tracker {
-        Tracker { healthy, streak: 0 }
+        Tracker {
+            healthy,
+            streak: 0,
+            pending: false,
+        }
+    }
+
+    /// A tracker with no verdict: the first result is reported as the verdict.
+    pub fn pending() -> Tracker {
+        Tracker {
+            healthy: false,
+            streak: 0,
+            pending: true,
+        }
     }
 
     pub fn healthy(&self) -> bool {
@@ -80,6 +96,11 @@ impl Tracker {
 
     /// Records one result; returns the new state if it changed.
     pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if self.pending {
+            self.pending = false;
+            self.healthy = ok;
+            return Some(ok);
+        }
         if ok == self.healthy {
             self.streak = 0;
             return None;
@@ -152,18 +173,19 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<Duration, 
 /// Last check latency per backend, in seconds (for metrics).
 pub type Latencies = Arc<Mutex<HashMap<BackendId, f64>>>;
 
-/// Starts checking one backend every `check.interval`, starting from the verdict `healthy`;
-/// transitions go to `events`, each check's latency to `latencies`.
+/// Starts checking one backend every `check.interval` (the first check at once), starting from
+/// the verdict `healthy` (`None`: the first check decides); transitions go to `events`, each
+/// check's latency to `latencies`.
 pub fn spawn(
     backend: BackendId,
     addr: SocketAddrV4,
     check: HealthCheck,
-    healthy: bool,
+    healthy: Option<bool>,
     events: mpsc::Sender<Transition>,
     latencies: Latencies,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tracker = Tracker::starting(healthy);
+        let mut tracker = healthy.map_or_else(Tracker::pending, Tracker::starting);
         let mut tick = tokio::time::interval(check.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -204,6 +226,16 @@ mod tests {
         assert_eq!(t.observe(true, 2, 3), None);
         assert_eq!(t.observe(true, 2, 3), Some(true));
         assert!(t.healthy());
+    }
+
+    #[test]
+    fn a_pending_tracker_takes_the_first_result_as_its_verdict() {
+        let mut t = Tracker::pending();
+        assert_eq!(t.observe(false, 2, 3), Some(false));
+        assert_eq!(t.observe(true, 2, 3), None);
+        assert_eq!(t.observe(true, 2, 3), Some(true));
+        let mut t = Tracker::pending();
+        assert_eq!(t.observe(true, 2, 3), Some(true));
     }
 
     #[test]

@@ -111,6 +111,36 @@ pub fn serve(
     }))
 }
 
+/// The `/metrics` listener.
+pub struct MetricsServer {
+    listen: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Binds `listen` and serves until [`MetricsServer::shutdown`]. Errors: the bind error,
+    /// naming the address.
+    pub fn start(
+        listen: SocketAddr,
+        pins: PinDir,
+        snapshot: Arc<Mutex<Snapshot>>,
+        stick_capacity: u32,
+    ) -> Result<MetricsServer> {
+        let task = serve(listen, pins, snapshot, stick_capacity)?;
+        Ok(MetricsServer { listen, task })
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Stops serving; returns once the listening socket is closed.
+    pub async fn shutdown(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 /// Writes one metric family: HELP, TYPE and its samples.
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
     let _ = writeln!(out, "# HELP {name} {help}");

@@ -3,15 +3,15 @@
 //! on every change; read by `table show` and `status`, and by the next controller so a restart
 //! keeps every id (stick entries hold backend ids: new ids would move clients).
 
-use crate::config::{Config, format_mac};
+use crate::config::format_mac;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
-use sticky_lb_common::{BackendId, MAX_BACKENDS, ServiceId};
+use sticky_lb_common::{BackendId, ServiceId};
 
 const RUN_DIR: &str = "/run/sticky-lb";
 
@@ -31,6 +31,50 @@ pub struct RuntimeState {
     #[serde(default)]
     pub maglev_services: u32,
     pub services: Vec<ServiceRecord>,
+    /// Ids of backends and services taken out, with the time they were (CLOCK_MONOTONIC_COARSE,
+    /// ns): stick entries and connections may still name them, so no new backend or service
+    /// gets one until a sweep has seen none naming it. Kept across restarts for that reason.
+    #[serde(default)]
+    pub retired_backends: BTreeMap<BackendId, u64>,
+    #[serde(default)]
+    pub retired_services: BTreeMap<ServiceId, u64>,
+    /// What operators changed at run time, by service and backend name (kept across reloads and
+    /// restarts with `runtime_changes: keep`).
+    #[serde(default)]
+    pub runtime_changes: BTreeMap<String, BTreeMap<String, BackendChange>>,
+}
+
+/// What an operator changed about one backend at run time (the control socket).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendChange {
+    /// `enabled`, `drain` or `disabled`, when set at run time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// A weight set at run time, with the config's weight when it was set: a reload that brings
+    /// a new config weight drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<WeightChange>,
+    /// The backend was added with `backend add` (it is not in the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<AddedBackend>,
+    /// The backend was taken out with `backend remove` (it may still be in the config).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightChange {
+    pub weight: u32,
+    pub config_weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedBackend {
+    pub address: Ipv4Addr,
+    pub weight: u32,
+    /// `aa:bb:cc:dd:ee:ff` when given; resolved from the neighbour table otherwise.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,6 +109,9 @@ pub struct BackendRecord {
     /// Left the config and drains until its clients' entries expire and its connections close.
     #[serde(default)]
     pub retiring: bool,
+    /// The health checks' last verdict (a restart starts from it instead of assuming up).
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 fn enabled() -> String {
@@ -131,161 +178,6 @@ impl RuntimeState {
     }
 }
 
-/// Ids for every service and backend of a config: kept from the previous run where the name
-/// matches, fresh (never used by the previous run) otherwise.
-pub fn assign_ids(
-    config: &Config,
-    previous: Option<&RuntimeState>,
-) -> Vec<(ServiceId, Vec<BackendId>)> {
-    let old_services: Vec<&ServiceRecord> = previous
-        .map(|p| p.services.iter().collect())
-        .unwrap_or_default();
-    let mut used_services: BTreeSet<ServiceId> = BTreeSet::new();
-    let mut used_backends: BTreeSet<BackendId> = old_services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(|b| b.id))
-        .collect();
-    // First pass: keep the ids of names that survive.
-    let kept: Vec<(Option<ServiceId>, Vec<Option<BackendId>>)> = config
-        .services
-        .iter()
-        .map(|service| {
-            let old = old_services.iter().find(|s| s.name == service.name);
-            let sid = old.map(|s| s.id);
-            if let Some(id) = sid {
-                used_services.insert(id);
-            }
-            let bids = service
-                .backends
-                .iter()
-                .map(|b| {
-                    old.and_then(|s| s.backends.iter().find(|ob| ob.name == b.name))
-                        .map(|ob| ob.id)
-                })
-                .collect();
-            (sid, bids)
-        })
-        .collect();
-    // Second pass: fresh ids for the rest, lowest free first; backends avoid ids the previous run
-    // used (a stick entry may still name them) unless the id space runs out.
-    let kept_backends: BTreeSet<BackendId> = kept
-        .iter()
-        .flat_map(|(_, b)| b.iter().flatten().copied())
-        .collect();
-    let mut next_service = 0;
-    let mut next_backend = 0;
-    kept.into_iter()
-        .map(|(sid, bids)| {
-            let sid = sid.unwrap_or_else(|| {
-                while used_services.contains(&next_service) {
-                    next_service += 1;
-                }
-                used_services.insert(next_service);
-                next_service
-            });
-            let bids = bids
-                .into_iter()
-                .map(|bid| {
-                    bid.unwrap_or_else(|| {
-                        while next_backend < MAX_BACKENDS && used_backends.contains(&next_backend) {
-                            next_backend += 1;
-                        }
-                        if next_backend >= MAX_BACKENDS {
-                            // Out of never-used ids: recycle one no current backend holds.
-                            used_backends = kept_backends.clone();
-                            next_backend = 0;
-                            while used_backends.contains(&next_backend) {
-                                next_backend += 1;
-                            }
-                        }
-                        used_backends.insert(next_backend);
-                        next_backend
-                    })
-                })
-                .collect();
-            (sid, bids)
-        })
-        .collect()
-}
-
 pub fn mac_string(mac: Option<[u8; 6]>) -> Option<String> {
     mac.as_ref().map(format_mac)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(services: &[(&str, &[&str])]) -> Config {
-        let mut text = String::from("interface: lo\nservices:\n");
-        for (i, (name, backends)) in services.iter().enumerate() {
-            text += &format!(
-                "  - name: {name}\n    vip: 198.18.0.{}\n    port: 80\n    backends:\n",
-                100 + i
-            );
-            for (j, b) in backends.iter().enumerate() {
-                text += &format!(
-                    "      - name: {b}\n        address: 198.18.{i}.{}\n",
-                    10 + j
-                );
-            }
-        }
-        Config::parse(&text, false).unwrap()
-    }
-
-    fn state(config: &Config, ids: &[(ServiceId, Vec<BackendId>)]) -> RuntimeState {
-        RuntimeState {
-            interface: "lo".into(),
-            netns: None,
-            xdp_mode: "generic".into(),
-            pid: 1,
-            config: String::new(),
-            maglev_stride: 65537,
-            maglev_services: 16,
-            services: config
-                .services
-                .iter()
-                .zip(ids)
-                .map(|(s, (sid, bids))| ServiceRecord {
-                    id: *sid,
-                    name: s.name.clone(),
-                    vip: s.vip,
-                    port: s.port,
-                    policy: "ip-hash".into(),
-                    forwarding: "dsr".into(),
-                    stick_timeout_ms: 1000,
-                    client_mask: 32,
-                    maglev_table_size: 65537,
-                    backends: s
-                        .backends
-                        .iter()
-                        .zip(bids)
-                        .map(|(b, id)| BackendRecord {
-                            id: *id,
-                            name: b.name.clone(),
-                            address: b.address,
-                            mac: None,
-                            weight: 1,
-                            state: "up".into(),
-                            admin: "enabled".into(),
-                            from_api: false,
-                            retiring: false,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn restart_keeps_ids_and_new_backends_get_unused_ids() {
-        let first = config(&[("web", &["a", "b", "c"]), ("api", &["x"])]);
-        let ids = assign_ids(&first, None);
-        assert_eq!(ids, vec![(0, vec![0, 1, 2]), (1, vec![3])]);
-        let previous = state(&first, &ids);
-        // b removed, d added, services listed in another order.
-        let second = config(&[("api", &["x"]), ("web", &["a", "c", "d"])]);
-        let ids = assign_ids(&second, Some(&previous));
-        assert_eq!(ids, vec![(1, vec![3]), (0, vec![0, 2, 4])]);
-    }
 }

@@ -1,38 +1,39 @@
-//! Health checks and neighbour probing as the controller runs them: one checker task per
-//! backend (restarted only when its check changes), transitions applied to the data path.
+//! Observations as the controller takes them in: health checks (one task per backend, restarted
+//! only when its check changes) and neighbour-table answers. Each new fact goes into
+//! [`Observed`](super::desired::Observed) and through the one reconcile path.
 
-use super::*;
+use super::{Checker, Controller};
+use crate::{config::CheckKind, health, neighbour};
+use log::{debug, info, warn};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+use sticky_lb_common::BackendId;
 
 impl Controller {
     /// Starts checks for new backends, restarts changed ones, stops those of removed backends.
     pub(super) fn sync_checkers(&mut self) {
-        let mut wanted: HashMap<BackendId, (SocketAddrV4, HealthCheck, bool)> = HashMap::new();
-        for service in &self.services {
-            for b in &service.backends {
-                if b.check.kind != CheckKind::None {
-                    // The backend's own address: the VIP is local on the balancer, so a check
-                    // sent to it would never leave this host.
-                    wanted.insert(
-                        b.id,
-                        (
-                            SocketAddrV4::new(b.address, b.check.port),
-                            b.check.clone(),
-                            b.healthy,
-                        ),
-                    );
-                }
+        let mut wanted = HashMap::new();
+        for b in self.services.iter().flat_map(|s| &s.backends) {
+            if b.check.kind != CheckKind::None {
+                // The backend's own address: the VIP is local on the balancer, so a check sent
+                // to it would never leave this host.
+                let target = SocketAddrV4::new(b.address, b.check.port);
+                wanted.insert(b.id, (target, b.check.clone()));
             }
         }
         self.checkers.retain(|id, checker| {
             let keep = wanted
                 .get(id)
-                .is_some_and(|(t, c, _)| *t == checker.target && *c == checker.check);
+                .is_some_and(|(t, c)| *t == checker.target && *c == checker.check);
             if !keep {
                 checker.task.abort();
             }
             keep
         });
-        for (id, (target, check, healthy)) in wanted {
+        for (id, (target, check)) in wanted {
             if self.checkers.contains_key(&id) {
                 continue;
             }
@@ -40,7 +41,7 @@ impl Controller {
                 id,
                 target,
                 check.clone(),
-                healthy,
+                self.observed.health.get(&id).copied(),
                 self.health_tx.clone(),
                 self.latencies.clone(),
             );
@@ -53,56 +54,126 @@ impl Controller {
                 },
             );
         }
-        // A backend whose checks were turned off counts as healthy.
-        for service in &mut self.services {
-            for b in &mut service.backends {
-                if b.check.kind == CheckKind::None {
-                    b.healthy = true;
-                }
-            }
-        }
     }
 
-    /// A health check changed its verdict: log it once, with the reason, and push it.
-    pub(super) fn apply_health(&mut self, t: health::Transition) -> Result<()> {
+    /// A health check changed its verdict: log it once, with the reason, and reconcile.
+    pub(super) fn apply_health(&mut self, t: health::Transition) {
         let Some((i, j)) = self.find(t.backend) else {
-            return Ok(()); // removed since the check ran
+            return; // removed since the check ran
         };
         let service = &self.services[i];
         let b = &service.backends[j];
         if t.healthy {
             info!(
-                "backend {}/{} ({}) is UP: {} ({} passed checks)",
-                service.config.name, b.name, b.address, t.reason, b.check.rise
+                "backend {}/{} ({}) is UP: {}",
+                service.name(),
+                b.name,
+                b.address,
+                t.reason
             );
         } else {
             warn!(
                 "backend {}/{} ({}) is DOWN: {} ({} failed checks); its clients are redispatched",
-                service.config.name, b.name, b.address, t.reason, b.check.fall
+                service.name(),
+                b.name,
+                b.address,
+                t.reason,
+                b.check.fall
             );
         }
-        self.services[i].backends[j].healthy = t.healthy;
-        self.refresh_backend(i, j, false)?;
-        Ok(())
+        self.observed.health.insert(t.backend, t.healthy);
+        self.reconcile_observed("health change");
     }
 
-    /// Probes backends that have no MAC yet; brings up those that answered.
-    pub(super) fn resolve_missing_macs(&mut self) -> Result<()> {
-        let interface = self.config.interface.clone();
-        for i in 0..self.services.len() {
-            for j in 0..self.services[i].backends.len() {
-                let b = &mut self.services[i].backends[j];
-                if b.mac.is_some() {
-                    continue;
-                }
-                // Zero wait: the probe's answer is picked up on the next tick.
-                if let Some(mac) = neighbour::resolve(b.address, &interface, Duration::ZERO) {
-                    info!("backend {} ({}) answered ARP", b.name, b.address);
-                    b.mac = Some(mac);
-                    self.refresh_backend(i, j, false)?;
+    /// A neighbour-table answer: a backend's MAC appeared, changed or went away.
+    pub(super) fn apply_neighbour(&mut self, address: Ipv4Addr, mac: Option<[u8; 6]>) {
+        let known = self.observed.macs.get(&address).copied();
+        if mac.is_none() || known == mac {
+            return; // a failed lookup keeps the last MAC: the health checks judge reachability
+        }
+        let mac = mac.unwrap_or_default();
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| b.address == address)
+                    .map(move |b| format!("{}/{}", s.name(), b.name))
+            })
+            .collect();
+        match known {
+            None => info!(
+                "backend {} ({address}) answered: MAC {}",
+                names.join(", "),
+                crate::config::format_mac(&mac)
+            ),
+            Some(old) => info!(
+                "backend {} ({address}) moved from MAC {} to {}",
+                names.join(", "),
+                crate::config::format_mac(&old),
+                crate::config::format_mac(&mac)
+            ),
+        }
+        self.observed.macs.insert(address, mac);
+        self.reconcile_observed("neighbour change");
+    }
+
+    /// Reads the neighbour table for every backend without a configured MAC, on a blocking
+    /// thread; answers come back through the main loop. Backends with no entry yet are probed.
+    pub(super) fn refresh_neighbours(&self) {
+        self.ask_neighbours_with(Duration::ZERO);
+    }
+
+    /// Asks at once for the MACs of backends that have none (after a reload or an add).
+    pub(super) fn ask_neighbours(&self) {
+        self.ask_neighbours_with(Duration::from_millis(1500));
+    }
+
+    fn ask_neighbours_with(&self, wait: Duration) {
+        let configured: Vec<(BackendId, Ipv4Addr)> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| self.desired_mac(s.name(), &b.name).is_none())
+                    .map(|b| (b.id, b.address))
+            })
+            .collect();
+        if configured.is_empty() {
+            return;
+        }
+        let interface = self.config().interface.clone();
+        let answers = self.neighbour_tx.clone();
+        let missing: Vec<Ipv4Addr> = configured
+            .iter()
+            .filter(|(_, a)| !self.observed.macs.contains_key(a))
+            .map(|(_, a)| *a)
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for (_, address) in configured {
+                let mac = if missing.contains(&address) {
+                    neighbour::resolve(address, &interface, wait)
+                } else {
+                    neighbour::lookup(address, &interface)
+                };
+                if answers.blocking_send((address, mac)).is_err() {
+                    debug!("controller gone; neighbour answers dropped");
+                    return;
                 }
             }
-        }
-        Ok(())
+        });
+    }
+
+    /// The MAC given for a backend in the config or with `backend add`.
+    fn desired_mac(&self, service: &str, backend: &str) -> Option<[u8; 6]> {
+        self.desired
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| self.desired.backends(s).into_iter().find(|b| b.name == backend))
+            .and_then(|b| b.mac)
     }
 }

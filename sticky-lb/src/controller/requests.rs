@@ -1,226 +1,318 @@
-//! Operator requests from the control socket: backend changes, the stick table, counters.
+//! Operator requests from the control socket. Backend changes become run-time changes of the
+//! desired state and take the one reconcile path; stick-table requests read and write the
+//! pinned stick table directly (it is the data path's own state, not part of a plan).
 
-use super::*;
+use super::{Controller, model::state_name};
+use crate::{
+    config::BackendRemoval,
+    control::{BackendAction, Reply, Request},
+    dataplane::{PinnedMaps, monotonic_ns},
+    health, neighbour,
+    state::AddedBackend,
+};
+use log::{info, warn};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+use sticky_lb_common::{ServiceId, StickEntry, StickKey};
+use tokio::sync::oneshot;
+
+/// A request whose answer needs a wait off the main loop; it comes back here when ready.
+pub(super) enum Pending {
+    /// `backend add`, with the backend's MAC and the verdict of its first check.
+    BackendAdd {
+        service: String,
+        backend: String,
+        added: AddedBackend,
+        mac: Option<[u8; 6]>,
+        healthy: Option<bool>,
+        reply: oneshot::Sender<Reply>,
+    },
+}
 
 impl Controller {
-    /// An operator request from the control socket.
-    pub(super) async fn handle(&mut self, request: Request) -> Result<Reply> {
-        match request {
+    /// Answers an operator request (`reload` and `detach` are the main loop's). Requests that
+    /// wait (the first check of an added backend, a flush walking the whole table) answer from
+    /// their own task.
+    pub(super) fn handle(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
+        let answer = match request {
             Request::Backend {
                 service,
                 backend,
                 action,
-            } => {
-                let (i, j) = match self.find_named(&service, &backend) {
-                    Ok(found) => found,
-                    Err(reply) => return Ok(reply),
-                };
-                let b = &mut self.services[i].backends[j];
-                let mut table_changes = false;
-                match action {
-                    BackendAction::Drain => b.admin = Admin::Drain,
-                    BackendAction::Enable => b.admin = Admin::Enabled,
-                    BackendAction::Disable => b.admin = Admin::Disabled,
-                    BackendAction::Weight(weight) => {
-                        if weight > 1_000_000 {
-                            return Ok(Reply::error("weight must be at most 1000000"));
-                        }
-                        // A new weight reshapes the table even when the state stays up.
-                        table_changes = b.weight != weight && b.state == BackendState::Up;
-                        b.weight = weight;
-                    }
-                }
-                self.refresh_backend(i, j, table_changes)?;
-                self.write_state()?;
-                let b = &self.services[i].backends[j];
-                let message = format!(
-                    "{service}/{backend}: {} (weight {})",
-                    state_name(b.state),
-                    b.weight
-                );
-                info!("operator: {message}");
-                Ok(Reply::ok(message))
-            }
+            } => self.backend_action(&service, &backend, action),
             Request::BackendAdd {
                 service,
                 backend,
                 address,
                 weight,
                 mac,
-            } => {
-                self.add_backend(&service, &backend, address, weight, mac.as_deref())
-                    .await
-            }
-            Request::BackendRemove { service, backend } => {
-                let (i, j) = match self.find_named(&service, &backend) {
-                    Ok(found) => found,
-                    Err(reply) => return Ok(reply),
-                };
-                let message = self.remove_backend(i, j, self.config.backend_removal)?;
-                info!("operator: {message}");
-                Ok(Reply::ok(message))
-            }
-            Request::TableGet { client, service } => self.table_get(client, service.as_deref()),
+            } => match self.begin_add(&service, &backend, address, weight, mac) {
+                Ok(pending) => {
+                    self.check_before_adding(pending, reply);
+                    return;
+                }
+                Err(reply) => reply,
+            },
+            Request::BackendRemove { service, backend } => self.remove_backend(&service, &backend),
+            Request::TableGet { client, service } => self
+                .table_get(client, service.as_deref())
+                .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
             Request::TableSet {
                 client,
                 service,
                 backend,
-            } => self.table_set(client, &service, &backend),
-            Request::TableDelete { client, service } => {
-                self.table_delete(Some(client), service.as_deref())
+            } => self
+                .table_set(client, &service, &backend)
+                .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
+            Request::TableDelete { client, service } => self.table_delete(client, service.as_deref()),
+            Request::TableFlush { service } => {
+                self.table_flush(service.as_deref(), reply);
+                return;
             }
-            Request::TableFlush { service } => self.table_delete(None, service.as_deref()),
-            Request::Stats => self.stats(),
-            Request::Reload => match self.reload().await {
+            Request::Stats => self
+                .stats()
+                .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
+            Request::Reload => match self.reload() {
                 Ok(summary) => {
                     info!("reload: {summary}");
-                    Ok(Reply::ok(format!("reloaded: {summary}")))
+                    Reply::ok(format!("reloaded: {summary}"))
                 }
                 Err(e) => {
-                    warn!("reload refused, nothing changed: {e:#}");
-                    Ok(Reply::error(format!(
-                        "reload refused, nothing changed: {e:#}"
-                    )))
+                    warn!("reload refused, nothing changed: {e}");
+                    Reply::error(format!("reload refused, nothing changed: {e}"))
                 }
             },
-            Request::Detach => Ok(Reply::ok(format!(
-                "detaching from {}",
-                self.config.interface
-            ))),
-        }
+            Request::Detach => Reply::ok(format!("detaching from {}", self.config().interface)),
+        };
+        let _ = reply.send(answer);
     }
 
-    pub(super) async fn add_backend(
-        &mut self,
+    fn backend_action(&mut self, service: &str, backend: &str, action: BackendAction) -> Reply {
+        let (i, j) = match self.find_named(service, backend) {
+            Ok(found) => found,
+            Err(reply) => return reply,
+        };
+        if self.services[i].backends[j].retiring {
+            return Reply::error(format!(
+                "{service}/{backend} is being removed (it drains out); add it again to change it"
+            ));
+        }
+        let mut desired = self.desired.clone();
+        match action {
+            BackendAction::Drain => desired.change(service, backend).admin = Some("drain".into()),
+            BackendAction::Enable => desired.change(service, backend).admin = None,
+            BackendAction::Disable => {
+                desired.change(service, backend).admin = Some("disabled".into())
+            }
+            BackendAction::Weight(weight) => {
+                if weight > 1_000_000 {
+                    return Reply::error("weight must be at most 1000000");
+                }
+                desired.set_weight(service, backend, weight);
+            }
+        }
+        if let Err(e) = self.reconcile(desired) {
+            return Reply::error(format!("{service}/{backend}: not changed: {e}"));
+        }
+        let (i, j) = self.find_named(service, backend).unwrap_or((i, j));
+        let b = &self.services[i].backends[j];
+        let message = format!(
+            "{service}/{backend}: {} (weight {})",
+            state_name(b.state),
+            b.weight
+        );
+        info!("operator: {message}");
+        Reply::ok(message)
+    }
+
+    /// Checks a `backend add` before anything changes: the service exists, the name and
+    /// address are new to it, the weight and MAC are valid.
+    fn begin_add(
+        &self,
         service: &str,
         backend: &str,
         address: Ipv4Addr,
         weight: u32,
-        mac: Option<&str>,
-    ) -> Result<Reply> {
-        let Some(i) = self.services.iter().position(|s| s.config.name == service) else {
-            return Ok(Reply::error(format!("no service '{service}'")));
+        mac: Option<String>,
+    ) -> Result<(String, String, AddedBackend), Reply> {
+        let Some(s) = self.services.iter().find(|s| s.name() == service) else {
+            return Err(Reply::error(format!("no service '{service}'")));
         };
-        let s = &self.services[i];
         if let Some(existing) = s
             .backends
             .iter()
             .find(|b| b.name == backend || b.address == address)
         {
-            return Ok(Reply::error(format!(
-                "service '{service}' already has backend '{}' ({})",
-                existing.name, existing.address
+            return Err(Reply::error(format!(
+                "service '{service}' already has backend '{}' ({}){}",
+                existing.name,
+                existing.address,
+                if existing.retiring {
+                    ", draining out"
+                } else {
+                    ""
+                }
             )));
         }
-        if backend.is_empty() || weight > 1_000_000 {
-            return Ok(Reply::error(
-                "a backend needs a name and a weight of at most 1000000",
+        if backend.is_empty() || backend.contains('/') || weight > 1_000_000 {
+            return Err(Reply::error(
+                "a backend needs a name without '/' and a weight of at most 1000000",
             ));
         }
-        if s.config.policy == crate::config::Policy::LeastConn
-            && s.backends.len() >= sticky_lb_common::MAX_LEAST_CONN_BACKENDS as usize
+        if let Some(m) = &mac
+            && let Err(e) = crate::config::parse_mac(m)
         {
-            return Ok(Reply::error("least-conn services take at most 32 backends"));
+            return Err(Reply::error(e));
         }
-        let mac = match mac.map(crate::config::parse_mac).transpose() {
-            Ok(mac) => mac,
-            Err(e) => return Ok(Reply::error(e)),
-        };
-        let used = self.backend_ids();
-        // Prefer an id no stick entry can still name (not used since this controller started).
-        let free = |avoid_retired: bool| {
-            (0..sticky_lb_common::MAX_BACKENDS)
-                .find(|id| !used.contains(id) && !(avoid_retired && self.retired_ids.contains(id)))
-        };
-        let Some(id) = free(true).or_else(|| free(false)) else {
-            return Ok(Reply::error("no free backend id"));
-        };
-        let mac = resolve_macs(&self.config.interface, vec![(address, mac)])
-            .await?
-            .pop()
-            .flatten();
-        let check = self.services[i].config.service_health_check();
-        let mut slot = BackendSlot {
-            id,
-            name: backend.to_string(),
-            address,
-            mac,
-            weight,
-            admin: Admin::Enabled,
-            healthy: true,
-            check,
-            from_api: true,
-            retiring: false,
-            state: BackendState::Unused,
-        };
-        slot.state = slot.effective_state();
-        let sid = self.services[i].params.id;
-        self.dataplane
-            .backends
-            .set(id, &backend_entry(&slot, sid), 0)?;
-        self.services[i].backends.push(slot);
-        self.publish(i)?;
-        self.sync_checkers();
-        self.write_state()?;
-        let state = self.services[i]
-            .backends
-            .last()
-            .map(|b| b.state)
-            .unwrap_or(BackendState::Unused);
-        let message = format!(
-            "{service}/{backend} added ({address}, weight {weight}): {}",
-            state_name(state)
-        );
-        info!("operator: {message}");
-        Ok(Reply::ok(message))
+        Ok((
+            service.to_string(),
+            backend.to_string(),
+            AddedBackend {
+                address,
+                weight,
+                mac,
+            },
+        ))
     }
 
-    /// Takes backend `j` of service `i` out, by draining it until no client is stuck to it, or
-    /// at once.
-    pub(super) fn remove_backend(
-        &mut self,
-        i: usize,
-        j: usize,
-        how: BackendRemoval,
-    ) -> Result<String> {
-        let name = format!(
-            "{}/{}",
-            self.services[i].config.name, self.services[i].backends[j].name
-        );
-        match how {
-            BackendRemoval::Drain => {
-                self.services[i].backends[j].retiring = true;
-                self.refresh_backend(i, j, true)?;
-                Ok(format!(
-                    "{name} drains: removed once no client is stuck to it and no connection is open on it"
-                ))
-            }
-            BackendRemoval::Immediate => {
-                let b = self.services[i].backends.remove(j);
-                self.retired_ids.insert(b.id);
-                if let Some(checker) = self.checkers.remove(&b.id) {
-                    checker.task.abort();
+    /// Resolves the new backend's MAC and runs its first check (each bounded) on a task; the
+    /// result comes back as [`Pending::BackendAdd`], so the backend takes clients only once it
+    /// is known to answer.
+    fn check_before_adding(
+        &self,
+        (service, backend, added): (String, String, AddedBackend),
+        reply: oneshot::Sender<Reply>,
+    ) {
+        let check = self
+            .services
+            .iter()
+            .find(|s| s.name() == service)
+            .map(|s| s.config.service_health_check());
+        let interface = self.config().interface.clone();
+        let pending = self.pending_tx.clone();
+        tokio::spawn(async move {
+            let address = added.address;
+            let configured = added
+                .mac
+                .as_deref()
+                .and_then(|m| crate::config::parse_mac(m).ok());
+            let mac = match configured {
+                Some(mac) => Some(mac),
+                None => tokio::task::spawn_blocking(move || {
+                    neighbour::resolve(address, &interface, Duration::from_millis(1500))
+                })
+                .await
+                .ok()
+                .flatten(),
+            };
+            let healthy = match check {
+                Some(check) if check.kind != crate::config::CheckKind::None => Some(
+                    health::probe(SocketAddrV4::new(address, check.port), &check)
+                        .await
+                        .is_ok(),
+                ),
+                _ => None,
+            };
+            let _ = pending
+                .send(Pending::BackendAdd {
+                    service,
+                    backend,
+                    added,
+                    mac,
+                    healthy,
+                    reply,
+                })
+                .await;
+        });
+    }
+
+    /// Completes a request that waited off the main loop.
+    pub(super) fn finish(&mut self, pending: Pending) {
+        match pending {
+            Pending::BackendAdd {
+                service,
+                backend,
+                added,
+                mac,
+                healthy,
+                reply,
+            } => {
+                let address = added.address;
+                let weight = added.weight;
+                if let Some(mac) = mac {
+                    self.observed.macs.entry(address).or_insert(mac);
                 }
-                // Its stuck clients find no backend and are redispatched on their next packet.
-                self.dataplane.backends.set(b.id, &Backend::UNUSED, 0)?;
-                self.publish(i)?;
-                self.write_state()?;
-                Ok(format!("{name} removed"))
+                if let Some(verdict) = healthy {
+                    self.observed
+                        .first_verdicts
+                        .insert((service.clone(), backend.clone()), verdict);
+                }
+                let mut desired = self.desired.clone();
+                *desired.change(&service, &backend) = crate::state::BackendChange {
+                    added: Some(added),
+                    ..Default::default()
+                };
+                let answer = match self.reconcile(desired) {
+                    Ok(_) => {
+                        let state = self
+                            .find_named(&service, &backend)
+                            .map(|(i, j)| self.services[i].backends[j].state)
+                            .unwrap_or(sticky_lb_common::BackendState::Unused);
+                        let message = format!(
+                            "{service}/{backend} added ({address}, weight {weight}): {}{}",
+                            state_name(state),
+                            match (mac, healthy) {
+                                (None, _) => " (no neighbour answer yet: it takes clients once it answers)",
+                                (_, Some(false)) => " (its first check failed: it takes clients once checks pass)",
+                                _ => "",
+                            }
+                        );
+                        info!("operator: {message}");
+                        Reply::ok(message)
+                    }
+                    Err(e) => Reply::error(format!("{service}/{backend}: not added: {e}")),
+                };
+                let _ = reply.send(answer);
             }
         }
     }
 
-    pub(super) fn table_get(&self, client: Ipv4Addr, service: Option<&str>) -> Result<Reply> {
+    /// `backend remove`: drains the backend until no client is stuck to it and no connection is
+    /// open on it, or takes it out at once (`backend_removal`).
+    fn remove_backend(&mut self, service: &str, backend: &str) -> Reply {
+        if let Err(reply) = self.find_named(service, backend) {
+            return reply;
+        }
+        let mut desired = self.desired.clone();
+        let change = desired.change(service, backend);
+        change.added = None;
+        change.removed = true;
+        if let Err(e) = self.reconcile(desired) {
+            return Reply::error(format!("{service}/{backend}: not removed: {e}"));
+        }
+        let message = match (self.config().backend_removal, self.find_named(service, backend)) {
+            (BackendRemoval::Drain, Ok(_)) => format!(
+                "{service}/{backend} drains: removed once no client is stuck to it and no connection is open on it"
+            ),
+            _ => format!("{service}/{backend} removed"),
+        };
+        info!("operator: {message}");
+        Reply::ok(message)
+    }
+
+    pub(super) fn table_get(&self, client: Ipv4Addr, service: Option<&str>) -> anyhow::Result<Reply> {
         let maps = PinnedMaps::open(&self.pins)?;
         let now = monotonic_ns();
         let mut rows = Vec::new();
         for s in self
             .services
             .iter()
-            .filter(|s| service.is_none_or(|name| s.config.name == name))
+            .filter(|s| service.is_none_or(|name| s.name() == name))
         {
             let key = StickKey {
-                service: s.params.id,
+                service: s.id(),
                 client: [
                     u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
                     0,
@@ -231,7 +323,7 @@ impl Controller {
             if let Ok(entry) = maps.stick.get(&key, 0) {
                 let backend = s.backends.iter().find(|b| b.id == entry.backend);
                 rows.push(serde_json::json!({
-                    "service": s.config.name,
+                    "service": s.name(),
                     "client": Ipv4Addr::from(key.client[0].to_ne_bytes()).to_string(),
                     "backend": backend.map(|b| b.name.clone()).unwrap_or_else(|| format!("#{}", entry.backend)),
                     "backend_address": backend.map(|b| b.address.to_string()),
@@ -241,7 +333,7 @@ impl Controller {
             }
         }
         if let Some(name) = service
-            && !self.services.iter().any(|s| s.config.name == name)
+            && !self.services.iter().any(|s| s.name() == name)
         {
             return Ok(Reply::error(format!("no service '{name}'")));
         }
@@ -269,7 +361,7 @@ impl Controller {
         client: Ipv4Addr,
         service: &str,
         backend: &str,
-    ) -> Result<Reply> {
+    ) -> anyhow::Result<Reply> {
         let (i, j) = match self.find_named(service, backend) {
             Ok(found) => found,
             Err(reply) => return Ok(reply),
@@ -284,7 +376,7 @@ impl Controller {
         }
         let mut maps = PinnedMaps::open(&self.pins)?;
         let key = StickKey {
-            service: s.params.id,
+            service: s.id(),
             client: [
                 u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
                 0,
@@ -299,35 +391,34 @@ impl Controller {
         Ok(Reply::ok(message))
     }
 
-    /// Deletes the entries of one client, or all entries, of one service or all.
-    pub(super) fn table_delete(
-        &mut self,
-        client: Option<Ipv4Addr>,
-        service: Option<&str>,
-    ) -> Result<Reply> {
+
+    /// Deletes one client's entries (of one service or all): its next connection is placed
+    /// anew. The keys are computed, so nothing walks the table.
+    fn table_delete(&mut self, client: Ipv4Addr, service: Option<&str>) -> Reply {
         if let Some(name) = service
-            && !self.services.iter().any(|s| s.config.name == name)
+            && !self.services.iter().any(|s| s.name() == name)
         {
-            return Ok(Reply::error(format!("no service '{name}'")));
+            return Reply::error(format!("no service '{name}'"));
         }
-        let ids: BTreeMap<ServiceId, u32> = self
+        let mut maps = match PinnedMaps::open(&self.pins) {
+            Ok(maps) => maps,
+            Err(e) => return Reply::error(format!("{e:#}")),
+        };
+        let mut deleted = 0;
+        for s in self
             .services
             .iter()
-            .filter(|s| service.is_none_or(|name| s.config.name == name))
-            .map(|s| (s.params.id, s.params.client_mask[0]))
-            .collect();
-        let mut maps = PinnedMaps::open(&self.pins)?;
-        let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| match (ids.get(&k.service), client) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(mask), Some(c)) => k.client[0] == u32::from_ne_bytes(c.octets()) & mask,
-            })
-            .collect();
-        let mut deleted = 0;
-        for key in keys {
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+        {
+            let key = StickKey {
+                service: s.id(),
+                client: [
+                    u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
+                    0,
+                    0,
+                    0,
+                ],
+            };
             if maps.stick.remove(&key).is_ok() {
                 deleted += 1;
             }
@@ -336,22 +427,57 @@ impl Controller {
             "{deleted} stick entr{} deleted",
             if deleted == 1 { "y" } else { "ies" }
         );
-        info!(
-            "operator: table {}: {message}",
-            if client.is_some() { "delete" } else { "flush" }
-        );
-        Ok(Reply::with_data(
-            message,
-            serde_json::json!({ "deleted": deleted }),
-        ))
+        info!("operator: table delete {client}: {message}");
+        Reply::with_data(message, serde_json::json!({ "deleted": deleted }))
     }
 
-    pub(super) fn stats(&self) -> Result<Reply> {
+    /// Deletes every entry (of one service or all) on a blocking thread: a million-entry table
+    /// takes a while, and health events must not wait behind it.
+    fn table_flush(&self, service: Option<&str>, reply: oneshot::Sender<Reply>) {
+        if let Some(name) = service
+            && !self.services.iter().any(|s| s.name() == name)
+        {
+            let _ = reply.send(Reply::error(format!("no service '{name}'")));
+            return;
+        }
+        let ids: Vec<ServiceId> = self
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+            .map(|s| s.id())
+            .collect();
+        let pins = self.pins.clone();
+        tokio::task::spawn_blocking(move || {
+            let flush = || -> anyhow::Result<u64> {
+                let mut maps = PinnedMaps::open(&pins)?;
+                let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| ids.contains(&k.service))
+                    .collect();
+                Ok(keys.iter().filter(|k| maps.stick.remove(k).is_ok()).count() as u64)
+            };
+            let answer = match flush() {
+                Ok(deleted) => {
+                    let message = format!(
+                        "{deleted} stick entr{} deleted",
+                        if deleted == 1 { "y" } else { "ies" }
+                    );
+                    info!("operator: table flush: {message}");
+                    Reply::with_data(message, serde_json::json!({ "deleted": deleted }))
+                }
+                Err(e) => Reply::error(format!("{e:#}")),
+            };
+            let _ = reply.send(answer);
+        });
+    }
+
+    pub(super) fn stats(&self) -> anyhow::Result<Reply> {
         let maps = PinnedMaps::open(&self.pins)?;
         let counters = maps.counters()?;
         let mut services = Vec::new();
         for s in &self.services {
-            let c = maps.service_counters(s.params.id)?;
+            let c = maps.service_counters(s.id())?;
             let mut backends = Vec::new();
             for b in &s.backends {
                 let bc = maps.backend_counters(b.id)?;
@@ -360,7 +486,7 @@ impl Controller {
                 );
             }
             services.push(serde_json::json!({
-                "name": s.config.name,
+                "name": s.name(),
                 "stick_hits": c.stick_hits,
                 "stick_misses": c.stick_misses,
                 "stick_inserts": c.stick_inserts,

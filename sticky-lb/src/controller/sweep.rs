@@ -1,42 +1,75 @@
 //! The periodic sweep: expired stick entries and connections that are over, then what follows
-//! from them (backends that drained out, metrics).
+//! from them: backends that drained out leave (through the reconcile path), retired ids that
+//! nothing names any more are released, metrics.
 
-use super::*;
-use crate::conntrack;
+use super::Controller;
+use crate::{conntrack, dataplane, dataplane::monotonic_ns, expiry};
+use log::{debug, info, warn};
+use std::collections::{BTreeMap, BTreeSet};
+use sticky_lb_common::{BackendId, ServiceId, map_names};
+use tokio::sync::mpsc;
 
 /// What one sweep found, for the main loop.
 pub(super) struct Swept {
+    /// When the sweep started (CLOCK_MONOTONIC_COARSE, ns): ids retired before it and not
+    /// named by anything it saw are free.
+    started_ns: u64,
     stick: expiry::SweepReport,
     /// `None` if the connection table could not be swept this time.
     connections: Option<conntrack::SweepReport>,
 }
 
 impl Controller {
-    /// After a sweep: retire drained-out backends (no client stuck to them and no connection open
-    /// on them any more), and refresh metrics.
-    pub(super) fn after_sweep(&mut self, swept: Swept) -> Result<()> {
-        let mut finished = Vec::new();
-        if let Some(connections) = &swept.connections {
-            for (i, s) in self.services.iter().enumerate() {
-                for (j, b) in s.backends.iter().enumerate() {
-                    let stuck = swept.stick.live_by_backend.get(&b.id).copied().unwrap_or(0);
-                    let open = connections.open_by_backend.get(&b.id).copied().unwrap_or(0);
-                    if b.retiring && stuck == 0 && open == 0 {
-                        finished.push((i, j, format!("{}/{}", s.config.name, b.name)));
-                    }
-                }
-            }
-        }
-        for (i, j, name) in finished.into_iter().rev() {
-            self.remove_backend(i, j, BackendRemoval::Immediate)?;
-            info!(
-                "backend {name} drained out: no client is stuck to it and no connection is open on it any more; removed"
-            );
-        }
+    /// After a sweep: retiring backends with no client stuck to them and no connection open on
+    /// them leave; retired ids nothing names are released; metrics are refreshed.
+    pub(super) fn after_sweep(&mut self, swept: Swept) {
         if let Ok(mut m) = self.metrics.lock() {
             m.record_sweep(&swept.stick);
         }
-        Ok(())
+        self.orphans_seen = swept.stick.orphan_services.clone();
+        let Some(connections) = &swept.connections else {
+            return; // without the connection table nothing can be judged drained or unnamed
+        };
+        let stuck = |id: &BackendId| swept.stick.live_by_backend.get(id).copied().unwrap_or(0);
+        let open = |id: &BackendId| connections.open_by_backend.get(id).copied().unwrap_or(0);
+        let named: BTreeSet<BackendId> = swept
+            .stick
+            .live_by_backend
+            .keys()
+            .chain(connections.open_by_backend.keys())
+            .chain(&swept.stick.named_by_orphans)
+            .copied()
+            .collect();
+        let live_services: BTreeSet<ServiceId> = self.services.iter().map(|s| s.id()).collect();
+        let released = self.ids.release(swept.started_ns, &named, &live_services);
+        if !released.is_empty() {
+            debug!("backend ids free again (nothing names them): {released:?}");
+        }
+        let mut drained = Vec::new();
+        for s in &self.services {
+            for b in s.backends.iter().filter(|b| b.retiring) {
+                if stuck(&b.id) == 0 && open(&b.id) == 0 {
+                    drained.push(format!("{}/{}", s.name(), b.name));
+                    self.observed.drained_out.insert(b.id);
+                }
+            }
+        }
+        if drained.is_empty() {
+            if !released.is_empty() || self.state_behind {
+                self.save_state();
+            }
+            return;
+        }
+        match self.reconcile(self.desired.clone()) {
+            Ok(_) => info!(
+                "backend(s) {} drained out: no client is stuck to them and no connection is open on them any more; removed",
+                drained.join(", ")
+            ),
+            Err(e) => warn!(
+                "backend(s) {} drained out but could not be removed: {e}",
+                drained.join(", ")
+            ),
+        }
     }
 
     /// The expiry sweep as a blocking job: stick entries, then the connection table. Its report
@@ -46,13 +79,20 @@ impl Controller {
         let timeouts: BTreeMap<ServiceId, u64> = self
             .services
             .iter()
-            .map(|s| (s.params.id, s.params.stick_timeout_ns))
+            .map(|s| (s.id(), s.params.stick_timeout_ns))
+            .collect();
+        let confirmed_orphans: BTreeSet<ServiceId> = self
+            .orphans_seen
+            .iter()
+            .filter(|id| !timeouts.contains_key(id))
+            .copied()
             .collect();
         let expirer = self.dataplane.expirer();
+        let config = self.config();
         let expiry = conntrack::Expiry {
-            opening_timeout_ns: self.config.flow_opening_timeout.as_nanos() as u64,
-            idle_timeout_ns: self.config.flow_idle_timeout.as_nanos() as u64,
-            closing_timeout_ns: self.config.flow_closing_timeout.as_nanos() as u64,
+            opening_timeout_ns: config.flow_opening_timeout.as_nanos() as u64,
+            idle_timeout_ns: config.flow_idle_timeout.as_nanos() as u64,
+            closing_timeout_ns: config.flow_closing_timeout.as_nanos() as u64,
             services: timeouts.keys().copied().collect(),
             serving: self
                 .services
@@ -63,8 +103,10 @@ impl Controller {
                 .collect(),
         };
         move || {
-            let stick = dataplane::open_pinned(&pins, map_names::STICK)
-                .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts));
+            let started_ns = monotonic_ns();
+            let stick = dataplane::open_pinned(&pins, map_names::STICK).and_then(|mut stick| {
+                expiry::sweep(&mut stick, &timeouts, &confirmed_orphans)
+            });
             log_sweep(&stick);
             let Ok(stick) = stick else {
                 return;
@@ -88,12 +130,16 @@ impl Controller {
                     None
                 }
             };
-            let _ = reports.blocking_send(Swept { stick, connections });
+            let _ = reports.blocking_send(Swept {
+                started_ns,
+                stick,
+                connections,
+            });
         }
     }
 }
 
-fn log_sweep(result: &Result<expiry::SweepReport>) {
+fn log_sweep(result: &anyhow::Result<expiry::SweepReport>) {
     match result {
         Ok(r) if r.expired + r.orphaned > 0 => info!(
             "expiry sweep: {} of {} stick entries expired ({} of removed services), {} refreshed meanwhile, {} ms",

@@ -521,7 +521,7 @@ fn main() {
         let (secs, ns) = std::thread::scope(|scope| {
             let sweeper = scope.spawn(|| {
                 let started = Instant::now();
-                let report = expiry::sweep(stick, &timeouts).unwrap();
+                let report = expiry::sweep(stick, &timeouts, &Default::default()).unwrap();
                 assert_eq!(report.scanned, TABLE as u64);
                 started.elapsed().as_secs_f64()
             });

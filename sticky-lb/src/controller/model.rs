@@ -1,0 +1,189 @@
+//! The controller's model of the data path: services and backends with their ids and the state
+//! the maps were last given. Plans produce the next model; apply writes it.
+
+use crate::config::{self, HealthCheck, ServiceConfig};
+use std::net::Ipv4Addr;
+use sticky_lb_common::{
+    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
+    ServiceKey,
+};
+
+/// What the operator has said about a backend (the control socket); health is separate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Admin {
+    Enabled,
+    Drain,
+    Disabled,
+}
+
+impl Admin {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Admin::Enabled => "enabled",
+            Admin::Drain => "drain",
+            Admin::Disabled => "disabled",
+        }
+    }
+
+    pub(super) fn parse(name: &str) -> Admin {
+        match name {
+            "drain" => Admin::Drain,
+            "disabled" => Admin::Disabled,
+            _ => Admin::Enabled,
+        }
+    }
+}
+
+/// One backend as the data path holds it (or will, once a plan is applied).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct BackendSlot {
+    /// Index into the backends map; stick entries and connections name backends by it.
+    pub id: BackendId,
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// `None` until the neighbour table has one (the backend takes no clients meanwhile).
+    pub mac: Option<[u8; 6]>,
+    pub weight: u32,
+    pub admin: Admin,
+    /// The health checks' verdict (true when checks are off).
+    pub healthy: bool,
+    pub check: HealthCheck,
+    /// Added with `backend add` rather than from the config.
+    pub from_api: bool,
+    /// No longer wanted: draining until no stick entry or connection names it, then removed.
+    pub retiring: bool,
+    /// The data-path state that follows from the fields above.
+    pub state: BackendState,
+}
+
+impl BackendSlot {
+    /// The data-path state that follows from MAC, operator and health: disabled and failed
+    /// backends lose their stuck clients, drained ones (or weight 0, IPVS's quiescent) keep them
+    /// but take no new ones.
+    pub(super) fn effective_state(&self) -> BackendState {
+        if self.admin == Admin::Disabled {
+            BackendState::Disabled
+        } else if self.mac.is_none() || !self.healthy {
+            BackendState::Down
+        } else if self.admin == Admin::Drain || self.weight == 0 || self.retiring {
+            BackendState::Drain
+        } else {
+            BackendState::Up
+        }
+    }
+
+    /// The backends-map value for this backend of service `service`.
+    pub(super) fn entry(&self, service: ServiceId) -> Backend {
+        Backend {
+            addr: [u32::from_ne_bytes(self.address.octets()), 0, 0, 0],
+            mac: self.mac.unwrap_or([0; 6]),
+            state: self.state as u8,
+            _pad: 0,
+            service,
+            weight: self.weight,
+        }
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        self.state == BackendState::Up
+    }
+}
+
+/// One service as the data path holds it.
+#[derive(Clone, Debug)]
+pub(super) struct ServiceSlot {
+    pub key: ServiceKey,
+    /// The service's parameters; ring base and size are those of the last publish.
+    pub params: Service,
+    pub config: ServiceConfig,
+    pub backends: Vec<BackendSlot>,
+}
+
+impl ServiceSlot {
+    pub(super) fn id(&self) -> ServiceId {
+        self.params.id
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// What the service's table is built from: its up backends' ids, names and weights, in
+    /// order. Two slots with equal inputs publish equal tables.
+    pub(super) fn table_inputs(&self) -> Vec<(BackendId, &str, u32)> {
+        self.backends
+            .iter()
+            .filter(|b| b.is_up())
+            .map(|b| (b.id, b.name.as_str(), b.weight))
+            .collect()
+    }
+
+    /// The service's table: a Maglev table for `ip-hash`, the up backends for `least-conn`.
+    pub(super) fn table(&self) -> Vec<BackendId> {
+        match self.config.policy {
+            config::Policy::IpHash => {
+                let members: Vec<crate::maglev::Member<'_>> = self
+                    .table_inputs()
+                    .into_iter()
+                    .map(|(id, name, weight)| crate::maglev::Member { id, name, weight })
+                    .collect();
+                crate::maglev::Table::build(self.config.maglev_table_size, &members)
+                    .slots()
+                    .to_vec()
+            }
+            config::Policy::LeastConn => self.table_inputs().into_iter().map(|b| b.0).collect(),
+        }
+    }
+}
+
+/// The service key and parameters a service config gives. Address, ring base and size are
+/// filled in when the service is published.
+pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceKey, Service) {
+    let mask = config::client_mask_v4(service.stick.client_mask);
+    let key = ServiceKey {
+        vip: [u32::from_ne_bytes(service.vip.octets()), 0, 0, 0],
+        port: service.port.to_be(),
+        protocol: PROTO_TCP,
+        _pad: 0,
+    };
+    let params = Service {
+        id,
+        policy: match service.policy {
+            config::Policy::IpHash => Policy::IpHash as u8,
+            config::Policy::LeastConn => Policy::LeastConn as u8,
+        },
+        forwarding: Forwarding::Dsr as u8,
+        stick_timeout_ns: service.stick.timeout.as_nanos() as u64,
+        insert_interval_ns: match service.stick.insert_rate_limit {
+            0 => 0,
+            rate => 1_000_000_000 / rate,
+        },
+        // Network byte order, like the client address it masks.
+        client_mask: [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
+        ..Default::default()
+    };
+    (key, params)
+}
+
+/// Whether two service parameter sets differ in anything but what publishing fills in.
+pub(super) fn params_differ(a: &Service, b: &Service) -> bool {
+    let strip = |s: &Service| Service {
+        ring_base: 0,
+        ring_size: 0,
+        vip: [0; 4],
+        port: 0,
+        protocol: 0,
+        ..*s
+    };
+    strip(a) != strip(b)
+}
+
+pub fn state_name(state: BackendState) -> &'static str {
+    match state {
+        BackendState::Unused => "unused",
+        BackendState::Up => "up",
+        BackendState::Drain => "drain",
+        BackendState::Down => "down",
+        BackendState::Disabled => "disabled",
+    }
+}

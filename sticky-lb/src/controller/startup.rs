@@ -1,0 +1,531 @@
+//! Start and adoption: check what is pinned, take over the previous run's model and run-time
+//! changes, observe the backends once (neighbour table, one round of health checks), load the
+//! program over the pinned maps, reconcile, attach, and tell systemd.
+
+use super::{
+    Controller, NeighbourAnswer,
+    desired::{Changes, Desired, Observed},
+    ids::IdBook,
+    instance,
+    model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
+};
+use crate::{
+    config::{CheckKind, Config, ServiceConfig},
+    dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, monotonic_ns},
+    health, metrics, neighbour,
+    state::{self, AddedBackend, BackendChange, BackendRecord, RuntimeState, ServiceRecord},
+};
+use anyhow::{Result, bail};
+use log::{info, warn};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use sticky_lb_common::{
+    BackendState, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, map_names,
+};
+use tokio::sync::mpsc;
+
+/// How long a start waits for a backend's MAC before going on without it (it keeps asking).
+const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Where the controller's background work reports to the main loop.
+pub(super) struct Channels {
+    pub health: mpsc::Sender<health::Transition>,
+    pub neighbours: mpsc::Sender<NeighbourAnswer>,
+    pub pending: mpsc::Sender<super::requests::Pending>,
+}
+
+impl Controller {
+    pub(super) async fn start(
+        config: Config,
+        config_path: &Path,
+        netns: Option<String>,
+        channels: Channels,
+        lock: instance::Lock,
+    ) -> Result<Controller> {
+        dataplane::ensure_bpffs()?;
+        let pins = PinDir::new(netns.as_deref(), &config.interface);
+        let state_path = state::path(netns.as_deref(), &config.interface);
+        // Everything that could refuse an adoption is checked before the kernel is touched.
+        let previous = adoptable(&pins, &state_path)?;
+        let desired = Desired::new(
+            config,
+            previous.as_ref().map(runtime_changes).unwrap_or_default(),
+        );
+        let config = &desired.config;
+        let largest_table = config
+            .services
+            .iter()
+            .map(|s| s.maglev_table_size)
+            .max()
+            .unwrap_or(sticky_lb_common::DEFAULT_MAGLEV_TABLE_SIZE);
+        // The Maglev array's shape is fixed when it is created; later controllers of the same
+        // pins keep it. Room for 16 services (or as many as configured) so a later config with
+        // a few more still fits.
+        let (maglev_stride, maglev_services) = match previous.as_ref() {
+            Some(p) if p.maglev_stride > 0 => (p.maglev_stride, p.maglev_services),
+            _ => (
+                largest_table,
+                (config.services.len() as u32).clamp(16, MAX_SERVICES),
+            ),
+        };
+        let current = previous
+            .as_ref()
+            .map(|p| adopted_model(p, &desired))
+            .unwrap_or_default();
+        let mut ids = IdBook::default();
+        if let Some(p) = &previous {
+            ids.backends = p.retired_backends.clone();
+            ids.services = p.retired_services.clone();
+        }
+        let observed = observe(&current, &desired, previous.as_ref()).await;
+        let options = LoadOptions {
+            stick_table_size: config.stick_table_size,
+            flow_table_size: config.flow_table_size,
+            maglev_stride,
+            maglev_services,
+            interface_mac: neighbour::interface_mac(&config.interface)?,
+            log_level: aya_log_level(),
+        };
+        let fresh = previous.is_none();
+        let dataplane = Dataplane::load(Some(pins.clone()), options).inspect_err(|_| {
+            if fresh {
+                let _ = pins.remove();
+            }
+        })?;
+        let latencies: health::Latencies = Arc::default();
+        let mut controller = Controller {
+            config_path: config_path.to_path_buf(),
+            netns,
+            pins: pins.clone(),
+            dataplane,
+            desired: desired.clone(),
+            observed,
+            services: current,
+            ids,
+            mode: String::new(),
+            checkers: HashMap::new(),
+            health_tx: channels.health,
+            neighbour_tx: channels.neighbours,
+            pending_tx: channels.pending,
+            latencies: latencies.clone(),
+            metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
+            orphans_seen: BTreeSet::new(),
+            state_behind: false,
+            _lock: lock,
+        };
+        if let Err(e) = controller.take_over_leftovers() {
+            warn!("reading what the pinned backends map holds: {e:#}");
+        }
+        if let Err(e) = controller.reconcile_with(desired, true) {
+            if fresh {
+                drop(controller.dataplane);
+                let _ = pins.remove();
+            }
+            bail!("{e}; nothing was attached");
+        }
+        controller.remove_unknown_services();
+        controller.dataplane.write_layout(LAYOUT_VERSION)?;
+        if let Some(logger) = controller.dataplane.take_logger() {
+            spawn_logger(logger);
+        }
+        let interface = controller.config().interface.clone();
+        let attached = controller
+            .dataplane
+            .attach(&interface, controller.config().xdp_mode)?;
+        controller.mode = match attached {
+            Attached::Native => "native".into(),
+            Attached::Generic => "generic".into(),
+            Attached::Replaced => previous
+                .map(|p| p.xdp_mode)
+                .unwrap_or_else(|| "unknown".into()),
+        };
+        info!(
+            "sticky-lb attached to {interface} in {} mode ({}): {} service(s), {} backend(s)",
+            controller.mode,
+            if attached == Attached::Replaced {
+                "program replaced in the pinned link, stick table kept"
+            } else {
+                "new link"
+            },
+            controller.services.len(),
+            controller
+                .services
+                .iter()
+                .map(|s| s.backends.len())
+                .sum::<usize>()
+        );
+        for s in &controller.services {
+            for b in s.backends.iter().filter(|b| b.mac.is_none()) {
+                warn!(
+                    "backend {}/{} ({}): no MAC address (no neighbour answer); it takes no clients until it answers",
+                    s.name(),
+                    b.name,
+                    b.address
+                );
+            }
+        }
+        crate::offload::warn_if_rx_vlan_offload(&interface);
+        controller.save_state();
+        Ok(controller)
+    }
+
+    /// Ids the pinned backends map holds that the previous state file does not know (its last
+    /// write failed, or it is from a controller that died mid-change): stick entries may name
+    /// them, so they are retired, never handed out, and cleared by the first plan.
+    fn take_over_leftovers(&mut self) -> Result<()> {
+        let known = self.backend_ids();
+        let now = monotonic_ns();
+        for (id, entry) in crate::batch::lookup_all(&self.dataplane.backends, MAX_BACKENDS as usize)?
+        {
+            if entry.state != BackendState::Unused as u8 && !known.contains(&id) {
+                warn!("backend id {id} is in the pinned maps but not in the state file: retired");
+                self.ids.retire_backend(id, now);
+                self.dataplane
+                    .backends
+                    .set(id, &sticky_lb_common::Backend::UNUSED, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Service keys in the pinned index that neither the state file nor the config knows.
+    fn remove_unknown_services(&mut self) {
+        let known: Vec<_> = self.services.iter().map(|s| s.key).collect();
+        match self.dataplane.service_keys() {
+            Ok(keys) => {
+                for key in keys.into_iter().filter(|k| !known.contains(k)) {
+                    warn!("a service in the pinned index is unknown to the state file: removed");
+                    if let Err(e) = self.dataplane.remove_service(&key) {
+                        warn!("removing it failed: {e:#}");
+                    }
+                }
+            }
+            Err(e) => warn!("reading the pinned service index: {e:#}"),
+        }
+    }
+}
+
+/// The previous run's state if a data path is pinned and this binary can adopt it. Errors:
+/// another map layout, or an unreadable state file (nothing is changed then). Leftover map pins
+/// without a link belong to nobody and are removed.
+fn adoptable(pins: &PinDir, state_path: &Path) -> Result<Option<RuntimeState>> {
+    if !pins.is_attached() {
+        pins.remove()?;
+        return Ok(None);
+    }
+    if let Some(layout) = pinned_layout(pins)?
+        && layout != LAYOUT_VERSION
+    {
+        bail!(
+            "the data path pinned at {} uses map layout {layout}, this binary uses {LAYOUT_VERSION}: \
+             it cannot adopt it; nothing was changed (`sticky-lb detach` removes it, with its stick table)",
+            pins.path().display()
+        );
+    }
+    match RuntimeState::read(state_path) {
+        Ok(previous) => {
+            info!(
+                "adopting the data path pinned at {} (stick table kept)",
+                pins.path().display()
+            );
+            Ok(Some(previous))
+        }
+        Err(e) => bail!(
+            "a data path is pinned at {} but its state file is unusable ({e:#}); \
+             nothing was changed (`sticky-lb detach` removes it)",
+            pins.path().display()
+        ),
+    }
+}
+
+/// Reads the layout version of pinned maps, if any are pinned.
+fn pinned_layout(pins: &PinDir) -> Result<Option<u32>> {
+    if !pins.map(map_names::META).exists() {
+        return Ok(None);
+    }
+    let meta: aya::maps::Array<aya::maps::MapData, u32> =
+        dataplane::open_pinned(pins, map_names::META)?;
+    Ok(Some(meta.get(&0, 0)?))
+}
+
+/// The run-time changes of the previous run; state files from before they were recorded carry
+/// them in the backend records.
+fn runtime_changes(previous: &RuntimeState) -> Changes {
+    if !previous.runtime_changes.is_empty() {
+        return previous.runtime_changes.clone();
+    }
+    let mut changes = Changes::new();
+    for s in &previous.services {
+        for b in s.backends.iter().filter(|b| !b.retiring) {
+            let change = BackendChange {
+                admin: (b.admin != "enabled").then(|| b.admin.clone()),
+                added: b.from_api.then(|| AddedBackend {
+                    address: b.address,
+                    weight: b.weight,
+                    mac: b.mac.clone(),
+                }),
+                ..Default::default()
+            };
+            if change != BackendChange::default() {
+                changes
+                    .entry(s.name.clone())
+                    .or_default()
+                    .insert(b.name.clone(), change);
+            }
+        }
+    }
+    changes
+}
+
+/// The previous run's model, as its state file records it: what the pinned maps hold.
+fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot> {
+    previous
+        .services
+        .iter()
+        .map(|record| {
+            let config = desired
+                .config
+                .services
+                .iter()
+                .find(|s| s.name == record.name)
+                .cloned()
+                .unwrap_or_else(|| departed_service(record));
+            let (mut key, mut params) = service_entry(&config, record.id);
+            // The key the index holds is the recorded one (the config's VIP may have changed).
+            key.vip = [u32::from_ne_bytes(record.vip.octets()), 0, 0, 0];
+            key.port = record.port.to_be();
+            params.vip = key.vip;
+            params.port = key.port;
+            let backends = record
+                .backends
+                .iter()
+                .map(|b| adopted_backend(b, &config))
+                .collect();
+            ServiceSlot {
+                key,
+                params,
+                config,
+                backends,
+            }
+        })
+        .collect()
+}
+
+fn adopted_backend(b: &BackendRecord, config: &ServiceConfig) -> BackendSlot {
+    let check = config
+        .backends
+        .iter()
+        .position(|c| c.name == b.name)
+        .map(|i| config.health_check(i))
+        .unwrap_or_else(|| config.service_health_check());
+    let state = [
+        BackendState::Up,
+        BackendState::Drain,
+        BackendState::Down,
+        BackendState::Disabled,
+    ]
+    .into_iter()
+    .find(|s| state_name(*s) == b.state)
+    .unwrap_or(BackendState::Down);
+    BackendSlot {
+        id: b.id,
+        name: b.name.clone(),
+        address: b.address,
+        mac: b
+            .mac
+            .as_deref()
+            .and_then(|m| crate::config::parse_mac(m).ok()),
+        weight: b.weight,
+        admin: Admin::parse(&b.admin),
+        healthy: b.healthy.unwrap_or(state != BackendState::Down),
+        check,
+        from_api: b.from_api,
+        retiring: b.retiring,
+        state,
+    }
+}
+
+/// A service the previous run had and the config no longer has: only its name, key and
+/// backends matter (the first plan takes it out), so its other fields are the defaults.
+fn departed_service(record: &ServiceRecord) -> ServiceConfig {
+    let yaml = format!(
+        "{{name: {:?}, vip: {}, port: {}, maglev_table_size: {}, health_check: {{type: none}}, backends: []}}",
+        record.name, record.vip, record.port, record.maglev_table_size
+    );
+    serde_yaml::from_str(&yaml).expect("a service with only defaults parses")
+}
+
+/// What a start knows before its first plan: every backend's MAC (bounded wait), and a health
+/// verdict for each backend with checks: from the previous run where it had one (adoption keeps
+/// verdicts), else from one round of checks now (bounded by each check's timeout), so a backend
+/// dead at start never receives a client.
+async fn observe(
+    current: &[ServiceSlot],
+    desired: &Desired,
+    previous: Option<&RuntimeState>,
+) -> Observed {
+    let mut observed = Observed::default();
+    for s in current {
+        for b in &s.backends {
+            if let Some(mac) = b.mac {
+                observed.macs.insert(b.address, mac);
+            }
+            if previous.is_some() {
+                observed.health.insert(b.id, b.healthy);
+            }
+        }
+    }
+    // Backends the previous run did not have (all of them on a fresh start).
+    let mut wanted = Vec::new();
+    for s in &desired.config.services {
+        let old = current.iter().find(|c| c.name() == s.name);
+        for b in desired.backends(s) {
+            if !old.is_some_and(|o| o.backends.iter().any(|ob| ob.name == b.name)) {
+                wanted.push((s.name.clone(), b));
+            }
+        }
+    }
+    let macs: Vec<_> = wanted
+        .iter()
+        .filter(|(_, b)| b.mac.is_none())
+        .map(|(_, b)| {
+            let (address, interface) = (b.address, desired.config.interface.clone());
+            tokio::task::spawn_blocking(move || {
+                (
+                    address,
+                    neighbour::resolve(address, &interface, RESOLVE_TIMEOUT),
+                )
+            })
+        })
+        .collect();
+    let checks: Vec<_> = wanted
+        .iter()
+        .filter(|(_, b)| b.check.kind != CheckKind::None)
+        .map(|(service, b)| {
+            let name = (service.clone(), b.name.clone());
+            let (address, check) = (b.address, b.check.clone());
+            let target = SocketAddrV4::new(address, check.port);
+            tokio::spawn(async move { (name, address, health::probe(target, &check).await) })
+        })
+        .collect();
+    for lookup in macs {
+        if let Ok((address, Some(mac))) = lookup.await {
+            observed.macs.insert(address, mac);
+        }
+    }
+    for check in checks {
+        match check.await {
+            Ok((name, _, Ok(_))) => {
+                observed.first_verdicts.insert(name, true);
+            }
+            Ok((name, address, Err(failure))) => {
+                warn!(
+                    "backend {}/{} ({address}) failed its first check ({failure}): it takes no clients until checks pass",
+                    name.0, name.1
+                );
+                observed.first_verdicts.insert(name, false);
+            }
+            Err(e) => warn!("a first health check did not finish: {e}"),
+        }
+    }
+    observed
+}
+
+/// The state-file record of one service.
+pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
+    ServiceRecord {
+        id: s.id(),
+        name: s.name().to_string(),
+        vip: Ipv4Addr::from(s.key.vip[0].to_ne_bytes()),
+        port: u16::from_be(s.key.port),
+        policy: match s.config.policy {
+            crate::config::Policy::IpHash => "ip-hash".into(),
+            crate::config::Policy::LeastConn => "least-conn".into(),
+        },
+        forwarding: "dsr".into(),
+        stick_timeout_ms: s.config.stick.timeout.as_millis() as u64,
+        client_mask: s.config.stick.client_mask,
+        maglev_table_size: s.config.maglev_table_size,
+        backends: s
+            .backends
+            .iter()
+            .map(|b| BackendRecord {
+                id: b.id,
+                name: b.name.clone(),
+                address: b.address,
+                mac: state::mac_string(b.mac),
+                weight: b.weight,
+                state: state_name(b.state).into(),
+                admin: b.admin.name().into(),
+                from_api: b.from_api,
+                retiring: b.retiring,
+                healthy: Some(b.healthy),
+            })
+            .collect(),
+    }
+}
+
+/// systemd (`Type=notify`): the data path is attached and the controller serves.
+pub(super) fn notify_ready() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// systemd: a reload started (answered by [`notify_ready`] when it is over).
+pub(super) fn notify_reloading() {
+    let usec = monotonic_us();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::MonotonicUsec(usec),
+    ]);
+}
+
+pub(super) fn notify_stopping() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+/// CLOCK_MONOTONIC in µs, as systemd wants it with RELOADING=1.
+fn monotonic_us() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000 + ts.tv_nsec as i128 / 1000
+}
+
+/// aya-log level matching the process's log filter; with the default (info) the program's
+/// debug lines are compiled out by the verifier.
+fn aya_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its map fd and flushing neither closes nor replaces it.
+    let Ok(mut logger) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
