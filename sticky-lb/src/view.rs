@@ -89,7 +89,7 @@ pub fn stick_rows(
         let mask = service.map(|s| s.client_mask).unwrap_or(32);
         let client_key = Ipv4Addr::from(key.client[0].to_ne_bytes());
         if let Some(wanted) = client {
-            let bits = u32::MAX << (32 - mask as u32);
+            let bits = crate::config::client_mask_v4(mask);
             if u32::from(wanted) & bits != u32::from(client_key) {
                 continue;
             }

@@ -29,7 +29,8 @@ fn rx_vlan_offload_is_warned_about_until_it_is_off() {
         "a veth starts with rx VLAN offload on"
     );
 
-    let config = s.config(1, "30m", "");
+    // The second controller attaches afresh rather than adopting the first one's data path.
+    let config = s.config(1, "30m", "on_exit: detach\n");
     s.start(&config);
     let mut first = s.balancer.take().unwrap();
     assert_eq!(first.stop(), Some(0));

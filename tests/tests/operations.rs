@@ -12,6 +12,7 @@ use std::{
 };
 use sticky_lb_tests::{
     balancer::cli,
+    netns::in_netns,
     rig::fetch_names_many,
     scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
 };
@@ -401,8 +402,9 @@ fn upgrade_swaps_the_program_and_an_incompatible_layout_is_refused() {
     assert_eq!(s.round(&clients), placement, "and keeps forwarding");
 }
 
-/// GET /metrics with curl (a real HTTP client) from inside the balancer's namespace.
-fn scrape(ns: &str, addr: SocketAddrV4) -> String {
+/// GET /metrics with curl (a real HTTP client) from inside the balancer's namespace: the body,
+/// or curl's complaint (refused, timed out after 5 s, an HTTP error).
+fn try_scrape(ns: &str, addr: SocketAddrV4) -> Result<String, String> {
     let out = std::process::Command::new("ip")
         .args([
             "netns",
@@ -417,12 +419,30 @@ fn scrape(ns: &str, addr: SocketAddrV4) -> String {
         .arg(format!("http://{addr}/metrics"))
         .output()
         .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn scrape(ns: &str, addr: SocketAddrV4) -> String {
+    try_scrape(ns, addr).unwrap_or_else(|e| panic!("curl: {e}"))
+}
+
+/// Scrapes until `addr` answers: a reload replies before the metrics endpoint has moved.
+/// Panics after 5 s.
+fn scrape_soon(ns: &str, addr: SocketAddrV4) -> String {
+    let started = Instant::now();
+    loop {
+        match try_scrape(ns, addr) {
+            Ok(text) => return text,
+            Err(e) if started.elapsed() > Duration::from_secs(5) => {
+                panic!("no metrics on {addr} within 5 s: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 fn sample(text: &str, series: &str) -> f64 {
@@ -486,4 +506,58 @@ fn metrics_move_with_traffic() {
     );
     assert!(after.contains("# TYPE sticky_lb_service_stick_hits_total counter"));
     assert!(sample(&after, "sticky_lb_sweeps_total") >= 1.0);
+}
+
+/// Reloads keep the metrics endpoint up: an unchanged address goes on serving, a new address
+/// takes over from the old one (which closes), an address that cannot be bound turns metrics
+/// off without stopping the controller, and the next reload turns them on again.
+#[test]
+fn metrics_follow_reloads() {
+    let mut s = Setup::new("mreload", Mode::Generic, 2, 4);
+    let first = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180);
+    let second = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9181);
+    let taken = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9182);
+    let on = |listen: SocketAddrV4| s.config(2, "30m", &format!("metrics:\n  listen: {listen}\n"));
+    let (on_first, on_second, on_taken) = (on(first), on(second), on(taken));
+    s.start(&on_first);
+    let ns = s.rig.lb_ns().to_string();
+    let path = s.scratch.path().join("config.yaml");
+    scrape(&ns, first);
+
+    s.cli_ok(&["reload"]);
+    scrape_soon(&ns, first);
+
+    std::fs::write(&path, &on_second).unwrap();
+    s.cli_ok(&["reload"]);
+    scrape_soon(&ns, second);
+    assert!(try_scrape(&ns, first).is_err(), "the old address is closed");
+
+    let squatter = in_netns(&ns, || std::net::TcpListener::bind(taken)).unwrap();
+    std::fs::write(&path, &on_taken).unwrap();
+    s.cli_ok(&["reload"]);
+    let started = Instant::now();
+    while !s
+        .balancer
+        .as_ref()
+        .unwrap()
+        .log_text()
+        .contains(&format!("metrics: binding {taken}"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no warning about {taken}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        try_scrape(&ns, second).is_err(),
+        "the old address is closed"
+    );
+    assert_eq!(s.status()["services"][0]["name"], "web", "still running");
+
+    drop(squatter);
+    std::fs::write(&path, &on_first).unwrap();
+    s.cli_ok(&["reload"]);
+    let text = scrape_soon(&ns, first);
+    assert!(sample(&text, "sticky_lb_stick_table_capacity_entries") > 0.0);
 }

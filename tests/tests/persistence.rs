@@ -19,7 +19,8 @@ use sticky_lb_tests::{
 /// balancer's own address still answers.
 fn stickiness_and_spread(mode: Mode) {
     let mut s = Setup::new("stick", mode, 3, 256);
-    let config = s.config(3, "30m", "");
+    // Detach on exit, which the end of this test checks (the default keeps the data path).
+    let config = s.config(3, "30m", "on_exit: detach\n");
     s.start(&config);
     let clients = s.rig.client_addrs().to_vec();
     let first = s.round(&clients);

@@ -122,15 +122,6 @@ impl Controller {
     /// Reads the neighbour table for every backend without a configured MAC, on a blocking
     /// thread; answers come back through the main loop. Backends with no entry yet are probed.
     pub(super) fn refresh_neighbours(&self) {
-        self.ask_neighbours_with(Duration::ZERO);
-    }
-
-    /// Asks at once for the MACs of backends that have none (after a reload or an add).
-    pub(super) fn ask_neighbours(&self) {
-        self.ask_neighbours_with(Duration::from_millis(1500));
-    }
-
-    fn ask_neighbours_with(&self, wait: Duration) {
         let configured: Vec<(BackendId, Ipv4Addr)> = self
             .services
             .iter()
@@ -154,7 +145,7 @@ impl Controller {
         tokio::task::spawn_blocking(move || {
             for (_, address) in configured {
                 let mac = if missing.contains(&address) {
-                    neighbour::resolve(address, &interface, wait)
+                    neighbour::resolve(address, &interface, Duration::ZERO)
                 } else {
                     neighbour::lookup(address, &interface)
                 };

@@ -83,6 +83,9 @@ pub struct Controller {
     /// Set while the state file is behind (its last write failed); written again on the next
     /// change or sweep.
     state_behind: bool,
+    /// Reloads started and the last one applied (see [`requests::Pending::Reload`]).
+    reloads_started: u64,
+    reloads_applied: u64,
     _lock: instance::Lock,
 }
 
@@ -112,6 +115,8 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let socket = control::socket_path(controller.netns.as_deref(), &controller.config().interface);
     let server = control::serve(&socket, control_tx)?;
     let mut metrics_server = controller.start_metrics();
+    // The state file last: once it is there, `status`, the control socket and metrics answer.
+    controller.save_state();
     startup::notify_ready();
     let (sweep_tx, mut sweep_rx) = mpsc::channel::<sweep::Swept>(4);
     let mut sweeping: Option<JoinHandle<()>> = None;
@@ -121,13 +126,9 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
+                info!("SIGHUP: reloading {}", controller.config_path.display());
                 startup::notify_reloading();
-                match controller.reload() {
-                    Ok(summary) => info!("reload (SIGHUP): {summary}"),
-                    Err(e) => warn!("reload (SIGHUP) refused, nothing changed: {e}"),
-                }
-                metrics_server = controller.restart_metrics(metrics_server).await;
-                startup::notify_ready();
+                controller.begin_reload(None);
             }
             Some(transition) = health_rx.recv() => controller.apply_health(transition),
             Some((address, mac)) = neighbour_rx.recv() => controller.apply_neighbour(address, mac),
@@ -137,13 +138,17 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                     detach = true;
                     break;
                 }
-                Request::Reload => {
-                    controller.handle(Request::Reload, reply);
-                    metrics_server = controller.restart_metrics(metrics_server).await;
-                }
                 request => controller.handle(request, reply),
             },
-            Some(pending) = pending_rx.recv() => controller.finish(pending),
+            Some(pending) = pending_rx.recv() => {
+                let reload = matches!(pending, requests::Pending::Reload { .. });
+                if controller.finish(pending) {
+                    metrics_server = controller.restart_metrics(metrics_server).await;
+                }
+                if reload {
+                    startup::notify_ready();
+                }
+            }
             Some(report) = sweep_rx.recv() => controller.after_sweep(report),
             _ = sweep_tick.tick() => {
                 if let Some(handle) = &sweeping && !handle.is_finished() {

@@ -1,14 +1,58 @@
 //! Reload (`sticky-lb reload`, SIGHUP): re-read the config, refuse what a running data path
-//! cannot take, and reconcile to it. Nothing waits for the network here: new backends' MACs are
-//! asked for in the background and they come up when the neighbour table answers.
+//! cannot take, observe the backends it adds (MAC, first health check; bounded, off the main
+//! loop), then reconcile to it. A new backend takes clients only once it is known to answer.
 
-use super::{Controller, desired::Desired, plan::Summary};
-use crate::config::Config;
-use log::warn;
+use super::{
+    Controller,
+    desired::Desired,
+    requests::{Pending, first_look},
+};
+use crate::{config::Config, control::Reply};
+use log::{info, warn};
+use tokio::sync::oneshot;
 
 impl Controller {
-    /// Re-reads the config and reconciles to it. On any error nothing has changed.
-    pub(super) fn reload(&mut self) -> Result<Summary, String> {
+    /// Starts a reload: checks the config now, looks at the backends it adds on a task, and
+    /// finishes in [`Controller::finish_reload`]. `reply` is `None` for SIGHUP.
+    pub(super) fn begin_reload(&mut self, reply: Option<oneshot::Sender<Reply>>) {
+        let desired = match self.reloaded() {
+            Ok(desired) => desired,
+            Err(e) => {
+                warn!("reload refused, nothing changed: {e}");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Reply::error(format!("reload refused, nothing changed: {e}")));
+                }
+                return;
+            }
+        };
+        let mut new = Vec::new();
+        for s in &desired.config.services {
+            let current = self.services.iter().find(|c| c.name() == s.name);
+            for b in desired.backends(s) {
+                if !current.is_some_and(|c| c.backends.iter().any(|cb| cb.name == b.name)) {
+                    new.push((s.name.clone(), b));
+                }
+            }
+        }
+        self.reloads_started += 1;
+        let generation = self.reloads_started;
+        let interface = self.config().interface.clone();
+        let pending = self.pending_tx.clone();
+        tokio::spawn(async move {
+            let looks = first_look(&interface, new).await;
+            let _ = pending
+                .send(Pending::Reload {
+                    desired: Box::new(desired),
+                    looks,
+                    generation,
+                    reply,
+                })
+                .await;
+        });
+    }
+
+    /// The config as a desired state, if a running data path can take it.
+    fn reloaded(&self) -> Result<Desired, String> {
         let new = Config::load(&self.config_path, true).map_err(|e| format!("config error: {e}"))?;
         let old = self.config();
         // Changes that need new maps or a new attachment cannot be applied to a running one.
@@ -32,9 +76,37 @@ impl Controller {
                 self.mode
             );
         }
-        let desired = Desired::new(new, self.desired.changes.clone());
-        let summary = self.reconcile(desired)?;
-        self.ask_neighbours();
-        Ok(summary)
+        Ok(Desired::new(new, self.desired.changes.clone()))
+    }
+
+    /// Applies a reload whose new backends were looked at. Returns whether it was applied.
+    pub(super) fn finish_reload(
+        &mut self,
+        desired: Desired,
+        generation: u64,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> bool {
+        let result = if generation < self.reloads_applied {
+            Err("a later reload was applied first".to_string())
+        } else {
+            self.reconcile(desired)
+        };
+        let source = if reply.is_some() { "reload" } else { "reload (SIGHUP)" };
+        let answer = match result {
+            Ok(summary) => {
+                self.reloads_applied = generation;
+                info!("{source}: {summary}");
+                Reply::ok(format!("reloaded: {summary}"))
+            }
+            Err(e) => {
+                warn!("{source} refused, nothing changed: {e}");
+                Reply::error(format!("reload refused, nothing changed: {e}"))
+            }
+        };
+        let applied = answer.ok;
+        if let Some(reply) = reply {
+            let _ = reply.send(answer);
+        }
+        applied
     }
 }

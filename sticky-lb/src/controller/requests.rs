@@ -2,9 +2,13 @@
 //! desired state and take the one reconcile path; stick-table requests read and write the
 //! pinned stick table directly (it is the data path's own state, not part of a plan).
 
-use super::{Controller, model::state_name};
+use super::{
+    Controller,
+    desired::{Desired, WantedBackend},
+    model::{Admin, state_name},
+};
 use crate::{
-    config::BackendRemoval,
+    config::{BackendRemoval, CheckKind},
     control::{BackendAction, Reply, Request},
     dataplane::{PinnedMaps, monotonic_ns},
     health, neighbour,
@@ -25,10 +29,76 @@ pub(super) enum Pending {
         service: String,
         backend: String,
         added: AddedBackend,
-        mac: Option<[u8; 6]>,
-        healthy: Option<bool>,
+        look: FirstLook,
         reply: oneshot::Sender<Reply>,
     },
+    /// A reload, with a first look at each backend it adds.
+    Reload {
+        desired: Box<Desired>,
+        looks: Vec<FirstLook>,
+        /// Reloads are numbered as they start: one that finishes after a later one is refused.
+        generation: u64,
+        reply: Option<oneshot::Sender<Reply>>,
+    },
+}
+
+/// What a first look at a new backend found.
+pub(super) struct FirstLook {
+    pub service: String,
+    pub backend: String,
+    pub address: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+    /// The first check's verdict; `None` with checks off.
+    pub healthy: Option<bool>,
+    /// Why the first check failed.
+    pub failure: Option<String>,
+}
+
+/// Looks at new backends concurrently: each one's MAC (from the config, or the neighbour table
+/// within 1.5 s) and one health check (within its timeout).
+pub(super) async fn first_look(interface: &str, backends: Vec<(String, WantedBackend)>) -> Vec<FirstLook> {
+    let looks: Vec<_> = backends
+        .into_iter()
+        .map(|(service, b)| {
+            let interface = interface.to_string();
+            tokio::spawn(async move {
+                let address = b.address;
+                let mac = match b.mac {
+                    Some(mac) => Some(mac),
+                    None => tokio::task::spawn_blocking(move || {
+                        neighbour::resolve(address, &interface, Duration::from_millis(1500))
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                };
+                let (healthy, failure) = match b.check.kind {
+                    CheckKind::None => (None, None),
+                    _ => match health::probe(SocketAddrV4::new(address, b.check.port), &b.check)
+                        .await
+                    {
+                        Ok(_) => (Some(true), None),
+                        Err(failure) => (Some(false), Some(failure.to_string())),
+                    },
+                };
+                FirstLook {
+                    service,
+                    backend: b.name,
+                    address,
+                    mac,
+                    healthy,
+                    failure,
+                }
+            })
+        })
+        .collect();
+    let mut found = Vec::with_capacity(looks.len());
+    for look in looks {
+        if let Ok(look) = look.await {
+            found.push(look);
+        }
+    }
+    found
 }
 
 impl Controller {
@@ -74,16 +144,10 @@ impl Controller {
             Request::Stats => self
                 .stats()
                 .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
-            Request::Reload => match self.reload() {
-                Ok(summary) => {
-                    info!("reload: {summary}");
-                    Reply::ok(format!("reloaded: {summary}"))
-                }
-                Err(e) => {
-                    warn!("reload refused, nothing changed: {e}");
-                    Reply::error(format!("reload refused, nothing changed: {e}"))
-                }
-            },
+            Request::Reload => {
+                self.begin_reload(Some(reply));
+                return;
+            }
             Request::Detach => Reply::ok(format!("detaching from {}", self.config().interface)),
         };
         let _ = reply.send(answer);
@@ -177,78 +241,94 @@ impl Controller {
         ))
     }
 
-    /// Resolves the new backend's MAC and runs its first check (each bounded) on a task; the
-    /// result comes back as [`Pending::BackendAdd`], so the backend takes clients only once it
-    /// is known to answer.
+    /// Looks at the new backend (MAC, first check) on a task; the result comes back as
+    /// [`Pending::BackendAdd`], so the backend takes clients only once it is known to answer.
     fn check_before_adding(
         &self,
         (service, backend, added): (String, String, AddedBackend),
         reply: oneshot::Sender<Reply>,
     ) {
-        let check = self
-            .services
-            .iter()
-            .find(|s| s.name() == service)
-            .map(|s| s.config.service_health_check());
+        let Some(s) = self.services.iter().find(|s| s.name() == service) else {
+            let _ = reply.send(Reply::error(format!("no service '{service}'")));
+            return;
+        };
+        let wanted = WantedBackend {
+            name: backend.clone(),
+            address: added.address,
+            mac: added
+                .mac
+                .as_deref()
+                .and_then(|m| crate::config::parse_mac(m).ok()),
+            weight: added.weight,
+            admin: Admin::Enabled,
+            check: s.config.service_health_check(),
+            from_api: true,
+        };
         let interface = self.config().interface.clone();
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
-            let address = added.address;
-            let configured = added
-                .mac
-                .as_deref()
-                .and_then(|m| crate::config::parse_mac(m).ok());
-            let mac = match configured {
-                Some(mac) => Some(mac),
-                None => tokio::task::spawn_blocking(move || {
-                    neighbour::resolve(address, &interface, Duration::from_millis(1500))
-                })
-                .await
-                .ok()
-                .flatten(),
-            };
-            let healthy = match check {
-                Some(check) if check.kind != crate::config::CheckKind::None => Some(
-                    health::probe(SocketAddrV4::new(address, check.port), &check)
-                        .await
-                        .is_ok(),
-                ),
-                _ => None,
+            let mut looks = first_look(&interface, vec![(service.clone(), wanted)]).await;
+            let Some(look) = looks.pop() else {
+                let _ = reply.send(Reply::error("looking at the new backend failed"));
+                return;
             };
             let _ = pending
                 .send(Pending::BackendAdd {
                     service,
                     backend,
                     added,
-                    mac,
-                    healthy,
+                    look,
                     reply,
                 })
                 .await;
         });
     }
 
-    /// Completes a request that waited off the main loop.
-    pub(super) fn finish(&mut self, pending: Pending) {
+    /// Takes in what a first look at a new backend found.
+    fn observe_first_look(&mut self, look: &FirstLook) {
+        if let Some(mac) = look.mac {
+            self.observed.macs.insert(look.address, mac);
+        }
+        if let Some(verdict) = look.healthy {
+            self.observed
+                .first_verdicts
+                .insert((look.service.clone(), look.backend.clone()), verdict);
+            if !verdict {
+                warn!(
+                    "backend {}/{} ({}) is DOWN: {} (its first check); it takes no clients until checks pass",
+                    look.service,
+                    look.backend,
+                    look.address,
+                    look.failure.as_deref().unwrap_or("failed")
+                );
+            }
+        }
+    }
+
+    /// Completes a request that waited off the main loop. Returns whether a reload was applied
+    /// (the metrics listener may have moved).
+    pub(super) fn finish(&mut self, pending: Pending) -> bool {
         match pending {
+            Pending::Reload {
+                desired,
+                looks,
+                generation,
+                reply,
+            } => {
+                for look in &looks {
+                    self.observe_first_look(look);
+                }
+                self.finish_reload(*desired, generation, reply)
+            }
             Pending::BackendAdd {
                 service,
                 backend,
                 added,
-                mac,
-                healthy,
+                look,
                 reply,
             } => {
-                let address = added.address;
-                let weight = added.weight;
-                if let Some(mac) = mac {
-                    self.observed.macs.entry(address).or_insert(mac);
-                }
-                if let Some(verdict) = healthy {
-                    self.observed
-                        .first_verdicts
-                        .insert((service.clone(), backend.clone()), verdict);
-                }
+                self.observe_first_look(&look);
+                let (address, weight) = (added.address, added.weight);
                 let mut desired = self.desired.clone();
                 *desired.change(&service, &backend) = crate::state::BackendChange {
                     added: Some(added),
@@ -263,7 +343,7 @@ impl Controller {
                         let message = format!(
                             "{service}/{backend} added ({address}, weight {weight}): {}{}",
                             state_name(state),
-                            match (mac, healthy) {
+                            match (look.mac, look.healthy) {
                                 (None, _) => " (no neighbour answer yet: it takes clients once it answers)",
                                 (_, Some(false)) => " (its first check failed: it takes clients once checks pass)",
                                 _ => "",
@@ -275,6 +355,7 @@ impl Controller {
                     Err(e) => Reply::error(format!("{service}/{backend}: not added: {e}")),
                 };
                 let _ = reply.send(answer);
+                false
             }
         }
     }

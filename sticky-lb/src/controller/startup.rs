@@ -116,6 +116,8 @@ impl Controller {
             metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
             orphans_seen: BTreeSet::new(),
             state_behind: false,
+            reloads_started: 0,
+            reloads_applied: 0,
             _lock: lock,
         };
         if let Err(e) = controller.take_over_leftovers() {
@@ -170,7 +172,6 @@ impl Controller {
             }
         }
         crate::offload::warn_if_rx_vlan_offload(&interface);
-        controller.save_state();
         Ok(controller)
     }
 
@@ -425,7 +426,7 @@ async fn observe(
             }
             Ok((name, address, Err(failure))) => {
                 warn!(
-                    "backend {}/{} ({address}) failed its first check ({failure}): it takes no clients until checks pass",
+                    "backend {}/{} ({address}) is DOWN: {failure} (its first check); it takes no clients until checks pass",
                     name.0, name.1
                 );
                 observed.first_verdicts.insert(name, false);

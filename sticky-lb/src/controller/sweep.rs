@@ -61,10 +61,13 @@ impl Controller {
             return;
         }
         match self.reconcile(self.desired.clone()) {
-            Ok(_) => info!(
-                "backend(s) {} drained out: no client is stuck to them and no connection is open on them any more; removed",
-                drained.join(", ")
-            ),
+            Ok(_) => {
+                for name in &drained {
+                    info!(
+                        "backend {name} drained out: no client is stuck to it and no connection is open on it any more; removed"
+                    );
+                }
+            }
             Err(e) => warn!(
                 "backend(s) {} drained out but could not be removed: {e}",
                 drained.join(", ")

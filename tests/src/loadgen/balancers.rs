@@ -271,7 +271,11 @@ impl Drop for Running {
 /// checks (no extra traffic that other balancers would not see).
 fn sticky_config(rig: &Rig, native: bool, ports: &[u16]) -> String {
     let mode = if native { "native" } else { "generic" };
-    let mut yaml = format!("interface: {}\nxdp_mode: {mode}\nservices:\n", rig.lb_dev());
+    // Detach on exit: stopping checks that sticky-lb itself leaves nothing attached.
+    let mut yaml = format!(
+        "interface: {}\nxdp_mode: {mode}\non_exit: detach\nservices:\n",
+        rig.lb_dev()
+    );
     for port in ports {
         yaml += &format!(
             "  - name: web-{port}\n    vip: {}\n    port: {port}\n    health_check:\n      type: none\n    backends:\n",

@@ -1,0 +1,584 @@
+//! The YAML configuration: its model and defaults, and the entry points that read, parse and
+//! validate it.
+//!
+//! Everything is checked before the kernel is touched. An error names the field by its path
+//! (`services[0].backends[2].weight`) and, where it can be found, the line.
+//!
+//! - `validate`: the rules a parsed config must follow beyond its types;
+//! - `location`: the line of a field path in the YAML text, for validation errors;
+//! - `units`: durations, MAC addresses and client prefix masks as the config writes them.
+
+mod location;
+mod units;
+mod validate;
+
+pub use units::{client_mask_v4, format_mac, parse_duration, parse_mac};
+pub use validate::{
+    MAX_MAGLEV_TABLE_SIZE, MIN_FLOW_TIMEOUT, MIN_STICK_TIMEOUT, check_least_conn_size,
+    interface_index,
+};
+
+use serde::Deserialize;
+use std::{fmt, net::Ipv4Addr, path::Path, time::Duration};
+use sticky_lb_common::{
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE,
+};
+use units::{duration, mac, opt_duration};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The interface clients reach the VIPs through; the XDP program attaches here.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// What SIGINT/SIGTERM do to the data path; by default it keeps forwarding.
+    #[serde(default)]
+    pub on_exit: OnExit,
+    /// Entries in the stick table, shared by all services (one LRU map).
+    #[serde(default = "default_stick_table_size")]
+    pub stick_table_size: u32,
+    /// How often the expiry sweep walks the stick table and the connection table.
+    #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    /// Open connections the connection table holds at once, across all services.
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+    /// An established connection with no packet from the client for this long is over.
+    #[serde(default = "default_flow_idle_timeout", deserialize_with = "duration")]
+    pub flow_idle_timeout: Duration,
+    /// A connection that sent only its SYN, idle this long, is over (IPVS SYN_RECV).
+    #[serde(
+        default = "default_flow_opening_timeout",
+        deserialize_with = "duration"
+    )]
+    pub flow_opening_timeout: Duration,
+    /// A connection whose client sent its FIN, idle this long, is deleted (IPVS FIN_WAIT);
+    /// until then its last segments still reach its backend.
+    #[serde(
+        default = "default_flow_closing_timeout",
+        deserialize_with = "duration"
+    )]
+    pub flow_closing_timeout: Duration,
+    /// On reload: whether operator changes made at run time survive (HAProxy's server-state).
+    #[serde(default)]
+    pub runtime_changes: RuntimeChanges,
+    /// On reload: what happens to a backend no longer in the config.
+    #[serde(default)]
+    pub backend_removal: BackendRemoval,
+    /// Prometheus metrics over HTTP; off unless configured.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    /// Try native (driver) mode, fall back to generic with a log line.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExit {
+    /// Detach the program and remove the pinned maps: the stick and connection tables are gone.
+    Detach,
+    /// Leave the data path forwarding with its pinned state; a new controller adopts it. The
+    /// default: persistence is what the balancer is for, so a plain restart (or an upgrade) must
+    /// not drop every session. `sticky-lb detach` removes the data path.
+    #[default]
+    KeepRunning,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeChanges {
+    /// Backends still in the config keep their run-time state (drain, disable, weight) and
+    /// backends added at run time stay.
+    #[default]
+    Keep,
+    /// The config is the whole truth: run-time changes are dropped.
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendRemoval {
+    /// Drain it: stuck clients stay until their entries expire and open connections until they
+    /// close, then it is removed.
+    #[default]
+    Drain,
+    /// Remove it at once: its stuck clients move on their next packet.
+    Immediate,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address:port of the HTTP listener serving `/metrics` (e.g. 127.0.0.1:9180).
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default = "default_maglev_table_size")]
+    pub maglev_table_size: u32,
+    #[serde(default)]
+    pub stick: StickConfig,
+    /// Health checks for every backend of the service (a backend may override any field).
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Maglev consistent hash of the (masked) client address.
+    #[default]
+    IpHash,
+    /// Fewest active connections per unit of weight.
+    LeastConn,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// L2 direct server return: MAC rewrite, the backend answers the client directly.
+    #[default]
+    Dsr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StickConfig {
+    /// Idle time after which a client's entry expires (`30m`, `2s`, `1h30m`, or bare seconds);
+    /// at least [`MIN_STICK_TIMEOUT`].
+    #[serde(default = "default_stick_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Prefix length, 0 to 32 bits, applied to the client address before it keys the table:
+    /// 32 sticks each address, 24 a whole /24 (IPVS `-M`, HAProxy `ipmask`), 0 every client of
+    /// the service to one backend until that backend fails (active/backup). See
+    /// [`client_mask_v4`] for the mask itself.
+    #[serde(default = "default_client_mask")]
+    pub client_mask: u8,
+    /// Flood guard: new entries per second per CPU; above it a new client is placed by the
+    /// policy's hash without an entry, so a SYN flood cannot evict real clients. 0 = no limit.
+    #[serde(default = "default_insert_rate_limit")]
+    pub insert_rate_limit: u32,
+}
+
+impl Default for StickConfig {
+    fn default() -> Self {
+        StickConfig {
+            timeout: default_stick_timeout(),
+            client_mask: default_client_mask(),
+            insert_rate_limit: default_insert_rate_limit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// Destination MAC for DSR; looked up in the neighbour table when absent.
+    #[serde(default, deserialize_with = "mac")]
+    pub mac: Option<[u8; 6]>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Overrides of the service's health check for this backend.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+}
+
+/// A health check as written in the config: every field optional, so a backend can override
+/// only what differs from its service, and the service only what differs from the defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(rename = "type")]
+    pub kind: Option<CheckKind>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub interval: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: Option<u32>,
+    /// Consecutive failures that take an up backend down.
+    pub fall: Option<u32>,
+    /// Port to check on the backend's own address; default the service (VIP) port.
+    pub port: Option<u16>,
+    /// HTTP: the path to GET.
+    pub path: Option<String>,
+    /// HTTP: the status expected, a class (`2xx`) or a code (`204`).
+    pub expect: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    /// The check passes when a TCP connection is accepted.
+    Tcp,
+    /// The check passes when `GET path` answers with the expected status.
+    Http,
+    /// No checks: the backend is always considered healthy.
+    None,
+}
+
+/// A health check with every field decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub port: u16,
+    pub path: String,
+    pub expect: String,
+}
+
+impl HealthCheckConfig {
+    /// This config's fields where set, `base`'s otherwise.
+    fn over(&self, base: &HealthCheckConfig) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: self.kind.or(base.kind),
+            interval: self.interval.or(base.interval),
+            timeout: self.timeout.or(base.timeout),
+            rise: self.rise.or(base.rise),
+            fall: self.fall.or(base.fall),
+            port: self.port.or(base.port),
+            path: self.path.clone().or_else(|| base.path.clone()),
+            expect: self.expect.clone().or_else(|| base.expect.clone()),
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    fn is_set(&self) -> bool {
+        self.kind.is_some()
+            || self.interval.is_some()
+            || self.timeout.is_some()
+            || self.rise.is_some()
+            || self.fall.is_some()
+            || self.port.is_some()
+            || self.path.is_some()
+            || self.expect.is_some()
+    }
+}
+
+impl ServiceConfig {
+    /// The check for backend `i`: its overrides over the service's over the defaults (TCP
+    /// connect to the backend's address on the service port every 2 s, timeout 1 s, rise 2,
+    /// fall 3, like HAProxy's `check inter 2s rise 2 fall 3`).
+    pub fn health_check(&self, i: usize) -> HealthCheck {
+        self.resolve_check(&self.backends[i].health_check.over(&self.health_check))
+    }
+
+    /// The check a backend without overrides gets (one added at run time).
+    pub fn service_health_check(&self) -> HealthCheck {
+        self.resolve_check(&self.health_check)
+    }
+
+    fn resolve_check(&self, c: &HealthCheckConfig) -> HealthCheck {
+        let c = c.clone();
+        HealthCheck {
+            kind: c.kind.unwrap_or(CheckKind::Tcp),
+            interval: c.interval.unwrap_or(Duration::from_secs(2)),
+            timeout: c.timeout.unwrap_or(Duration::from_secs(1)),
+            rise: c.rise.unwrap_or(2),
+            fall: c.fall.unwrap_or(3),
+            port: c.port.unwrap_or(self.port),
+            path: c.path.unwrap_or_else(|| "/".into()),
+            expect: c.expect.unwrap_or_else(|| "2xx".into()),
+        }
+    }
+}
+
+/// Whether an HTTP status matches an `expect` of the form `2xx` or `204`.
+pub fn status_matches(expect: &str, status: u16) -> bool {
+    let expect = expect.as_bytes();
+    let code = status.to_string();
+    expect.len() == 3
+        && code.len() == 3
+        && expect
+            .iter()
+            .zip(code.as_bytes())
+            .all(|(e, c)| *e == b'x' || e == c)
+}
+
+fn default_stick_table_size() -> u32 {
+    DEFAULT_STICK_TABLE_SIZE
+}
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_flow_table_size() -> u32 {
+    DEFAULT_FLOW_TABLE_SIZE
+}
+fn default_flow_idle_timeout() -> Duration {
+    // IPVS's default for established TCP connections.
+    Duration::from_secs(15 * 60)
+}
+fn default_flow_opening_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_flow_closing_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_insert_rate_limit() -> u32 {
+    5_000
+}
+fn default_maglev_table_size() -> u32 {
+    DEFAULT_MAGLEV_TABLE_SIZE
+}
+fn default_stick_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_client_mask() -> u8 {
+    32
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// A configuration error: the field path, the line if known, and what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub field: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.field.is_empty(), self.line) {
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+            (false, Some(line)) => write!(f, "{} (line {line}): {}", self.field, self.message),
+            (false, None) => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a config file. `check_interface` also requires the interface
+    /// to exist in the current network namespace.
+    pub fn load(path: &Path, check_interface: bool) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text, check_interface)
+    }
+
+    /// Parses and validates config text (see [`Config::load`]). A type error (an unknown field,
+    /// a bad address, a duration or MAC that does not parse) names the field and the line the
+    /// YAML parser reports; a broken rule names the field and the line found in `text`.
+    pub fn parse(text: &str, check_interface: bool) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            // serde_yaml appends "at line L column C"; we print the line our own way.
+            let mut message = e.to_string();
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            // serde_yaml prefixes the path ("services[0].vip: ..."); keep it as the field.
+            let (field, message) = match message.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
+                _ => (String::new(), message),
+            };
+            ConfigError {
+                field,
+                line,
+                message,
+            }
+        })?;
+        config.validate(text, check_interface)?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid config the tests of every part of this module edit to break one rule.
+    pub(super) const GOOD: &str = "\
+interface: lo
+xdp_mode: generic
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    stick:
+      timeout: 2s
+      client_mask: 24
+    backends:
+      - name: web-1
+        address: 198.18.0.11
+        weight: 2
+      - name: web-2
+        address: 198.18.0.12
+        mac: 02:00:00:00:00:12
+";
+
+    /// The error `text` gets, as printed.
+    pub(super) fn error(text: &str) -> String {
+        Config::parse(text, false).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = Config::parse(GOOD, false).unwrap();
+        assert_eq!(config.xdp_mode, XdpMode::Generic);
+        assert_eq!(config.on_exit, OnExit::KeepRunning);
+        assert_eq!(config.stick_table_size, DEFAULT_STICK_TABLE_SIZE);
+        let service = &config.services[0];
+        assert_eq!(service.maglev_table_size, 65537);
+        assert_eq!(service.stick.timeout, Duration::from_secs(2));
+        assert_eq!(service.stick.client_mask, 24);
+        assert_eq!(service.backends[0].weight, 2);
+        assert_eq!(service.backends[1].weight, 1);
+        assert_eq!(service.backends[1].mac, Some([2, 0, 0, 0, 0, 0x12]));
+    }
+
+    #[test]
+    fn on_exit_detach_is_still_accepted() {
+        let text = GOOD.replace(
+            "xdp_mode: generic\n",
+            "xdp_mode: generic\non_exit: detach\n",
+        );
+        assert_eq!(Config::parse(&text, false).unwrap().on_exit, OnExit::Detach);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = GOOD.replace("        weight: 2", "        wieght: 2");
+        let e = error(&text);
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        assert!(e.contains("line 13"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_is_named_with_its_line() {
+        let e = error(&GOOD.replace("198.18.0.12", "198.18.0.300"));
+        assert!(e.contains("services[0].backends[1].address"), "{e}");
+        assert!(e.contains("line 15"), "{e}");
+    }
+
+    #[test]
+    fn compound_duration_parses() {
+        let text = GOOD.replace("timeout: 2s", "timeout: 1h30m");
+        let config = Config::parse(&text, false).unwrap();
+        assert_eq!(
+            config.services[0].stick.timeout,
+            Duration::from_secs(90 * 60)
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_named_with_its_line() {
+        let e = error(&GOOD.replace("timeout: 2s", "timeout: 2 fortnights"));
+        assert!(
+            e.starts_with("services[0].stick.timeout (line 8): '2 fortnights' is not a duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_mac_is_named_with_its_line() {
+        let e = error(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:00"));
+        assert!(
+            e.starts_with("services[0].backends[1].mac (line 16): '02:00:00:00:00' is not a MAC"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn health_checks_merge_backend_over_service_over_defaults() {
+        let text = GOOD
+            .replace("    backends:\n", "    health_check:\n      type: http\n      interval: 500ms\n      timeout: 200ms\n      path: /healthz\n    backends:\n")
+            .replace("        weight: 2\n", "        weight: 2\n        health_check:\n          port: 8080\n          expect: 204\n");
+        let config = Config::parse(&text, false).unwrap();
+        let service = &config.services[0];
+        let first = service.health_check(0);
+        assert_eq!(
+            (
+                first.kind,
+                first.port,
+                first.expect.as_str(),
+                first.path.as_str()
+            ),
+            (CheckKind::Http, 8080, "204", "/healthz")
+        );
+        assert_eq!(
+            (first.interval, first.rise, first.fall),
+            (Duration::from_millis(500), 2, 3)
+        );
+        let second = service.health_check(1);
+        assert_eq!((second.port, second.expect.as_str()), (80, "2xx"));
+        let defaults = Config::parse(GOOD, false).unwrap().services[0].health_check(0);
+        assert_eq!(
+            (defaults.kind, defaults.interval, defaults.timeout),
+            (
+                CheckKind::Tcp,
+                Duration::from_secs(2),
+                Duration::from_secs(1)
+            )
+        );
+    }
+
+    #[test]
+    fn status_classes() {
+        assert!(status_matches("2xx", 204));
+        assert!(status_matches("204", 204));
+        assert!(!status_matches("2xx", 500));
+        assert!(!status_matches("200", 204));
+    }
+}
+
+#[cfg(test)]
+mod example_configs {
+    use super::*;
+
+    /// The configs shipped in config/ stay valid as the format evolves.
+    #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            (
+                "sticky-lb.yaml",
+                include_str!("../../../config/sticky-lb.yaml"),
+            ),
+            ("demo.yaml", include_str!("../../../config/demo.yaml")),
+        ] {
+            Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+        }
+    }
+}
