@@ -83,6 +83,9 @@ pub struct Controller {
     /// Set while the state file is behind (its last write failed); written again on the next
     /// change or sweep.
     state_behind: bool,
+    /// False until the data path is attached and the control socket and metrics answer: the
+    /// state file appears only then (`status`, scripts and tests wait for it).
+    serving: bool,
     /// Reloads started and the last one applied (see [`requests::Pending::Reload`]).
     reloads_started: u64,
     reloads_applied: u64,
@@ -116,6 +119,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let server = control::serve(&socket, control_tx)?;
     let mut metrics_server = controller.start_metrics();
     // The state file last: once it is there, `status`, the control socket and metrics answer.
+    controller.serving = true;
     controller.save_state();
     startup::notify_ready();
     let (sweep_tx, mut sweep_rx) = mpsc::channel::<sweep::Swept>(4);
@@ -303,6 +307,9 @@ impl Controller {
         let state = self.runtime_state();
         if let Ok(mut m) = self.metrics.lock() {
             m.state = Some(state.clone());
+        }
+        if !self.serving {
+            return;
         }
         let path = state::path(self.netns.as_deref(), &self.config().interface);
         match state.write(&path) {

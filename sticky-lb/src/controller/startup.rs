@@ -116,6 +116,7 @@ impl Controller {
             metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
             orphans_seen: BTreeSet::new(),
             state_behind: false,
+            serving: false,
             reloads_started: 0,
             reloads_applied: 0,
             _lock: lock,
