@@ -2,6 +2,7 @@
 //! real kernel maps (the program loaded unpinned, not attached).
 
 use aya::maps::{HashMap, MapData};
+use std::collections::{BTreeMap, BTreeSet};
 use sticky_lb::{
     batch,
     dataplane::{Dataplane, LoadOptions},
@@ -79,4 +80,50 @@ fn delete_skips_missing_keys_and_update_writes_an_array() {
     for i in [0u32, 1, 12_345, 65_536] {
         assert_eq!(dp.maglev.get(&i, 0).unwrap(), i * 7 % 1000);
     }
+}
+
+/// Entries of a service the sweep's caller does not know are deleted only when the previous
+/// sweep found that service orphaned too: a service added by a reload while a sweep copied the
+/// service list keeps its entries.
+#[test]
+fn orphaned_entries_are_deleted_only_on_the_second_sweep_that_finds_them() {
+    let mut dp = dataplane(1024);
+    let mut stick: HashMap<MapData, StickKey, StickEntry> = dp.take_map(map_names::STICK).unwrap();
+    let now = sticky_lb::dataplane::monotonic_ns();
+    let entry = StickEntry::placed(3, now);
+    for i in 0..10 {
+        let live = StickKey {
+            service: 1,
+            client: [i, 0, 0, 0],
+        };
+        stick.insert(&live, &entry, 0).unwrap();
+    }
+    let young = StickKey {
+        service: 7,
+        client: [42, 0, 0, 0],
+    };
+    stick.insert(&young, &StickEntry::placed(9, now), 0).unwrap();
+    let live: BTreeMap<u32, u64> = [(1, 60_000_000_000)].into();
+    // First sweep: service 7 is unknown to this caller, so it is only noted, with its backend.
+    let first = sticky_lb::expiry::sweep(&mut stick, &live, &BTreeSet::new()).unwrap();
+    assert_eq!(first.orphaned, 0);
+    assert!(first.orphan_services.contains(&7));
+    assert!(first.named_by_orphans.contains(&9));
+    assert!(stick.get(&young, 0).is_ok(), "kept after one sweep");
+    // The service appeared meanwhile (a reload): not confirmed, kept.
+    let known: BTreeMap<u32, u64> = [(1, 60_000_000_000), (7, 60_000_000_000)].into();
+    let confirmed: BTreeSet<u32> = first
+        .orphan_services
+        .iter()
+        .filter(|s| !known.contains_key(s))
+        .copied()
+        .collect();
+    let second = sticky_lb::expiry::sweep(&mut stick, &known, &confirmed).unwrap();
+    assert_eq!(second.orphaned, 0);
+    assert!(stick.get(&young, 0).is_ok());
+    // Orphaned in two sweeps in a row: deleted.
+    let third = sticky_lb::expiry::sweep(&mut stick, &live, &first.orphan_services).unwrap();
+    assert_eq!(third.orphaned, 1);
+    assert!(stick.get(&young, 0).is_err());
+    assert_eq!(batch::lookup_all(&stick, 64).unwrap().len(), 10);
 }

@@ -311,3 +311,33 @@ fn health_check_edge_cases() {
         "{log}"
     );
 }
+
+/// `client_mask: 0` puts every client of the service on one backend (the key has no client
+/// bits): active/backup. When that backend fails, every client moves, together, to one other.
+#[test]
+fn client_mask_0_is_active_backup() {
+    let mut s = Setup::new("mask0", Mode::Generic, 3, 40);
+    let config = s.config_with(
+        "",
+        &format!("    stick:\n      timeout: 30m\n      client_mask: 0\n{FAST_CHECKS}"),
+        &vec![String::new(); 3],
+    );
+    s.start(&config);
+    let clients: Vec<Ipv4Addr> = s.rig.client_addrs().to_vec();
+    let before = count_names(&s.round(&clients));
+    assert_eq!(before.len(), 1, "one backend takes every client: {before:?}");
+    let (active, n) = before.iter().next().map(|(k, v)| (k.clone(), *v)).unwrap();
+    assert_eq!(n, clients.len());
+    // One stick entry for the whole service, printed as the /0 prefix.
+    let table = s.table();
+    assert_eq!(table.len(), 1, "{table:?}");
+    assert_eq!(table[0]["client"], "0.0.0.0/0", "{table:?}");
+
+    let k: usize = active[1..].parse().unwrap();
+    s.servers.remove(k - 1).stop();
+    s.wait_state(&active, "down", Duration::from_secs(5));
+    let after = count_names(&s.round(&clients));
+    assert_eq!(after.len(), 1, "the backup takes every client: {after:?}");
+    assert!(!after.contains_key(&active), "{after:?}");
+    eprintln!("client_mask 0: every client on {active}, then all on {after:?}");
+}
