@@ -16,7 +16,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use log::{info, warn};
+use tracing::{info, warn};
 use std::path::{Path, PathBuf};
 use crate::service_index::{ServiceIndex, Slot};
 use sticky_lb_common::{

@@ -23,8 +23,50 @@ struct Cli {
     /// The interface sticky-lb runs on (needed only if it runs on several).
     #[arg(long, short, global = true, value_name = "IF")]
     interface: Option<String>,
+    /// Log line format on stderr: `logfmt` (key=value, one line per event) or `json` (one
+    /// object per line). Fields: ts, level, msg, and service, backend, reason where they apply.
+    /// The level filter is RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Logfmt)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Logfmt,
+    Json,
+}
+
+/// Log events go to stderr as logfmt or JSON lines; `log` records (the XDP program's own lines
+/// through aya-log) are forwarded into the same stream.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Logfmt => registry
+            .with(
+                tracing_logfmt::builder()
+                    .with_target(false)
+                    .with_span_name(false)
+                    .with_span_path(false)
+                    .layer()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_target(false)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
 }
 
 #[derive(Subcommand)]
@@ -167,23 +209,7 @@ enum BackendCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // logfmt: one line per event, machine-parsable, still readable.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            use std::io::Write;
-            let message = record
-                .args()
-                .to_string()
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"");
-            writeln!(
-                buf,
-                "ts={} level={} msg=\"{message}\"",
-                buf.timestamp_millis(),
-                record.level().as_str().to_lowercase()
-            )
-        })
-        .init();
+    init_logging(cli.log_format);
     // Join the namespace before tokio starts its threads: they inherit it.
     if let Some(name) = &cli.netns
         && let Err(e) = netns::enter(name)

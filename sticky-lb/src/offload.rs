@@ -12,7 +12,7 @@
 //! `ETHTOOL_GFEATURES` (the bitmaps). Feature bit numbers are not stable across kernels, so the
 //! bit is found by name. Constants and layouts: include/uapi/linux/ethtool.h.
 
-use log::{debug, warn};
+use tracing::{debug, warn};
 use std::io;
 
 /// The kernel's name of the rx VLAN offload feature (`NETIF_F_HW_VLAN_CTAG_RX`).

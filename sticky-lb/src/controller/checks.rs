@@ -4,7 +4,7 @@
 
 use super::{Checker, Controller};
 use crate::{config::CheckKind, health, neighbour};
-use log::{debug, info, warn};
+use tracing::{debug, info, warn};
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
@@ -63,8 +63,12 @@ impl Controller {
         };
         let service = &self.services[i];
         let b = &service.backends[j];
+        let (sname, bname) = (service.name(), b.name.as_str());
         if t.healthy {
             info!(
+                service = sname,
+                backend = bname,
+                reason = %t.reason,
                 "backend {}/{} ({}) is UP: {}",
                 service.name(),
                 b.name,
@@ -73,6 +77,9 @@ impl Controller {
             );
         } else {
             warn!(
+                service = sname,
+                backend = bname,
+                reason = %t.reason,
                 "backend {}/{} ({}) is DOWN: {} ({} failed checks); its clients are redispatched",
                 service.name(),
                 b.name,

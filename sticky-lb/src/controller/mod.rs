@@ -31,7 +31,7 @@ use crate::{
 use anyhow::{Context as _, Result, bail};
 use desired::{Desired, Observed};
 use ids::IdBook;
-use log::{info, warn};
+use tracing::{info, warn};
 use model::ServiceSlot;
 use std::{
     collections::{BTreeSet, HashMap},

@@ -8,7 +8,7 @@ use super::{
     requests::{Pending, first_look},
 };
 use crate::{config::Config, control::Reply};
-use log::{info, warn};
+use tracing::{info, warn};
 use tokio::sync::oneshot;
 
 impl Controller {

@@ -14,7 +14,7 @@ use crate::{
     health, neighbour,
     state::AddedBackend,
 };
-use log::{info, warn};
+use tracing::{info, warn};
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
@@ -295,6 +295,9 @@ impl Controller {
                 .insert((look.service.clone(), look.backend.clone()), verdict);
             if !verdict {
                 warn!(
+                    service = %look.service,
+                    backend = %look.backend,
+                    reason = look.failure.as_deref().unwrap_or("failed"),
                     "backend {}/{} ({}) is DOWN: {} (its first check); it takes no clients until checks pass",
                     look.service,
                     look.backend,

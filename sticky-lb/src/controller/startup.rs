@@ -16,7 +16,7 @@ use crate::{
     state::{self, AddedBackend, BackendChange, BackendRecord, RuntimeState, ServiceRecord},
 };
 use anyhow::{Result, bail};
-use log::{info, warn};
+use tracing::{info, warn};
 use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
@@ -427,6 +427,9 @@ async fn observe(
             }
             Ok((name, address, Err(failure))) => {
                 warn!(
+                    service = %name.0,
+                    backend = %name.1,
+                    reason = %failure,
                     "backend {}/{} ({address}) is DOWN: {failure} (its first check); it takes no clients until checks pass",
                     name.0, name.1
                 );

@@ -4,7 +4,7 @@
 
 use super::Controller;
 use crate::{conntrack, dataplane, dataplane::monotonic_ns, expiry};
-use log::{debug, info, warn};
+use tracing::{debug, info, warn};
 use std::collections::{BTreeMap, BTreeSet};
 use sticky_lb_common::{BackendId, ServiceId, map_names};
 use tokio::sync::mpsc;
@@ -64,6 +64,8 @@ impl Controller {
             Ok(_) => {
                 for name in &drained {
                     info!(
+                        backend = %name,
+                        reason = "drained out",
                         "backend {name} drained out: no client is stuck to it and no connection is open on it any more; removed"
                     );
                 }
