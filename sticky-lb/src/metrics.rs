@@ -623,13 +623,14 @@ mod tests {
         BackendRecord {
             id,
             name: name.into(),
-            address: Ipv4Addr::new(10, 0, 0, 1),
+            address: Ipv4Addr::new(198, 18, 0, 1),
             mac: None,
             weight,
             state: state.into(),
             admin: "enabled".into(),
             from_api: false,
             retiring: false,
+            healthy: Some(state != "down"),
         }
     }
 
@@ -647,10 +648,13 @@ mod tests {
             config: "/etc/sticky-lb.yaml".into(),
             maglev_stride: 0,
             maglev_services: 0,
+            retired_backends: Default::default(),
+            retired_services: Default::default(),
+            runtime_changes: Default::default(),
             services: vec![ServiceRecord {
                 id: 1,
                 name: "web".into(),
-                vip: Ipv4Addr::new(10, 0, 0, 100),
+                vip: Ipv4Addr::new(198, 18, 0, 100),
                 port: 80,
                 policy: "maglev".into(),
                 forwarding: "nat".into(),
