@@ -250,16 +250,15 @@ impl Dataplane {
             .link();
         let program: &mut Xdp = self.ebpf.program_mut(PROGRAM).unwrap().try_into()?;
         if link_pin.exists() {
-            let fd_link: FdLink = PinnedLink::from_pin(&link_pin)
-                .with_context(|| format!("opening the pinned link {}", link_pin.display()))?
-                .into();
-            let link_id = program
-                .attach_to_link(XdpLink::try_from(fd_link)?)
-                .context("replacing the program in the pinned link")?;
-            let link: FdLink = program.take_link(link_id)?.try_into()?;
-            // The old pin still names the same link; pinning again would fail with EEXIST.
-            drop(link);
-            return Ok(Attached::Replaced);
+            match replace_in_pinned_link(program, &link_pin) {
+                Ok(()) => return Ok(Attached::Replaced),
+                // The link died with its interface (deleted and created again while no
+                // controller ran): a new link on the interface of that name replaces it.
+                Err(e) => {
+                    warn!("the pinned link cannot take the program ({e:#}): attaching anew");
+                    let _ = std::fs::remove_file(&link_pin);
+                }
+            }
         }
         let name = std::ffi::CString::new(interface)?;
         let (link_id, attached) = match mode {
@@ -518,6 +517,21 @@ impl Dataplane {
         }
         Ok(keys)
     }
+}
+
+/// Swaps `program` into the XDP link pinned at `link_pin` atomically (no packet sees no
+/// program).
+fn replace_in_pinned_link(program: &mut Xdp, link_pin: &Path) -> Result<()> {
+    let fd_link: FdLink = PinnedLink::from_pin(link_pin)
+        .with_context(|| format!("opening the pinned link {}", link_pin.display()))?
+        .into();
+    let link_id = program
+        .attach_to_link(XdpLink::try_from(fd_link)?)
+        .context("replacing the program in the pinned link")?;
+    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    // The old pin still names the same link; pinning again would fail with EEXIST.
+    drop(link);
+    Ok(())
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {

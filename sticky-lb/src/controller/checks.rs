@@ -10,7 +10,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
-use sticky_lb_common::BackendId;
 
 impl Controller {
     /// Starts checks for new backends, restarts changed ones, stops those of removed backends.
@@ -126,52 +125,91 @@ impl Controller {
         self.reconcile_observed("neighbour change");
     }
 
-    /// Reads the neighbour table for every backend without a configured MAC, on a blocking
-    /// thread; answers come back through the main loop. Backends with no entry yet are probed.
+    /// An rtnetlink event about the interface or a neighbour on it.
+    pub(super) fn apply_neighbour_event(&mut self, event: neighbour::Event) {
+        match event {
+            neighbour::Event::Neighbour { address, mac } => self.apply_neighbour(address, mac),
+            neighbour::Event::LinkGone { interface } => {
+                self.attached_index = None;
+                warn!(
+                    interface = %interface,
+                    "interface {interface} is gone, and the data path with it; sticky-lb attaches again when an interface of that name comes back (stick table and connections kept)"
+                );
+            }
+            neighbour::Event::LinkUp { interface, index } => {
+                if self.attached_index == Some(index) {
+                    debug!("interface {interface} changed flags or state");
+                    return;
+                }
+                info!(
+                    interface = %interface,
+                    "interface {interface} is back (index {index}): attaching the data path to it"
+                );
+                match self.reattach(index) {
+                    Ok(()) => info!(
+                        interface = %interface,
+                        "attached to the new {interface} in {} mode; services and stick table as before",
+                        self.mode
+                    ),
+                    Err(e) => warn!(
+                        interface = %interface,
+                        "attaching to the new {interface} failed: {e:#}; retried when it changes again"
+                    ),
+                }
+                self.refresh_neighbours_all();
+            }
+        }
+    }
+
+    /// Asks the neighbour table for the MAC of every backend that has none (and no configured
+    /// one). Answers come back through the main loop; the requests make the kernel resolve and
+    /// keep revalidating the entries.
     pub(super) fn refresh_neighbours(&self) {
-        let configured: Vec<(BackendId, Ipv4Addr)> = self
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .filter(|b| self.desired_mac(s.name(), &b.name).is_none())
-                    .map(|b| (b.id, b.address))
-            })
-            .collect();
-        if configured.is_empty() {
+        self.ask_neighbours(false);
+    }
+
+    /// The same for every backend: managed neighbour entries go with a deleted interface.
+    fn refresh_neighbours_all(&self) {
+        self.ask_neighbours(true);
+    }
+
+    fn ask_neighbours(&self, all: bool) {
+        let mut addresses: Vec<Ipv4Addr> = Vec::new();
+        for s in &self.services {
+            let configured: Vec<String> = self
+                .desired
+                .config
+                .services
+                .iter()
+                .find(|c| c.name == s.name())
+                .map(|c| {
+                    self.desired
+                        .backends(c)
+                        .into_iter()
+                        .filter(|b| b.mac.is_some())
+                        .map(|b| b.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for b in &s.backends {
+                let known = self.observed.macs.contains_key(&b.address);
+                if !configured.contains(&b.name) && (all || !known) {
+                    addresses.push(b.address);
+                }
+            }
+        }
+        if addresses.is_empty() {
             return;
         }
-        let interface = self.config().interface.clone();
+        let neighbours = self.neighbours.clone();
         let answers = self.neighbour_tx.clone();
-        let missing: Vec<Ipv4Addr> = configured
-            .iter()
-            .filter(|(_, a)| !self.observed.macs.contains_key(a))
-            .map(|(_, a)| *a)
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            for (_, address) in configured {
-                let mac = if missing.contains(&address) {
-                    neighbour::resolve(address, &interface, Duration::ZERO)
-                } else {
-                    neighbour::lookup(address, &interface)
-                };
-                if answers.blocking_send((address, mac)).is_err() {
-                    debug!("controller gone; neighbour answers dropped");
-                    return;
+        tokio::spawn(async move {
+            for address in addresses {
+                let mac = neighbours.resolve(address, Duration::ZERO).await;
+                if answers.send((address, mac)).await.is_err() {
+                    return; // the controller is gone
                 }
             }
         });
-    }
-
-    /// The MAC given for a backend in the config or with `backend add`.
-    fn desired_mac(&self, service: &str, backend: &str) -> Option<[u8; 6]> {
-        self.desired
-            .config
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(|s| self.desired.backends(s).into_iter().find(|b| b.name == backend))
-            .and_then(|b| b.mac)
     }
 }

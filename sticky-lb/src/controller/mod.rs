@@ -26,7 +26,7 @@ use crate::{
     config::{Config, HealthCheck, OnExit},
     control::{self, Envelope, Reply, Request},
     dataplane::{Dataplane, PinDir, PinnedMaps, monotonic_ns},
-    health, metrics, state,
+    health, metrics, neighbour, state,
 };
 use anyhow::{Context as _, Result, bail};
 use desired::{Desired, Observed};
@@ -74,6 +74,10 @@ pub struct Controller {
     checkers: HashMap<BackendId, Checker>,
     health_tx: mpsc::Sender<health::Transition>,
     neighbour_tx: mpsc::Sender<NeighbourAnswer>,
+    /// The interface's neighbour table and link (rtnetlink).
+    neighbours: Arc<neighbour::Neighbours>,
+    /// Index of the interface the program is attached to (`None` while it is gone).
+    attached_index: Option<u32>,
     pending_tx: mpsc::Sender<requests::Pending>,
     latencies: health::Latencies,
     metrics: Arc<Mutex<metrics::Snapshot>>,
@@ -103,7 +107,9 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let (health_tx, mut health_rx) = mpsc::channel::<health::Transition>(256);
     let (neighbour_tx, mut neighbour_rx) = mpsc::channel::<NeighbourAnswer>(1024);
     let (pending_tx, mut pending_rx) = mpsc::channel::<requests::Pending>(16);
+    let (neighbour_table, mut neighbour_events) = neighbour::Neighbours::watch(&config.interface)?;
     let channels = startup::Channels {
+        neighbour_table: Arc::new(neighbour_table),
         health: health_tx,
         neighbours: neighbour_tx,
         pending: pending_tx,
@@ -136,6 +142,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
             }
             Some(transition) = health_rx.recv() => controller.apply_health(transition),
             Some((address, mac)) = neighbour_rx.recv() => controller.apply_neighbour(address, mac),
+            Some(event) = neighbour_events.recv() => controller.apply_neighbour_event(event),
             Some((request, reply)) = control_rx.recv() => match request {
                 Request::Detach => {
                     let _ = reply.send(Reply::ok(format!("detaching from {}", controller.config().interface)));
@@ -160,7 +167,20 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 }
                 sweeping = Some(tokio::task::spawn_blocking(controller.sweep_job(sweep_tx.clone())));
             }
-            _ = neighbour_tick.tick() => controller.refresh_neighbours(),
+            _ = neighbour_tick.tick() => {
+                if neighbour_events.is_closed() {
+                    // The rtnetlink connection failed: watch again (next tick if this fails).
+                    match neighbour::Neighbours::watch(&controller.config().interface) {
+                        Ok((table, events)) => {
+                            warn!("neighbour watch restarted");
+                            controller.neighbours = Arc::new(table);
+                            neighbour_events = events;
+                        }
+                        Err(e) => warn!("neighbour watch: {e:#}"),
+                    }
+                }
+                controller.refresh_neighbours();
+            }
         }
     }
     startup::notify_stopping();

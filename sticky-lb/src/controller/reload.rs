@@ -36,10 +36,10 @@ impl Controller {
         }
         self.reloads_started += 1;
         let generation = self.reloads_started;
-        let interface = self.config().interface.clone();
+        let neighbours = self.neighbours.clone();
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
-            let looks = first_look(&interface, new).await;
+            let looks = first_look(neighbours, new).await;
             let _ = pending
                 .send(Pending::Reload {
                     desired: Box::new(desired),

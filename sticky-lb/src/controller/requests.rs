@@ -11,14 +11,20 @@ use crate::{
     config::{BackendRemoval, CheckKind},
     control::{BackendAction, Reply, Request},
     dataplane::{PinnedMaps, monotonic_ns},
-    health, neighbour,
+    health,
+    neighbour::Neighbours,
     state::AddedBackend,
 };
 use tracing::{info, warn};
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
     time::Duration,
 };
+
+/// How long a new backend's MAC is waited for before it is added without one (it comes up
+/// when the neighbour table answers).
+pub(super) const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 use sticky_lb_common::{ServiceId, StickEntry, StickKey};
 use tokio::sync::oneshot;
 
@@ -56,21 +62,19 @@ pub(super) struct FirstLook {
 
 /// Looks at new backends concurrently: each one's MAC (from the config, or the neighbour table
 /// within 1.5 s) and one health check (within its timeout).
-pub(super) async fn first_look(interface: &str, backends: Vec<(String, WantedBackend)>) -> Vec<FirstLook> {
+pub(super) async fn first_look(
+    neighbours: Arc<Neighbours>,
+    backends: Vec<(String, WantedBackend)>,
+) -> Vec<FirstLook> {
     let looks: Vec<_> = backends
         .into_iter()
         .map(|(service, b)| {
-            let interface = interface.to_string();
+            let neighbours = neighbours.clone();
             tokio::spawn(async move {
                 let address = b.address;
                 let mac = match b.mac {
                     Some(mac) => Some(mac),
-                    None => tokio::task::spawn_blocking(move || {
-                        neighbour::resolve(address, &interface, Duration::from_millis(1500))
-                    })
-                    .await
-                    .ok()
-                    .flatten(),
+                    None => neighbours.resolve(address, RESOLVE_TIMEOUT).await,
                 };
                 let (healthy, failure) = match b.check.kind {
                     CheckKind::None => (None, None),
@@ -264,10 +268,10 @@ impl Controller {
             check: s.config.service_health_check(),
             from_api: true,
         };
-        let interface = self.config().interface.clone();
+        let neighbours = self.neighbours.clone();
         let pending = self.pending_tx.clone();
         tokio::spawn(async move {
-            let mut looks = first_look(&interface, vec![(service.clone(), wanted)]).await;
+            let mut looks = first_look(neighbours, vec![(service.clone(), wanted)]).await;
             let Some(look) = looks.pop() else {
                 let _ = reply.send(Reply::error("looking at the new backend failed"));
                 return;

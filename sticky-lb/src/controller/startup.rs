@@ -4,36 +4,37 @@
 
 use super::{
     Controller, NeighbourAnswer,
+    requests::first_look,
     desired::{Changes, Desired, Observed},
     ids::IdBook,
     instance,
     model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
 };
 use crate::{
-    config::{CheckKind, Config, ServiceConfig},
+    config::{Config, ServiceConfig},
     dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, monotonic_ns},
-    health, metrics, neighbour,
+    health, metrics,
+    neighbour::{self, Neighbours},
     state::{self, AddedBackend, BackendChange, BackendRecord, RuntimeState, ServiceRecord},
 };
 use anyhow::{Result, bail};
 use tracing::{info, warn};
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 use sticky_lb_common::{
     BackendState, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, map_names,
 };
 use tokio::sync::mpsc;
 
-/// How long a start waits for a backend's MAC before going on without it (it keeps asking).
-const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Where the controller's background work reports to the main loop.
 pub(super) struct Channels {
+    /// The interface's neighbour table (rtnetlink), watched by the main loop.
+    pub neighbour_table: Arc<Neighbours>,
     pub health: mpsc::Sender<health::Transition>,
     pub neighbours: mpsc::Sender<NeighbourAnswer>,
     pub pending: mpsc::Sender<super::requests::Pending>,
@@ -82,7 +83,7 @@ impl Controller {
             ids.backends = p.retired_backends.clone();
             ids.services = p.retired_services.clone();
         }
-        let observed = observe(&current, &desired, previous.as_ref()).await;
+        let observed = observe(&current, &desired, previous.as_ref(), &channels.neighbour_table).await;
         let options = LoadOptions {
             stick_table_size: config.stick_table_size,
             flow_table_size: config.flow_table_size,
@@ -109,6 +110,8 @@ impl Controller {
             ids,
             mode: String::new(),
             checkers: HashMap::new(),
+            neighbours: channels.neighbour_table.clone(),
+            attached_index: None,
             health_tx: channels.health,
             neighbour_tx: channels.neighbours,
             pending_tx: channels.pending,
@@ -140,6 +143,7 @@ impl Controller {
         let attached = controller
             .dataplane
             .attach(&interface, controller.config().xdp_mode)?;
+        controller.attached_index = crate::config::interface_index(&interface);
         controller.mode = match attached {
             Attached::Native => "native".into(),
             Attached::Generic => "generic".into(),
@@ -174,6 +178,33 @@ impl Controller {
         }
         crate::offload::warn_if_rx_vlan_offload(&interface);
         Ok(controller)
+    }
+
+    /// The interface came back as a new device (deleted and created again): its pinned link died
+    /// with the old one. Loads the program again over the pinned maps (the new device may have
+    /// another MAC, which the program is built with), rewrites every entry and table, and
+    /// attaches with a new link.
+    pub(super) fn reattach(&mut self, index: u32) -> Result<()> {
+        let interface = self.config().interface.clone();
+        let mut options = self.dataplane.options().clone();
+        options.interface_mac = neighbour::interface_mac(&interface)?;
+        let _ = std::fs::remove_file(self.pins.link());
+        let dataplane = Dataplane::load(Some(self.pins.clone()), options)?;
+        drop(std::mem::replace(&mut self.dataplane, dataplane));
+        self.reconcile_with(self.desired.clone(), true)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        self.dataplane.write_layout(LAYOUT_VERSION)?;
+        if let Some(logger) = self.dataplane.take_logger() {
+            spawn_logger(logger);
+        }
+        self.mode = match self.dataplane.attach(&interface, self.config().xdp_mode)? {
+            Attached::Native => "native".into(),
+            Attached::Generic => "generic".into(),
+            Attached::Replaced => self.mode.clone(),
+        };
+        self.attached_index = Some(index);
+        self.save_state();
+        Ok(())
     }
 
     /// Ids the pinned backends map holds that the previous state file does not know (its last
@@ -370,6 +401,7 @@ async fn observe(
     current: &[ServiceSlot],
     desired: &Desired,
     previous: Option<&RuntimeState>,
+    neighbours: &Arc<Neighbours>,
 ) -> Observed {
     let mut observed = Observed::default();
     for s in current {
@@ -392,50 +424,26 @@ async fn observe(
             }
         }
     }
-    let macs: Vec<_> = wanted
-        .iter()
-        .filter(|(_, b)| b.mac.is_none())
-        .map(|(_, b)| {
-            let (address, interface) = (b.address, desired.config.interface.clone());
-            tokio::task::spawn_blocking(move || {
-                (
-                    address,
-                    neighbour::resolve(address, &interface, RESOLVE_TIMEOUT),
-                )
-            })
-        })
-        .collect();
-    let checks: Vec<_> = wanted
-        .iter()
-        .filter(|(_, b)| b.check.kind != CheckKind::None)
-        .map(|(service, b)| {
-            let name = (service.clone(), b.name.clone());
-            let (address, check) = (b.address, b.check.clone());
-            let target = SocketAddrV4::new(address, check.port);
-            tokio::spawn(async move { (name, address, health::probe(target, &check).await) })
-        })
-        .collect();
-    for lookup in macs {
-        if let Ok((address, Some(mac))) = lookup.await {
-            observed.macs.insert(address, mac);
+    for look in first_look(neighbours.clone(), wanted).await {
+        if let Some(mac) = look.mac {
+            observed.macs.insert(look.address, mac);
         }
-    }
-    for check in checks {
-        match check.await {
-            Ok((name, _, Ok(_))) => {
-                observed.first_verdicts.insert(name, true);
-            }
-            Ok((name, address, Err(failure))) => {
+        if let Some(verdict) = look.healthy {
+            if !verdict {
                 warn!(
-                    service = %name.0,
-                    backend = %name.1,
-                    reason = %failure,
-                    "backend {}/{} ({address}) is DOWN: {failure} (its first check); it takes no clients until checks pass",
-                    name.0, name.1
+                    service = %look.service,
+                    backend = %look.backend,
+                    reason = look.failure.as_deref().unwrap_or("failed"),
+                    "backend {}/{} ({}) is DOWN: {} (its first check); it takes no clients until checks pass",
+                    look.service,
+                    look.backend,
+                    look.address,
+                    look.failure.as_deref().unwrap_or("failed")
                 );
-                observed.first_verdicts.insert(name, false);
             }
-            Err(e) => warn!("a first health check did not finish: {e}"),
+            observed
+                .first_verdicts
+                .insert((look.service, look.backend), verdict);
         }
     }
     observed

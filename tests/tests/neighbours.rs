@@ -1,0 +1,288 @@
+//! The neighbour watch against a real kernel: two namespaces joined by a veth pair, the
+//! balancer's end watched from a thread inside its namespace. Resolution, a peer's MAC change
+//! announced by gratuitous ARP or made silently, and the watched interface deleted and created
+//! again. Needs root.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use sticky_lb::neighbour::{Event, Neighbours, interface_mac};
+use sticky_lb_tests::netns::{NetNs, in_netns, listed_namespaces, require_root, unique_tag};
+use tokio::sync::mpsc::Receiver;
+use tokio::time::{Instant, timeout_at};
+
+/// The balancer's end of the veth pair (watched) and the peer's end.
+const LB_DEV: &str = "nb0";
+const PEER_DEV: &str = "nb1";
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+/// A permanent entry nobody answers for.
+const PINNED_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+const PINNED_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x50];
+/// What the peer's NIC is changed to (locally administered).
+const NEW_PEER_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x11];
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a managed entry may take to notice a silent MAC change: the kernel revisits managed
+/// entries every net.ipv4.neigh.default.interval_probe_time_ms (5 s by default, and only the
+/// initial namespace has that setting), then probes.
+const SILENT_CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[test]
+fn resolves_and_follows_mac_changes_and_a_recreated_interface() {
+    require_root();
+    let tag = unique_tag("neighbours");
+    let (lb, peer) = namespaces(&tag);
+    connect(&lb, &peer, true);
+
+    in_netns(lb.name(), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+            let first_index = neighbours.index().expect("the interface is there");
+            assert_eq!(
+                interface_mac(LB_DEV).expect("interface MAC"),
+                read_mac(&lb, LB_DEV)
+            );
+
+            // Resolution through the kernel, into a managed entry.
+            let peer_mac = read_mac(&peer, PEER_DEV);
+            assert_eq!(
+                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+                Some(peer_mac)
+            );
+            assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(peer_mac));
+            let entry = lb
+                .ip(&["neigh", "show", &PEER_ADDR.to_string(), "dev", LB_DEV])
+                .expect("ip neigh show");
+            assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
+
+            // Someone else's permanent entry is answered from, and left as it is.
+            let pinned = PINNED_ADDR.to_string();
+            lb.ip(&[
+                "neigh",
+                "add",
+                &pinned,
+                "lladdr",
+                &format_mac(PINNED_MAC),
+                "dev",
+                LB_DEV,
+                "nud",
+                "permanent",
+            ])
+            .expect("permanent entry");
+            assert_eq!(
+                neighbours.resolve(PINNED_ADDR, RESOLVE_TIMEOUT).await,
+                Some(PINNED_MAC)
+            );
+            let entry = lb
+                .ip(&["neigh", "show", &pinned, "dev", LB_DEV])
+                .expect("ip neigh show");
+            assert!(
+                entry.contains("PERMANENT") && !entry.contains("managed"),
+                "the permanent entry was changed: {entry:?}"
+            );
+
+            // The peer's NIC changes; arp_notify announces it with a gratuitous ARP.
+            peer.ip(&[
+                "link",
+                "set",
+                "dev",
+                PEER_DEV,
+                "address",
+                &format_mac(NEW_PEER_MAC),
+            ])
+            .expect("change the peer's MAC");
+            wait_for(&mut events, "the peer's new MAC", EVENT_TIMEOUT, |event| {
+                *event
+                    == Event::Neighbour {
+                        address: PEER_ADDR,
+                        mac: Some(NEW_PEER_MAC),
+                    }
+            })
+            .await;
+            assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(NEW_PEER_MAC));
+
+            // Deleting our end deletes the pair.
+            lb.ip(&["link", "del", LB_DEV]).expect("delete the veth");
+            wait_for(&mut events, "LinkGone", EVENT_TIMEOUT, |event| {
+                *event
+                    == Event::LinkGone {
+                        interface: LB_DEV.into(),
+                    }
+            })
+            .await;
+            assert_eq!(neighbours.index(), None);
+            assert_eq!(neighbours.lookup(PEER_ADDR).await, None);
+
+            // Created again under the same name: followed by name, with its new index.
+            connect(&lb, &peer, true);
+            let index = sticky_lb::config::interface_index(LB_DEV).expect("recreated");
+            assert_ne!(index, first_index);
+            wait_for(
+                &mut events,
+                "LinkUp with the new index",
+                EVENT_TIMEOUT,
+                |event| {
+                    *event
+                        == Event::LinkUp {
+                            interface: LB_DEV.into(),
+                            index,
+                        }
+                },
+            )
+            .await;
+            assert_eq!(neighbours.index(), Some(index));
+            let peer_mac = read_mac(&peer, PEER_DEV);
+            assert_eq!(
+                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+                Some(peer_mac)
+            );
+        });
+    });
+
+    let prefix = format!("slb-{tag}-");
+    drop((lb, peer));
+    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+}
+
+/// The kernel sees no traffic to a backend (the data path sends it), so nothing but the managed
+/// entry makes it notice that the backend's MAC changed without an announcement.
+#[test]
+fn a_managed_entry_follows_a_silent_mac_change() {
+    require_root();
+    let tag = unique_tag("neighsilent");
+    let (lb, peer) = namespaces(&tag);
+    connect(&lb, &peer, false);
+    // The entry is revalidated after 0.25..0.75 s instead of 15..45 s, and its unicast probes
+    // to the old MAC fail within a second. The entry then fails, and only the kernel's care for
+    // managed entries resolves it again (by broadcast): an ordinary entry stays failed. The time
+    // between the kernel's visits of managed entries is not the namespace's to shorten.
+    let neigh = format!("net.ipv4.neigh.{LB_DEV}");
+    lb.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("{neigh}.base_reachable_time_ms=500"),
+        &format!("{neigh}.delay_first_probe_time=1"),
+        &format!("{neigh}.retrans_time_ms=200"),
+    ])
+    .expect("neighbour timers");
+
+    in_netns(lb.name(), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+            let peer_mac = read_mac(&peer, PEER_DEV);
+            assert_eq!(
+                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+                Some(peer_mac)
+            );
+            peer.ip(&[
+                "link",
+                "set",
+                "dev",
+                PEER_DEV,
+                "address",
+                &format_mac(NEW_PEER_MAC),
+            ])
+            .expect("change the peer's MAC");
+            wait_for(
+                &mut events,
+                "the peer's new MAC",
+                SILENT_CHANGE_TIMEOUT,
+                |event| {
+                    *event
+                        == Event::Neighbour {
+                            address: PEER_ADDR,
+                            mac: Some(NEW_PEER_MAC),
+                        }
+                },
+            )
+            .await;
+        });
+    });
+}
+
+/// The balancer's and the peer's namespace, named after `tag`, with IPv6 off (no router
+/// solicitations or DAD in the way).
+fn namespaces(tag: &str) -> (NetNs, NetNs) {
+    let lb = NetNs::new(format!("slb-{tag}-lb")).expect("balancer namespace");
+    let peer = NetNs::new(format!("slb-{tag}-peer")).expect("peer namespace");
+    for ns in [&lb, &peer] {
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-e",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .expect("quiet namespace");
+    }
+    (lb, peer)
+}
+
+/// Creates the veth pair (`LB_DEV` in `lb`, `PEER_DEV` in `peer`), addresses it and brings it
+/// up; with `announce`, arp_notify on the peer's end makes it announce a change of its MAC with a
+/// gratuitous ARP.
+fn connect(lb: &NetNs, peer: &NetNs, announce: bool) {
+    lb.ip_batch(&format!(
+        "link add {LB_DEV} type veth peer name {PEER_DEV} netns {}\n\
+         addr add {LB_ADDR}/16 dev {LB_DEV}\n\
+         link set {LB_DEV} up\n",
+        peer.name()
+    ))
+    .expect("balancer end");
+    peer.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("net.ipv4.conf.{PEER_DEV}.arp_notify={}", u8::from(announce)),
+    ])
+    .expect("arp_notify");
+    peer.ip_batch(&format!(
+        "addr add {PEER_ADDR}/16 dev {PEER_DEV}\n\
+         link set {PEER_DEV} up\n"
+    ))
+    .expect("peer end");
+}
+
+/// Receives events until one satisfies `wanted`; panics after `limit` or if the watch ends.
+async fn wait_for(
+    events: &mut Receiver<Event>,
+    what: &str,
+    limit: Duration,
+    wanted: impl Fn(&Event) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        match timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) if wanted(&event) => return,
+            Ok(Some(event)) => seen.push(event),
+            Ok(None) => panic!("the watch ended while waiting for {what}; saw {seen:?}"),
+            Err(_) => panic!("{what} did not come within {limit:?}; saw {seen:?}"),
+        }
+    }
+}
+
+/// The MAC of `dev` in `ns`, from `ip -j link show`.
+fn read_mac(ns: &NetNs, dev: &str) -> [u8; 6] {
+    let json = ns
+        .ip(&["-j", "link", "show", "dev", dev])
+        .expect("ip link show");
+    let links: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
+    let text = links[0]["address"].as_str().expect("an address");
+    sticky_lb::config::parse_mac(text).expect("a MAC")
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
