@@ -6,6 +6,7 @@
 //! controller reopens the pinned maps (so the stick table survives) and swaps its program into the
 //! pinned link atomically.
 
+use crate::service_index::{ServiceIndex, Slot};
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,14 +17,13 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use tracing::{info, warn};
 use std::path::{Path, PathBuf};
-use crate::service_index::{ServiceIndex, Slot};
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_COUNT, MAX_SERVICES, SERVICE_INDEX_SLOTS,
-    SERVICE_INDEX_TOMBSTONE, Service, ServiceCounters, ServiceId, ServiceKey, StickEntry,
-    StickKey, map_names,
+    SERVICE_INDEX_TOMBSTONE, Service, ServiceCounters, ServiceId, ServiceKey, StickEntry, StickKey,
+    map_names,
 };
+use tracing::{info, warn};
 
 /// The compiled XDP object (sticky-lb-ebpf), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STICKY_LB_EBPF_OBJECT"));
@@ -418,7 +418,10 @@ impl Dataplane {
         let mut stats: PerCpuArray<&mut MapData, BackendCounters> = PerCpuArray::try_from(map)?;
         stats.set(
             id,
-            aya::maps::PerCpuValues::try_from(vec![BackendCounters::default(); cpus.get() as usize])?,
+            aya::maps::PerCpuValues::try_from(vec![
+                BackendCounters::default();
+                cpus.get() as usize
+            ])?,
             0,
         )?;
         let map = self

@@ -30,7 +30,6 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use tracing::{debug, warn};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
@@ -46,6 +45,7 @@ use std::{
 };
 use sticky_lb_common::{BackendCounters, BackendId, Counter, ServiceCounters, ServiceId};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
+use tracing::{debug, warn};
 
 /// Prepended (with `_`) to every family name.
 const PREFIX: &str = "sticky_lb";

@@ -12,8 +12,8 @@
 //! `ETHTOOL_GFEATURES` (the bitmaps). Feature bit numbers are not stable across kernels, so the
 //! bit is found by name. Constants and layouts: include/uapi/linux/ethtool.h.
 
-use tracing::{debug, warn};
 use std::io;
+use tracing::{debug, warn};
 
 /// The kernel's name of the rx VLAN offload feature (`NETIF_F_HW_VLAN_CTAG_RX`).
 pub const RX_VLAN_FEATURE: &str = "rx-vlan-hw-parse";

@@ -4,9 +4,7 @@
 //! of it before anything is written, so a service with no free slot refuses the change instead of
 //! leaving half of it applied.
 
-use sticky_lb_common::{
-    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, ServiceKey, hash::service_slot,
-};
+use sticky_lb_common::{SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, ServiceKey, hash::service_slot};
 
 /// What one slot of the index holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

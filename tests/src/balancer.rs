@@ -3,8 +3,9 @@
 
 use anyhow::{Context, Result, bail};
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 use sticky_lb::{dataplane::PinDir, state};
@@ -43,12 +44,28 @@ pub struct Balancer {
     netns: String,
     interface: String,
     log: PathBuf,
+    /// The pid in the state file before this controller started (a previous controller's).
+    previous_pid: Option<u32>,
 }
 
 impl Balancer {
     /// Writes `config_yaml` to `dir/config.yaml`, starts the controller in `netns` and waits until
     /// it has attached (its state file appears) or gives up after 20 s.
     pub fn start(netns: &str, interface: &str, dir: &Path, config_yaml: &str) -> Result<Balancer> {
+        let mut balancer = Balancer::spawn(netns, interface, dir, config_yaml, &[])?;
+        balancer.wait_up(Duration::from_secs(20))?;
+        Ok(balancer)
+    }
+
+    /// Writes `config_yaml` to `dir/config.yaml` and starts the controller in `netns` with the
+    /// extra environment `env`, without waiting for it (see [`Balancer::wait_up`]).
+    pub fn spawn(
+        netns: &str,
+        interface: &str,
+        dir: &Path,
+        config_yaml: &str,
+        env: &[(&str, &OsStr)],
+    ) -> Result<Balancer> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)?;
@@ -66,37 +83,54 @@ impl Balancer {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .context("spawning sticky-lb")?;
-        let mut balancer = Balancer {
+        Ok(Balancer {
             child: Some(child),
             netns: netns.into(),
             interface: interface.into(),
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+            previous_pid,
+        })
+    }
+
+    /// Waits until this controller has attached and serves (its state file names its pid), or
+    /// fails if it exits first or `within` passes.
+    pub fn wait_up(&mut self, within: Duration) -> Result<()> {
+        let state_path = state::path(Some(&self.netns), &self.interface);
+        let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = balancer.child.as_mut().unwrap().try_wait()? {
+            let Some(child) = self.child.as_mut() else {
+                bail!("sticky-lb was stopped");
+            };
+            if let Some(status) = child.try_wait()? {
                 bail!(
                     "sticky-lb exited with {status} before attaching:\n{}",
-                    balancer.log_text()
+                    self.log_text()
                 );
             }
             let ready = state::RuntimeState::read(&state_path)
-                .is_ok_and(|s| Some(s.pid) != previous_pid && s.pid == balancer.pid());
+                .is_ok_and(|s| Some(s.pid) != self.previous_pid && s.pid == self.pid());
             if ready {
-                return Ok(balancer);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "sticky-lb did not attach within 20 s:\n{}",
-                    balancer.log_text()
+                    "sticky-lb did not attach within {within:?}:\n{}",
+                    self.log_text()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `Some(status)` once the process has exited (it is reaped then); `None` while it runs, or
+    /// once [`Balancer::stop`] or [`Balancer::kill`] took it.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     pub fn pid(&self) -> u32 {
@@ -183,6 +217,11 @@ impl Drop for DataPathGuard {
         let _ = std::fs::remove_dir(pins.path().parent().unwrap());
         let state = state::path(Some(&self.netns), &self.interface);
         let _ = std::fs::remove_file(&state);
+        // The instance lock, the control socket of a controller that was killed, and a
+        // temporary state file a failed write left behind.
+        for leftover in ["lock", "sock", "json.tmp"] {
+            let _ = std::fs::remove_file(state.with_extension(leftover));
+        }
         let _ = std::fs::remove_dir(state.parent().unwrap());
     }
 }

@@ -179,7 +179,24 @@ fn the_systemd_unit_runs_the_documented_command() {
             "ExecStart=/usr/local/bin/sticky-lb run --config /etc/sticky-lb/sticky-lb.yaml"
         )
     );
-    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // The controller tells systemd when it is ready (data path attached, control socket, metrics
+    // and state file up), when a reload starts and ends, and when it stops (sd_notify).
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    assert!(
+        lines.contains(&"Type=notify"),
+        "the unit must be Type=notify:\n{unit}"
+    );
+    // Type=notify leaves reloads to ExecReload: the last step must send SIGHUP, which the
+    // controller answers with RELOADING=1 and then READY=1.
+    let reloads: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("ExecReload="))
+        .collect();
+    assert_eq!(
+        reloads.last().map(|l| **l),
+        Some("ExecReload=/bin/kill -HUP $MAINPID"),
+        "ExecReload must end by sending SIGHUP:\n{unit}"
+    );
     assert!(
         unit.contains("RuntimeDirectoryPreserve=yes"),
         "the state file must survive restarts"

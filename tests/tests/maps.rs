@@ -102,7 +102,9 @@ fn orphaned_entries_are_deleted_only_on_the_second_sweep_that_finds_them() {
         service: 7,
         client: [42, 0, 0, 0],
     };
-    stick.insert(&young, &StickEntry::placed(9, now), 0).unwrap();
+    stick
+        .insert(&young, &StickEntry::placed(9, now), 0)
+        .unwrap();
     let live: BTreeMap<u32, u64> = [(1, 60_000_000_000)].into();
     // First sweep: service 7 is unknown to this caller, so it is only noted, with its backend.
     let first = sticky_lb::expiry::sweep(&mut stick, &live, &BTreeSet::new()).unwrap();

@@ -23,7 +23,7 @@ fn ethtool(s: &Setup, args: &[&str]) -> String {
 fn rx_vlan_offload_is_warned_about_until_it_is_off() {
     let mut s = Setup::new("rxvlan", Mode::Generic, 1, 1);
     let dev = s.rig.lb_dev().to_string();
-    let warning = format!("level=warn msg=\"{}\"", rx_vlan_warning(&dev));
+    let warning = format!("level=warn message=\"{}\"", rx_vlan_warning(&dev));
     assert!(
         ethtool(&s, &["-k", &dev]).contains("rx-vlan-offload: on"),
         "a veth starts with rx VLAN offload on"

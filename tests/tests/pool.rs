@@ -325,7 +325,11 @@ fn client_mask_0_is_active_backup() {
     s.start(&config);
     let clients: Vec<Ipv4Addr> = s.rig.client_addrs().to_vec();
     let before = count_names(&s.round(&clients));
-    assert_eq!(before.len(), 1, "one backend takes every client: {before:?}");
+    assert_eq!(
+        before.len(),
+        1,
+        "one backend takes every client: {before:?}"
+    );
     let (active, n) = before.iter().next().map(|(k, v)| (k.clone(), *v)).unwrap();
     assert_eq!(n, clients.len());
     // One stick entry for the whole service, printed as the /0 prefix.

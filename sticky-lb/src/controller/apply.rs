@@ -16,8 +16,12 @@ pub(super) trait DataPath {
     fn write_backend(&mut self, id: BackendId, entry: &Backend) -> Result<()>;
     /// Writes `slots` and `service` into their inactive copies and swaps them in; fills in the
     /// ring fields of `service`.
-    fn publish(&mut self, key: &ServiceKey, service: &mut Service, slots: &[BackendId])
-    -> Result<()>;
+    fn publish(
+        &mut self,
+        key: &ServiceKey,
+        service: &mut Service,
+        slots: &[BackendId],
+    ) -> Result<()>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
     /// After a failed write: forget any cache of what the tables hold.
     fn forget_written(&mut self);
@@ -207,7 +211,12 @@ mod tests {
             self.backends.insert(id, *entry);
             Ok(())
         }
-        fn publish(&mut self, key: &ServiceKey, _: &mut Service, slots: &[BackendId]) -> Result<()> {
+        fn publish(
+            &mut self,
+            key: &ServiceKey,
+            _: &mut Service,
+            slots: &[BackendId],
+        ) -> Result<()> {
             self.step()?;
             self.tables.insert((key.vip, key.port), slots.to_vec());
             Ok(())
@@ -246,7 +255,14 @@ mod tests {
         let before = desired(&[("web", &["a", "b"])]);
         let after = desired(&[("web", &["a", "c"]), ("api", &["x"])]);
         let mut healthy = Model::default();
-        let mut p0 = plan(&[], &IdBook::default(), &before, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let mut p0 = plan(
+            &[],
+            &IdBook::default(),
+            &before,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         apply(&mut healthy, &[], &mut p0).unwrap();
         let writes = {
             let mut probe = Model {
@@ -254,7 +270,14 @@ mod tests {
                 tables: healthy.tables.clone(),
                 ..Default::default()
             };
-            let mut p1 = plan(&p0.next, &p0.ids, &after, &Observed::default(), super::super::plan::tests::cx(2)).unwrap();
+            let mut p1 = plan(
+                &p0.next,
+                &p0.ids,
+                &after,
+                &Observed::default(),
+                super::super::plan::tests::cx(2),
+            )
+            .unwrap();
             apply(&mut probe, &p0.next, &mut p1).unwrap();
             assert_eq!(probe.tables.len(), 2);
             probe.writes
@@ -267,7 +290,14 @@ mod tests {
                 writes: 0,
                 fail_at: Some(fail_at),
             };
-            let mut p1 = plan(&p0.next, &p0.ids, &after, &Observed::default(), super::super::plan::tests::cx(2)).unwrap();
+            let mut p1 = plan(
+                &p0.next,
+                &p0.ids,
+                &after,
+                &Observed::default(),
+                super::super::plan::tests::cx(2),
+            )
+            .unwrap();
             let e = apply(&mut dp, &p0.next, &mut p1).unwrap_err();
             assert!(e.restore.is_none(), "write {fail_at}: {e}");
             assert!(e.to_string().contains("injected failure"));
@@ -277,8 +307,14 @@ mod tests {
                 .filter(|(_, b)| **b != Backend::UNUSED)
                 .map(|(k, v)| (*k, *v))
                 .collect();
-            assert_eq!(live, healthy.backends, "backends after a failure at write {fail_at}");
-            assert_eq!(dp.tables, healthy.tables, "tables after a failure at write {fail_at}");
+            assert_eq!(
+                live, healthy.backends,
+                "backends after a failure at write {fail_at}"
+            );
+            assert_eq!(
+                dp.tables, healthy.tables,
+                "tables after a failure at write {fail_at}"
+            );
         }
     }
 }

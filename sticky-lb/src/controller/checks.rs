@@ -4,12 +4,12 @@
 
 use super::{Checker, Controller};
 use crate::{config::CheckKind, health, neighbour};
-use tracing::{debug, info, warn};
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
+use tracing::{debug, info, warn};
 
 impl Controller {
     /// Starts checks for new backends, restarts changed ones, stops those of removed backends.

@@ -101,15 +101,19 @@ impl Desired {
             }
             Some(b)
         };
-        let configured = service.backends.iter().enumerate().map(|(i, b)| WantedBackend {
-            name: b.name.clone(),
-            address: b.address,
-            mac: b.mac,
-            weight: b.weight,
-            admin: Admin::Enabled,
-            check: service.health_check(i),
-            from_api: false,
-        });
+        let configured = service
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| WantedBackend {
+                name: b.name.clone(),
+                address: b.address,
+                mac: b.mac,
+                weight: b.weight,
+                admin: Admin::Enabled,
+                check: service.health_check(i),
+                from_api: false,
+            });
         let added = changes.iter().filter_map(|(name, c)| {
             let a = c.added.as_ref()?;
             if service.backends.iter().any(|b| &b.name == name) {
@@ -118,7 +122,10 @@ impl Desired {
             Some(WantedBackend {
                 name: name.clone(),
                 address: a.address,
-                mac: a.mac.as_deref().and_then(|m| crate::config::parse_mac(m).ok()),
+                mac: a
+                    .mac
+                    .as_deref()
+                    .and_then(|m| crate::config::parse_mac(m).ok()),
                 weight: a.weight,
                 admin: Admin::Enabled,
                 check: service.service_health_check(),

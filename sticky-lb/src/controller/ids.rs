@@ -88,12 +88,21 @@ mod tests {
         book.retire_backend(1, 1_000);
         assert_eq!(book.free_backend(&used), Some(3));
         // A sweep that started before the retirement proves nothing.
-        assert!(book.release(900, &BTreeSet::new(), &BTreeSet::new()).is_empty());
+        assert!(
+            book.release(900, &BTreeSet::new(), &BTreeSet::new())
+                .is_empty()
+        );
         assert_eq!(book.free_backend(&used), Some(3));
         // One that started after but still found an entry naming it keeps it retired.
-        assert!(book.release(2_000, &[1].into(), &BTreeSet::new()).is_empty());
+        assert!(
+            book.release(2_000, &[1].into(), &BTreeSet::new())
+                .is_empty()
+        );
         assert_eq!(book.free_backend(&used), Some(3));
-        assert_eq!(book.release(3_000, &BTreeSet::new(), &BTreeSet::new()), vec![1]);
+        assert_eq!(
+            book.release(3_000, &BTreeSet::new(), &BTreeSet::new()),
+            vec![1]
+        );
         assert_eq!(book.free_backend(&used), Some(1));
     }
 

@@ -2,7 +2,7 @@
 //! (health checks, neighbours, expiry, operator requests, reloads), take it down on a signal.
 //!
 //! Every change takes one path: the desired state (config + run-time changes) and what was
-//! observed (MACs, health verdicts, drained-out backends) -> [`plan::plan`], pure -> 
+//! observed (MACs, health verdicts, drained-out backends) -> [`plan::plan`], pure ->
 //! [`validate::validate`] against the running data path -> [`apply::apply`], which restores the
 //! previous state if a write fails. Start, adoption, reload, SIGHUP, health transitions,
 //! neighbour changes, sweeps and control requests all call [`Controller::reconcile`].
@@ -31,7 +31,6 @@ use crate::{
 use anyhow::{Context as _, Result, bail};
 use desired::{Desired, Observed};
 use ids::IdBook;
-use tracing::{info, warn};
 use model::ServiceSlot;
 use std::{
     collections::{BTreeSet, HashMap},
@@ -46,6 +45,7 @@ use tokio::{
     sync::mpsc,
     task::JoinHandle,
 };
+use tracing::{info, warn};
 
 /// How often the neighbour table is read again for every backend's MAC.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(2);
@@ -137,7 +137,6 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", controller.config_path.display());
-                startup::notify_reloading();
                 controller.begin_reload(None);
             }
             Some(transition) = health_rx.recv() => controller.apply_health(transition),
@@ -152,12 +151,8 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 request => controller.handle(request, reply),
             },
             Some(pending) = pending_rx.recv() => {
-                let reload = matches!(pending, requests::Pending::Reload { .. });
                 if controller.finish(pending) {
                     metrics_server = controller.restart_metrics(metrics_server).await;
-                }
-                if reload {
-                    startup::notify_ready();
                 }
             }
             Some(report) = sweep_rx.recv() => controller.after_sweep(report),

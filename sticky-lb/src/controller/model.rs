@@ -4,8 +4,7 @@
 use crate::config::{self, HealthCheck, ServiceConfig};
 use std::net::Ipv4Addr;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
-    ServiceKey,
+    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId, ServiceKey,
 };
 
 /// What the operator has said about a backend (the control socket); health is separate.

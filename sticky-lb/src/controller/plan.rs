@@ -132,12 +132,12 @@ pub(super) fn plan(
         let sid = match old {
             Some(old) => old.id(),
             None => {
-                let id = ids.free_service(&used_services, service_limit).ok_or_else(|| {
-                    PlanError::NoServiceId {
+                let id = ids
+                    .free_service(&used_services, service_limit)
+                    .ok_or_else(|| PlanError::NoServiceId {
                         service: service.name.clone(),
                         limit: service_limit,
-                    }
-                })?;
+                    })?;
                 ids.reuse_service(id);
                 used_services.insert(id);
                 id
@@ -149,12 +149,12 @@ pub(super) fn plan(
             let id = match previous {
                 Some(p) => p.id,
                 None => {
-                    let id = ids.free_backend(&used_backends).ok_or_else(|| {
-                        PlanError::NoBackendId {
-                            service: service.name.clone(),
-                            backend: b.name.clone(),
-                        }
-                    })?;
+                    let id =
+                        ids.free_backend(&used_backends)
+                            .ok_or_else(|| PlanError::NoBackendId {
+                                service: service.name.clone(),
+                                backend: b.name.clone(),
+                            })?;
                     used_backends.insert(id);
                     id
                 }
@@ -389,10 +389,7 @@ pub(super) mod tests {
         let p = first(&desired);
         assert_eq!(
             ids_of(&p),
-            vec![
-                (0, named(&[("a", 0), ("b", 1)])),
-                (1, named(&[("x", 2)]))
-            ]
+            vec![(0, named(&[("a", 0), ("b", 1)])), (1, named(&[("x", 2)]))]
         );
         assert!(p.next.iter().flat_map(|s| &s.backends).all(|b| b.is_up()));
         let resets = p
@@ -566,7 +563,10 @@ pub(super) mod tests {
 
     #[test]
     fn no_free_backend_id_is_an_error_naming_the_backend() {
-        let p = first(&Desired::new(config("", &[("web", &["a@1"])]), Default::default()));
+        let p = first(&Desired::new(
+            config("", &[("web", &["a@1"])]),
+            Default::default(),
+        ));
         let mut ids = p.ids.clone();
         for id in 1..sticky_lb_common::MAX_BACKENDS {
             ids.retire_backend(id, 1);

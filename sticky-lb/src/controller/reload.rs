@@ -6,21 +6,27 @@ use super::{
     Controller,
     desired::Desired,
     requests::{Pending, first_look},
+    startup,
 };
 use crate::{config::Config, control::Reply};
-use tracing::{info, warn};
 use tokio::sync::oneshot;
+use tracing::{info, warn};
 
 impl Controller {
     /// Starts a reload: checks the config now, looks at the backends it adds on a task, and
     /// finishes in [`Controller::finish_reload`]. `reply` is `None` for SIGHUP.
+    /// systemd hears RELOADING=1 now and READY=1 when the reload is over, applied or not.
     pub(super) fn begin_reload(&mut self, reply: Option<oneshot::Sender<Reply>>) {
+        startup::notify_reloading();
         let desired = match self.reloaded() {
             Ok(desired) => desired,
             Err(e) => {
+                startup::notify_ready();
                 warn!("reload refused, nothing changed: {e}");
                 if let Some(reply) = reply {
-                    let _ = reply.send(Reply::error(format!("reload refused, nothing changed: {e}")));
+                    let _ = reply.send(Reply::error(format!(
+                        "reload refused, nothing changed: {e}"
+                    )));
                 }
                 return;
             }
@@ -53,7 +59,8 @@ impl Controller {
 
     /// The config as a desired state, if a running data path can take it.
     fn reloaded(&self) -> Result<Desired, String> {
-        let new = Config::load(&self.config_path, true).map_err(|e| format!("config error: {e}"))?;
+        let new =
+            Config::load(&self.config_path, true).map_err(|e| format!("config error: {e}"))?;
         let old = self.config();
         // Changes that need new maps or a new attachment cannot be applied to a running one.
         if new.interface != old.interface {
@@ -91,7 +98,11 @@ impl Controller {
         } else {
             self.reconcile(desired)
         };
-        let source = if reply.is_some() { "reload" } else { "reload (SIGHUP)" };
+        let source = if reply.is_some() {
+            "reload"
+        } else {
+            "reload (SIGHUP)"
+        };
         let answer = match result {
             Ok(summary) => {
                 self.reloads_applied = generation;
@@ -104,6 +115,7 @@ impl Controller {
             }
         };
         let applied = answer.ok;
+        startup::notify_ready();
         if let Some(reply) = reply {
             let _ = reply.send(answer);
         }

@@ -15,12 +15,12 @@ use crate::{
     neighbour::Neighbours,
     state::AddedBackend,
 };
-use tracing::{info, warn};
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
+use tracing::{info, warn};
 
 /// How long a new backend's MAC is waited for before it is added without one (it comes up
 /// when the neighbour table answers).
@@ -140,7 +140,9 @@ impl Controller {
             } => self
                 .table_set(client, &service, &backend)
                 .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
-            Request::TableDelete { client, service } => self.table_delete(client, service.as_deref()),
+            Request::TableDelete { client, service } => {
+                self.table_delete(client, service.as_deref())
+            }
             Request::TableFlush { service } => {
                 self.table_flush(service.as_deref(), reply);
                 return;
@@ -351,8 +353,10 @@ impl Controller {
                             "{service}/{backend} added ({address}, weight {weight}): {}{}",
                             state_name(state),
                             match (look.mac, look.healthy) {
-                                (None, _) => " (no neighbour answer yet: it takes clients once it answers)",
-                                (_, Some(false)) => " (its first check failed: it takes clients once checks pass)",
+                                (None, _) =>
+                                    " (no neighbour answer yet: it takes clients once it answers)",
+                                (_, Some(false)) =>
+                                    " (its first check failed: it takes clients once checks pass)",
                                 _ => "",
                             }
                         );
@@ -380,7 +384,10 @@ impl Controller {
         if let Err(e) = self.reconcile(desired) {
             return Reply::error(format!("{service}/{backend}: not removed: {e}"));
         }
-        let message = match (self.config().backend_removal, self.find_named(service, backend)) {
+        let message = match (
+            self.config().backend_removal,
+            self.find_named(service, backend),
+        ) {
             (BackendRemoval::Drain, Ok(_)) => format!(
                 "{service}/{backend} drains: removed once no client is stuck to it and no connection is open on it"
             ),
@@ -390,7 +397,11 @@ impl Controller {
         Reply::ok(message)
     }
 
-    pub(super) fn table_get(&self, client: Ipv4Addr, service: Option<&str>) -> anyhow::Result<Reply> {
+    pub(super) fn table_get(
+        &self,
+        client: Ipv4Addr,
+        service: Option<&str>,
+    ) -> anyhow::Result<Reply> {
         let maps = PinnedMaps::open(&self.pins)?;
         let now = monotonic_ns();
         let mut rows = Vec::new();
@@ -478,7 +489,6 @@ impl Controller {
         info!("operator: table set {message}");
         Ok(Reply::ok(message))
     }
-
 
     /// Deletes one client's entries (of one service or all): its next connection is placed
     /// anew. The keys are computed, so nothing walks the table.

@@ -4,11 +4,11 @@
 
 use super::{
     Controller, NeighbourAnswer,
-    requests::first_look,
     desired::{Changes, Desired, Observed},
     ids::IdBook,
     instance,
     model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
+    requests::first_look,
 };
 use crate::{
     config::{Config, ServiceConfig},
@@ -18,18 +18,15 @@ use crate::{
     state::{self, AddedBackend, BackendChange, BackendRecord, RuntimeState, ServiceRecord},
 };
 use anyhow::{Result, bail};
-use tracing::{info, warn};
 use std::{
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
 };
-use sticky_lb_common::{
-    BackendState, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, map_names,
-};
+use sticky_lb_common::{BackendState, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, map_names};
 use tokio::sync::mpsc;
-
+use tracing::{info, warn};
 
 /// Where the controller's background work reports to the main loop.
 pub(super) struct Channels {
@@ -83,7 +80,13 @@ impl Controller {
             ids.backends = p.retired_backends.clone();
             ids.services = p.retired_services.clone();
         }
-        let observed = observe(&current, &desired, previous.as_ref(), &channels.neighbour_table).await;
+        let observed = observe(
+            &current,
+            &desired,
+            previous.as_ref(),
+            &channels.neighbour_table,
+        )
+        .await;
         let options = LoadOptions {
             stick_table_size: config.stick_table_size,
             flow_table_size: config.flow_table_size,
@@ -213,7 +216,8 @@ impl Controller {
     fn take_over_leftovers(&mut self) -> Result<()> {
         let known = self.backend_ids();
         let now = monotonic_ns();
-        for (id, entry) in crate::batch::lookup_all(&self.dataplane.backends, MAX_BACKENDS as usize)?
+        for (id, entry) in
+            crate::batch::lookup_all(&self.dataplane.backends, MAX_BACKENDS as usize)?
         {
             if entry.state != BackendState::Unused as u8 && !known.contains(&id) {
                 warn!("backend id {id} is in the pinned maps but not in the state file: retired");

@@ -4,10 +4,10 @@
 
 use super::Controller;
 use crate::{conntrack, dataplane, dataplane::monotonic_ns, expiry};
-use tracing::{debug, info, warn};
 use std::collections::{BTreeMap, BTreeSet};
 use sticky_lb_common::{BackendId, ServiceId, map_names};
 use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 /// What one sweep found, for the main loop.
 pub(super) struct Swept {
@@ -109,9 +109,8 @@ impl Controller {
         };
         move || {
             let started_ns = monotonic_ns();
-            let stick = dataplane::open_pinned(&pins, map_names::STICK).and_then(|mut stick| {
-                expiry::sweep(&mut stick, &timeouts, &confirmed_orphans)
-            });
+            let stick = dataplane::open_pinned(&pins, map_names::STICK)
+                .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts, &confirmed_orphans));
             log_sweep(&stick);
             let Ok(stick) = stick else {
                 return;

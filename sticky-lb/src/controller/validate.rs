@@ -109,12 +109,29 @@ mod tests {
             .take(SERVICE_INDEX_PROBES as usize + 1)
             .collect();
         let fits = desired(&vips[..SERVICE_INDEX_PROBES as usize], "");
-        let p = plan(&[], &IdBook::default(), &fits, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let p = plan(
+            &[],
+            &IdBook::default(),
+            &fits,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         validate(&p, LIMITS, &ServiceIndex::empty()).unwrap();
         let over = desired(&vips, "");
-        let p = plan(&[], &IdBook::default(), &over, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let p = plan(
+            &[],
+            &IdBook::default(),
+            &over,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         let e = validate(&p, LIMITS, &ServiceIndex::empty()).unwrap_err();
-        assert!(e.starts_with("service s4: the service index has no free slot"), "{e}");
+        assert!(
+            e.starts_with("service s4: the service index has no free slot"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -124,7 +141,14 @@ mod tests {
             text += &format!("      - {{name: b{i}, address: 198.18.1.{}}}\n", i + 1);
         }
         let mut d = Desired::new(Config::parse(&text, false).unwrap(), Default::default());
-        let p = plan(&[], &IdBook::default(), &d, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let p = plan(
+            &[],
+            &IdBook::default(),
+            &d,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         validate(&p, LIMITS, &ServiceIndex::empty()).unwrap();
         // One more added at run time.
         d.change("web", "extra").added = Some(crate::state::AddedBackend {
@@ -132,15 +156,32 @@ mod tests {
             weight: 1,
             mac: None,
         });
-        let p = plan(&[], &IdBook::default(), &d, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let p = plan(
+            &[],
+            &IdBook::default(),
+            &d,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         let e = validate(&p, LIMITS, &ServiceIndex::empty()).unwrap_err();
         assert!(e.contains("at most 32 backends (33 wanted)"), "{e}");
     }
 
     #[test]
     fn a_table_larger_than_the_running_arrays_is_refused() {
-        let d = desired(&[Ipv4Addr::new(198, 18, 0, 100)], "    maglev_table_size: 131071\n");
-        let p = plan(&[], &IdBook::default(), &d, &Observed::default(), super::super::plan::tests::cx(1)).unwrap();
+        let d = desired(
+            &[Ipv4Addr::new(198, 18, 0, 100)],
+            "    maglev_table_size: 131071\n",
+        );
+        let p = plan(
+            &[],
+            &IdBook::default(),
+            &d,
+            &Observed::default(),
+            super::super::plan::tests::cx(1),
+        )
+        .unwrap();
         let e = validate(&p, LIMITS, &ServiceIndex::empty()).unwrap_err();
         assert!(e.contains("maglev_table_size 131071 exceeds"), "{e}");
     }
