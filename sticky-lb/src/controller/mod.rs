@@ -10,6 +10,7 @@
 mod apply;
 mod checks;
 mod desired;
+mod first_look;
 mod ids;
 mod instance;
 mod model;

@@ -5,7 +5,8 @@
 use super::{
     Controller,
     desired::Desired,
-    requests::{Pending, first_look},
+    first_look::{first_look, new_backends},
+    requests::Pending,
     startup,
 };
 use crate::{config::Config, control::Reply};
@@ -31,15 +32,7 @@ impl Controller {
                 return;
             }
         };
-        let mut new = Vec::new();
-        for s in &desired.config.services {
-            let current = self.services.iter().find(|c| c.name() == s.name);
-            for b in desired.backends(s) {
-                if !current.is_some_and(|c| c.backends.iter().any(|cb| cb.name == b.name)) {
-                    new.push((s.name.clone(), b));
-                }
-            }
-        }
+        let new = new_backends(&self.services, &desired);
         self.reloads_started += 1;
         let generation = self.reloads_started;
         let neighbours = self.neighbours.clone();

@@ -5,26 +5,18 @@
 use super::{
     Controller,
     desired::{Desired, WantedBackend},
+    first_look::{FirstLook, first_look},
     model::{Admin, state_name},
 };
 use crate::{
-    config::{BackendRemoval, CheckKind},
+    config::BackendRemoval,
     control::{BackendAction, Reply, Request},
     dataplane::{PinnedMaps, monotonic_ns},
-    health,
-    neighbour::Neighbours,
     state::AddedBackend,
 };
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
-use tracing::{info, warn};
+use std::net::Ipv4Addr;
+use tracing::info;
 
-/// How long a new backend's MAC is waited for before it is added without one (it comes up
-/// when the neighbour table answers).
-pub(super) const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 use sticky_lb_common::{ServiceId, StickEntry, StickKey};
 use tokio::sync::oneshot;
 
@@ -46,63 +38,6 @@ pub(super) enum Pending {
         generation: u64,
         reply: Option<oneshot::Sender<Reply>>,
     },
-}
-
-/// What a first look at a new backend found.
-pub(super) struct FirstLook {
-    pub service: String,
-    pub backend: String,
-    pub address: Ipv4Addr,
-    pub mac: Option<[u8; 6]>,
-    /// The first check's verdict; `None` with checks off.
-    pub healthy: Option<bool>,
-    /// Why the first check failed.
-    pub failure: Option<String>,
-}
-
-/// Looks at new backends concurrently: each one's MAC (from the config, or the neighbour table
-/// within 1.5 s) and one health check (within its timeout).
-pub(super) async fn first_look(
-    neighbours: Arc<Neighbours>,
-    backends: Vec<(String, WantedBackend)>,
-) -> Vec<FirstLook> {
-    let looks: Vec<_> = backends
-        .into_iter()
-        .map(|(service, b)| {
-            let neighbours = neighbours.clone();
-            tokio::spawn(async move {
-                let address = b.address;
-                let mac = match b.mac {
-                    Some(mac) => Some(mac),
-                    None => neighbours.resolve(address, RESOLVE_TIMEOUT).await,
-                };
-                let (healthy, failure) = match b.check.kind {
-                    CheckKind::None => (None, None),
-                    _ => match health::probe(SocketAddrV4::new(address, b.check.port), &b.check)
-                        .await
-                    {
-                        Ok(_) => (Some(true), None),
-                        Err(failure) => (Some(false), Some(failure.to_string())),
-                    },
-                };
-                FirstLook {
-                    service,
-                    backend: b.name,
-                    address,
-                    mac,
-                    healthy,
-                    failure,
-                }
-            })
-        })
-        .collect();
-    let mut found = Vec::with_capacity(looks.len());
-    for look in looks {
-        if let Ok(look) = look.await {
-            found.push(look);
-        }
-    }
-    found
 }
 
 impl Controller {
@@ -290,30 +225,6 @@ impl Controller {
         });
     }
 
-    /// Takes in what a first look at a new backend found.
-    fn observe_first_look(&mut self, look: &FirstLook) {
-        if let Some(mac) = look.mac {
-            self.observed.macs.insert(look.address, mac);
-        }
-        if let Some(verdict) = look.healthy {
-            self.observed
-                .first_verdicts
-                .insert((look.service.clone(), look.backend.clone()), verdict);
-            if !verdict {
-                warn!(
-                    service = %look.service,
-                    backend = %look.backend,
-                    reason = look.failure.as_deref().unwrap_or("failed"),
-                    "backend {}/{} ({}) is DOWN: {} (its first check); it takes no clients until checks pass",
-                    look.service,
-                    look.backend,
-                    look.address,
-                    look.failure.as_deref().unwrap_or("failed")
-                );
-            }
-        }
-    }
-
     /// Completes a request that waited off the main loop. Returns whether a reload was applied
     /// (the metrics listener may have moved).
     pub(super) fn finish(&mut self, pending: Pending) -> bool {
@@ -325,7 +236,7 @@ impl Controller {
                 reply,
             } => {
                 for look in &looks {
-                    self.observe_first_look(look);
+                    self.observed.record(look);
                 }
                 self.finish_reload(*desired, generation, reply)
             }
@@ -336,7 +247,7 @@ impl Controller {
                 look,
                 reply,
             } => {
-                self.observe_first_look(&look);
+                self.observed.record(&look);
                 let (address, weight) = (added.address, added.weight);
                 let mut desired = self.desired.clone();
                 *desired.change(&service, &backend) = crate::state::BackendChange {

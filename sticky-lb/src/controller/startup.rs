@@ -5,10 +5,10 @@
 use super::{
     Controller, NeighbourAnswer,
     desired::{Changes, Desired, Observed},
+    first_look::{first_look, new_backends},
     ids::IdBook,
     instance,
     model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
-    requests::first_look,
 };
 use crate::{
     config::{Config, ServiceConfig},
@@ -419,36 +419,8 @@ async fn observe(
         }
     }
     // Backends the previous run did not have (all of them on a fresh start).
-    let mut wanted = Vec::new();
-    for s in &desired.config.services {
-        let old = current.iter().find(|c| c.name() == s.name);
-        for b in desired.backends(s) {
-            if !old.is_some_and(|o| o.backends.iter().any(|ob| ob.name == b.name)) {
-                wanted.push((s.name.clone(), b));
-            }
-        }
-    }
-    for look in first_look(neighbours.clone(), wanted).await {
-        if let Some(mac) = look.mac {
-            observed.macs.insert(look.address, mac);
-        }
-        if let Some(verdict) = look.healthy {
-            if !verdict {
-                warn!(
-                    service = %look.service,
-                    backend = %look.backend,
-                    reason = look.failure.as_deref().unwrap_or("failed"),
-                    "backend {}/{} ({}) is DOWN: {} (its first check); it takes no clients until checks pass",
-                    look.service,
-                    look.backend,
-                    look.address,
-                    look.failure.as_deref().unwrap_or("failed")
-                );
-            }
-            observed
-                .first_verdicts
-                .insert((look.service, look.backend), verdict);
-        }
+    for look in first_look(neighbours.clone(), new_backends(current, desired)).await {
+        observed.record(&look);
     }
     observed
 }
