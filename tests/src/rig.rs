@@ -133,18 +133,8 @@ impl Rig {
         ))?;
 
         let lb = NetNs::new(ns_name(&tag, "lb"))?;
-        plug_into_bridge(&bridge, LB_BRIDGE_PORT, &lb, LB_DEV)?;
         quiet_namespace(&lb, &[])?;
-        lb.ip_batch(&format!(
-            "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
-             addr add {VIP}/32 dev {LB_DEV}\n\
-             link set {LB_DEV} up\n"
-        ))?;
-        // A veth drops frames sent to it by XDP_TX/XDP_REDIRECT unless its
-        // NAPI is running, i.e. unless it has an XDP program or GRO enabled.
-        // The balancer XDP_TXes from lb0 into p-lb, so p-lb needs GRO.
-        bridge.exec(&["ethtool", "-K", LB_BRIDGE_PORT, "gro", "on"])?;
-        let lb_mac = read_mac(&lb, LB_DEV)?;
+        let lb_mac = create_lb_dev(&bridge, &lb, None)?;
 
         let client = NetNs::new(ns_name(&tag, "cl"))?;
         plug_into_bridge(&bridge, CLIENT_BRIDGE_PORT, &client, HOST_DEV)?;
@@ -160,6 +150,8 @@ impl Rig {
 
         // The balancer's kernel may answer clients too (e.g. a RST when the
         // data path passes a packet up); see `pin_client_neighbours`.
+        // Permanent entries go with their interface: `create_lb_dev` pins
+        // them again.
         pin_client_neighbours(&lb, LB_DEV, &client_addrs, client_mac)?;
 
         let mut rig = Rig {
@@ -215,6 +207,38 @@ impl Rig {
         let mac = read_mac(&ns, HOST_DEV)?;
         self.backends.push(Backend { ns, addr, mac });
         Ok(k)
+    }
+
+    /// Deletes the balancer's interface `lb0`; deleting one end of a veth
+    /// deletes both, so `p-lb` goes too (with any XDP program on it). The
+    /// balancer namespace stays; [`Rig::create_lb_dev`] wires it again.
+    pub fn delete_lb_dev(&mut self) -> anyhow::Result<()> {
+        self.lb.ip(&["link", "del", LB_DEV])?;
+        Ok(())
+    }
+
+    /// Creates the balancer's interface again after [`Rig::delete_lb_dev`],
+    /// the way [`Rig::build`] made it: same name, same MAC (so neighbour
+    /// entries for the VIP elsewhere stay right), same addresses, offload
+    /// settings, bridge port and pinned client neighbours. The kernel gives
+    /// it a new index. An XDP program the bridge-side peer needs (native
+    /// mode) is the caller's to attach again.
+    pub fn create_lb_dev(&mut self) -> anyhow::Result<()> {
+        let mac = create_lb_dev(&self.bridge, &self.lb, Some(self.lb_mac))?;
+        if mac != self.lb_mac {
+            bail!(
+                "{LB_DEV} came back with MAC {}, not {}",
+                format_mac(mac),
+                format_mac(self.lb_mac)
+            );
+        }
+        pin_client_neighbours(&self.lb, LB_DEV, &self.client_addrs, self.client_mac)
+    }
+
+    /// [`Rig::delete_lb_dev`] then at once [`Rig::create_lb_dev`].
+    pub fn recreate_lb_dev(&mut self) -> anyhow::Result<()> {
+        self.delete_lb_dev()?;
+        self.create_lb_dev()
     }
 
     /// The per-rig tag; every namespace name starts with `slb-{tag}-`.
@@ -337,6 +361,24 @@ fn client_addr(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1 + (index / 254) as u8, 1 + (index % 254) as u8)
 }
 
+/// The balancer's interface `lb0` in `lb` on the bridge (port `p-lb`),
+/// with `mac` if given (a kernel-chosen one otherwise) from the moment it
+/// exists, its addresses, up; returns its MAC. Client neighbours are pinned
+/// separately (the clients may not exist yet).
+fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Result<[u8; 6]> {
+    plug_into_bridge_with_mac(bridge, LB_BRIDGE_PORT, lb, LB_DEV, mac)?;
+    lb.ip_batch(&format!(
+        "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
+         addr add {VIP}/32 dev {LB_DEV}\n\
+         link set {LB_DEV} up\n"
+    ))?;
+    // A veth drops frames sent to it by XDP_TX/XDP_REDIRECT unless its
+    // NAPI is running, i.e. unless it has an XDP program or GRO enabled.
+    // The balancer XDP_TXes from lb0 into p-lb, so p-lb needs GRO.
+    bridge.exec(&["ethtool", "-K", LB_BRIDGE_PORT, "gro", "on"])?;
+    read_mac(lb, LB_DEV)
+}
+
 /// Creates veth `bridge_port` in the bridge namespace with its peer
 /// `inner_dev` directly inside `ns`, enslaves the bridge end to br0 and
 /// brings it up, and turns TX checksum offload off on both ends.
@@ -346,8 +388,23 @@ fn plug_into_bridge(
     ns: &NetNs,
     inner_dev: &str,
 ) -> anyhow::Result<()> {
+    plug_into_bridge_with_mac(bridge, bridge_port, ns, inner_dev, None)
+}
+
+/// [`plug_into_bridge`], with `inner_mac` on `inner_dev` from its creation
+/// if given (so nobody in `ns` ever sees it with another MAC).
+fn plug_into_bridge_with_mac(
+    bridge: &NetNs,
+    bridge_port: &str,
+    ns: &NetNs,
+    inner_dev: &str,
+    inner_mac: Option<[u8; 6]>,
+) -> anyhow::Result<()> {
+    let address = inner_mac
+        .map(|mac| format!(" address {}", format_mac(mac)))
+        .unwrap_or_default();
     bridge.ip_batch(&format!(
-        "link add {bridge_port} type veth peer name {inner_dev} netns {}\n\
+        "link add {bridge_port} type veth peer name {inner_dev} netns {}{address}\n\
          link set {bridge_port} master {BRIDGE_DEV}\n\
          link set {bridge_port} up\n",
         ns.name()

@@ -39,7 +39,7 @@ impl Mode {
 pub struct Setup {
     // Field order is drop order: balancer stops, pins go, servers stop, namespaces go.
     pub balancer: Option<Balancer>,
-    _peer_xdp: Option<PeerXdp>,
+    peer_xdp: Option<PeerXdp>,
     pub guard: DataPathGuard,
     pub servers: Vec<NameServer>,
     pub scratch: ScratchDir,
@@ -66,22 +66,40 @@ impl Setup {
             )
             .expect("server on the balancer"),
         );
-        let peer_xdp = match mode {
-            Mode::Native => {
-                let (ns, dev) = rig.bridge_peer_of_lb();
-                Some(PeerXdp::attach(ns, dev).expect("xdp_pass on the balancer's bridge port"))
-            }
-            Mode::Generic => None,
-        };
+        let peer_xdp = peer_xdp(&rig, mode);
         Setup {
             balancer: None,
-            _peer_xdp: peer_xdp,
+            peer_xdp,
             guard: DataPathGuard::new(rig.lb_ns(), rig.lb_dev()),
             servers,
             scratch: ScratchDir::new(&tag),
             mode,
             rig,
         }
+    }
+
+    /// Deletes the balancer's interface (the veth pair, with the bridge-side peer's XDP program
+    /// in native mode); see [`Rig::delete_lb_dev`].
+    pub fn delete_lb_dev(&mut self) {
+        self.peer_xdp = None;
+        self.rig
+            .delete_lb_dev()
+            .expect("deleting the balancer's interface");
+    }
+
+    /// Creates the balancer's interface again as it was, with the bridge-side peer's XDP
+    /// program in native mode; see [`Rig::create_lb_dev`].
+    pub fn create_lb_dev(&mut self) {
+        self.rig
+            .create_lb_dev()
+            .expect("creating the balancer's interface again");
+        self.peer_xdp = peer_xdp(&self.rig, self.mode);
+    }
+
+    /// [`Setup::delete_lb_dev`] then at once [`Setup::create_lb_dev`].
+    pub fn recreate_lb_dev(&mut self) {
+        self.delete_lb_dev();
+        self.create_lb_dev();
     }
 
     /// A config for service `web` on the VIP with backends b1..=bN. `extra` goes at the top level.
@@ -209,6 +227,17 @@ impl Setup {
         let (code, out, err) = cli(self.rig.lb_ns(), &["status", "--json"]);
         assert_eq!(code, 0, "status failed: {err}");
         serde_json::from_str(&out).unwrap()
+    }
+}
+
+/// Native-mode XDP_TX from the balancer's interface needs an XDP program on its peer.
+fn peer_xdp(rig: &Rig, mode: Mode) -> Option<PeerXdp> {
+    match mode {
+        Mode::Native => {
+            let (ns, dev) = rig.bridge_peer_of_lb();
+            Some(PeerXdp::attach(ns, dev).expect("xdp_pass on the balancer's bridge port"))
+        }
+        Mode::Generic => None,
     }
 }
 

@@ -138,13 +138,24 @@ impl Controller {
             }
             neighbour::Event::LinkUp { interface, index } => {
                 if self.attached_index == Some(index) {
-                    debug!("interface {interface} changed flags or state");
-                    return;
+                    // Same device: only a new MAC of its own matters (the program writes it as
+                    // the source of every forwarded frame, fixed when the program is loaded).
+                    let mac = neighbour::interface_mac(&interface).ok();
+                    if mac.is_none_or(|m| m == self.dataplane.options().interface_mac) {
+                        debug!("interface {interface} changed flags or state");
+                        return;
+                    }
+                    info!(
+                        interface = %interface,
+                        "interface {interface} has a new MAC: loading the data path again with it"
+                    );
                 }
-                info!(
-                    interface = %interface,
-                    "interface {interface} is back (index {index}): attaching the data path to it"
-                );
+                if self.attached_index != Some(index) {
+                    info!(
+                        interface = %interface,
+                        "interface {interface} is back (index {index}): attaching the data path to it"
+                    );
+                }
                 match self.reattach(index) {
                     Ok(()) => info!(
                         interface = %interface,

@@ -184,14 +184,18 @@ impl Controller {
     }
 
     /// The interface came back as a new device (deleted and created again): its pinned link died
-    /// with the old one. Loads the program again over the pinned maps (the new device may have
-    /// another MAC, which the program is built with), rewrites every entry and table, and
-    /// attaches with a new link.
+    /// with the old one. Or it has a new MAC, which the program is built with. Loads the program
+    /// again over the pinned maps, rewrites every entry and table, and attaches: with a new link
+    /// to a new device, by replacing the program in the pinned link on the same one.
     pub(super) fn reattach(&mut self, index: u32) -> Result<()> {
         let interface = self.config().interface.clone();
         let mut options = self.dataplane.options().clone();
         options.interface_mac = neighbour::interface_mac(&interface)?;
-        let _ = std::fs::remove_file(self.pins.link());
+        if self.attached_index != Some(index) {
+            // The link died with the old device; on the same device the new program replaces
+            // the old one in its link atomically instead.
+            let _ = std::fs::remove_file(self.pins.link());
+        }
         let dataplane = Dataplane::load(Some(self.pins.clone()), options)?;
         drop(std::mem::replace(&mut self.dataplane, dataplane));
         self.reconcile_with(self.desired.clone(), true)
