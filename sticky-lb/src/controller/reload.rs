@@ -22,8 +22,8 @@ impl Controller {
         let desired = match self.reloaded() {
             Ok(desired) => desired,
             Err(e) => {
-                startup::notify_ready();
                 warn!("reload refused, nothing changed: {e}");
+                startup::notify_ready();
                 if let Some(reply) = reply {
                     let _ = reply.send(Reply::error(format!(
                         "reload refused, nothing changed: {e}"
