@@ -19,6 +19,7 @@ mod reload;
 mod requests;
 mod startup;
 mod sweep;
+mod table;
 mod validate;
 
 pub use model::state_name;

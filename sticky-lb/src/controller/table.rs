@@ -1,0 +1,188 @@
+//! Stick-table requests (`table get/set/delete/flush`): they read and write the pinned stick
+//! table directly, since it is the data path's own state rather than part of a plan. A flush
+//! walks the whole table on a blocking thread, so health events never wait behind it.
+
+use super::{Controller, model::state_name};
+use crate::{
+    control::Reply,
+    dataplane::{PinnedMaps, monotonic_ns},
+};
+use std::net::Ipv4Addr;
+use sticky_lb_common::{ServiceId, StickEntry, StickKey};
+use tokio::sync::oneshot;
+use tracing::info;
+
+impl Controller {
+    pub(super) fn table_get(
+        &self,
+        client: Ipv4Addr,
+        service: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        let maps = PinnedMaps::open(&self.pins)?;
+        let now = monotonic_ns();
+        let mut rows = Vec::new();
+        for s in self
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+        {
+            let key = StickKey {
+                service: s.id(),
+                client: [
+                    u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
+                    0,
+                    0,
+                    0,
+                ],
+            };
+            if let Ok(entry) = maps.stick.get(&key, 0) {
+                let backend = s.backends.iter().find(|b| b.id == entry.backend);
+                rows.push(serde_json::json!({
+                    "service": s.name(),
+                    "client": Ipv4Addr::from(key.client[0].to_ne_bytes()).to_string(),
+                    "backend": backend.map(|b| b.name.clone()).unwrap_or_else(|| format!("#{}", entry.backend)),
+                    "backend_address": backend.map(|b| b.address.to_string()),
+                    "idle_ms": now.saturating_sub(entry.last_seen_ns) / 1_000_000,
+                    "age_ms": now.saturating_sub(entry.created_ns) / 1_000_000,
+                }));
+            }
+        }
+        if let Some(name) = service
+            && !self.services.iter().any(|s| s.name() == name)
+        {
+            return Ok(Reply::error(format!("no service '{name}'")));
+        }
+        let message = if rows.is_empty() {
+            format!("{client}: no stick entry")
+        } else {
+            rows.iter()
+                .map(|r| {
+                    format!(
+                        "{} {} -> {} (idle {} ms)",
+                        r["service"].as_str().unwrap_or(""),
+                        r["client"].as_str().unwrap_or(""),
+                        r["backend"].as_str().unwrap_or(""),
+                        r["idle_ms"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        Ok(Reply::with_data(message, serde_json::Value::Array(rows)))
+    }
+
+    pub(super) fn table_set(
+        &mut self,
+        client: Ipv4Addr,
+        service: &str,
+        backend: &str,
+    ) -> anyhow::Result<Reply> {
+        let (i, j) = match self.find_named(service, backend) {
+            Ok(found) => found,
+            Err(reply) => return Ok(reply),
+        };
+        let s = &self.services[i];
+        let b = &s.backends[j];
+        if !b.state.keeps_stuck_clients() {
+            return Ok(Reply::error(format!(
+                "{service}/{backend} is {}: it would not keep the client",
+                state_name(b.state)
+            )));
+        }
+        let mut maps = PinnedMaps::open(&self.pins)?;
+        let key = StickKey {
+            service: s.id(),
+            client: [
+                u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
+                0,
+                0,
+                0,
+            ],
+        };
+        let now = monotonic_ns();
+        maps.stick.insert(&key, &StickEntry::placed(b.id, now), 0)?;
+        let message = format!("{service} {client} -> {backend}");
+        info!("operator: table set {message}");
+        Ok(Reply::ok(message))
+    }
+
+    /// Deletes one client's entries (of one service or all): its next connection is placed
+    /// anew. The keys are computed, so nothing walks the table.
+    pub(super) fn table_delete(&mut self, client: Ipv4Addr, service: Option<&str>) -> Reply {
+        if let Some(name) = service
+            && !self.services.iter().any(|s| s.name() == name)
+        {
+            return Reply::error(format!("no service '{name}'"));
+        }
+        let mut maps = match PinnedMaps::open(&self.pins) {
+            Ok(maps) => maps,
+            Err(e) => return Reply::error(format!("{e:#}")),
+        };
+        let mut deleted = 0;
+        for s in self
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+        {
+            let key = StickKey {
+                service: s.id(),
+                client: [
+                    u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
+                    0,
+                    0,
+                    0,
+                ],
+            };
+            if maps.stick.remove(&key).is_ok() {
+                deleted += 1;
+            }
+        }
+        let message = format!(
+            "{deleted} stick entr{} deleted",
+            if deleted == 1 { "y" } else { "ies" }
+        );
+        info!("operator: table delete {client}: {message}");
+        Reply::with_data(message, serde_json::json!({ "deleted": deleted }))
+    }
+
+    /// Deletes every entry (of one service or all) on a blocking thread: a million-entry table
+    /// takes a while, and health events must not wait behind it.
+    pub(super) fn table_flush(&self, service: Option<&str>, reply: oneshot::Sender<Reply>) {
+        if let Some(name) = service
+            && !self.services.iter().any(|s| s.name() == name)
+        {
+            let _ = reply.send(Reply::error(format!("no service '{name}'")));
+            return;
+        }
+        let ids: Vec<ServiceId> = self
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+            .map(|s| s.id())
+            .collect();
+        let pins = self.pins.clone();
+        tokio::task::spawn_blocking(move || {
+            let flush = || -> anyhow::Result<u64> {
+                let mut maps = PinnedMaps::open(&pins)?;
+                let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| ids.contains(&k.service))
+                    .collect();
+                Ok(keys.iter().filter(|k| maps.stick.remove(k).is_ok()).count() as u64)
+            };
+            let answer = match flush() {
+                Ok(deleted) => {
+                    let message = format!(
+                        "{deleted} stick entr{} deleted",
+                        if deleted == 1 { "y" } else { "ies" }
+                    );
+                    info!("operator: table flush: {message}");
+                    Reply::with_data(message, serde_json::json!({ "deleted": deleted }))
+                }
+                Err(e) => Reply::error(format!("{e:#}")),
+            };
+            let _ = reply.send(answer);
+        });
+    }
+}
