@@ -209,6 +209,12 @@ enum BackendCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. }) {
+        // A SIGHUP (a reload asked for by systemd right after start) must never take the
+        // default action and end the process: it stays pending until the controller's handler
+        // exists, then reloads.
+        controller::hold_sighup();
+    }
     init_logging(cli.log_format);
     // Join the namespace before tokio starts its threads: they inherit it.
     if let Some(name) = &cli.netns

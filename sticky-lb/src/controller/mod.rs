@@ -105,6 +105,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    release_sighup();
     let lock = instance::Lock::acquire(netns.as_deref(), &config.interface)?;
     let (health_tx, mut health_rx) = mpsc::channel::<health::Transition>(256);
     let (neighbour_tx, mut neighbour_rx) = mpsc::channel::<NeighbourAnswer>(1024);
@@ -401,6 +402,32 @@ impl Controller {
         let _ = std::fs::remove_file(&state_path);
         info!("detached from {interface}; pinned state removed");
         Ok(())
+    }
+}
+
+/// Blocks SIGHUP in the calling thread, and so in every thread it starts: call it first thing
+/// in `main`, before the runtime's threads exist. [`run`] unblocks it in its own thread once its
+/// handler is installed, and a SIGHUP that arrived meanwhile is delivered then.
+pub fn hold_sighup() {
+    set_sighup_blocked(true);
+}
+
+fn release_sighup() {
+    set_sighup_blocked(false);
+}
+
+fn set_sighup_blocked(blocked: bool) {
+    // SAFETY: sigset operations on a local set; pthread_sigmask changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let how = if blocked {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 
