@@ -7,7 +7,9 @@ fn main() {
     let object = std::env::var_os("STICKY_LB_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            // Read at run time, not with env!(): a build script compiled in another checkout
+            // (a target directory copied from it) would otherwise embed that checkout's object.
+            PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
                 .join("../target/ebpf/bpfel-unknown-none/release/sticky-lb")
         });
     println!("cargo:rerun-if-env-changed=STICKY_LB_EBPF_OBJECT");

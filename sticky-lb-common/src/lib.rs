@@ -14,7 +14,9 @@ pub type BackendId = u32;
 /// Index of a service; part of every stick key so services never share entries.
 pub type ServiceId = u32;
 
-/// Bump when any map layout below changes; pinned maps of another version are not reused.
+/// Bump when any map layout below changes; pinned maps of another version are not reused. The
+/// layout is the maps' types, sizes and key and value bytes, not the BTF the maps carry for
+/// `bpftool` (adoption ignores it; see sticky-lb-ebpf/src/maps.rs).
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Virtual services per interface.

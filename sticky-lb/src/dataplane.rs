@@ -78,10 +78,17 @@ impl PinDir {
             let _ = std::fs::remove_file(self.map(name));
         }
         match std::fs::remove_dir(&self.0) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("removing {}", self.0.display())),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", self.0.display())),
         }
+        // The namespace's folder too, once no other interface of it is pinned.
+        if let Some(parent) = self.0.parent()
+            && parent != Path::new(BPFFS).join("sticky-lb")
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(())
     }
 }
 

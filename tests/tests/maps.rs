@@ -1,13 +1,20 @@
 //! The batched map operations the controller uses for sweeps, listings and table swaps, against
 //! real kernel maps (the program loaded unpinned, not attached).
 
-use aya::maps::{HashMap, MapData};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
+};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use sticky_lb::{
     batch,
     dataplane::{Dataplane, LoadOptions},
 };
-use sticky_lb_common::{StickEntry, StickKey, map_names};
+use sticky_lb_common::{
+    BackendCounters, FlowEntry, FlowKey, InsertBudget, ServiceCounters, StickEntry, StickKey,
+    map_names,
+};
 use sticky_lb_tests::netns::require_root;
 
 fn dataplane(stick_table_size: u32) -> Dataplane {
@@ -128,4 +135,95 @@ fn orphaned_entries_are_deleted_only_on_the_second_sweep_that_finds_them() {
     assert_eq!(third.orphaned, 1);
     assert!(stick.get(&young, 0).is_err());
     assert_eq!(batch::lookup_all(&stick, 64).unwrap().len(), 10);
+}
+
+/// The kernel's id of a loaded map.
+fn map_id<K: Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
+    map.map().info().expect("map info").id()
+}
+
+/// `bpftool --json ARGS`, parsed.
+fn bpftool(args: &[&str]) -> Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("running bpftool (Debian package bpftool; `./x setup` installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
+/// Every map is created with BTF for its key and value (BTF map definitions in the object), so
+/// an operator's `bpftool map dump pinned .../slb_stick` prints each entry's fields by name, as
+/// for Katran's and Cilium's maps; a map created without BTF dumps as raw bytes.
+#[test]
+fn every_map_carries_btf_and_bpftool_prints_field_names() {
+    let mut dp = dataplane(1024);
+    let mut stick: HashMap<MapData, StickKey, StickEntry> = dp.take_map(map_names::STICK).unwrap();
+    let flows: HashMap<MapData, FlowKey, FlowEntry> = dp.take_map(map_names::FLOWS).unwrap();
+    let stats: PerCpuArray<MapData, u64> = dp.take_map(map_names::STATS).unwrap();
+    let backend_stats: PerCpuArray<MapData, BackendCounters> =
+        dp.take_map(map_names::BACKEND_STATS).unwrap();
+    let service_stats: PerCpuArray<MapData, ServiceCounters> =
+        dp.take_map(map_names::SERVICE_STATS).unwrap();
+    let budget: PerCpuArray<MapData, InsertBudget> = dp.take_map(map_names::INSERT_BUDGET).unwrap();
+    let active: Array<MapData, i64> = dp.take_map(map_names::ACTIVE).unwrap();
+    let meta: Array<MapData, u32> = dp.take_map(map_names::META).unwrap();
+    let ids = [
+        (map_names::SERVICE_INDEX, map_id(&dp.service_index)),
+        (map_names::SERVICES, map_id(&dp.services)),
+        (map_names::BACKENDS, map_id(&dp.backends)),
+        (map_names::MAGLEV, map_id(&dp.maglev)),
+        (map_names::STICK, map_id(&stick)),
+        (map_names::STATS, map_id(&stats)),
+        (map_names::BACKEND_STATS, map_id(&backend_stats)),
+        (map_names::SERVICE_STATS, map_id(&service_stats)),
+        (map_names::FLOWS, map_id(&flows)),
+        (map_names::ACTIVE, map_id(&active)),
+        (map_names::META, map_id(&meta)),
+        (map_names::INSERT_BUDGET, map_id(&budget)),
+    ];
+    assert_eq!(ids.len(), map_names::ALL.len());
+    for (name, id) in ids {
+        let show = bpftool(&["map", "show", "id", &id.to_string()]);
+        assert_eq!(show["name"], name);
+        assert!(
+            show["btf_id"].as_u64().is_some_and(|btf| btf != 0),
+            "map {name} was created without BTF: {show}"
+        );
+        // The sizes the controller sets at load time win over the definitions' defaults.
+        let sized = match name {
+            map_names::STICK => Some(1024),
+            map_names::FLOWS => Some(64),
+            map_names::MAGLEV => Some(2 * 65537),
+            _ => None,
+        };
+        if let Some(max_entries) = sized {
+            assert_eq!(show["max_entries"], max_entries, "{show}");
+        }
+    }
+
+    let key = StickKey {
+        service: 2,
+        client: [0x0100_000a, 0, 0, 0],
+    };
+    let entry = StickEntry {
+        backend: 7,
+        version: 4,
+        last_seen_ns: 123_456_789,
+        created_ns: 42,
+    };
+    stick.insert(&key, &entry, 0).unwrap();
+    let dump = bpftool(&["map", "dump", "id", &map_id(&stick).to_string()]);
+    let formatted = &dump[0]["formatted"];
+    assert_eq!(formatted["key"]["service"], 2, "{dump}");
+    assert_eq!(formatted["key"]["client"][0], 0x0100_000a, "{dump}");
+    assert_eq!(formatted["value"]["backend"], 7, "{dump}");
+    assert_eq!(formatted["value"]["version"], 4, "{dump}");
+    assert_eq!(formatted["value"]["last_seen_ns"], 123_456_789, "{dump}");
+    assert_eq!(formatted["value"]["created_ns"], 42, "{dump}");
 }

@@ -12,10 +12,15 @@ use std::{
 /// Nightly for the XDP program (-Z build-std=core; its LLVM 23 matches bpf-linker's).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the rig and the tests use: `ip` (netns, veth, bridge), `ethtool`, and `curl`
-/// (the metrics test scrapes with a real HTTP client).
-const DEBIAN_PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("curl", "curl")];
+/// Debian packages the rig and the tests use: `ip` (netns, veth, bridge), `ethtool`, `curl`
+/// (the metrics test scrapes with a real HTTP client) and `bpftool` (the maps test dumps the
+/// stick table the way an operator would, with field names from the maps' BTF).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+];
 /// What the end-to-end benchmark compares sticky-lb with.
 const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables"), ("haproxy", "haproxy")];
 
