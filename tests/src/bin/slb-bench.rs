@@ -507,6 +507,10 @@ fn main() {
     // Sweep of a full table: wall time, and the hot-hit cost measured while it runs.
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
     b.fill(TABLE);
+    // An LRU map may evict a little before it is full (a CPU's local free list runs dry, 128
+    // entries at a time), so the sweep is checked against what the table holds.
+    let held = sticky_lb::batch::lookup_all(&b.stick, 8192).unwrap().len() as u64;
+    assert!(held > TABLE as u64 * 99 / 100, "{held} of {TABLE} entries held");
     let timeouts = std::collections::BTreeMap::from([(0u32, u64::MAX / 2)]);
     let mut sweep_secs = Vec::new();
     let mut during = Vec::new();
@@ -522,7 +526,7 @@ fn main() {
             let sweeper = scope.spawn(|| {
                 let started = Instant::now();
                 let report = expiry::sweep(stick, &timeouts, &Default::default()).unwrap();
-                assert_eq!(report.scanned, TABLE as u64);
+                assert_eq!(report.scanned, held);
                 started.elapsed().as_secs_f64()
             });
             // Packets while the sweep runs (on the other CPU).
