@@ -154,8 +154,11 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 request => controller.handle(request, reply),
             },
             Some(pending) = pending_rx.recv() => {
-                if controller.finish(pending) {
-                    metrics_server = controller.restart_metrics(metrics_server).await;
+                if let Some(reload) = controller.finish(pending) {
+                    if reload.applied {
+                        metrics_server = controller.restart_metrics(metrics_server).await;
+                    }
+                    reload.answer();
                 }
             }
             Some(report) = sweep_rx.recv() => controller.after_sweep(report),

@@ -79,13 +79,13 @@ impl Controller {
         Ok(Desired::new(new, self.desired.changes.clone()))
     }
 
-    /// Applies a reload whose new backends were looked at. Returns whether it was applied.
+    /// Applies a reload whose new backends were looked at.
     pub(super) fn finish_reload(
         &mut self,
         desired: Desired,
         generation: u64,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> bool {
+    ) -> ReloadDone {
         let result = if generation < self.reloads_applied {
             Err("a later reload was applied first".to_string())
         } else {
@@ -107,11 +107,26 @@ impl Controller {
                 Reply::error(format!("reload refused, nothing changed: {e}"))
             }
         };
-        let applied = answer.ok;
+        ReloadDone {
+            applied: answer.ok,
+            reply: reply.map(|r| (r, answer)),
+        }
+    }
+}
+
+/// A reload that went through the plan. The main loop moves the metrics listener if the reload
+/// was applied, then tells systemd (READY=1) and the operator: both hear of it only once
+/// everything is in place.
+pub(super) struct ReloadDone {
+    pub applied: bool,
+    reply: Option<(oneshot::Sender<Reply>, Reply)>,
+}
+
+impl ReloadDone {
+    pub(super) fn answer(self) {
         startup::notify_ready();
-        if let Some(reply) = reply {
+        if let Some((reply, answer)) = self.reply {
             let _ = reply.send(answer);
         }
-        applied
     }
 }

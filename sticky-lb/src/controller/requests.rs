@@ -6,6 +6,7 @@ use super::{
     desired::{Desired, WantedBackend},
     first_look::{FirstLook, first_look},
     model::{Admin, state_name},
+    reload::ReloadDone,
 };
 use crate::{
     config::BackendRemoval,
@@ -223,9 +224,9 @@ impl Controller {
         });
     }
 
-    /// Completes a request that waited off the main loop. Returns whether a reload was applied
-    /// (the metrics listener may have moved).
-    pub(super) fn finish(&mut self, pending: Pending) -> bool {
+    /// Completes a request that waited off the main loop. A reload comes back to the main loop
+    /// to be answered once the metrics listener followed it.
+    pub(super) fn finish(&mut self, pending: Pending) -> Option<ReloadDone> {
         match pending {
             Pending::Reload {
                 desired,
@@ -236,7 +237,7 @@ impl Controller {
                 for look in &looks {
                     self.observed.record(look);
                 }
-                self.finish_reload(*desired, generation, reply)
+                Some(self.finish_reload(*desired, generation, reply))
             }
             Pending::BackendAdd {
                 service,
@@ -275,7 +276,7 @@ impl Controller {
                     Err(e) => Reply::error(format!("{service}/{backend}: not added: {e}")),
                 };
                 let _ = reply.send(answer);
-                false
+                None
             }
         }
     }

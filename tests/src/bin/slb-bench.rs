@@ -510,7 +510,10 @@ fn main() {
     // An LRU map may evict a little before it is full (a CPU's local free list runs dry, 128
     // entries at a time), so the sweep is checked against what the table holds.
     let held = sticky_lb::batch::lookup_all(&b.stick, 8192).unwrap().len() as u64;
-    assert!(held > TABLE as u64 * 99 / 100, "{held} of {TABLE} entries held");
+    assert!(
+        held > TABLE as u64 * 99 / 100,
+        "{held} of {TABLE} entries held"
+    );
     let timeouts = std::collections::BTreeMap::from([(0u32, u64::MAX / 2)]);
     let mut sweep_secs = Vec::new();
     let mut during = Vec::new();
