@@ -74,7 +74,8 @@ pub(super) async fn first_look(
     found
 }
 
-/// The backends `desired` has that `current` does not, by service name.
+/// The backends `desired` has that `current` does not (or has at another address), by service
+/// name.
 pub(super) fn new_backends(
     current: &[ServiceSlot],
     desired: &Desired,
@@ -83,7 +84,12 @@ pub(super) fn new_backends(
     for s in &desired.config.services {
         let old = current.iter().find(|c| c.name() == s.name);
         for b in desired.backends(s) {
-            if !old.is_some_and(|o| o.backends.iter().any(|ob| ob.name == b.name)) {
+            let known = old.is_some_and(|o| {
+                o.backends
+                    .iter()
+                    .any(|ob| ob.name == b.name && ob.address == b.address)
+            });
+            if !known {
                 new.push((s.name.clone(), b));
             }
         }
