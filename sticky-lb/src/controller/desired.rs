@@ -44,9 +44,10 @@ pub(super) struct Observed {
     /// The health checks' verdicts. A backend with checks and no verdict yet is not healthy:
     /// it takes no clients before its first check passes.
     pub health: HashMap<BackendId, bool>,
-    /// First verdicts of backends that have no id yet, by service and backend name (a start's
-    /// round of checks, the check `backend add` makes before answering). A plan reads them
-    /// when `health` has no verdict; the controller moves them into `health` once ids exist.
+    /// First verdicts of backends that have no id yet (or a new address), by service and
+    /// backend name: a start's round of checks, the check `backend add` or a reload makes before
+    /// a backend may take clients. A plan prefers them to `health`; the controller moves them
+    /// into `health` once ids exist.
     pub first_verdicts: HashMap<(String, String), bool>,
     /// Retiring backends the last sweep found with no stuck client and no open connection.
     pub drained_out: BTreeSet<BackendId>,

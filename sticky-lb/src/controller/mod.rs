@@ -249,7 +249,7 @@ impl Controller {
             for b in &s.backends {
                 let name = (s.name().to_string(), b.name.clone());
                 if let Some(verdict) = self.observed.first_verdicts.remove(&name) {
-                    self.observed.health.entry(b.id).or_insert(verdict);
+                    self.observed.health.insert(b.id, verdict);
                 }
             }
         }

@@ -166,7 +166,9 @@ pub(super) fn plan(
                     .get(&(service.name.clone(), b.name.clone()))
                     .copied()
             };
-            let healthy = match observed.health.get(&id).copied().or_else(first) {
+            // A first look is fresher than a verdict kept under the id (a backend given a new
+            // address keeps its id).
+            let healthy = match first().or_else(|| observed.health.get(&id).copied()) {
                 _ if b.check.kind == CheckKind::None => true,
                 Some(verdict) => verdict,
                 None => false,
