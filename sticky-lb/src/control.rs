@@ -128,7 +128,7 @@ pub fn socket_path(netns: Option<&str>, interface: &str) -> PathBuf {
 /// Binds the socket (replacing a stale one) and serves it until the returned handle is dropped.
 pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::state::create_run_dir(dir)?;
     }
     let _ = std::fs::remove_file(path);
     let listener =

@@ -23,9 +23,9 @@ struct Cli {
     /// The interface sticky-lb runs on (needed only if it runs on several).
     #[arg(long, short, global = true, value_name = "IF")]
     interface: Option<String>,
-    /// Log line format on stderr: `logfmt` (key=value, one line per event) or `json` (one
-    /// object per line). Fields: ts, level, msg, and service, backend, reason where they apply.
-    /// The level filter is RUST_LOG (default `info`).
+    /// Log line format on stderr: `logfmt` (key=value, one line per event; keys ts, level,
+    /// message) or `json` (one object per line; keys timestamp, level, message). Backend events
+    /// add service, backend and reason. The level filter is RUST_LOG (default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Logfmt)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -209,6 +209,11 @@ enum BackendCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // `sticky-lb status | head`: a closed pipe ends a listing quietly, as for other tools.
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if matches!(cli.command, Command::Run { .. }) {
         // A SIGHUP (a reload asked for by systemd right after start) must never take the
         // default action and end the process: it stays pending until the controller's handler

@@ -159,7 +159,7 @@ impl RuntimeState {
     /// Writes atomically (temporary file, then rename) so readers never see half a file.
     pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            create_run_dir(dir)?;
         }
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
@@ -176,6 +176,17 @@ impl RuntimeState {
             .iter()
             .find_map(|s| s.backends.iter().find(|b| b.id == id).map(|b| (s, b)))
     }
+}
+
+/// Creates the run directory (and a namespace's folder in it) readable by root only, like the
+/// systemd unit's `RuntimeDirectoryMode=0700`: it holds the control socket and the state.
+pub fn create_run_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 pub fn mac_string(mac: Option<[u8; 6]>) -> Option<String> {

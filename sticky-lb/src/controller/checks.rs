@@ -97,6 +97,14 @@ impl Controller {
         if mac.is_none() || known == mac {
             return; // a failed lookup keeps the last MAC: the health checks judge reachability
         }
+        let is_backend = self
+            .services
+            .iter()
+            .any(|s| s.backends.iter().any(|b| b.address == address));
+        if !is_backend {
+            return; // a client or a router: not ours to follow (a new backend's first look
+            // takes its MAC itself)
+        }
         let mac = mac.unwrap_or_default();
         let names: Vec<String> = self
             .services

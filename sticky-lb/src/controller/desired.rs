@@ -48,7 +48,7 @@ pub(super) struct Observed {
     /// backend name: a start's round of checks, the check `backend add` or a reload makes before
     /// a backend may take clients. A plan prefers them to `health`; the controller moves them
     /// into `health` once ids exist.
-    pub first_verdicts: HashMap<(String, String), bool>,
+    pub first_verdicts: HashMap<(String, String), (Ipv4Addr, bool)>,
     /// Retiring backends the last sweep found with no stuck client and no open connection.
     pub drained_out: BTreeSet<BackendId>,
 }

@@ -119,7 +119,9 @@ impl Observed {
                 look.address,
             );
         }
-        self.first_verdicts
-            .insert((look.service.clone(), look.backend.clone()), verdict);
+        self.first_verdicts.insert(
+            (look.service.clone(), look.backend.clone()),
+            (look.address, verdict),
+        );
     }
 }

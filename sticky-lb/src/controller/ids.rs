@@ -55,11 +55,14 @@ impl IdBook {
     /// After a sweep that started at `sweep_started_ns` and found `named` backend ids in stick
     /// entries or connections: releases the ids retired before it started that nothing names.
     /// Returns the released backend ids.
+    /// A retired service id is released once a sweep that started after its retirement found
+    /// no entry of it left (`orphaned_services`: services whose entries that sweep still saw).
     pub(super) fn release(
         &mut self,
         sweep_started_ns: u64,
         named: &BTreeSet<BackendId>,
         live_services: &BTreeSet<ServiceId>,
+        orphaned_services: &BTreeSet<ServiceId>,
     ) -> Vec<BackendId> {
         let released: Vec<BackendId> = self
             .backends
@@ -70,9 +73,11 @@ impl IdBook {
         for id in &released {
             self.backends.remove(id);
         }
-        // A service's entries are all orphans once it is gone; the sweep deleted them.
-        self.services
-            .retain(|id, retired| *retired >= sweep_started_ns || live_services.contains(id));
+        self.services.retain(|id, retired| {
+            *retired >= sweep_started_ns
+                || live_services.contains(id)
+                || orphaned_services.contains(id)
+        });
         released
     }
 }
@@ -89,18 +94,18 @@ mod tests {
         assert_eq!(book.free_backend(&used), Some(3));
         // A sweep that started before the retirement proves nothing.
         assert!(
-            book.release(900, &BTreeSet::new(), &BTreeSet::new())
+            book.release(900, &BTreeSet::new(), &BTreeSet::new(), &BTreeSet::new())
                 .is_empty()
         );
         assert_eq!(book.free_backend(&used), Some(3));
         // One that started after but still found an entry naming it keeps it retired.
         assert!(
-            book.release(2_000, &[1].into(), &BTreeSet::new())
+            book.release(2_000, &[1].into(), &BTreeSet::new(), &BTreeSet::new())
                 .is_empty()
         );
         assert_eq!(book.free_backend(&used), Some(3));
         assert_eq!(
-            book.release(3_000, &BTreeSet::new(), &BTreeSet::new()),
+            book.release(3_000, &BTreeSet::new(), &BTreeSet::new(), &BTreeSet::new()),
             vec![1]
         );
         assert_eq!(book.free_backend(&used), Some(1));

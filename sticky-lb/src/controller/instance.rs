@@ -45,7 +45,7 @@ impl Lock {
     pub(super) fn acquire(netns: Option<&str>, interface: &str) -> Result<Lock> {
         let path = path(netns, interface);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            crate::state::create_run_dir(dir)?;
         }
         let mut file = File::options()
             .read(true)

@@ -89,6 +89,8 @@ pub struct Controller {
     /// Set while the state file is behind (its last write failed); written again on the next
     /// change or sweep.
     state_behind: bool,
+    /// Set while an observation (health, MAC, drained out) could not be applied.
+    observations_behind: bool,
     /// False until the data path is attached and the control socket and metrics answer: the
     /// state file appears only then (`status`, scripts and tests wait for it).
     serving: bool,
@@ -117,15 +119,24 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
         neighbours: neighbour_tx,
         pending: pending_tx,
     };
-    let mut controller = Controller::start(config, config_path, netns, channels, lock).await?;
+    // The control socket before anything is attached: if it cannot be bound, nothing is.
+    // Requests wait in the channel until the main loop runs.
+    let (control_tx, mut control_rx) = mpsc::channel::<Envelope>(16);
+    let socket = control::socket_path(netns.as_deref(), &config.interface);
+    let server = control::serve(&socket, control_tx)?;
+    let mut controller = match Controller::start(config, config_path, netns, channels, lock).await {
+        Ok(controller) => controller,
+        Err(e) => {
+            server.abort();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     let mut sweep_tick = tokio::time::interval(controller.config().sweep_interval);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut neighbour_tick = tokio::time::interval(NEIGHBOUR_REFRESH);
     neighbour_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let (control_tx, mut control_rx) = mpsc::channel::<Envelope>(16);
-    let socket = control::socket_path(controller.netns.as_deref(), &controller.config().interface);
-    let server = control::serve(&socket, control_tx)?;
     let mut metrics_server = controller.start_metrics();
     // The state file last: once it is there, `status`, the control socket and metrics answer.
     controller.serving = true;
@@ -181,6 +192,9 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                     }
                 }
                 controller.refresh_neighbours();
+                if controller.observations_behind {
+                    controller.reconcile_observed("retry");
+                }
             }
         }
     }
@@ -223,6 +237,18 @@ impl Controller {
         desired: Desired,
         rewrite_all: bool,
     ) -> Result<plan::Summary, String> {
+        let result = self.plan_validate_apply(desired, rewrite_all);
+        // First looks belong to the one change they were taken for, applied or refused: a
+        // refused reload's look must not decide a later, unrelated change.
+        self.observed.first_verdicts.clear();
+        result
+    }
+
+    fn plan_validate_apply(
+        &mut self,
+        desired: Desired,
+        rewrite_all: bool,
+    ) -> Result<plan::Summary, String> {
         let limits = self.limits();
         let cx = plan::Context {
             service_limit: limits.maglev_services.min(MAX_SERVICES),
@@ -248,12 +274,13 @@ impl Controller {
         for s in &self.services {
             for b in &s.backends {
                 let name = (s.name().to_string(), b.name.clone());
-                if let Some(verdict) = self.observed.first_verdicts.remove(&name) {
+                if let Some((address, verdict)) = self.observed.first_verdicts.remove(&name)
+                    && address == b.address
+                {
                     self.observed.health.insert(b.id, verdict);
                 }
             }
         }
-        self.observed.first_verdicts.clear();
         self.sync_checkers();
         for s in &self.services {
             if !s.backends.iter().any(|b| b.is_up()) {
@@ -268,9 +295,15 @@ impl Controller {
     }
 
     /// Reconciles with the current desired state after an observation changed; logs a refusal.
+    /// A refusal is retried on the next neighbour tick (every 2 s): the checker that reported
+    /// a verdict reports only changes, so nobody else would bring it in.
     fn reconcile_observed(&mut self, what: &str) {
-        if let Err(e) = self.reconcile(self.desired.clone()) {
-            warn!("{what}: not applied, the previous state keeps serving: {e}");
+        match self.reconcile(self.desired.clone()) {
+            Ok(_) => self.observations_behind = false,
+            Err(e) => {
+                warn!("{what}: not applied, the previous state keeps serving (retried): {e}");
+                self.observations_behind = true;
+            }
         }
     }
 

@@ -42,6 +42,8 @@ pub(super) struct BackendSlot {
     pub address: Ipv4Addr,
     /// `None` until the neighbour table has one (the backend takes no clients meanwhile).
     pub mac: Option<[u8; 6]>,
+    /// The MAC given in the config or with `backend add` (the neighbour table is not asked).
+    pub configured_mac: Option<[u8; 6]>,
     pub weight: u32,
     pub admin: Admin,
     /// The health checks' verdict (true when checks are off).
@@ -51,6 +53,9 @@ pub(super) struct BackendSlot {
     pub from_api: bool,
     /// No longer wanted: draining until no stick entry or connection names it, then removed.
     pub retiring: bool,
+    /// When it started retiring (CLOCK_MONOTONIC_COARSE, ns): only a sweep that started later
+    /// can find it drained out.
+    pub retiring_since_ns: u64,
     /// The data-path state that follows from the fields above.
     pub state: BackendState,
 }

@@ -160,15 +160,21 @@ pub(super) fn plan(
                 }
             };
             ids.reuse_backend(id);
-            let first = || {
-                observed
-                    .first_verdicts
-                    .get(&(service.name.clone(), b.name.clone()))
-                    .copied()
-            };
-            // A first look is fresher than a verdict kept under the id (a backend given a new
-            // address keeps its id).
-            let healthy = match first().or_else(|| observed.health.get(&id).copied()) {
+            // A first look at this very address is fresher than a verdict kept under the id (a
+            // backend given a new address keeps its id); a backend whose checks were just
+            // turned on keeps the verdict it had (up) until its checks say otherwise.
+            let first = observed
+                .first_verdicts
+                .get(&(service.name.clone(), b.name.clone()))
+                .filter(|(address, _)| *address == b.address)
+                .map(|(_, verdict)| *verdict);
+            let healthy = match first
+                .or_else(|| observed.health.get(&id).copied())
+                .or_else(|| {
+                    previous
+                        .filter(|p| p.address == b.address)
+                        .map(|p| p.healthy)
+                }) {
                 _ if b.check.kind == CheckKind::None => true,
                 Some(verdict) => verdict,
                 None => false,
@@ -178,12 +184,14 @@ pub(super) fn plan(
                 name: b.name,
                 address: b.address,
                 mac: b.mac.or_else(|| observed.macs.get(&b.address).copied()),
+                configured_mac: b.mac,
                 weight: b.weight,
                 admin: b.admin,
                 healthy,
                 check: b.check,
                 from_api: b.from_api,
                 retiring: false,
+                retiring_since_ns: 0,
                 state: BackendState::Unused,
             };
             slot.state = slot.effective_state();
@@ -217,9 +225,16 @@ pub(super) fn plan(
                         Some(verdict) => *verdict,
                         None => b.healthy,
                     };
-                    retiring.mac = b.mac.or_else(|| observed.macs.get(&b.address).copied());
+                    // The neighbour table's latest answer, unless a MAC was given.
+                    retiring.mac = b
+                        .configured_mac
+                        .or_else(|| observed.macs.get(&b.address).copied())
+                        .or(b.mac);
+                    if !b.retiring {
+                        retiring.retiring_since_ns = now_ns;
+                        summary.backends_retiring += 1;
+                    }
                     retiring.state = retiring.effective_state();
-                    summary.backends_retiring += 1;
                     slots.push(retiring);
                 }
             }
@@ -436,7 +451,7 @@ pub(super) mod tests {
         assert!(restarted.changes.contains(&Change::ResetCounters(4)));
         // Once a sweep that started after the removal found nothing naming id 1, it is free.
         let mut ids = restarted.ids.clone();
-        ids.release(15, &BTreeSet::new(), &BTreeSet::new());
+        ids.release(15, &BTreeSet::new(), &BTreeSet::new(), &BTreeSet::new());
         let mut six = restarted.clone();
         six.ids = ids;
         let desired = Desired::new(
@@ -520,6 +535,58 @@ pub(super) mod tests {
                 Change::Publish(0)
             ]
         );
+    }
+
+    /// A first look counts only for the address it looked at, and checks turned on by a
+    /// reload keep the verdict a backend had (up) until they report.
+    #[test]
+    fn first_looks_count_for_their_address_and_new_checks_keep_the_last_verdict() {
+        let p = first(&Desired::new(
+            config("", &[("web", &["a@1", "b@2"])]),
+            Default::default(),
+        ));
+        let mut o = observed();
+        o.first_verdicts.insert(
+            ("web".into(), "b".into()),
+            (Ipv4Addr::new(198, 18, 0, 99), false),
+        );
+        let text = "interface: lo\nservices:\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n    backends:\n      - {name: a, address: 198.18.0.1}\n      - {name: b, address: 198.18.0.2}\n";
+        let checks_on = Desired::new(Config::parse(text, false).unwrap(), Default::default());
+        let q = step(&p, &checks_on, &o, 2);
+        assert!(q.next[0].backends.iter().all(|b| b.is_up()), "{:?}", q.next);
+        assert!(q.changes.is_empty(), "{:?}", q.changes);
+        // The same look at b's own address decides.
+        o.first_verdicts.insert(
+            ("web".into(), "b".into()),
+            (Ipv4Addr::new(198, 18, 0, 2), false),
+        );
+        let r = step(&p, &checks_on, &o, 3);
+        assert_eq!(r.next[0].backends[1].state, BackendState::Down);
+    }
+
+    /// A draining backend follows the neighbour table like any other: its stuck clients must
+    /// reach its new MAC.
+    #[test]
+    fn a_retiring_backend_takes_a_new_mac() {
+        let p = first(&Desired::new(
+            config("", &[("web", &["a@1", "b@2"])]),
+            Default::default(),
+        ));
+        let desired = Desired::new(config("", &[("web", &["a@1"])]), Default::default());
+        let draining = step(&p, &desired, &observed(), 5);
+        assert!(draining.next[0].backends[1].retiring);
+        let mut o = observed();
+        o.macs
+            .insert(Ipv4Addr::new(198, 18, 0, 2), [2, 0, 0, 0, 0xbe, 0xef]);
+        let moved = step(&draining, &desired, &o, 6);
+        let b = &moved.next[0].backends[1];
+        assert_eq!(b.mac, Some([2, 0, 0, 0, 0xbe, 0xef]));
+        assert!(moved.changes.contains(&Change::WriteBackend(1, b.entry(0))));
+        assert_eq!(
+            moved.summary.backends_retiring, 0,
+            "counted once, when it began"
+        );
+        assert_eq!(b.retiring_since_ns, 5);
     }
 
     #[test]

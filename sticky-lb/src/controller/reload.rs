@@ -89,7 +89,9 @@ impl Controller {
         let result = if generation < self.reloads_applied {
             Err("a later reload was applied first".to_string())
         } else {
-            self.reconcile(desired)
+            // The run-time changes as they are now: an operator's drain, add or remove made
+            // while this reload looked at its new backends stays.
+            self.reconcile(Desired::new(desired.config, self.desired.changes.clone()))
         };
         let source = if reply.is_some() {
             "reload"

@@ -141,25 +141,7 @@ impl Controller {
         weight: u32,
         mac: Option<String>,
     ) -> Result<(String, String, AddedBackend), Reply> {
-        let Some(s) = self.services.iter().find(|s| s.name() == service) else {
-            return Err(Reply::error(format!("no service '{service}'")));
-        };
-        if let Some(existing) = s
-            .backends
-            .iter()
-            .find(|b| b.name == backend || b.address == address)
-        {
-            return Err(Reply::error(format!(
-                "service '{service}' already has backend '{}' ({}){}",
-                existing.name,
-                existing.address,
-                if existing.retiring {
-                    ", draining out"
-                } else {
-                    ""
-                }
-            )));
-        }
+        self.may_add(service, backend, address)?;
         if backend.is_empty() || backend.contains('/') || weight > 1_000_000 {
             return Err(Reply::error(
                 "a backend needs a name without '/' and a weight of at most 1000000",
@@ -179,6 +161,40 @@ impl Controller {
                 mac,
             },
         ))
+    }
+
+    /// Whether `service` may take backend `backend` at `address`: checked when the request
+    /// arrives and again when its first look is done (another add may have come in between).
+    /// A name the config lists may come back only at the config's address.
+    fn may_add(&self, service: &str, backend: &str, address: Ipv4Addr) -> Result<(), Reply> {
+        let Some(s) = self.services.iter().find(|s| s.name() == service) else {
+            return Err(Reply::error(format!("no service '{service}'")));
+        };
+        if let Some(existing) = s
+            .backends
+            .iter()
+            .find(|b| b.name == backend || b.address == address)
+        {
+            return Err(Reply::error(format!(
+                "service '{service}' already has backend '{}' ({}){}",
+                existing.name,
+                existing.address,
+                if existing.retiring {
+                    ", draining out"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if let Some(configured) = self.desired.configured(service, backend)
+            && configured.address != address
+        {
+            return Err(Reply::error(format!(
+                "the config gives {service}/{backend} the address {}",
+                configured.address
+            )));
+        }
+        Ok(())
     }
 
     /// Looks at the new backend (MAC, first check) on a task; the result comes back as
@@ -246,13 +262,18 @@ impl Controller {
                 look,
                 reply,
             } => {
-                self.observed.record(&look);
                 let (address, weight) = (added.address, added.weight);
+                if let Err(refused) = self.may_add(&service, &backend, address) {
+                    let _ = reply.send(refused);
+                    return None;
+                }
+                self.observed.record(&look);
                 let mut desired = self.desired.clone();
-                *desired.change(&service, &backend) = crate::state::BackendChange {
-                    added: Some(added),
-                    ..Default::default()
-                };
+                let change = desired.change(&service, &backend);
+                change.removed = false;
+                if desired.configured(&service, &backend).is_none() {
+                    desired.change(&service, &backend).added = Some(added);
+                }
                 let answer = match self.reconcile(desired) {
                     Ok(_) => {
                         let state = self
@@ -288,9 +309,15 @@ impl Controller {
             return reply;
         }
         let mut desired = self.desired.clone();
-        let change = desired.change(service, backend);
-        change.added = None;
-        change.removed = true;
+        if desired.configured(service, backend).is_some() {
+            let change = desired.change(service, backend);
+            change.added = None;
+            change.removed = true;
+        } else if let Some(backends) = desired.changes.get_mut(service) {
+            // Added at run time: gone with its record, so a later config backend of that
+            // name is not held back by it.
+            backends.remove(backend);
+        }
         if let Err(e) = self.reconcile(desired) {
             return Reply::error(format!("{service}/{backend}: not removed: {e}"));
         }

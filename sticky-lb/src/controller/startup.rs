@@ -122,6 +122,7 @@ impl Controller {
             metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
             orphans_seen: BTreeSet::new(),
             state_behind: false,
+            observations_behind: false,
             serving: false,
             reloads_started: 0,
             reloads_applied: 0,
@@ -134,8 +135,9 @@ impl Controller {
             if fresh {
                 drop(controller.dataplane);
                 let _ = pins.remove();
+                bail!("{e}; nothing was attached");
             }
-            bail!("{e}; nothing was attached");
+            bail!("{e}; the pinned data path keeps forwarding as it was");
         }
         controller.remove_unknown_services();
         controller.dataplane.write_layout(LAYOUT_VERSION)?;
@@ -325,6 +327,7 @@ fn runtime_changes(previous: &RuntimeState) -> Changes {
 
 /// The previous run's model, as its state file records it: what the pinned maps hold.
 fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot> {
+    let now_ns = monotonic_ns();
     previous
         .services
         .iter()
@@ -345,7 +348,7 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
             let backends = record
                 .backends
                 .iter()
-                .map(|b| adopted_backend(b, &config))
+                .map(|b| adopted_backend(b, &config, now_ns))
                 .collect();
             ServiceSlot {
                 key,
@@ -357,11 +360,11 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
         .collect()
 }
 
-fn adopted_backend(b: &BackendRecord, config: &ServiceConfig) -> BackendSlot {
-    let check = config
-        .backends
-        .iter()
-        .position(|c| c.name == b.name)
+/// A backend as the previous run's state file records it. A retiring one counts as retiring
+/// since `now_ns`: only a sweep of this run can find it drained out.
+fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> BackendSlot {
+    let configured = config.backends.iter().position(|c| c.name == b.name);
+    let check = configured
         .map(|i| config.health_check(i))
         .unwrap_or_else(|| config.service_health_check());
     let state = [
@@ -381,12 +384,14 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig) -> BackendSlot {
             .mac
             .as_deref()
             .and_then(|m| crate::config::parse_mac(m).ok()),
+        configured_mac: configured.and_then(|i| config.backends[i].mac),
         weight: b.weight,
         admin: Admin::parse(&b.admin),
         healthy: b.healthy.unwrap_or(state != BackendState::Down),
         check,
         from_api: b.from_api,
         retiring: b.retiring,
+        retiring_since_ns: now_ns,
         state,
     }
 }

@@ -41,13 +41,24 @@ impl Controller {
             .copied()
             .collect();
         let live_services: BTreeSet<ServiceId> = self.services.iter().map(|s| s.id()).collect();
-        let released = self.ids.release(swept.started_ns, &named, &live_services);
+        let released = self.ids.release(
+            swept.started_ns,
+            &named,
+            &live_services,
+            &swept.stick.orphan_services,
+        );
         if !released.is_empty() {
             debug!("backend ids free again (nothing names them): {released:?}");
         }
         let mut drained = Vec::new();
         for s in &self.services {
-            for b in s.backends.iter().filter(|b| b.retiring) {
+            // A sweep that started before the backend began to retire may have passed entries
+            // made since: only a later one can say it drained out.
+            for b in s
+                .backends
+                .iter()
+                .filter(|b| b.retiring && b.retiring_since_ns < swept.started_ns)
+            {
                 if stuck(&b.id) == 0 && open(&b.id) == 0 {
                     drained.push(format!("{}/{}", s.name(), b.name));
                     self.observed.drained_out.insert(b.id);
