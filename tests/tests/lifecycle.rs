@@ -718,3 +718,55 @@ fn an_unwritable_state_file_never_stops_the_controller() {
     assert_eq!(lb(&mut s).stop(), Some(0));
     drop(blocker);
 }
+
+/// An operator's change made while a reload looks at the backends it adds (here one that never
+/// answers, so the look takes its full 1.5 s) is kept: the reload applies the config over the
+/// run-time changes as they are when it finishes, not as they were when it began.
+#[test]
+fn a_reload_keeps_changes_made_while_it_looked_at_new_backends() {
+    let mut s = Setup::new("reloadkeep", Mode::Generic, 2, 8);
+    let config = s.config(2, "30m", "");
+    s.start(&config);
+    let clients = s.rig.client_addrs().to_vec();
+    let placement = s.round(&clients);
+    // b3 at an address nobody holds: its first look waits for a neighbour answer in vain.
+    let dead = Ipv4Addr::new(198, 18, 0, 99);
+    let with_dead = config.clone() + &format!("      - name: b3\n        address: {dead}\n");
+    std::fs::write(config_path(&s), with_dead).unwrap();
+    let mut reload = Command::new(binary())
+        .args(["--netns", s.rig.lb_ns(), "reload"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sticky-lb reload");
+    std::thread::sleep(Duration::from_millis(300));
+    let drained = s.cli_ok(&["backend", "drain", "web/b1"]);
+    assert!(drained.contains("web/b1: drain"), "{drained}");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = reload.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the reload never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reload.wait_with_output().unwrap();
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(reply.contains("1 backend(s) added"), "{reply}");
+    assert_eq!(
+        s.backend_status("b1")["state"],
+        "drain",
+        "the drain made meanwhile stays"
+    );
+    assert_eq!(
+        s.backend_status("b3")["state"],
+        "down",
+        "no neighbour answer, no clients"
+    );
+    // Drained, not failed: b1's stuck clients keep it.
+    assert_eq!(s.round(&clients), placement);
+}
