@@ -770,3 +770,42 @@ fn a_reload_keeps_changes_made_while_it_looked_at_new_backends() {
     // Drained, not failed: b1's stuck clients keep it.
     assert_eq!(s.round(&clients), placement);
 }
+
+/// `backend enable` takes back a `backend remove` while the backend drains out: it keeps its id
+/// and its clients, and stays after a reload.
+#[test]
+fn enable_takes_back_a_remove_while_the_backend_drains_out() {
+    let mut s = Setup::new("unremove", Mode::Generic, 2, 16);
+    let config = s.config(2, "30m", "");
+    s.start(&config);
+    let clients = s.rig.client_addrs().to_vec();
+    let placement = s.round(&clients);
+    let id_of_b2 = |s: &Setup| -> u64 {
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(state_path(s)).unwrap()).unwrap();
+        state["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "b2")
+            .and_then(|b| b["id"].as_u64())
+            .expect("b2 in the state file")
+    };
+    let id = id_of_b2(&s);
+    let out = s.cli_ok(&["backend", "remove", "web/b2"]);
+    assert!(out.contains("web/b2 drains"), "{out}");
+    assert_eq!(s.backend_status("b2")["state"], "drain");
+    let (code, _, err) = cli(s.rig.lb_ns(), &["backend", "weight", "web/b2", "3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`backend enable` keeps it"), "{err}");
+    let out = s.cli_ok(&["backend", "enable", "web/b2"]);
+    assert!(out.contains("web/b2: up"), "{out}");
+    assert_eq!(id_of_b2(&s), id, "same id");
+    s.cli_ok(&["reload"]);
+    assert_eq!(
+        s.backend_status("b2")["state"],
+        "up",
+        "kept across a reload"
+    );
+    assert_eq!(s.round(&clients), placement, "nobody moved");
+}

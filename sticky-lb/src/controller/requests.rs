@@ -98,12 +98,27 @@ impl Controller {
             Ok(found) => found,
             Err(reply) => return reply,
         };
-        if self.services[i].backends[j].retiring {
-            return Reply::error(format!(
-                "{service}/{backend} is being removed (it drains out); add it again to change it"
-            ));
-        }
         let mut desired = self.desired.clone();
+        if self.services[i].backends[j].retiring {
+            // `enable` takes back a `backend remove` of a backend the config lists: it stays,
+            // with its id and its clients. Anything else waits for the drain to end.
+            let removed_here = desired
+                .changes
+                .get(service)
+                .and_then(|c| c.get(backend))
+                .is_some_and(|c| c.removed);
+            if !(removed_here && action == BackendAction::Enable) {
+                return Reply::error(format!(
+                    "{service}/{backend} is being removed and drains out; {}",
+                    if removed_here {
+                        "`backend enable` keeps it"
+                    } else {
+                        "it left the config: put it back and reload to keep it"
+                    }
+                ));
+            }
+            desired.change(service, backend).removed = false;
+        }
         match action {
             BackendAction::Drain => desired.change(service, backend).admin = Some("drain".into()),
             BackendAction::Enable => desired.change(service, backend).admin = None,
