@@ -193,30 +193,14 @@ impl Controller {
     }
 
     fn ask_neighbours(&self, all: bool) {
-        let mut addresses: Vec<Ipv4Addr> = Vec::new();
-        for s in &self.services {
-            let configured: Vec<String> = self
-                .desired
-                .config
-                .services
-                .iter()
-                .find(|c| c.name == s.name())
-                .map(|c| {
-                    self.desired
-                        .backends(c)
-                        .into_iter()
-                        .filter(|b| b.mac.is_some())
-                        .map(|b| b.name)
-                        .collect()
-                })
-                .unwrap_or_default();
-            for b in &s.backends {
-                let known = self.observed.macs.contains_key(&b.address);
-                if !configured.contains(&b.name) && (all || !known) {
-                    addresses.push(b.address);
-                }
-            }
-        }
+        let addresses: Vec<Ipv4Addr> = self
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .filter(|b| b.configured_mac.is_none())
+            .filter(|b| all || !self.observed.macs.contains_key(&b.address))
+            .map(|b| b.address)
+            .collect();
         if addresses.is_empty() {
             return;
         }

@@ -4,7 +4,8 @@
 use crate::config::{self, HealthCheck, ServiceConfig};
 use std::net::Ipv4Addr;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId, ServiceKey,
+    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
+    ServiceKey, StickKey,
 };
 
 /// What the operator has said about a backend (the control socket); health is separate.
@@ -110,6 +111,20 @@ impl ServiceSlot {
 
     pub(super) fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The stick-table key of `client` in this service: its address masked with the
+    /// service's `client_mask`, as the data path masks it.
+    pub(super) fn stick_key(&self, client: Ipv4Addr) -> StickKey {
+        StickKey {
+            service: self.id(),
+            client: [
+                u32::from_ne_bytes(client.octets()) & self.params.client_mask[0],
+                0,
+                0,
+                0,
+            ],
+        }
     }
 
     /// What the service's table is built from: its up backends' ids, names and weights, in

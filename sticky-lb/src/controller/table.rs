@@ -26,15 +26,7 @@ impl Controller {
             .iter()
             .filter(|s| service.is_none_or(|name| s.name() == name))
         {
-            let key = StickKey {
-                service: s.id(),
-                client: [
-                    u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
-                    0,
-                    0,
-                    0,
-                ],
-            };
+            let key = s.stick_key(client);
             if let Ok(entry) = maps.stick.get(&key, 0) {
                 let backend = s.backends.iter().find(|b| b.id == entry.backend);
                 rows.push(serde_json::json!({
@@ -90,15 +82,7 @@ impl Controller {
             )));
         }
         let mut maps = PinnedMaps::open(&self.pins)?;
-        let key = StickKey {
-            service: s.id(),
-            client: [
-                u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
-                0,
-                0,
-                0,
-            ],
-        };
+        let key = s.stick_key(client);
         let now = monotonic_ns();
         maps.stick.insert(&key, &StickEntry::placed(b.id, now), 0)?;
         let message = format!("{service} {client} -> {backend}");
@@ -124,15 +108,7 @@ impl Controller {
             .iter()
             .filter(|s| service.is_none_or(|name| s.name() == name))
         {
-            let key = StickKey {
-                service: s.id(),
-                client: [
-                    u32::from_ne_bytes(client.octets()) & s.params.client_mask[0],
-                    0,
-                    0,
-                    0,
-                ],
-            };
+            let key = s.stick_key(client);
             if maps.stick.remove(&key).is_ok() {
                 deleted += 1;
             }
