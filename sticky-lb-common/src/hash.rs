@@ -25,11 +25,16 @@ pub fn client_hash(client: &[u32; 4], service: u32) -> u32 {
     fmix32(h)
 }
 
-/// Home slot of a service (VIP and port, both as raw network-order values) in the service
-/// index of `slots` entries (a power of two).
+/// Home slot of a service (VIP as map words, port as its raw network-order value) in the
+/// service index of `slots` entries (a power of two).
+///
+/// The address words are folded by XOR before the finaliser: VIPs are chosen by the operator,
+/// not by traffic, and the index compares the whole address, so the fold only has to spread a
+/// few dozen VIPs; for IPv4 (words 1..4 zero) it is the word itself.
 #[inline(always)]
-pub fn service_slot(vip: u32, port: u16, slots: u32) -> u32 {
-    fmix32(vip ^ ((port as u32) << 16) ^ 0x5bd1_e995) & (slots - 1)
+pub fn service_slot(vip: &[u32; 4], port: u16, slots: u32) -> u32 {
+    let folded = vip[0] ^ vip[1] ^ vip[2] ^ vip[3];
+    fmix32(folded ^ ((port as u32) << 16) ^ 0x5bd1_e995) & (slots - 1)
 }
 
 /// Murmur3's 32-bit finaliser: every input bit affects every output bit.

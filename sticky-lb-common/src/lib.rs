@@ -2,11 +2,14 @@
 //!
 //! Every type here is `#[repr(C)]` with explicit padding fields, so the kernel side and the user
 //! side agree on the layout byte for byte. Addresses are always 16 bytes (`[u32; 4]` holding the
-//! address bytes in network order): an IPv4 address sits in word 0 with words 1..4 zero, which
-//! leaves room for IPv6 without changing a key.
+//! address bytes in network order, see [`addr`]): an IPv4 address sits in word 0 with words 1..4
+//! zero, an IPv6 address fills all four, so both families share every key and one code path.
 #![no_std]
 
+pub mod addr;
 pub mod hash;
+
+pub use addr::Family;
 
 /// Index of a backend in the backends map. Stick entries hold this id, never a table position,
 /// so rebuilding a Maglev table never invalidates a stuck client.
@@ -17,7 +20,7 @@ pub type ServiceId = u32;
 /// Bump when any map layout below changes; pinned maps of another version are not reused. The
 /// layout is the maps' types, sizes and key and value bytes, not the BTF the maps carry for
 /// `bpftool` (adoption ignores it; see sticky-lb-ebpf/src/maps.rs).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Virtual services per interface.
 pub const MAX_SERVICES: u32 = 64;
@@ -112,7 +115,8 @@ pub struct ServiceKey {
     /// Destination port in network byte order, as it sits in the TCP header.
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// A [`Family`] value: an IPv6 VIP whose words equal an IPv4 VIP's is another service.
+    pub family: u8,
 }
 
 /// How a service picks a backend for a client it has not seen (or whose backend is gone).
@@ -161,7 +165,10 @@ pub struct Service {
     /// A [`Forwarding`] value.
     pub forwarding: u8,
     pub flags: u8,
-    pub _pad: u16,
+    /// A [`Family`] value: the family of `vip`, its backends and its clients. A packet of the
+    /// other family never matches, even if its address words equal `vip`'s.
+    pub family: u8,
+    pub _pad: u8,
     /// First slot of this service's active table in the Maglev array: the Maglev table for
     /// `ip-hash`, the list of up backends for `least-conn`. The controller writes the inactive
     /// copy of the table and of these parameters, then points the service index at the new
@@ -438,11 +445,13 @@ impl Backend {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Passed to the kernel: not IPv4 (ARP, IPv6, LLDP...).
+    /// Passed to the kernel: neither IPv4 nor IPv6 (ARP, LLDP...).
     PassNotIp = 0,
-    /// Passed: IPv4 not addressed to a configured service (VIP, port, TCP).
+    /// Passed: IP not addressed to a configured service (VIP, port, TCP), including ICMP and
+    /// ICMPv6 (so neighbour discovery).
     PassNotService = 1,
-    /// Passed: an IPv4 fragment (no reliable ports; see README "Limits").
+    /// Passed: an IPv4 fragment or an IPv6 packet with a fragment header (no reliable ports;
+    /// see README "Limits").
     PassFragment = 2,
     /// Passed: the frame ends inside a header it claims to carry.
     PassTruncated = 3,
@@ -454,16 +463,27 @@ pub enum Counter {
     /// Aborted: the service index named a parameters slot that does not exist (a controller
     /// bug; XDP_ABORTED also fires the xdp_exception tracepoint).
     Aborted = 6,
-    /// Passed: an IPv4 header that is not well formed (version not 4, IHL below 5, total length
-    /// shorter than its headers or longer than the frame).
+    /// Passed: an IP header that is not well formed (IPv4: version not 4, IHL below 5, total
+    /// length shorter than its headers or longer than the frame; IPv6: version not 6, payload
+    /// length shorter than its extension and TCP headers or longer than the frame, or 0 (a
+    /// jumbogram)).
     PassBadIpHeader = 7,
     /// Passed: a TCP header that is not well formed (data offset below 5 or past the packet).
     PassBadTcpHeader = 8,
+    /// Passed: an IPv6 packet with more extension headers before its upper-layer header than
+    /// the parser follows ([`MAX_IPV6_EXT_HEADERS`]), or one of a kind it does not follow
+    /// (anything but hop-by-hop, routing, destination options and fragment).
+    PassIpv6ExtHeaders = 9,
 }
 
-/// Number of [`Counter`] slots. Forwarded packets are not counted here but per backend
+/// Number of [`Counter`]s. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
+/// Slots of the counters map: room for counters to come without a layout change.
+pub const COUNTER_SLOTS: u32 = 32;
+/// IPv6 extension headers the data path skips to reach TCP (RFC 8200 4.1 recommends at most one
+/// of each kind, destination options twice: five; real traffic to a VIP carries none or one).
+pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -476,6 +496,7 @@ impl Counter {
         Counter::Aborted,
         Counter::PassBadIpHeader,
         Counter::PassBadTcpHeader,
+        Counter::PassIpv6ExtHeaders,
     ];
 
     /// Name used by `status` and in metrics.
@@ -490,6 +511,7 @@ impl Counter {
             Counter::Aborted => "aborted",
             Counter::PassBadIpHeader => "pass_bad_ip_header",
             Counter::PassBadTcpHeader => "pass_bad_tcp_header",
+            Counter::PassIpv6ExtHeaders => "pass_ipv6_ext_headers",
         }
     }
 }

@@ -16,7 +16,7 @@
 use crate::{
     atomic,
     maps::{ACTIVE, FLOWS},
-    parse::Ipv4Tcp,
+    parse::Segment,
 };
 use sticky_lb_common::{BackendId, FlowEntry, FlowKey, FlowState, ServiceId, idle_ns};
 
@@ -27,10 +27,10 @@ pub const EEXIST: i32 = 17;
 
 /// The connection table's key for a segment of `service`.
 #[inline(always)]
-pub fn key(service: ServiceId, packet: &Ipv4Tcp) -> FlowKey {
+pub fn key(service: ServiceId, packet: &Segment) -> FlowKey {
     FlowKey {
         service,
-        client: [packet.saddr, 0, 0, 0],
+        client: packet.saddr,
         client_port: packet.sport,
         _pad: 0,
     }
@@ -50,7 +50,7 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
 pub fn touch(
     flow: *mut FlowEntry,
     key: &FlowKey,
-    packet: &Ipv4Tcp,
+    packet: &Segment,
     now: u64,
     refresh_ns: u64,
 ) -> bool {

@@ -1,6 +1,6 @@
 //! sticky-lb's XDP data path.
 //!
-//! For each frame: parse Ethernet/IPv4/TCP; if it is a well-formed segment addressed to a
+//! For each frame: parse Ethernet, IPv4 or IPv6, and TCP; if it is a well-formed segment addressed to a
 //! configured service, send it to its connection's backend (connection table), or for a new
 //! connection to its client's backend (stick table), or choose one with the service's policy and
 //! record it; rewrite the frame's MACs for that backend and transmit it. Everything else is
@@ -29,11 +29,11 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use conntrack::Opened;
 use maps::{SERVICE_INDEX, SERVICES};
-use parse::{Ipv4Tcp, Parsed, TCP_FIN, TCP_RST};
+use parse::{Parsed, Segment, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{
     Backend, BackendId, Counter, FlowState, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
-    SERVICE_INDEX_TOMBSTONE, Service, hash::service_slot, refresh_interval_ns,
+    SERVICE_INDEX_TOMBSTONE, Service, addr::masked, hash::service_slot, refresh_interval_ns,
 };
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
@@ -48,16 +48,17 @@ pub fn sticky_lb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_sticky_lb(ctx: &XdpContext) -> u32 {
-    let packet = match parse::ipv4_tcp(ctx) {
+    let packet = match parse::tcp_segment(ctx) {
         Parsed::Tcp(packet) => packet,
-        Parsed::NotIpv4 => return pass(Counter::PassNotIp),
+        Parsed::NotIp => return pass(Counter::PassNotIp),
         Parsed::NotTcp => return pass(Counter::PassNotService),
         Parsed::Fragment => return pass(Counter::PassFragment),
         Parsed::Truncated => return pass(Counter::PassTruncated),
         Parsed::BadIpHeader => return pass(Counter::PassBadIpHeader),
         Parsed::BadTcpHeader => return pass(Counter::PassBadTcpHeader),
+        Parsed::TooManyExtHeaders => return pass(Counter::PassIpv6ExtHeaders),
     };
-    let service = match find_service(packet.daddr, packet.dport) {
+    let service = match find_service(&packet) {
         Lookup::Service(service) => service,
         Lookup::NotService => return pass(Counter::PassNotService),
         Lookup::Corrupt => {
@@ -66,7 +67,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_ABORTED;
         }
     };
-    let client = packet.saddr & service.client_mask[0];
+    let client = masked(packet.saddr, service.client_mask);
     // The coarse clock (jiffies resolution) is plenty for refreshes and timeouts of 100 ms and
     // more, and far cheaper than the precise one, which reads the clock source.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -88,7 +89,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
                     conntrack::finish(flow, &flow_key);
                 }
                 if conntrack::touch(flow, &flow_key, &packet, now, refresh_ns) {
-                    select::refresh(service, client, id, now);
+                    select::refresh(service, &client, id, now);
                 }
                 return forward(ctx, &packet, id, backend);
             }
@@ -100,7 +101,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             }
         }
     }
-    match select::backend_for(service, client, now, refresh_ns, packet.opens()) {
+    match select::backend_for(service, &client, now, refresh_ns, packet.opens()) {
         Ok(choice) => {
             if packet.opens() && choice.recorded {
                 if let Opened::Full = conntrack::open(&flow_key, choice.id, now) {
@@ -119,7 +120,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
 
 /// Sends the frame to `backend` by L2 DSR and counts it.
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Ipv4Tcp, id: BackendId, backend: &Backend) -> u32 {
+fn forward(ctx: &XdpContext, packet: &Segment, id: BackendId, backend: &Backend) -> u32 {
     forward::dsr(packet.eth, backend, IFACE_MAC.load());
     stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
     xdp_action::XDP_TX
@@ -133,11 +134,12 @@ enum Lookup {
     Corrupt,
 }
 
-/// The service a TCP packet to `daddr:dport` belongs to: a few inlined array lookups in the
-/// service index (see maps.rs), the address checked to rule out a colliding slot.
+/// The service a TCP segment's destination (address, port, family) belongs to: a few inlined
+/// array lookups in the service index (see maps.rs), the whole address and the family checked
+/// to rule out a colliding slot.
 #[inline(always)]
-fn find_service(daddr: u32, dport: u16) -> Lookup {
-    let home = service_slot(daddr, dport, SERVICE_INDEX_SLOTS);
+fn find_service(packet: &Segment) -> Lookup {
+    let home = service_slot(&packet.daddr, packet.dport, SERVICE_INDEX_SLOTS);
     let mut probe = 0;
     while probe < SERVICE_INDEX_PROBES {
         let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
@@ -155,7 +157,11 @@ fn find_service(daddr: u32, dport: u16) -> Lookup {
         let Some(service) = SERVICES.get(entry - 1) else {
             return Lookup::Corrupt;
         };
-        if service.vip[0] == daddr && service.port == dport && service.protocol == PROTO_TCP {
+        if service.vip == packet.daddr
+            && service.port == packet.dport
+            && service.family == packet.family
+            && service.protocol == PROTO_TCP
+        {
             return Lookup::Service(service);
         }
     }

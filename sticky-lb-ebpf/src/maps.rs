@@ -16,7 +16,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use sticky_lb_common::{
-    Backend, BackendCounters, BackendId, COUNTER_COUNT, DEFAULT_FLOW_TABLE_SIZE,
+    Backend, BackendCounters, BackendId, COUNTER_SLOTS, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget,
     MAX_BACKENDS, MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry,
     StickKey,
@@ -50,7 +50,7 @@ pub static STICK: LruHashMap<StickKey, StickEntry, { DEFAULT_STICK_TABLE_SIZE as
 
 /// Pass/drop reasons, indexed by `Counter` (per CPU: no atomic ops on the packet path).
 #[btf_map(name = "slb_stats")]
-pub static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static STATS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 /// Packets and bytes forwarded, per backend id.
 #[btf_map(name = "slb_backend_st")]

@@ -1,16 +1,32 @@
 //! Header parsing with the bounds checks the verifier demands. Every accessor returns `None`
 //! when the frame is too short for the header it asks for.
+//!
+//! IPv4 and IPv6 are parsed into one [`Segment`] holding 16-byte addresses (an IPv4 address in
+//! word 0, words 1..4 zero), so everything after the parser (service lookup, stick table,
+//! Maglev, least-conn, connection table) is one code path for both families.
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, vlan::VlanHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    vlan::VlanHdr,
+};
+use sticky_lb_common::{Family, MAX_IPV6_EXT_HEADERS};
 
 /// EtherType values in network byte order, compared against the raw header field.
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 /// "More fragments" flag and fragment offset bits of the IPv4 `frags` field (host order).
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
+/// IP protocol / IPv6 next-header numbers (IANA "Assigned Internet Protocol Numbers").
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
 
 /// Pointer to a `T` at `offset` bytes into the frame, if the frame holds all of it.
 #[inline(always)]
@@ -25,28 +41,34 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// What the parser found in a frame.
 pub enum Parsed {
-    /// Not IPv4 (ARP, IPv6, ...): none of our business.
-    NotIpv4,
-    /// IPv4 but not TCP.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): none of our business.
+    NotIp,
+    /// IP but not TCP (ICMP, ICMPv6 and so neighbour discovery, UDP, ...).
     NotTcp,
-    /// An IPv4 fragment.
+    /// An IPv4 fragment, or an IPv6 packet with a fragment header.
     Fragment,
     /// The frame ends inside a header.
     Truncated,
-    /// The IPv4 header is not well formed: version not 4, IHL below 5, total length shorter
-    /// than the headers it must hold or longer than the frame.
+    /// The IP header is not well formed: IPv4 version not 4, IHL below 5, total length shorter
+    /// than the headers it must hold or longer than the frame; IPv6 version not 6, payload length
+    /// 0 (a jumbogram), shorter than its extension and TCP headers or longer than the frame.
     BadIpHeader,
+    /// IPv6 with more extension headers before TCP than [`MAX_IPV6_EXT_HEADERS`].
+    TooManyExtHeaders,
     /// The TCP header is not well formed: data offset below 5, or reaching past the IP packet.
     BadTcpHeader,
     /// A well-formed, unfragmented TCP segment.
-    Tcp(Ipv4Tcp),
+    Tcp(Segment),
 }
 
-/// The fields of an IPv4/TCP packet the balancer uses, as raw network-order values.
-pub struct Ipv4Tcp {
+/// The fields of a TCP segment the balancer uses, as raw network-order values.
+pub struct Segment {
     pub eth: *mut EthHdr,
-    pub saddr: u32,
-    pub daddr: u32,
+    /// A [`Family`] value.
+    pub family: u8,
+    /// Source and destination address as map words (see sticky_lb_common::addr).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10).
@@ -58,7 +80,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-impl Ipv4Tcp {
+impl Segment {
     /// The first segment of a connection: SYN without ACK. Only these create stick entries and
     /// connections, so a flood of mid-connection segments from made-up sources records nothing.
     #[inline(always)]
@@ -67,13 +89,12 @@ impl Ipv4Tcp {
     }
 }
 
-/// Parses Ethernet (with at most one 802.1Q tag), IPv4 (with options) and TCP, and accepts the
-/// segment only if it is well formed: IHL >= 5; total length covering the IP and TCP headers and
-/// not beyond the frame (trailing Ethernet padding is allowed); not a fragment; TCP data offset
-/// >= 5 with the TCP header inside the total length. Anything else is reported by kind, so the
-/// caller passes it untouched and counts why; a malformed frame is never forwarded.
+/// Parses Ethernet (with at most one 802.1Q tag), then IPv4 or IPv6, then TCP, and accepts the
+/// segment only if it is well formed (see [`Parsed`] for what is refused). Anything else is
+/// reported by kind, so the caller passes it untouched and counts why; a malformed frame is
+/// never forwarded.
 #[inline(always)]
-pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
+pub fn tcp_segment(ctx: &XdpContext) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::Truncated;
     };
@@ -87,9 +108,19 @@ pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
         ether_type = unsafe { (*vlan).ether_type };
         offset += VlanHdr::LEN;
     }
-    if ether_type != ETH_P_IPV4_BE {
-        return Parsed::NotIpv4;
+    if ether_type == ETH_P_IPV4_BE {
+        ipv4(ctx, eth, offset)
+    } else if ether_type == ETH_P_IPV6_BE {
+        ipv6(ctx, eth, offset)
+    } else {
+        Parsed::NotIp
     }
+}
+
+/// IPv4 (with options) at `offset`: IHL >= 5; total length covering the IP and TCP headers and
+/// not beyond the frame (trailing Ethernet padding is allowed); not a fragment.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, offset) else {
         return Parsed::Truncated;
     };
@@ -117,18 +148,92 @@ pub fn ipv4_tcp(ctx: &XdpContext) -> Parsed {
     if total < ihl + TcpHdr::LEN || offset + total > frame {
         return Parsed::BadIpHeader;
     }
+    let saddr = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+    let daddr = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
+    tcp_header(eth, tcp, total - ihl, Family::Ipv4, saddr, daddr)
+}
+
+/// IPv6 at `offset`, skipping at most [`MAX_IPV6_EXT_HEADERS`] hop-by-hop, routing and
+/// destination-options headers to reach TCP; the payload length must cover them and the TCP
+/// header and fit the frame. A fragment header ends the walk (passed, like an IPv4 fragment);
+/// so does any other next header (ICMPv6 with neighbour discovery, UDP, ESP, AH, ...).
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, offset) else {
+        return Parsed::Truncated;
+    };
+    let ip = unsafe { &*ip };
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    let frame = ctx.data_end() - ctx.data();
+    if ip.vcf[0] >> 4 != 6 || payload == 0 || offset + Ipv6Hdr::LEN + payload > frame {
+        return Parsed::BadIpHeader;
+    }
+    let mut next = ip.next_hdr;
+    // Bytes of extension headers walked so far: at most MAX_IPV6_EXT_HEADERS * 2048, which keeps
+    // every offset below bounded for the verifier.
+    let mut ext = 0usize;
+    let mut walked = 0;
+    while next != IPPROTO_TCP {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {}
+            IPPROTO_FRAGMENT => return Parsed::Fragment,
+            _ => return Parsed::NotTcp,
+        }
+        if walked == MAX_IPV6_EXT_HEADERS {
+            return Parsed::TooManyExtHeaders;
+        }
+        walked += 1;
+        // Every one of these starts with (next header, length in 8-byte units beyond the first 8).
+        let Some(header) = ptr_at::<[u8; 2]>(ctx, offset + Ipv6Hdr::LEN + ext) else {
+            return Parsed::Truncated;
+        };
+        let header = unsafe { *header };
+        next = header[0];
+        ext += (header[1] as usize + 1) * 8;
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset + Ipv6Hdr::LEN + ext) else {
+        return Parsed::Truncated;
+    };
+    if payload < ext + TcpHdr::LEN {
+        return Parsed::BadIpHeader;
+    }
+    // SAFETY: ptr_at checked the frame holds the whole fixed header, addresses included.
+    let saddr = unsafe { read_addr(&ip.src_addr) };
+    let daddr = unsafe { read_addr(&ip.dst_addr) };
+    tcp_header(eth, tcp, payload - ext, Family::Ipv6, saddr, daddr)
+}
+
+/// The 16 address bytes at `bytes` as map words.
+#[inline(always)]
+unsafe fn read_addr(bytes: &[u8; 16]) -> [u32; 4] {
+    let words = bytes.as_ptr() as *const [u32; 4];
+    unsafe { core::ptr::read_unaligned(words) }
+}
+
+/// The TCP header at `tcp`, with `room` bytes of IP payload from its start: data offset >= 5 and
+/// the header inside the payload.
+#[inline(always)]
+fn tcp_header(
+    eth: *mut EthHdr,
+    tcp: *mut TcpHdr,
+    room: usize,
+    family: Family,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+) -> Parsed {
     // The data offset is the high nibble of the 13th byte, the flags the 14th.
     let doff_byte = unsafe { *(tcp as *const u8).add(12) };
     let doff = ((doff_byte >> 4) as usize) * 4;
-    if doff < TcpHdr::LEN || ihl + doff > total {
+    if doff < TcpHdr::LEN || doff > room {
         return Parsed::BadTcpHeader;
     }
     let tcp_ref = unsafe { &*tcp };
     let flags = unsafe { *(tcp as *const u8).add(13) };
-    Parsed::Tcp(Ipv4Tcp {
+    Parsed::Tcp(Segment {
         eth,
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
+        family: family as u8,
+        saddr,
+        daddr,
         sport: u16::from_ne_bytes(tcp_ref.source),
         dport: u16::from_ne_bytes(tcp_ref.dest),
         flags,

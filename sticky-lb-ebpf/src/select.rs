@@ -57,14 +57,14 @@ pub fn usable(service: &Service, id: BackendId) -> Option<&'static Backend> {
 #[inline(always)]
 pub fn backend_for(
     service: &Service,
-    client: u32,
+    client: &[u32; 4],
     now: u64,
     refresh_ns: u64,
     opens: bool,
 ) -> Result<Choice, NoBackend> {
     let key = StickKey {
         service: service.id,
-        client: [client, 0, 0, 0],
+        client: *client,
     };
     if let Some(entry) = STICK.get_ptr_mut(&key) {
         // Read the placement word, the last-seen time, and the word again: if the word changed
@@ -196,10 +196,10 @@ pub fn backend_for(
 /// a client whose open connection keeps sending keeps its entry, though it opens no new
 /// connection. (An idle connection does not: its entry expires after the timeout.)
 #[inline(always)]
-pub fn refresh(service: &Service, client: u32, backend: BackendId, now: u64) {
+pub fn refresh(service: &Service, client: &[u32; 4], backend: BackendId, now: u64) {
     let key = StickKey {
         service: service.id,
-        client: [client, 0, 0, 0],
+        client: *client,
     };
     if let Some(entry) = STICK.get_ptr_mut(&key) {
         // SAFETY: a live LRU value; the placement word is its aligned first 8 bytes.
@@ -215,7 +215,7 @@ pub fn refresh(service: &Service, client: u32, backend: BackendId, now: u64) {
 /// The choice another CPU recorded first, if its backend still takes clients; otherwise (it went
 /// down in between) the stable choice, unrecorded.
 #[inline(always)]
-fn winner(service: &Service, client: u32, id: BackendId) -> Result<Choice, NoBackend> {
+fn winner(service: &Service, client: &[u32; 4], id: BackendId) -> Result<Choice, NoBackend> {
     match usable(service, id) {
         Some(backend) => Ok(Choice {
             id,
@@ -229,7 +229,7 @@ fn winner(service: &Service, client: u32, id: BackendId) -> Result<Choice, NoBac
 /// A backend for a client that gets no entry: the same one for every segment as long as the pool
 /// does not change.
 #[inline(always)]
-fn unrecorded(service: &Service, client: u32) -> Result<Choice, NoBackend> {
+fn unrecorded(service: &Service, client: &[u32; 4]) -> Result<Choice, NoBackend> {
     let (id, backend) = match Policy::from_u8(service.policy) {
         Policy::IpHash => maglev_pick(service, client)?,
         Policy::LeastConn => least_conn_stable_pick(service, client)?,
@@ -243,7 +243,7 @@ fn unrecorded(service: &Service, client: u32) -> Result<Choice, NoBackend> {
 
 /// A backend for a client the stick table does not place, by the service's policy.
 #[inline(always)]
-fn pick(service: &Service, client: u32) -> Result<(BackendId, &'static Backend), NoBackend> {
+fn pick(service: &Service, client: &[u32; 4]) -> Result<(BackendId, &'static Backend), NoBackend> {
     match Policy::from_u8(service.policy) {
         Policy::IpHash => maglev_pick(service, client),
         Policy::LeastConn => least_conn_pick(service, client),
@@ -269,11 +269,14 @@ fn up_backend(service: &Service, slot: u32) -> Result<(BackendId, &'static Backe
 
 /// Maglev lookup: one hash, one array read.
 #[inline(always)]
-fn maglev_pick(service: &Service, client: u32) -> Result<(BackendId, &'static Backend), NoBackend> {
+fn maglev_pick(
+    service: &Service,
+    client: &[u32; 4],
+) -> Result<(BackendId, &'static Backend), NoBackend> {
     if service.ring_size == 0 {
         return Err(NoBackend::Empty);
     }
-    let slot = client_hash(&[client, 0, 0, 0], service.id) % service.ring_size;
+    let slot = client_hash(client, service.id) % service.ring_size;
     up_backend(service, slot)
 }
 
@@ -292,14 +295,14 @@ fn listed(service: &Service) -> u32 {
 #[inline(always)]
 fn scan_listed(
     service: &Service,
-    client: u32,
+    client: &[u32; 4],
     mut visit: impl FnMut(BackendId, &'static Backend) -> bool,
 ) {
     let count = listed(service);
     if count == 0 {
         return;
     }
-    let start = client_hash(&[client, 0, 0, 0], service.id) % count;
+    let start = client_hash(client, service.id) % count;
     let mut i = 0;
     while i < MAX_LEAST_CONN_BACKENDS {
         if i >= count {
@@ -323,7 +326,7 @@ fn scan_listed(
 #[inline(always)]
 fn least_conn_stable_pick(
     service: &Service,
-    client: u32,
+    client: &[u32; 4],
 ) -> Result<(BackendId, &'static Backend), NoBackend> {
     let mut found = None;
     scan_listed(service, client, |id, backend| {
@@ -341,7 +344,7 @@ fn least_conn_stable_pick(
 #[inline(always)]
 fn least_conn_pick(
     service: &Service,
-    client: u32,
+    client: &[u32; 4],
 ) -> Result<(BackendId, &'static Backend), NoBackend> {
     let mut best: Option<(BackendId, &'static Backend, i64)> = None;
     scan_listed(service, client, |id, backend| {

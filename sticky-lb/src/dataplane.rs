@@ -399,7 +399,7 @@ impl Dataplane {
                         vip: s.vip,
                         port: s.port,
                         protocol: s.protocol,
-                        _pad: 0,
+                        family: s.family,
                     })
                 }
             };
@@ -491,6 +491,7 @@ impl Dataplane {
         service.vip = key.vip;
         service.port = key.port;
         service.protocol = key.protocol;
+        service.family = key.family;
         service.ring_base = base;
         service.ring_size = slots.len() as u32;
         let params = service.id * 2 + half;
@@ -522,7 +523,7 @@ impl Dataplane {
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol,
-                _pad: 0,
+                family: s.family,
             });
         }
         Ok(keys)

@@ -30,7 +30,7 @@ pub struct ServiceIndex {
 
 /// The slots the data path probes for `key`, in order.
 pub fn probe_sequence(key: &ServiceKey) -> impl Iterator<Item = u32> {
-    let home = service_slot(key.vip[0], key.port, SERVICE_INDEX_SLOTS);
+    let home = service_slot(&key.vip, key.port, SERVICE_INDEX_SLOTS);
     (0..SERVICE_INDEX_PROBES).map(move |probe| (home + probe) & (SERVICE_INDEX_SLOTS - 1))
 }
 
@@ -111,7 +111,7 @@ mod tests {
             vip: [vip, 0, 0, 0],
             port,
             protocol: 6,
-            _pad: 0,
+            family: 0,
         }
     }
 

@@ -88,7 +88,7 @@ impl Fixture {
             vip: [v4(VIP), 0, 0, 0],
             port: PORT.to_be(),
             protocol: PROTO_TCP,
-            _pad: 0,
+            family: 0,
         };
         let service = Service {
             id: 1,

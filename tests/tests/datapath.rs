@@ -194,9 +194,9 @@ fn traffic_not_for_a_service_passes_untouched() {
     assert_eq!(f.counter(Counter::PassNotService), 4);
     let mut arp = Frame::tcp_syn(client(1), VIP, PORT);
     arp.ether_type = 0x0806;
-    let mut ipv6 = arp.clone();
-    ipv6.ether_type = 0x86dd;
-    for frame in [arp.build(), ipv6.build()] {
+    let mut lldp = arp.clone();
+    lldp.ether_type = 0x88cc;
+    for frame in [arp.build(), lldp.build()] {
         let result = f.run(&frame);
         assert_passed_untouched(&frame, result);
     }
@@ -409,9 +409,9 @@ fn services_sharing_an_index_slot_are_told_apart_and_removal_keeps_the_other() {
     use sticky_lb_common::{SERVICE_INDEX_SLOTS, hash::service_slot};
     let mut f = Fixture::new(32);
     // A second service whose (VIP, port) hashes to the same index slot as the first.
-    let home = service_slot(f.key.vip[0], f.key.port, SERVICE_INDEX_SLOTS);
+    let home = service_slot(&f.key.vip, f.key.port, SERVICE_INDEX_SLOTS);
     let other_port = (1..u16::MAX)
-        .find(|p| *p != PORT && service_slot(f.key.vip[0], p.to_be(), SERVICE_INDEX_SLOTS) == home)
+        .find(|p| *p != PORT && service_slot(&f.key.vip, p.to_be(), SERVICE_INDEX_SLOTS) == home)
         .expect("a colliding port");
     let other_key = ServiceKey {
         port: other_port.to_be(),
@@ -461,7 +461,7 @@ fn a_corrupt_service_index_aborts_instead_of_guessing() {
     use sticky_lb_common::{SERVICE_INDEX_SLOTS, hash::service_slot};
     let mut f = Fixture::new(32);
     // Point the service's index slot past the end of the services array.
-    let home = service_slot(f.key.vip[0], f.key.port, SERVICE_INDEX_SLOTS);
+    let home = service_slot(&f.key.vip, f.key.port, SERVICE_INDEX_SLOTS);
     f.dataplane.service_index.set(home, &10_000, 0).unwrap();
     let frame = Frame::tcp_syn(client(1), VIP, PORT).build();
     let (verdict, _) = f.run(&frame);

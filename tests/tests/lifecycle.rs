@@ -471,7 +471,7 @@ fn a_second_controller_on_the_same_interface_refuses() {
 /// address and the port in network byte order).
 fn home_slot(vip: Ipv4Addr, port: u16) -> u32 {
     service_slot(
-        u32::from_ne_bytes(vip.octets()),
+        &[u32::from_ne_bytes(vip.octets()), 0, 0, 0],
         port.to_be(),
         SERVICE_INDEX_SLOTS,
     )

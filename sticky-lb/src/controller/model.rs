@@ -163,7 +163,7 @@ pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceK
         vip: [u32::from_ne_bytes(service.vip.octets()), 0, 0, 0],
         port: service.port.to_be(),
         protocol: PROTO_TCP,
-        _pad: 0,
+        family: sticky_lb_common::Family::Ipv4 as u8,
     };
     let params = Service {
         id,
@@ -192,6 +192,7 @@ pub(super) fn params_differ(a: &Service, b: &Service) -> bool {
         vip: [0; 4],
         port: 0,
         protocol: 0,
+        family: 0,
         ..*s
     };
     strip(a) != strip(b)

@@ -84,7 +84,7 @@ mod tests {
             vip: [u32::from_ne_bytes(vip.octets()), 0, 0, 0],
             port: 80u16.to_be(),
             protocol: 6,
-            _pad: 0,
+            family: 0,
         }
     }
 

@@ -131,7 +131,7 @@ impl Bench {
             vip: [v4(VIP), 0, 0, 0],
             port: 80u16.to_be(),
             protocol: PROTO_TCP,
-            _pad: 0,
+            family: 0,
         };
         let service = Service {
             id: 0,
