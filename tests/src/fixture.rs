@@ -1,21 +1,24 @@
 //! A loaded sticky-lb XDP program under BPF_PROG_TEST_RUN, unpinned and unattached, with small
-//! tables, one service 198.18.0.100:80 and three backends: frames built in a test go in, the
-//! verdict, the bytes that come out and the map contents are checked (the style of Katran's
-//! testing/fixtures). Used by the data-path fixtures and the packet fuzzer.
+//! tables, one service (198.18.0.100:80, or [2001:db8::100]:80 for IPv6) and three backends:
+//! frames built in a test go in, the verdict, the bytes that come out and the map contents are
+//! checked (the style of Katran's testing/fixtures). A second service of the other family can be
+//! added, so frames of one family meet a program that also serves the other. Used by the
+//! data-path fixtures and the packet fuzzer.
 
 use crate::{netns::require_root, packet::Frame};
 use aya::{
     maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use sticky_lb::{
     dataplane::{Dataplane, LoadOptions},
     maglev,
 };
 use sticky_lb_common::{
     Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, PROTO_TCP, Policy, Service,
-    ServiceCounters, ServiceKey, StickEntry, StickKey, hash::client_hash, map_names,
+    ServiceCounters, ServiceKey, StickEntry, StickKey, addr, addr::Family, hash::client_hash,
+    map_names,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -23,6 +26,7 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 pub const PORT: u16 = 80;
 pub const RING: u32 = 251; // a small prime keeps the test fast; the logic is size-independent
 pub const TIMEOUT_NS: u64 = 60_000_000_000;
@@ -31,6 +35,7 @@ pub const OUR_MAC: [u8; 6] = [0x02, 0x5b, 0, 0, 0, 0xfe];
 
 pub struct Fixture {
     pub dataplane: Dataplane,
+    pub family: Family,
     pub key: ServiceKey,
     pub service: Service,
     pub backends: Vec<(BackendId, String, [u8; 6])>,
@@ -39,6 +44,34 @@ pub struct Fixture {
     pub service_stats: PerCpuArray<MapData, ServiceCounters>,
     pub flows: HashMap<MapData, FlowKey, FlowEntry>,
     pub active: Array<MapData, i64>,
+    /// A second service, of the other family, if [`Fixture::add_other_family`] added one.
+    pub other: Option<OtherService>,
+}
+
+/// The second service of a fixture: its own key, parameters and three backends.
+pub struct OtherService {
+    pub family: Family,
+    pub key: ServiceKey,
+    pub service: Service,
+    pub backends: Vec<(BackendId, String, [u8; 6])>,
+}
+
+/// The fixture's VIP of `family`.
+pub fn vip_of(family: Family) -> IpAddr {
+    match family {
+        Family::Ipv4 => VIP.into(),
+        Family::Ipv6 => VIP6.into(),
+    }
+}
+
+/// The service key of the fixture's VIP of `family`, port [`PORT`].
+fn service_key(family: Family) -> ServiceKey {
+    ServiceKey {
+        vip: addr::words(&vip_of(family)),
+        port: PORT.to_be(),
+        protocol: PROTO_TCP,
+        family: family as u8,
+    }
 }
 
 pub fn v4(addr: Ipv4Addr) -> u32 {
@@ -50,7 +83,17 @@ pub fn mask(prefix: u32) -> u32 {
 }
 
 impl Fixture {
+    /// An IPv4 fixture whose service masks clients to `client_prefix` bits.
     pub fn new(client_prefix: u32) -> Fixture {
+        Fixture::with_family(Family::Ipv4, client_prefix as u8)
+    }
+
+    /// An IPv6 fixture ([2001:db8::100]:80) masking clients to `client_prefix` bits.
+    pub fn new_v6(client_prefix: u8) -> Fixture {
+        Fixture::with_family(Family::Ipv6, client_prefix)
+    }
+
+    pub fn with_family(family: Family, client_prefix: u8) -> Fixture {
         require_root();
         let mut dataplane = Dataplane::load(
             None,
@@ -84,16 +127,11 @@ impl Fixture {
             };
             dataplane.backends.set(*id, &entry, 0).unwrap();
         }
-        let key = ServiceKey {
-            vip: [v4(VIP), 0, 0, 0],
-            port: PORT.to_be(),
-            protocol: PROTO_TCP,
-            family: 0,
-        };
+        let key = service_key(family);
         let service = Service {
             id: 1,
             stick_timeout_ns: TIMEOUT_NS,
-            client_mask: [mask(client_prefix), 0, 0, 0],
+            client_mask: addr::prefix_mask(family, client_prefix),
             ..Default::default()
         };
         let stick = dataplane.take_map(map_names::STICK).unwrap();
@@ -103,6 +141,7 @@ impl Fixture {
         let active = dataplane.take_map(map_names::ACTIVE).unwrap();
         let mut fixture = Fixture {
             dataplane,
+            family,
             key,
             service,
             backends,
@@ -111,11 +150,79 @@ impl Fixture {
             service_stats,
             flows,
             active,
+            other: None,
         };
         fixture.publish(&[0, 1, 2]);
         fixture
     }
 
+    /// Adds a service of the other family (same port, service id 0, backends 9..12) masking
+    /// clients to `client_prefix` bits, with a Maglev table of its three backends.
+    pub fn add_other_family(&mut self, client_prefix: u8) -> &OtherService {
+        let family = match self.family {
+            Family::Ipv4 => Family::Ipv6,
+            Family::Ipv6 => Family::Ipv4,
+        };
+        let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
+            .map(|i| {
+                (
+                    i + 9,
+                    format!("other-{i}"),
+                    [0x02, 0xbf, 0, 0, 0, i as u8 + 1],
+                )
+            })
+            .collect();
+        for (id, _, mac) in &backends {
+            let entry = Backend {
+                addr: [v4(Ipv4Addr::new(198, 18, 0, 31 + *id as u8)), 0, 0, 0],
+                mac: *mac,
+                state: BackendState::Up as u8,
+                _pad: 0,
+                service: 0,
+                weight: 1,
+            };
+            self.dataplane.backends.set(*id, &entry, 0).unwrap();
+        }
+        let key = service_key(family);
+        let mut service = Service {
+            id: 0,
+            stick_timeout_ns: TIMEOUT_NS,
+            client_mask: addr::prefix_mask(family, client_prefix),
+            ..Default::default()
+        };
+        let members: Vec<maglev::Member<'_>> = backends
+            .iter()
+            .map(|(id, name, _)| maglev::Member {
+                id: *id,
+                name,
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::Table::build(RING, &members);
+        self.dataplane
+            .publish_service(&key, &mut service, table.slots())
+            .unwrap();
+        self.other.insert(OtherService {
+            family,
+            key,
+            service,
+            backends,
+        })
+    }
+
+    /// The stick key of `client` in this fixture's service (masked as the program masks it).
+    pub fn stick_key(&self, client: impl Into<IpAddr>) -> StickKey {
+        let client = client.into();
+        assert_eq!(
+            Family::of(&client),
+            self.family,
+            "a client of the service's family"
+        );
+        StickKey {
+            service: self.service.id,
+            client: addr::masked(addr::words(&client), self.service.client_mask),
+        }
+    }
     /// Publishes a Maglev table made of the given backends (indexes into `self.backends`).
     pub fn publish(&mut self, members: &[usize]) -> maglev::Table {
         let members: Vec<maglev::Member<'_>> = members
@@ -210,27 +317,21 @@ impl Fixture {
     }
 
     /// Writes a stick entry as it is (any version, any times).
-    pub fn set_stick_entry(&mut self, client: Ipv4Addr, entry: StickEntry) {
-        let key = StickKey {
-            service: self.service.id,
-            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
-        };
+    pub fn set_stick_entry(&mut self, client: impl Into<IpAddr>, entry: StickEntry) {
+        let key = self.stick_key(client);
         self.stick.insert(&key, &entry, 0).unwrap();
     }
 
     /// Removes a client's stick entry (as the sweep or an LRU eviction would).
-    pub fn remove_stick(&mut self, client: Ipv4Addr) {
-        let key = StickKey {
-            service: self.service.id,
-            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
-        };
+    pub fn remove_stick(&mut self, client: impl Into<IpAddr>) {
+        let key = self.stick_key(client);
         self.stick.remove(&key).unwrap();
     }
 
     /// The backend (index) the Maglev table gives a client, computed the way the program does.
-    pub fn predicted(&self, table: &maglev::Table, client: Ipv4Addr) -> usize {
-        let masked = v4(client) & self.service.client_mask[0];
-        let id = table.lookup(client_hash(&[masked, 0, 0, 0], self.service.id));
+    pub fn predicted(&self, table: &maglev::Table, client: impl Into<IpAddr>) -> usize {
+        let masked = self.stick_key(client).client;
+        let id = table.lookup(client_hash(&masked, self.service.id));
         self.index_of(id)
     }
 
@@ -241,19 +342,13 @@ impl Fixture {
             .expect("a known backend id")
     }
 
-    pub fn stick_entry(&self, client: Ipv4Addr) -> Option<StickEntry> {
-        let key = StickKey {
-            service: self.service.id,
-            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
-        };
+    pub fn stick_entry(&self, client: impl Into<IpAddr>) -> Option<StickEntry> {
+        let key = self.stick_key(client);
         self.stick.get(&key, 0).ok()
     }
 
-    pub fn set_stick(&mut self, client: Ipv4Addr, backend: usize, last_seen_ns: u64) {
-        let key = StickKey {
-            service: self.service.id,
-            client: [v4(client) & self.service.client_mask[0], 0, 0, 0],
-        };
+    pub fn set_stick(&mut self, client: impl Into<IpAddr>, backend: usize, last_seen_ns: u64) {
+        let key = self.stick_key(client);
         let entry = StickEntry {
             backend: self.backends[backend].0,
             version: 0,
@@ -319,9 +414,16 @@ pub fn client(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1, n)
 }
 
-/// A TCP segment from `client:port` with the given flags.
-pub fn segment(client_addr: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
-    let mut frame = Frame::tcp_syn(client_addr, VIP, PORT);
+/// An IPv6 client: number `n` of /64 number `net` (2001:db8:1:NET::N).
+pub fn client6(net: u16, n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, net, 0, 0, 0, n)
+}
+
+/// A TCP segment from `client:port` to the fixture's VIP of the client's family, with the given
+/// flags.
+pub fn segment(client_addr: impl Into<IpAddr>, port: u16, flags: u8) -> Vec<u8> {
+    let client_addr = client_addr.into();
+    let mut frame = Frame::tcp_syn(client_addr, vip_of(Family::of(&client_addr)), PORT);
     frame.src_port = port;
     frame.tcp_flags = flags;
     frame.build()

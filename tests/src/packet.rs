@@ -1,11 +1,13 @@
 //! Frames built byte by byte for BPF_PROG_TEST_RUN fixtures: Ethernet (optionally 802.1Q),
-//! IPv4 (optionally with options and fragment bits), TCP or UDP, with valid checksums.
+//! IPv4 (optionally with options and fragment bits) or IPv6 (optionally with extension headers),
+//! TCP or UDP, with valid checksums.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
 pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
 pub const TCP_LEN: usize = 20;
 
 /// A frame to build. Start from [`Frame::tcp_syn`] and adjust fields.
@@ -16,12 +18,19 @@ pub struct Frame {
     pub vlan: Option<u16>,
     /// EtherType after any VLAN tag (0x0800 IPv4, 0x0806 ARP, 0x86dd IPv6).
     pub ether_type: u16,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    /// Source and destination; their family picks the IP header (both must be of one family).
+    pub src: IpAddr,
+    pub dst: IpAddr,
     /// IPv4 options (padded to a multiple of 4 bytes).
     pub ip_options: Vec<u8>,
-    /// The 16-bit flags + fragment offset field.
+    /// The 16-bit flags + fragment offset field (IPv4).
     pub frag: u16,
+    /// IPv6 extension headers between the fixed header and `protocol`'s header, in order: each
+    /// (its next-header number, its bytes after the first two). The builder fills in each
+    /// header's next-header and length bytes and pads the body to a multiple of 8 bytes.
+    pub ipv6_ext: Vec<(u8, Vec<u8>)>,
+    /// Overrides the IPv6 payload length field (None: the real length).
+    pub ipv6_payload_len: Option<u16>,
     pub protocol: u8,
     pub src_port: u16,
     pub dst_port: u16,
@@ -35,16 +44,19 @@ pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 2];
 
 impl Frame {
     /// A TCP SYN from `src` to `dst:port`, as a client sends it to the balancer.
-    pub fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Frame {
+    pub fn tcp_syn(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, port: u16) -> Frame {
+        let src = src.into();
         Frame {
             dst_mac: LB_MAC,
             src_mac: CLIENT_MAC,
             vlan: None,
-            ether_type: 0x0800,
+            ether_type: if src.is_ipv6() { 0x86dd } else { 0x0800 },
             src,
-            dst,
+            dst: dst.into(),
             ip_options: Vec::new(),
             frag: 0x4000, // don't fragment
+            ipv6_ext: Vec::new(),
+            ipv6_payload_len: None,
             protocol: 6,
             src_port: 40000,
             dst_port: port,
@@ -53,7 +65,7 @@ impl Frame {
         }
     }
 
-    /// Offset of the IPv4 header in the built frame.
+    /// Offset of the IP header in the built frame.
     pub fn ip_offset(&self) -> usize {
         ETH_LEN + if self.vlan.is_some() { VLAN_LEN } else { 0 }
     }
@@ -67,6 +79,9 @@ impl Frame {
             out.extend_from_slice(&tci.to_be_bytes());
         }
         out.extend_from_slice(&self.ether_type.to_be_bytes());
+        if self.ether_type == 0x86dd {
+            return self.ipv6(out);
+        }
         if self.ether_type != 0x0800 {
             out.extend_from_slice(&[0u8; 46]);
             return out;
@@ -97,8 +112,8 @@ impl Frame {
         out.push(64);
         out.push(self.protocol);
         out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.src.octets());
-        out.extend_from_slice(&self.dst.octets());
+        out.extend_from_slice(&octets(self.src));
+        out.extend_from_slice(&octets(self.dst));
         out.extend_from_slice(&options);
         let sum = checksum(&out[ip_start..], 0);
         out[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
@@ -106,14 +121,53 @@ impl Frame {
         out
     }
 
+    /// The IPv6 header, extension headers and upper-layer header after Ethernet `out`.
+    fn ipv6(&self, mut out: Vec<u8>) -> Vec<u8> {
+        let l4 = self.l4();
+        let mut ext = Vec::new();
+        for (i, (_, body)) in self.ipv6_ext.iter().enumerate() {
+            let next = match self.ipv6_ext.get(i + 1) {
+                Some((kind, _)) => *kind,
+                None => self.protocol,
+            };
+            let mut header = vec![next, 0];
+            header.extend_from_slice(body);
+            while header.len() < 8 || !header.len().is_multiple_of(8) {
+                header.push(0);
+            }
+            header[1] = (header.len() / 8 - 1) as u8;
+            ext.extend_from_slice(&header);
+        }
+        let first = match self.ipv6_ext.first() {
+            Some((kind, _)) => *kind,
+            None => self.protocol,
+        };
+        let payload = self
+            .ipv6_payload_len
+            .unwrap_or((ext.len() + l4.len()) as u16);
+        out.extend_from_slice(&[0x60, 0, 0, 0]);
+        out.extend_from_slice(&payload.to_be_bytes());
+        out.push(first);
+        out.push(64);
+        out.extend_from_slice(&octets(self.src));
+        out.extend_from_slice(&octets(self.dst));
+        out.extend_from_slice(&ext);
+        out.extend_from_slice(&l4);
+        out
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        match self.protocol {
+            6 => self.tcp(),
+            17 => self.udp(),
+            _ => vec![128, 0, 0, 0, 0, 1, 0, 1], // an ICMPv6 echo request (checksum not needed)
+        }
+    }
+
     fn pseudo_header_sum(&self, len: usize) -> u32 {
         let mut sum = 0u32;
-        for pair in self
-            .src
-            .octets()
-            .chunks(2)
-            .chain(self.dst.octets().chunks(2))
-        {
+        let (src, dst) = (octets(self.src), octets(self.dst));
+        for pair in src.chunks(2).chain(dst.chunks(2)) {
             sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
         }
         sum + self.protocol as u32 + len as u32
@@ -148,6 +202,14 @@ impl Frame {
     }
 }
 
+/// The address's bytes in network order (4 or 16).
+fn octets(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
 /// The Internet checksum (RFC 1071) of `data`, starting from a partial `sum`.
 pub fn checksum(data: &[u8], mut sum: u32) -> u16 {
     for chunk in data.chunks(2) {
@@ -171,11 +233,34 @@ mod tests {
     #[test]
     fn ipv4_header_checksum_verifies() {
         let frame = Frame::tcp_syn(
-            "198.18.1.1".parse().unwrap(),
-            "198.18.0.100".parse().unwrap(),
+            "198.18.1.1".parse::<IpAddr>().unwrap(),
+            "198.18.0.100".parse::<IpAddr>().unwrap(),
             80,
         )
         .build();
         assert_eq!(checksum(&frame[ETH_LEN..ETH_LEN + IPV4_LEN], 0), 0);
+    }
+
+    #[test]
+    fn ipv6_tcp_checksum_verifies_through_extension_headers() {
+        let mut f = Frame::tcp_syn(
+            "2001:db8:1::1".parse::<IpAddr>().unwrap(),
+            "2001:db8::100".parse::<IpAddr>().unwrap(),
+            80,
+        );
+        f.ipv6_ext = vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![])];
+        let frame = f.build();
+        assert_eq!(&frame[12..14], &[0x86, 0xdd]);
+        assert_eq!(frame[ETH_LEN + 6], 0, "first next header: hop-by-hop");
+        let tcp = &frame[ETH_LEN + IPV6_LEN + 16..];
+        assert_eq!(tcp.len(), 20);
+        // The checksum over the pseudo-header and the segment verifies to zero.
+        let pseudo: u32 = frame[ETH_LEN + 8..ETH_LEN + 40]
+            .chunks(2)
+            .map(|p| u16::from_be_bytes([p[0], p[1]]) as u32)
+            .sum::<u32>()
+            + 6
+            + tcp.len() as u32;
+        assert_eq!(checksum(tcp, pseudo), 0);
     }
 }
