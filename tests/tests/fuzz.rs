@@ -8,14 +8,22 @@
 //! every frame:
 //!
 //! 1. the verdict is XDP_PASS, XDP_DROP or XDP_TX, never XDP_ABORTED or anything else;
-//! 2. XDP_TX only for a well-formed, unfragmented TCP segment to the service ([`judge`]), and
-//!    then only the DSR rewrite: destination MAC a backend's, source MAC ours, the length and
-//!    every byte from offset 12 on unchanged. Conversely every such segment is transmitted: all
-//!    three backends are up, so passing or dropping one loses a client's packet;
+//! 2. XDP_TX only for a well-formed, unfragmented TCP segment to a service ([`judge`]), and
+//!    then only the DSR rewrite: destination MAC a backend's *of that segment's service*, source
+//!    MAC ours, the length and every byte from offset 12 on unchanged. Conversely every such
+//!    segment is transmitted: all backends are up, so passing or dropping one loses a client's
+//!    packet;
 //! 3. XDP_PASS leaves the frame exactly as it came (XDP_DROP output is not looked at);
-//! 4. a client address forwarded more than once always reaches the same backend: the pool does
-//!    not change during the run and the service's client mask is /32, so anything else is a
-//!    split session. Checked from the output MACs, not the stick table, to keep a frame cheap.
+//! 4. a client forwarded more than once always reaches the same backend: the pool does not
+//!    change during the run, so anything else is a split session. A client is an IPv4 address
+//!    (that service's mask is /32) or an IPv6 /64 (that service's mask is /64: every address of
+//!    the /64 must reach one backend). Checked from the output MACs, not the stick table, to
+//!    keep a frame cheap.
+//!
+//! The program serves two services at once, 198.18.0.100:80 and [2001:db8::100]:80, so frames
+//! of each family meet a program that also serves the other: an IPv6 header whose bytes happen to
+//! hold the IPv4 VIP where an IPv4 destination would sit must not reach the IPv4 service. IPv6
+//! segments come with chains of up to five extension headers (the data path follows four).
 //!
 //! The seed is fixed so a failure reproduces; `SLB_FUZZ_SEED` picks another stream and
 //! `SLB_FUZZ_FRAMES` the number of frames (default 100,000; `cargo xtask bench` runs a million in
@@ -26,12 +34,15 @@ use rand::{RngExt, SeedableRng, rngs::Xoshiro256PlusPlus};
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
 };
+use sticky_lb_common::addr::Family;
 use sticky_lb_tests::{
-    fixture::{ACK, FIN_ACK, Fixture, OUR_MAC, PORT, RST, SYN, VIP, XDP_DROP, XDP_PASS, XDP_TX},
-    packet::{ETH_LEN, Frame, IPV4_LEN, TCP_LEN},
+    fixture::{
+        ACK, FIN_ACK, Fixture, OUR_MAC, PORT, RST, SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX,
+    },
+    packet::{ETH_LEN, Frame, IPV4_LEN, IPV6_LEN, TCP_LEN},
 };
 
 const DEFAULT_FRAMES: u64 = 100_000;
@@ -43,6 +54,16 @@ const CLIENTS: usize = 300;
 const EXAMPLES: usize = 3;
 
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6 next headers the data path walks past, and the fragment header it stops at.
+const HOPOPTS: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DSTOPTS: u8 = 60;
+/// Extension headers the data path follows (sticky_lb_common::MAX_IPV6_EXT_HEADERS).
+const MAX_EXT_HEADERS: usize = sticky_lb_common::MAX_IPV6_EXT_HEADERS as usize;
+/// The IPv6 service's client mask: a session is a /64.
+const V6_CLIENT_MASK: u8 = 64;
 const ETH_P_8021Q: u16 = 0x8100;
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
 const PSH_ACK: u8 = 0x18;
@@ -53,16 +74,21 @@ const ETH_MIN_FRAME: usize = 60;
 /// a parser meets the fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Unfit {
-    /// No IPv4 EtherType after at most one 802.1Q tag (or the frame ends inside the tag).
-    NotIpv4,
-    /// The frame ends inside the IPv4 header (IHL*4 bytes).
+    /// No IPv4 or IPv6 EtherType after at most one 802.1Q tag (or the frame ends inside the tag).
+    NotIp,
+    /// The frame ends inside the IP header (IPv4: IHL*4 bytes; IPv6: 40).
     IpHeaderCut,
-    IpVersionNot4,
+    /// The version nibble does not match the EtherType.
+    IpVersion,
     IhlBelow5,
-    /// tot_len reaches past the end of the frame.
+    /// IPv6 payload length 0 (a jumbogram, or nothing).
+    PayloadLenZero,
+    /// tot_len (IPv6: 40 + payload length) reaches past the end of the frame.
     TotLenPastFrame,
-    /// tot_len leaves no room for the IPv4 header and a minimal TCP header.
+    /// tot_len leaves no room for the IP header (and extension headers) and a minimal TCP header.
     TotLenBelowHeaders,
+    /// More IPv6 extension headers than the data path follows.
+    TooManyExtHeaders,
     Fragment,
     NotTcp,
     /// Another address or port: some other host's traffic.
@@ -72,8 +98,9 @@ enum Unfit {
     DataOffsetPastTotLen,
 }
 
-/// Offset of the IPv4 header: after the MACs, at most one 802.1Q tag and an IPv4 EtherType.
-fn ip_offset(frame: &[u8]) -> Option<usize> {
+/// Offset of the IP header and its family: after the MACs, at most one 802.1Q tag and an IPv4
+/// or IPv6 EtherType.
+fn ip_offset(frame: &[u8]) -> Option<(usize, Family)> {
     let ether_type_at = |offset: usize| {
         frame
             .get(offset..offset + 2)
@@ -83,20 +110,35 @@ fn ip_offset(frame: &[u8]) -> Option<usize> {
     if ether_type_at(offset)? == ETH_P_8021Q {
         offset += 4;
     }
-    (ether_type_at(offset)? == ETH_P_IPV4).then_some(offset + 2)
+    match ether_type_at(offset)? {
+        ETH_P_IPV4 => Some((offset + 2, Family::Ipv4)),
+        ETH_P_IPV6 => Some((offset + 2, Family::Ipv6)),
+        _ => None,
+    }
 }
 
-/// The oracle: `Ok(client address)` if the frame is a well-formed, unfragmented TCP segment to
-/// 198.18.0.100:80, which the balancer must transmit; otherwise the reason it must not.
-/// Trailing bytes after tot_len are Ethernet padding and allowed.
-fn judge(frame: &[u8]) -> Result<[u8; 4], Unfit> {
-    let l3 = ip_offset(frame).ok_or(Unfit::NotIpv4)?;
+/// A session as the oracle sees it: the service's family and its client (an IPv4 address, or
+/// the /64 of an IPv6 one).
+type Session = (Family, IpAddr);
+
+/// The oracle: `Ok(session)` if the frame is a well-formed, unfragmented TCP segment to
+/// 198.18.0.100:80 or [2001:db8::100]:80, which the balancer must transmit; otherwise the
+/// reason it must not. Trailing bytes after the IP packet are Ethernet padding and allowed.
+fn judge(frame: &[u8]) -> Result<Session, Unfit> {
+    let (l3, family) = ip_offset(frame).ok_or(Unfit::NotIp)?;
     let ip = frame
         .get(l3..)
         .filter(|ip| !ip.is_empty())
         .ok_or(Unfit::IpHeaderCut)?;
+    match family {
+        Family::Ipv4 => judge_ipv4(ip),
+        Family::Ipv6 => judge_ipv6(ip),
+    }
+}
+
+fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
     if ip[0] >> 4 != 4 {
-        return Err(Unfit::IpVersionNot4);
+        return Err(Unfit::IpVersion);
     }
     let ihl = (ip[0] & 0x0f) as usize * 4;
     if ihl < IPV4_LEN {
@@ -129,7 +171,64 @@ fn judge(frame: &[u8]) -> Result<[u8; 4], Unfit> {
     if ihl + data_offset > tot_len {
         return Err(Unfit::DataOffsetPastTotLen);
     }
-    Ok([ip[12], ip[13], ip[14], ip[15]])
+    let client = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    Ok((Family::Ipv4, client.into()))
+}
+
+/// RFC 8200 as the data path applies it: payload length not 0 and inside the frame; at most
+/// [`MAX_EXT_HEADERS`] hop-by-hop, routing or destination-options headers, all inside the
+/// payload, before TCP; a fragment header or any other next header is not a segment to take.
+fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
+    if ip[0] >> 4 != 6 {
+        return Err(Unfit::IpVersion);
+    }
+    if ip.len() < IPV6_LEN {
+        return Err(Unfit::IpHeaderCut);
+    }
+    let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    if payload == 0 {
+        return Err(Unfit::PayloadLenZero);
+    }
+    if IPV6_LEN + payload > ip.len() {
+        return Err(Unfit::TotLenPastFrame);
+    }
+    let packet = &ip[..IPV6_LEN + payload];
+    let mut next = ip[6];
+    let mut at = IPV6_LEN;
+    let mut walked = 0;
+    while next != 6 {
+        match next {
+            HOPOPTS | ROUTING | DSTOPTS => {}
+            FRAGMENT => return Err(Unfit::Fragment),
+            _ => return Err(Unfit::NotTcp),
+        }
+        if walked == MAX_EXT_HEADERS {
+            return Err(Unfit::TooManyExtHeaders);
+        }
+        walked += 1;
+        if at + 2 > packet.len() {
+            return Err(Unfit::TotLenBelowHeaders);
+        }
+        next = packet[at];
+        at += (packet[at + 1] as usize + 1) * 8;
+    }
+    if at + TCP_LEN > packet.len() {
+        return Err(Unfit::TotLenBelowHeaders);
+    }
+    let tcp = &packet[at..];
+    if ip[24..40] != VIP6.octets() || u16::from_be_bytes([tcp[2], tcp[3]]) != PORT {
+        return Err(Unfit::NotService);
+    }
+    let data_offset = (tcp[12] >> 4) as usize * 4;
+    if data_offset < TCP_LEN {
+        return Err(Unfit::DataOffsetBelow5);
+    }
+    if data_offset > tcp.len() {
+        return Err(Unfit::DataOffsetPastTotLen);
+    }
+    let mut client: [u8; 16] = ip[8..24].try_into().unwrap();
+    client[(V6_CLIENT_MASK / 8) as usize..].fill(0);
+    Ok((Family::Ipv6, Ipv6Addr::from(client).into()))
 }
 
 /// A broken invariant; the key the report groups violations by.
@@ -158,8 +257,9 @@ struct Tally {
 /// The fuzz run's state: the loaded program and what it has done so far.
 struct Run {
     fixture: Fixture,
-    /// Per client address: the backend (index) it was first forwarded to, and how often.
-    sessions: HashMap<[u8; 4], (usize, u64)>,
+    /// Per session: the backend (index into its service's backends) it was first forwarded to,
+    /// and how often.
+    sessions: HashMap<Session, (usize, u64)>,
     frames: u64,
     passed: u64,
     dropped: u64,
@@ -169,8 +269,10 @@ struct Run {
 
 impl Run {
     fn new() -> Run {
+        let mut fixture = Fixture::new(32);
+        fixture.add_other_family(V6_CLIENT_MASK);
         Run {
-            fixture: Fixture::new(32),
+            fixture,
             sessions: HashMap::new(),
             frames: 0,
             passed: 0,
@@ -206,23 +308,24 @@ impl Run {
             }
             XDP_TX => {
                 self.forwarded += 1;
-                match (expected, self.dsr_backend(input, &output)) {
-                    (Err(unfit), _) => Some(Violation::ForwardedUnfit(unfit)),
-                    (Ok(_), None) => Some(Violation::BadRewrite),
-                    (Ok(client), Some(backend)) => {
-                        let session = self.sessions.entry(client).or_insert((backend, 0));
-                        session.1 += 1;
-                        let first = session.0;
-                        (first != backend).then(|| {
-                            note = format!(
-                                "client {} went to {}, now to {}",
-                                Ipv4Addr::from(client),
-                                self.fixture.backends[first].1,
-                                self.fixture.backends[backend].1
-                            );
-                            Violation::SplitSession
-                        })
-                    }
+                match expected {
+                    Err(unfit) => Some(Violation::ForwardedUnfit(unfit)),
+                    Ok(client) => match self.dsr_backend(client.0, input, &output) {
+                        None => Some(Violation::BadRewrite),
+                        Some(backend) => {
+                            let session = self.sessions.entry(client).or_insert((backend, 0));
+                            session.1 += 1;
+                            let first = session.0;
+                            (first != backend).then(|| {
+                                let names = self.backends(client.0);
+                                note = format!(
+                                    "client {} went to {}, now to {}",
+                                    client.1, names[first].1, names[backend].1
+                                );
+                                Violation::SplitSession
+                            })
+                        }
+                    },
                 }
             }
             other => Some(Violation::Verdict(other)),
@@ -244,12 +347,27 @@ impl Run {
         }
     }
 
-    /// The backend (index) a transmitted frame went to, if the program changed nothing but what
-    /// L2 DSR changes: the destination MAC to a backend's and the source MAC to ours.
-    fn dsr_backend(&self, input: &[u8], output: &[u8]) -> Option<usize> {
+    /// The backends of the service of `family`.
+    fn backends(&self, family: Family) -> &[(u32, String, [u8; 6])] {
+        match family {
+            Family::Ipv4 => &self.fixture.backends,
+            Family::Ipv6 => {
+                &self
+                    .fixture
+                    .other
+                    .as_ref()
+                    .expect("an IPv6 service")
+                    .backends
+            }
+        }
+    }
+
+    /// The backend (index) of the `family` service a transmitted frame went to, if the program
+    /// changed nothing but what L2 DSR changes: the destination MAC to one of that service's
+    /// backends and the source MAC to ours.
+    fn dsr_backend(&self, family: Family, input: &[u8], output: &[u8]) -> Option<usize> {
         let backend = self
-            .fixture
-            .backends
+            .backends(family)
             .iter()
             .position(|b| output.starts_with(&b.2))?;
         (output.len() == input.len() && output[6..12] == OUR_MAC && output[12..] == input[12..])
@@ -333,22 +451,68 @@ const MUTATIONS: [Mutation; 14] = [
 /// A segment as built, with the offsets the mutations aim at.
 struct Segment {
     bytes: Vec<u8>,
+    family: Family,
     l3: usize,
+    /// Where the IP payload starts: after IPv4 options, or after the IPv6 header (extension
+    /// headers are payload).
+    payload: usize,
     l4: usize,
+    /// The byte that says the next header is TCP: IPv4's protocol, or the last next-header field
+    /// of the IPv6 chain.
+    next_at: usize,
+    /// The first IPv6 extension header, if there is one.
+    first_ext: Option<usize>,
 }
 
 impl Segment {
     fn build(frame: &Frame, flags: u8) -> Segment {
         let mut bytes = frame.build();
         let l3 = frame.ip_offset();
-        let l4 = l3 + (bytes[l3] & 0x0f) as usize * 4;
+        let family = Family::of(&frame.src);
+        let (payload, l4, next_at, first_ext) = match family {
+            Family::Ipv4 => {
+                let l4 = l3 + (bytes[l3] & 0x0f) as usize * 4;
+                (l4, l4, l3 + 9, None)
+            }
+            Family::Ipv6 => {
+                let payload = l3 + IPV6_LEN;
+                let (mut at, mut next_at) = (payload, l3 + 6);
+                for _ in &frame.ipv6_ext {
+                    next_at = at;
+                    at += (bytes[at + 1] as usize + 1) * 8;
+                }
+                let first_ext = (!frame.ipv6_ext.is_empty()).then_some(payload);
+                (payload, at, next_at, first_ext)
+            }
+        };
         // Frame builds a SYN; the checksum is left as is (XDP never checks it).
         bytes[l4 + 13] = flags;
-        Segment { bytes, l3, l4 }
+        Segment {
+            bytes,
+            family,
+            l3,
+            payload,
+            l4,
+            next_at,
+            first_ext,
+        }
     }
 
+    /// Sets IPv4's total length, or IPv6's payload length (what follows the 40-byte header).
     fn set_tot_len(&mut self, tot_len: u16) {
-        self.bytes[self.l3 + 2..self.l3 + 4].copy_from_slice(&tot_len.to_be_bytes());
+        let at = match self.family {
+            Family::Ipv4 => self.l3 + 2,
+            Family::Ipv6 => self.l3 + 4,
+        };
+        self.bytes[at..at + 2].copy_from_slice(&tot_len.to_be_bytes());
+    }
+
+    /// The length field's value that covers the frame to its end.
+    fn length_to_end(&self) -> usize {
+        match self.family {
+            Family::Ipv4 => self.bytes.len().saturating_sub(self.l3),
+            Family::Ipv6 => self.bytes.len().saturating_sub(self.payload),
+        }
     }
 
     fn set_data_offset(&mut self, words: u8) {
@@ -361,6 +525,7 @@ impl Segment {
 struct Generator {
     rng: Xoshiro256PlusPlus,
     clients: Vec<Ipv4Addr>,
+    clients6: Vec<Ipv6Addr>,
 }
 
 impl Generator {
@@ -370,7 +535,28 @@ impl Generator {
         let clients = (0..CLIENTS)
             .map(|_| Ipv4Addr::from(0xc612_0000 | rng.random_range(0..1u32 << 17)))
             .collect();
-        Generator { rng, clients }
+        // 2001:db8:1::/48, in 40 /64s with random interface identifiers (as privacy addresses
+        // have), so each /64 is several addresses that must share a backend.
+        let clients6 = (0..CLIENTS)
+            .map(|_| {
+                let net = rng.random_range(0..40u16);
+                Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    1,
+                    net,
+                    rng.random(),
+                    rng.random(),
+                    rng.random(),
+                    rng.random(),
+                )
+            })
+            .collect();
+        Generator {
+            rng,
+            clients,
+            clients6,
+        }
     }
 
     /// The next frame and the names of how it was made.
@@ -399,19 +585,38 @@ impl Generator {
         bytes
     }
 
-    /// A well-formed segment to the service from one of the clients, in one of the shapes real
-    /// traffic has: any flags, optionally VLAN-tagged, with IPv4 options, TCP options, payload.
+    /// A segment to a service from one of the clients, IPv4 or IPv6, in one of the shapes real
+    /// traffic has: any flags, optionally VLAN-tagged, with IPv4 options or IPv6 extension
+    /// headers, TCP options, payload. Well formed, except that one IPv6 segment in 20 carries
+    /// one extension header more than the data path follows.
     fn segment(&mut self) -> Segment {
         let rng = &mut self.rng;
-        let client = self.clients[rng.random_range(0..self.clients.len())];
-        let mut frame = Frame::tcp_syn(client, VIP, PORT);
+        let mut frame = if rng.random_bool(0.5) {
+            let client = self.clients[rng.random_range(0..self.clients.len())];
+            let mut frame = Frame::tcp_syn(client, VIP, PORT);
+            if rng.random_bool(0.25) {
+                frame.ip_options = vec![0u8; rng.random_range(1..=40)];
+                rng.fill(&mut frame.ip_options[..]);
+            }
+            frame
+        } else {
+            let client = self.clients6[rng.random_range(0..self.clients6.len())];
+            let mut frame = Frame::tcp_syn(client, VIP6, PORT);
+            let count =
+                [0, 0, 0, 1, 1, 2, 3, MAX_EXT_HEADERS, MAX_EXT_HEADERS + 1][rng.random_range(0..9)];
+            frame.ipv6_ext = (0..count)
+                .map(|_| {
+                    let kind = [HOPOPTS, ROUTING, DSTOPTS][rng.random_range(0..3)];
+                    let mut body = vec![0u8; 6 + 8 * rng.random_range(0..4)];
+                    rng.fill(&mut body[..]);
+                    (kind, body)
+                })
+                .collect();
+            frame
+        };
         frame.src_port = rng.random_range(1024..=u16::MAX);
         if rng.random_bool(0.25) {
             frame.vlan = Some(rng.random_range(1..4095));
-        }
-        if rng.random_bool(0.25) {
-            frame.ip_options = vec![0u8; rng.random_range(1..=40)];
-            rng.fill(&mut frame.ip_options[..]);
         }
         let flags = [SYN, ACK, FIN_ACK, RST, PSH_ACK][rng.random_range(0..5)];
         frame.payload = vec![0u8; rng.random_range(0..=64)];
@@ -428,7 +633,9 @@ impl Generator {
     /// Applies one mutation; returns its name.
     fn mutate(&mut self, segment: &mut Segment, mutation: Mutation) -> &'static str {
         let rng = &mut self.rng;
-        let (l3, l4) = (segment.l3, segment.l4);
+        let (l3, l4, family) = (segment.l3, segment.l4, segment.family);
+        let (next_at, first_ext, payload) = (segment.next_at, segment.first_ext, segment.payload);
+        let fits = segment.length_to_end() as u16;
         let bytes = &mut segment.bytes;
         let len = bytes.len();
         match mutation {
@@ -440,12 +647,15 @@ impl Generator {
                 "byte flips in the headers"
             }
             Mutation::TotLenTooLong => {
-                let fits = (len - l3) as u16;
                 segment.set_tot_len(rng.random_range(fits + 1..=fits + 1500));
                 "tot_len past the frame"
             }
             Mutation::TotLenTooShort => {
-                let headers = (l4 - l3 + TCP_LEN) as u16;
+                let start = match family {
+                    Family::Ipv4 => l3,
+                    Family::Ipv6 => payload,
+                };
+                let headers = (l4 - start + TCP_LEN) as u16;
                 segment.set_tot_len(rng.random_range(0..headers));
                 "tot_len below the headers"
             }
@@ -453,10 +663,20 @@ impl Generator {
                 segment.set_tot_len(rng.random());
                 "tot_len random"
             }
-            Mutation::Ihl => {
+            Mutation::Ihl if family == Family::Ipv4 => {
                 bytes[l3] = 0x40 | rng.random_range(0..16u8);
                 "IHL random"
             }
+            Mutation::Ihl => match first_ext {
+                Some(at) => {
+                    bytes[at + 1] = rng.random();
+                    "extension header length random"
+                }
+                None => {
+                    bytes[l3 + 6] = [HOPOPTS, ROUTING, DSTOPTS][rng.random_range(0..3)];
+                    "extension header made of the TCP header"
+                }
+            },
             Mutation::IpVersion => {
                 bytes[l3] = rng.random_range(0..16u8) << 4 | (bytes[l3] & 0x0f);
                 "IP version random"
@@ -464,6 +684,11 @@ impl Generator {
             Mutation::DataOffset => {
                 segment.set_data_offset(rng.random_range(0..16));
                 "data offset random"
+            }
+            Mutation::FragmentBits if family == Family::Ipv6 => {
+                // What follows is read as a fragment header.
+                bytes[next_at] = FRAGMENT;
+                "fragment header"
             }
             Mutation::FragmentBits => {
                 let dont_fragment = 0x4000 * rng.random_range(0..2u16);
@@ -477,12 +702,18 @@ impl Generator {
                 "fragment bits"
             }
             Mutation::Protocol => {
-                bytes[l3 + 9] = [1, 17, rng.random()][rng.random_range(0..3)];
+                bytes[next_at] = [1, 17, 58, FRAGMENT, 59, rng.random()][rng.random_range(0..6)];
                 "protocol"
             }
             Mutation::EtherType => {
-                let ether_type =
-                    [0x86dd, 0x0806, 0x88a8, ETH_P_8021Q, rng.random()][rng.random_range(0..5)];
+                let ether_type = [
+                    ETH_P_IPV6,
+                    ETH_P_IPV4,
+                    0x0806,
+                    0x88a8,
+                    ETH_P_8021Q,
+                    rng.random(),
+                ][rng.random_range(0..6)];
                 bytes[l3 - 2..l3].copy_from_slice(&ether_type.to_be_bytes());
                 "EtherType"
             }
@@ -591,6 +822,68 @@ fn explicit_cases() -> Vec<(String, Vec<u8>)> {
             ));
         }
     }
+    cases.extend(explicit_ipv6_cases());
+    cases
+}
+
+/// IPv6: truncation at every boundary of a chain of extension headers, the IPv4 VIP's bytes
+/// where an IPv4 destination would sit, and the IPv4 segment relabelled IPv6 and back.
+fn explicit_ipv6_cases() -> Vec<(String, Vec<u8>)> {
+    let client = Ipv6Addr::new(0x2001, 0xdb8, 1, 7, 0, 0, 0, 1);
+    let mut cases = Vec::new();
+    let mut chained = Frame::tcp_syn(client, VIP6, PORT);
+    chained.ipv6_ext = vec![
+        (HOPOPTS, vec![1; 6]),
+        (ROUTING, vec![2; 14]),
+        (DSTOPTS, vec![3; 6]),
+    ];
+    chained.payload = vec![0xef; 8];
+    for (name, whole) in [
+        (
+            "IPv6 SYN",
+            Segment::build(&Frame::tcp_syn(client, VIP6, PORT), SYN).bytes,
+        ),
+        (
+            "IPv6 SYN behind three extension headers",
+            Segment::build(&chained, SYN).bytes,
+        ),
+    ] {
+        for len in ETH_LEN..whole.len() {
+            cases.push((
+                format!("{name} truncated to {len} bytes"),
+                whole[..len].to_vec(),
+            ));
+            // The same cut with the payload length made to fit the cut frame, so the parser
+            // meets the cut header itself rather than a length past the frame.
+            if len > ETH_LEN + IPV6_LEN {
+                let mut fitted = whole[..len].to_vec();
+                let fits = (len - ETH_LEN - IPV6_LEN) as u16;
+                fitted[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&fits.to_be_bytes());
+                cases.push((format!("{name} cut to {len} bytes, length fitted"), fitted));
+            }
+        }
+    }
+    // An IPv6 segment whose bytes 16..20 (an IPv4 header's destination) hold the IPv4 VIP, to
+    // a destination that is no service: passed.
+    let v4 = VIP.octets();
+    let source = Ipv6Addr::from([
+        0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 1, v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 1,
+    ]);
+    let lookalike = Frame::tcp_syn(source, "2001:db8::200".parse::<Ipv6Addr>().unwrap(), PORT);
+    cases.push((
+        "IPv6 carrying the IPv4 VIP where an IPv4 destination would be".to_string(),
+        Segment::build(&lookalike, SYN).bytes,
+    ));
+    let mut relabelled = Segment::build(&lookalike, SYN).bytes;
+    relabelled[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    cases.push(("that IPv6 segment labelled IPv4".to_string(), relabelled));
+    let mut v4_as_v6 = Segment::build(
+        &Frame::tcp_syn(Ipv4Addr::new(198, 18, 1, 1), VIP, PORT),
+        SYN,
+    )
+    .bytes;
+    v4_as_v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    cases.push(("an IPv4 SYN labelled IPv6".to_string(), v4_as_v6));
     cases
 }
 
