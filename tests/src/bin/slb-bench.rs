@@ -12,7 +12,7 @@ use aya::{
 };
 use serde_json::json;
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 use sticky_lb::{
@@ -22,7 +22,8 @@ use sticky_lb::{
 };
 use sticky_lb_common::{
     Backend, BackendState, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey,
-    FlowState, PROTO_TCP, Policy, Service, ServiceKey, StickEntry, StickKey, map_names,
+    FlowState, PROTO_TCP, Policy, Service, ServiceKey, StickEntry, StickKey, addr, addr::Family,
+    map_names,
 };
 use sticky_lb_tests::{netns::require_root, packet::Frame};
 
@@ -31,6 +32,7 @@ const REPEAT: u32 = 1_000_000;
 const KEYS: usize = 200_000;
 const TABLE: u32 = DEFAULT_STICK_TABLE_SIZE;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 const BENCH_LOOKUP: &str = "bench_stick_lookup";
 
 fn v4(a: Ipv4Addr) -> u32 {
@@ -42,13 +44,23 @@ fn median(runs: Vec<f64>) -> f64 {
     sticky_lb_tests::loadgen::median(runs).expect("at least one run")
 }
 
-fn syn(src: Ipv4Addr, port: u16) -> Vec<u8> {
-    Frame::tcp_syn(src, VIP, port).build()
+/// The VIP of `src`'s family.
+fn vip_for(src: IpAddr) -> IpAddr {
+    match src {
+        IpAddr::V4(_) => VIP.into(),
+        IpAddr::V6(_) => VIP6.into(),
+    }
+}
+
+fn syn(src: impl Into<IpAddr>, port: u16) -> Vec<u8> {
+    let src = src.into();
+    Frame::tcp_syn(src, vip_for(src), port).build()
 }
 
 /// A segment of an open connection from `src:src_port` to the service (ACK).
-fn ack(src: Ipv4Addr, src_port: u16) -> Vec<u8> {
-    let mut frame = Frame::tcp_syn(src, VIP, 80);
+fn ack(src: impl Into<IpAddr>, src_port: u16) -> Vec<u8> {
+    let src = src.into();
+    let mut frame = Frame::tcp_syn(src, vip_for(src), 80);
     frame.src_port = src_port;
     frame.tcp_flags = 0x10;
     frame.build()
@@ -57,6 +69,29 @@ fn ack(src: Ipv4Addr, src_port: u16) -> Vec<u8> {
 /// Client address number `i` (10.0.0.0 upwards: keys only, never on a wire).
 fn client(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000u32.wrapping_add(i))
+}
+
+/// IPv6 client number `i`: each in its own /64 of 2001:db8::/32, so with the default mask of 64
+/// each is its own stick entry, as IPv4 client `i` is.
+fn client6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x100 | (i >> 16) as u16,
+        i as u16,
+        0x1111,
+        0x2222,
+        0x3333,
+        1,
+    )
+}
+
+/// Client `i` of `family`.
+fn client_of(family: Family, i: u32) -> IpAddr {
+    match family {
+        Family::Ipv4 => client(i).into(),
+        Family::Ipv6 => client6(i).into(),
+    }
 }
 
 /// ns per packet for `frame` repeated in the kernel.
@@ -92,6 +127,7 @@ fn each_once(program: &Xdp, frames: &[Vec<u8>]) -> f64 {
 }
 
 struct Bench {
+    family: Family,
     dataplane: Dataplane,
     stick: HashMap<MapData, StickKey, StickEntry>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
@@ -101,8 +137,13 @@ struct Bench {
 }
 
 impl Bench {
-    /// A data path with one service of 10 backends, its stick table `TABLE` entries.
+    /// A data path with one IPv4 service of 10 backends, its stick table `TABLE` entries.
     fn new(policy: Policy, timeout_ns: u64) -> Bench {
+        Bench::with_family(Family::Ipv4, policy, timeout_ns)
+    }
+
+    /// The same with a service of `family` (IPv6: [2001:db8::100]:80, client mask 64).
+    fn with_family(family: Family, policy: Policy, timeout_ns: u64) -> Bench {
         let mut dataplane = Dataplane::load(
             None,
             LoadOptions {
@@ -128,21 +169,22 @@ impl Bench {
             dataplane.backends.set(i, &entry, 0).unwrap();
         }
         let key = ServiceKey {
-            vip: [v4(VIP), 0, 0, 0],
+            vip: addr::words(&vip_for(client_of(family, 0))),
             port: 80u16.to_be(),
             protocol: PROTO_TCP,
-            family: 0,
+            family: family as u8,
         };
         let service = Service {
             id: 0,
             policy: policy as u8,
             stick_timeout_ns: timeout_ns,
-            client_mask: [u32::MAX, 0, 0, 0],
+            client_mask: addr::prefix_mask(family, family.default_client_mask()),
             ..Default::default()
         };
         let stick = dataplane.take_map(map_names::STICK).unwrap();
         let flows = dataplane.take_map(map_names::FLOWS).unwrap();
         let mut bench = Bench {
+            family,
             dataplane,
             stick,
             flows,
@@ -177,7 +219,10 @@ impl Bench {
         let keys: Vec<StickKey> = (0..count)
             .map(|i| StickKey {
                 service: 0,
-                client: [v4(client(i)), 0, 0, 0],
+                client: addr::masked(
+                    addr::words(&client_of(self.family, i)),
+                    self.service.client_mask,
+                ),
             })
             .collect();
         let values: Vec<StickEntry> = (0..count)
@@ -199,7 +244,7 @@ impl Bench {
         let keys: Vec<FlowKey> = (0..count)
             .map(|i| FlowKey {
                 service: 0,
-                client: [v4(client(i)), 0, 0, 0],
+                client: addr::words(&client_of(self.family, i)),
                 client_port: 40000u16.to_be(),
                 _pad: 0,
             })
@@ -228,15 +273,39 @@ fn equal_members(names: &[String]) -> Vec<maglev::Member<'_>> {
 
 /// Frames from `count` clients picked pseudo-randomly in `0..range` (plus `offset`).
 fn random_frames(count: usize, range: u32, offset: u32, seed: u64) -> Vec<Vec<u8>> {
+    random_frames_of(Family::Ipv4, count, range, offset, seed)
+}
+
+/// The same for clients of `family`.
+fn random_frames_of(
+    family: Family,
+    count: usize,
+    range: u32,
+    offset: u32,
+    seed: u64,
+) -> Vec<Vec<u8>> {
     let mut state = seed;
     (0..count)
         .map(|_| {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            syn(client(offset + ((state >> 33) as u32) % range), 80)
+            syn(
+                client_of(family, offset + ((state >> 33) as u32) % range),
+                80,
+            )
         })
         .collect()
+}
+
+/// `frame` (a SYN of `family`) turned into an ACK (XDP never checks the TCP checksum).
+fn into_ack(mut frame: Vec<u8>, family: Family) -> Vec<u8> {
+    let ip_len = match family {
+        Family::Ipv4 => 20,
+        Family::Ipv6 => 40,
+    };
+    frame[14 + ip_len + 13] = 0x10;
+    frame
 }
 
 /// `SLB_BENCH_QUICK=1`: only the hot rows, 21 runs each, for before/after comparisons while
@@ -252,7 +321,12 @@ fn quick() {
         ("bare hot", vec![]),
         ("pass-through", vec![]),
         ("hit hot", vec![]),
+        ("IPv6 hit hot", vec![]),
     ];
+    let mut b6 = Bench::with_family(Family::Ipv6, Policy::IpHash, u64::MAX);
+    b6.fill(1);
+    b6.fill_flows(1);
+    let hot6 = ack(client6(0), 40000);
     for _ in 0..21 {
         rows[0].1.push(repeated(
             b.dataplane.extra_program(PASS_PROGRAM).unwrap(),
@@ -264,6 +338,7 @@ fn quick() {
         ));
         rows[2].1.push(repeated(b.dataplane.program(), &other));
         rows[3].1.push(repeated(b.dataplane.program(), &hot));
+        rows[4].1.push(repeated(b6.dataplane.program(), &hot6));
     }
     for (name, values) in rows {
         let min = values.iter().cloned().fold(f64::MAX, f64::min);
@@ -369,10 +444,7 @@ fn main() {
     b.fill_flows(KEYS as u32 * 5);
     let acks: Vec<Vec<u8>> = random_frames(KEYS, KEYS as u32 * 5, 0, 0x1234_5678)
         .into_iter()
-        .map(|mut f| {
-            f[14 + 20 + 13] = 0x10; // ACK (XDP never checks the TCP checksum)
-            f
-        })
+        .map(|f| into_ack(f, Family::Ipv4))
         .collect();
     let hit_random = median(
         (0..RUNS)
@@ -432,6 +504,64 @@ fn main() {
             .collect(),
     );
     push("miss + Maglev + insert, table not full", not_full);
+
+    // IPv6 beside IPv4 in the same run: the same rows over 16-byte addresses (one code path;
+    // the IPv6 service masks clients to /64, each client here in its own /64).
+    let mut b = Bench::with_family(Family::Ipv6, Policy::IpHash, u64::MAX);
+    b.fill(1);
+    b.fill_flows(1);
+    let program = b.dataplane.program();
+    push(
+        "IPv6: pass-through: TCP not to a service, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(program, &syn(client6(1), 8080)))
+                .collect(),
+        ),
+    );
+    push(
+        "IPv6: open connection (connection-table hit), hot key, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(program, &ack(client6(0), 40000)))
+                .collect(),
+        ),
+    );
+    push(
+        "IPv6: stuck client, no connection entry (flow miss + stick hit), hot, repeat",
+        median(
+            (0..RUNS)
+                .map(|_| repeated(program, &ack(client6(0), 40001)))
+                .collect(),
+        ),
+    );
+    b.fill(TABLE);
+    b.fill_flows(KEYS as u32 * 5);
+    let acks6: Vec<Vec<u8>> = random_frames_of(Family::Ipv6, KEYS, KEYS as u32 * 5, 0, 0x1234_5678)
+        .into_iter()
+        .map(|f| into_ack(f, Family::Ipv6))
+        .collect();
+    push(
+        "IPv6: open connection (connection-table hit), random keys, 1M clients",
+        median(
+            (0..RUNS)
+                .map(|_| each_once(b.dataplane.program(), &acks6))
+                .collect(),
+        ),
+    );
+    drop(b);
+    let not_full6 = median(
+        (0..RUNS)
+            .map(|r| {
+                let mut b = Bench::with_family(Family::Ipv6, Policy::IpHash, u64::MAX);
+                let frames: Vec<Vec<u8>> = (0..KEYS as u32)
+                    .map(|i| syn(client6(i * 3 + r as u32), 80))
+                    .collect();
+                each_once(b.dataplane.program(), &frames)
+            })
+            .collect(),
+    );
+    push("IPv6: miss + Maglev + insert, table not full", not_full6);
 
     // Least-connections: new clients, each through the pick (10 backends) and inserts.
     let least_conn = median(
