@@ -36,7 +36,7 @@ pub enum Request {
     BackendAdd {
         service: String,
         backend: String,
-        address: std::net::Ipv4Addr,
+        address: std::net::IpAddr,
         weight: u32,
         mac: Option<String>,
     },
@@ -44,18 +44,18 @@ pub enum Request {
     BackendRemove { service: String, backend: String },
     /// The stick entries of one client address (in every service, or one).
     TableGet {
-        client: std::net::Ipv4Addr,
+        client: std::net::IpAddr,
         service: Option<String>,
     },
     /// Stick a client to a backend (`SERVICE/BACKEND`).
     TableSet {
-        client: std::net::Ipv4Addr,
+        client: std::net::IpAddr,
         service: String,
         backend: String,
     },
     /// Forget a client (in every service, or one): its next connection is placed anew.
     TableDelete {
-        client: std::net::Ipv4Addr,
+        client: std::net::IpAddr,
         service: Option<String>,
     },
     /// Forget every client (of every service, or one).
@@ -230,6 +230,29 @@ mod tests {
         let drain =
             r#"{"command":"backend","service":"web","backend":"b1","action":{"action":"drain"}}"#;
         assert!(serde_json::from_str::<Request>(drain).is_ok());
+    }
+
+    #[test]
+    fn client_addresses_are_strings_of_either_family() {
+        // The form clients before IPv6 sent: still read.
+        let v4 = r#"{"command":"table-get","client":"198.18.1.7","service":null}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(v4).unwrap(),
+            Request::TableGet {
+                client: [198, 18, 1, 7].into(),
+                service: None
+            }
+        );
+        let v6 = Request::TableDelete {
+            client: "2001:db8:1:2::7".parse().unwrap(),
+            service: Some("web".into()),
+        };
+        let json = serde_json::to_string(&v6).unwrap();
+        assert_eq!(
+            json,
+            r#"{"command":"table-delete","client":"2001:db8:1:2::7","service":"web"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), v6);
     }
 
     #[tokio::test]

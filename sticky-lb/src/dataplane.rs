@@ -366,9 +366,12 @@ impl Dataplane {
                 continue;
             }
             let service = self.services.get(&(entry - 1), 0)?;
+            // The family too: an IPv6 VIP can have the words of an IPv4 one (c612:64:: and
+            // 198.18.0.100), and the data path tells them apart by it.
             if service.vip == key.vip
                 && service.port == key.port
                 && service.protocol == key.protocol
+                && service.family == key.family
             {
                 return Ok(IndexSlot::Found {
                     slot,

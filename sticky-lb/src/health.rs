@@ -7,7 +7,7 @@ use crate::config::{CheckKind, HealthCheck, status_matches};
 use std::{
     collections::HashMap,
     fmt,
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -123,7 +123,7 @@ impl Default for Tracker {
 }
 
 /// One check of `addr`; `Ok` carries its latency.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<Duration, Failure> {
+pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<Duration, Failure> {
     let started = Instant::now();
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
@@ -178,7 +178,7 @@ pub type Latencies = Arc<Mutex<HashMap<BackendId, f64>>>;
 /// check's latency to `latencies`.
 pub fn spawn(
     backend: BackendId,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: HealthCheck,
     healthy: Option<bool>,
     events: mpsc::Sender<Transition>,
@@ -266,12 +266,9 @@ mod tests {
     }
 
     /// A loopback server that answers each connection with `reply` (or resets if `None`).
-    async fn server(reply: Option<&'static [u8]>) -> SocketAddrV4 {
+    async fn server(reply: Option<&'static [u8]>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = match listener.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            _ => unreachable!(),
-        };
+        let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 match reply {
@@ -315,7 +312,7 @@ mod tests {
         );
         // Nothing listens on the port the reset server's listener is not using: port 1 on
         // loopback is refused.
-        let refused = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1);
+        let refused = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 1));
         assert_eq!(
             probe(refused, &check(CheckKind::Tcp, "2xx")).await,
             Err(Failure::Refused)
@@ -326,10 +323,7 @@ mod tests {
     async fn a_server_that_never_answers_times_out() {
         // Accepts (the kernel completes the handshake) but never writes.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = match listener.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            _ => unreachable!(),
-        };
+        let addr = listener.local_addr().unwrap();
         let started = Instant::now();
         assert_eq!(
             probe(addr, &check(CheckKind::Http, "2xx")).await,

@@ -1,7 +1,7 @@
 //! The `sticky-lb` command: the controller (`run`) and the operator's commands.
 
 use clap::{CommandFactory, Parser, Subcommand};
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 use sticky_lb::{
     config::{Config, ConfigError},
     control::{self, BackendAction, Reply, Request},
@@ -118,36 +118,42 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TableCommand {
-    /// List stick entries: service, client, backend, idle time, age.
+    /// List stick entries: service, client, backend, idle time, age. A client shows as the
+    /// prefix its service keys (`198.18.1.0/24`, `2001:db8:1:2::/64`), or as an address when the
+    /// service keys whole addresses.
     Show {
         /// Only this service's entries.
         #[arg(long)]
         service: Option<String>,
-        /// Only the entry this client address falls in.
-        #[arg(long)]
-        client: Option<Ipv4Addr>,
+        /// Only the entry this client address (IPv4 or IPv6) falls in.
+        #[arg(long, value_name = "ADDRESS")]
+        client: Option<IpAddr>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// The entries of one client address.
+    /// The entries of one client address: the entry of the prefix it falls in, in each service
+    /// of its family.
     Get {
-        client: Ipv4Addr,
+        /// An IPv4 or IPv6 client address.
+        client: IpAddr,
         #[arg(long)]
         service: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Stick a client to a backend.
+    /// Stick a client to a backend: its whole prefix (the service's client_mask) goes there.
     Set {
-        client: Ipv4Addr,
+        /// An IPv4 or IPv6 client address, of the service's family.
+        client: IpAddr,
         /// SERVICE/BACKEND, as named in the config.
         backend: String,
     },
-    /// Forget a client: its next connection is placed anew.
+    /// Forget a client (its whole prefix): its next connection is placed anew.
     Delete {
-        client: Ipv4Addr,
+        /// An IPv4 or IPv6 client address.
+        client: IpAddr,
         #[arg(long)]
         service: Option<String>,
     },
@@ -170,7 +176,8 @@ enum BackendCommand {
     Add {
         /// SERVICE/BACKEND: the service and the new backend's name.
         backend: String,
-        address: Ipv4Addr,
+        /// The backend's IPv4 or IPv6 address, of the service's family.
+        address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Destination MAC; otherwise from the neighbour table.

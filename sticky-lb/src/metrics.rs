@@ -623,7 +623,7 @@ mod tests {
         BackendRecord {
             id,
             name: name.into(),
-            address: Ipv4Addr::new(198, 18, 0, 1),
+            address: Ipv4Addr::new(198, 18, 0, 1).into(),
             mac: None,
             weight,
             state: state.into(),
@@ -654,7 +654,7 @@ mod tests {
             services: vec![ServiceRecord {
                 id: 1,
                 name: "web".into(),
-                vip: Ipv4Addr::new(198, 18, 0, 100),
+                vip: Ipv4Addr::new(198, 18, 0, 100).into(),
                 port: 80,
                 policy: "maglev".into(),
                 forwarding: "nat".into(),

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 use sticky_lb_common::{BackendId, ServiceId};
@@ -70,7 +70,7 @@ pub struct WeightChange {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddedBackend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub weight: u32,
     /// `aa:bb:cc:dd:ee:ff` when given; resolved from the neighbour table otherwise.
     #[serde(default)]
@@ -81,7 +81,7 @@ pub struct AddedBackend {
 pub struct ServiceRecord {
     pub id: ServiceId,
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub policy: String,
     pub forwarding: String,
@@ -95,7 +95,7 @@ pub struct ServiceRecord {
 pub struct BackendRecord {
     pub id: BackendId,
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub mac: Option<String>,
     pub weight: u32,
     /// `up`, `drain`, `down`, `disabled`.
@@ -191,4 +191,43 @@ pub fn create_run_dir(dir: &Path) -> Result<()> {
 
 pub fn mac_string(mac: Option<[u8; 6]>) -> Option<String> {
     mac.as_ref().map(format_mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file written before IPv6: addresses are plain strings, read as `IpAddr` now.
+    const IPV4_STATE: &str = r#"{
+  "interface": "eth0", "netns": null, "xdp_mode": "native", "pid": 1, "config": "/etc/sticky-lb.yaml",
+  "services": [{
+    "id": 0, "name": "web", "vip": "198.18.0.100", "port": 80, "policy": "ip-hash",
+    "forwarding": "dsr", "stick_timeout_ms": 1800000, "client_mask": 24, "maglev_table_size": 65537,
+    "backends": [{"id": 0, "name": "a", "address": "198.18.0.11", "mac": null, "weight": 1, "state": "up"}]
+  }],
+  "runtime_changes": {"web": {"b": {"added": {"address": "198.18.0.12", "weight": 1}}}}
+}"#;
+
+    #[test]
+    fn an_ipv4_state_file_still_loads_and_ipv6_round_trips() {
+        let mut state: RuntimeState = serde_json::from_str(IPV4_STATE).unwrap();
+        assert_eq!(state.services[0].vip, IpAddr::from([198, 18, 0, 100]));
+        assert_eq!(
+            state.services[0].backends[0].address.to_string(),
+            "198.18.0.11"
+        );
+        assert_eq!(
+            state.runtime_changes["web"]["b"]
+                .added
+                .as_ref()
+                .unwrap()
+                .address,
+            IpAddr::from([198, 18, 0, 12])
+        );
+        state.services[0].vip = "2001:db8::100".parse().unwrap();
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains(r#""vip":"2001:db8::100""#), "{text}");
+        let again: RuntimeState = serde_json::from_str(&text).unwrap();
+        assert_eq!(again.services[0].vip, state.services[0].vip);
+    }
 }

@@ -7,8 +7,11 @@ use crate::{
 };
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use std::{collections::BTreeMap, net::Ipv4Addr};
-use sticky_lb_common::{BackendId, Counter};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+use sticky_lb_common::{BackendId, Counter, Family, addr};
 
 /// Which data path a read command looks at.
 pub struct Target {
@@ -51,10 +54,11 @@ impl Target {
 #[derive(Serialize)]
 pub struct StickRow {
     pub service: String,
-    /// The masked client address (a /24 when the service sticks by /24).
+    /// The masked client prefix (`198.18.1.0/24`, `2001:db8:1:2::/64`), or the bare address
+    /// when the service keys whole addresses; see [`client_prefix`].
     pub client: String,
     pub backend: String,
-    pub backend_address: Option<Ipv4Addr>,
+    pub backend_address: Option<IpAddr>,
     pub idle_ms: u64,
     pub age_ms: u64,
     /// Idle past the service's timeout: the data path no longer honours it; the next sweep
@@ -67,7 +71,7 @@ pub struct StickRow {
 pub fn stick_rows(
     target: &Target,
     service: Option<&str>,
-    client: Option<Ipv4Addr>,
+    client: Option<IpAddr>,
 ) -> Result<Vec<StickRow>> {
     let (state, maps) = target.open()?;
     if let Some(name) = service
@@ -86,27 +90,29 @@ pub fn stick_rows(
             continue;
         }
         let service = service_record;
-        let mask = service.map(|s| s.client_mask).unwrap_or(32);
-        let client_key = Ipv4Addr::from(key.client[0].to_ne_bytes());
-        if let Some(wanted) = client {
-            let bits = crate::config::client_mask_v4(mask);
-            if u32::from(wanted) & bits != u32::from(client_key) {
-                continue;
-            }
+        let family = match service {
+            Some(s) => Family::of(&s.vip),
+            // An entry of a service the state no longer names (it is swept soon): the words
+            // cannot say the family for sure, but an IPv4 address never fills words 1..4.
+            None if key.client[1..].iter().any(|w| *w != 0) => Family::Ipv6,
+            None => Family::Ipv4,
+        };
+        let mask = service.map_or(family.bits(), |s| s.client_mask);
+        if let Some(wanted) = client
+            && (Family::of(&wanted) != family
+                || addr::masked(addr::words(&wanted), addr::prefix_mask(family, mask))
+                    != key.client)
+        {
+            continue;
         }
-        let client = client_key;
         let backend = state.backend(entry.backend);
         let idle_ms = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
-        order.push((key.service, u32::from(client)));
+        order.push((key.service, addr::from_words(family, key.client)));
         rows.push(StickRow {
             service: service
                 .map(|s| s.name.clone())
                 .unwrap_or_else(|| format!("#{}", key.service)),
-            client: if mask == 32 {
-                client.to_string()
-            } else {
-                format!("{client}/{mask}")
-            },
+            client: client_prefix(family, key.client, mask),
             backend: backend
                 .map(|(_, b)| b.name.clone())
                 .unwrap_or_else(|| format!("#{}", entry.backend)),
@@ -122,14 +128,28 @@ pub fn stick_rows(
     Ok(rows.into_iter().map(|(_, row)| row).collect())
 }
 
+/// A masked client (stick-key words, see [`sticky_lb_common::addr`]) as people and `--json`
+/// read it: `198.18.1.0/24`, `2001:db8:1:2::/64`, `::/0`; the bare address when `bits` is the
+/// family's full length (32 or 128), as each entry is then one client.
+pub fn client_prefix(family: Family, client: [u32; 4], bits: u8) -> String {
+    let address = addr::from_words(family, client);
+    if bits >= family.bits() {
+        address.to_string()
+    } else {
+        format!("{address}/{bits}")
+    }
+}
+
 pub fn print_table(rows: &[StickRow]) {
+    // Wide enough for the longest client (an IPv6 prefix can take 43 characters).
+    let width = rows.iter().map(|r| r.client.len()).fold(20, usize::max);
     println!(
-        "{:<16} {:<20} {:<16} {:>10} {:>10}",
+        "{:<16} {:<width$} {:<16} {:>10} {:>10}",
         "SERVICE", "CLIENT", "BACKEND", "IDLE", "AGE"
     );
     for r in rows {
         println!(
-            "{:<16} {:<20} {:<16} {:>10} {:>10}{}",
+            "{:<16} {:<width$} {:<16} {:>10} {:>10}{}",
             r.service,
             r.client,
             r.backend,
@@ -161,7 +181,7 @@ pub struct Status {
 #[derive(Serialize)]
 pub struct ServiceStatus {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub policy: String,
     pub forwarding: String,
@@ -180,7 +200,7 @@ pub struct ServiceStatus {
 #[derive(Serialize)]
 pub struct BackendStatus {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub mac: Option<String>,
     pub weight: u32,
     pub state: String,
@@ -273,10 +293,9 @@ pub fn print_status(s: &Status) {
     for svc in &s.services {
         println!();
         println!(
-            "service {}  {}:{}/tcp  {} {}  stick timeout {}  client mask /{}",
+            "service {}  {}/tcp  {} {}  stick timeout {}  client mask /{}",
             svc.name,
-            svc.vip,
-            svc.port,
+            SocketAddr::new(svc.vip, svc.port),
             svc.policy,
             svc.forwarding,
             seconds(svc.stick_timeout_ms),
@@ -300,13 +319,19 @@ pub fn print_status(s: &Status) {
 }
 
 fn print_backend_rows(svc: &ServiceStatus) {
+    // Wide enough for the longest address (IPv6 ones can take 39 characters).
+    let width = svc
+        .backends
+        .iter()
+        .map(|b| b.address.to_string().len())
+        .fold(16, usize::max);
     println!(
-        "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
+        "  {:<16} {:<width$} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
         "BACKEND", "ADDRESS", "MAC", "WEIGHT", "STATE", "PACKETS", "BYTES", "STUCK", "ACTIVE"
     );
     for b in &svc.backends {
         println!(
-            "  {:<16} {:<16} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
+            "  {:<16} {:<width$} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
             b.name,
             b.address,
             b.mac.as_deref().unwrap_or("-"),
@@ -324,9 +349,60 @@ fn print_backend_rows(svc: &ServiceStatus) {
 pub fn print_backends(s: &Status) {
     for svc in &s.services {
         println!(
-            "service {} ({}:{}, {})",
-            svc.name, svc.vip, svc.port, svc.policy
+            "service {} ({}, {})",
+            svc.name,
+            SocketAddr::new(svc.vip, svc.port),
+            svc.policy
         );
         print_backend_rows(svc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(text: &str) -> [u32; 4] {
+        addr::words(&text.parse().unwrap())
+    }
+
+    #[test]
+    fn ipv4_clients_print_as_today() {
+        let masked = addr::masked(words("198.18.1.77"), addr::prefix_mask(Family::Ipv4, 24));
+        assert_eq!(client_prefix(Family::Ipv4, masked, 24), "198.18.1.0/24");
+        assert_eq!(
+            client_prefix(Family::Ipv4, words("198.18.1.77"), 32),
+            "198.18.1.77"
+        );
+        assert_eq!(client_prefix(Family::Ipv4, [0; 4], 0), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn ipv6_clients_print_as_prefixes() {
+        let client = words("2001:db8:1:2:aaaa:bbbb:cccc:dddd");
+        let at = |bits| {
+            let masked = addr::masked(client, addr::prefix_mask(Family::Ipv6, bits));
+            client_prefix(Family::Ipv6, masked, bits)
+        };
+        assert_eq!(at(64), "2001:db8:1:2::/64");
+        assert_eq!(at(0), "::/0");
+        assert_eq!(at(128), "2001:db8:1:2:aaaa:bbbb:cccc:dddd");
+        assert_eq!(at(56), "2001:db8:1::/56");
+    }
+
+    #[test]
+    fn a_stick_row_serializes_the_prefix_and_the_backend_address() {
+        let row = StickRow {
+            service: "web6".into(),
+            client: client_prefix(Family::Ipv6, words("2001:db8:1:2::"), 64),
+            backend: "a".into(),
+            backend_address: Some("2001:db8:1::11".parse().unwrap()),
+            idle_ms: 1,
+            age_ms: 2,
+            expired: false,
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["client"], "2001:db8:1:2::/64");
+        assert_eq!(json["backend_address"], "2001:db8:1::11");
     }
 }

@@ -6,22 +6,22 @@
 //!
 //! - `validate`: the rules a parsed config must follow beyond its types;
 //! - `location`: the line of a field path in the YAML text, for validation errors;
-//! - `units`: durations, MAC addresses and client prefix masks as the config writes them.
+//! - `units`: durations and MAC addresses as the config writes them.
 
 mod location;
 mod units;
 mod validate;
 
-pub use units::{client_mask_v4, format_mac, parse_duration, parse_mac};
+pub use units::{format_mac, parse_duration, parse_mac};
 pub use validate::{
-    MAX_MAGLEV_TABLE_SIZE, MIN_FLOW_TIMEOUT, MIN_STICK_TIMEOUT, check_least_conn_size,
-    interface_index,
+    MAX_MAGLEV_TABLE_SIZE, MIN_FLOW_TIMEOUT, MIN_STICK_TIMEOUT, check_backend_address,
+    check_least_conn_size, family_label, interface_index,
 };
 
 use serde::Deserialize;
-use std::{fmt, net::Ipv4Addr, path::Path, time::Duration};
+use std::{fmt, net::IpAddr, path::Path, time::Duration};
 use sticky_lb_common::{
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, Family,
 };
 use units::{duration, mac, opt_duration};
 
@@ -127,7 +127,8 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6; the service's backends and clients are of the same family.
+    pub vip: IpAddr,
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -177,12 +178,14 @@ pub struct StickConfig {
     /// at least [`MIN_STICK_TIMEOUT`].
     #[serde(default = "default_stick_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Prefix length, 0 to 32 bits, applied to the client address before it keys the table:
-    /// 32 sticks each address, 24 a whole /24 (IPVS `-M`, HAProxy `ipmask`), 0 every client of
-    /// the service to one backend until that backend fails (active/backup). See
-    /// [`client_mask_v4`] for the mask itself.
-    #[serde(default = "default_client_mask")]
-    pub client_mask: u8,
+    /// Prefix length applied to the client address before it keys the table (IPVS `-M`,
+    /// HAProxy `ipmask`): 0 to 32 bits for an IPv4 service, 0 to 128 for IPv6. 0 sticks every
+    /// client of the service to one backend until that backend fails (active/backup). Unset:
+    /// the family's default, [`Family::default_client_mask`] (32 for IPv4, each address its own
+    /// entry; 64 for IPv6, because privacy addresses rotate inside a /64). See
+    /// [`ServiceConfig::client_mask`].
+    #[serde(default)]
+    pub client_mask: Option<u8>,
     /// Flood guard: new entries per second per CPU; above it a new client is placed by the
     /// policy's hash without an entry, so a SYN flood cannot evict real clients. 0 = no limit.
     #[serde(default = "default_insert_rate_limit")]
@@ -193,7 +196,7 @@ impl Default for StickConfig {
     fn default() -> Self {
         StickConfig {
             timeout: default_stick_timeout(),
-            client_mask: default_client_mask(),
+            client_mask: None,
             insert_rate_limit: default_insert_rate_limit(),
         }
     }
@@ -203,7 +206,8 @@ impl Default for StickConfig {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// Of the service's family (the VIP's).
+    pub address: IpAddr,
     /// Destination MAC for DSR; looked up in the neighbour table when absent.
     #[serde(default, deserialize_with = "mac")]
     pub mac: Option<[u8; 6]>,
@@ -291,6 +295,19 @@ impl HealthCheckConfig {
 }
 
 impl ServiceConfig {
+    /// The service's address family: its VIP's (validation holds its backends to it).
+    pub fn family(&self) -> Family {
+        Family::of(&self.vip)
+    }
+
+    /// The client prefix length in bits: `stick.client_mask`, or the family's default (32 for
+    /// IPv4, 64 for IPv6).
+    pub fn client_mask(&self) -> u8 {
+        self.stick
+            .client_mask
+            .unwrap_or_else(|| self.family().default_client_mask())
+    }
+
     /// The check for backend `i`: its overrides over the service's over the defaults (TCP
     /// connect to the backend's address on the service port every 2 s, timeout 1 s, rise 2,
     /// fall 3, like HAProxy's `check inter 2s rise 2 fall 3`).
@@ -357,9 +374,6 @@ fn default_maglev_table_size() -> u32 {
 }
 fn default_stick_timeout() -> Duration {
     Duration::from_secs(30 * 60)
-}
-fn default_client_mask() -> u8 {
-    32
 }
 fn default_weight() -> u32 {
     1
@@ -463,7 +477,7 @@ services:
         let service = &config.services[0];
         assert_eq!(service.maglev_table_size, 65537);
         assert_eq!(service.stick.timeout, Duration::from_secs(2));
-        assert_eq!(service.stick.client_mask, 24);
+        assert_eq!(service.client_mask(), 24);
         assert_eq!(service.backends[0].weight, 2);
         assert_eq!(service.backends[1].weight, 1);
         assert_eq!(service.backends[1].mac, Some([2, 0, 0, 0, 0, 0x12]));

@@ -1,7 +1,6 @@
-//! Values the config writes in units of their own: durations (`1h30m`, `500ms`, bare seconds),
-//! MAC addresses (`aa:bb:cc:dd:ee:ff`) and client prefix lengths (`client_mask`), with the
-//! deserializers the model's fields use. Errors say what is wrong with the value; the field and
-//! the line are added by the parser.
+//! Values the config writes in units of their own: durations (`1h30m`, `500ms`, bare seconds)
+//! and MAC addresses (`aa:bb:cc:dd:ee:ff`), with the deserializers the model's fields use.
+//! Errors say what is wrong with the value; the field and the line are added by the parser.
 
 use serde::{Deserializer, de};
 use std::{fmt, time::Duration};
@@ -100,18 +99,6 @@ pub(super) fn mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D:
     d.deserialize_str(Visitor)
 }
 
-/// The IPv4 mask of a `client_mask` prefix length of `bits` bits, as a number whose most
-/// significant bit is the address's first (`24` gives `0xffff_ff00`; `mask.to_be_bytes()` is
-/// the mask in address order). `0` gives `0`: every client keys the same entry. Lengths above
-/// 32 count as 32 (validation refuses them first).
-pub fn client_mask_v4(bits: u8) -> u32 {
-    match bits.min(32) {
-        // A shift by the full width is not a shift to zero: it overflows.
-        0 => 0,
-        bits => u32::MAX << (32 - u32::from(bits)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,15 +151,5 @@ mod tests {
                 .unwrap_err()
                 .contains("unicast")
         );
-    }
-
-    #[test]
-    fn client_masks() {
-        assert_eq!(client_mask_v4(0), 0);
-        assert_eq!(client_mask_v4(1), 0x8000_0000);
-        assert_eq!(client_mask_v4(24), 0xffff_ff00);
-        assert_eq!(client_mask_v4(32), u32::MAX);
-        assert_eq!(client_mask_v4(33), u32::MAX);
-        assert_eq!(client_mask_v4(24).to_be_bytes(), [255, 255, 255, 0]);
     }
 }

@@ -7,8 +7,11 @@ use super::{
     location::{PathPart, locate, render_path},
 };
 use crate::maglev::is_prime;
-use std::time::Duration;
-use sticky_lb_common::{MAX_BACKENDS, MAX_LEAST_CONN_BACKENDS, MAX_SERVICES};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+use sticky_lb_common::{Family, MAX_BACKENDS, MAX_LEAST_CONN_BACKENDS, MAX_SERVICES};
 
 /// Largest Maglev table accepted (a prime); 16 services x 2 copies x this x 4 bytes stays small.
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
@@ -112,16 +115,13 @@ impl Config {
                 return Err(err(
                     &at("port"),
                     format!(
-                        "duplicate service {}:{} (also services[{j}])",
-                        service.vip, service.port
+                        "duplicate service {} (also services[{j}])",
+                        SocketAddr::new(service.vip, service.port)
                     ),
                 ));
             }
-            if service.vip.is_unspecified()
-                || service.vip.is_multicast()
-                || service.vip.is_broadcast()
-            {
-                return Err(err(&at("vip"), format!("{} cannot be a VIP", service.vip)));
+            if let Err(message) = check_vip(service.vip) {
+                return Err(err(&at("vip"), message));
             }
             if service.port == 0 {
                 return Err(err(&at("port"), "must be 1 to 65535".into()));
@@ -137,9 +137,17 @@ impl Config {
                     ),
                 ));
             }
-            if service.stick.client_mask > 32 {
+            let family = service.family();
+            if service
+                .stick
+                .client_mask
+                .is_some_and(|bits| bits > family.bits())
+            {
                 let mask = [K("services"), I(i), K("stick"), K("client_mask")];
-                return Err(err(&mask, "must be a prefix length from 0 to 32".into()));
+                return Err(err(
+                    &mask,
+                    format!("must be a prefix length from 0 to {}", family.bits()),
+                ));
             }
             if service.stick.timeout < MIN_STICK_TIMEOUT {
                 let timeout = [K("services"), I(i), K("stick"), K("timeout")];
@@ -184,14 +192,8 @@ impl Config {
                         ),
                     ));
                 }
-                if backend.address.is_unspecified()
-                    || backend.address.is_multicast()
-                    || backend.address.is_broadcast()
-                {
-                    return Err(err(
-                        &at("address"),
-                        format!("{} cannot be a backend", backend.address),
-                    ));
+                if let Err(message) = check_backend_address(service.vip, backend.address) {
+                    return Err(err(&at("address"), message));
                 }
                 if backend.weight > 1_000_000 {
                     return Err(err(&at("weight"), "must be at most 1000000".into()));
@@ -284,6 +286,65 @@ pub fn check_least_conn_size(service: &str, backends: usize) -> Result<(), Strin
     Ok(())
 }
 
+/// Whether `vip` can be a service's address: a unicast address a client can reach through a
+/// router. IPv6 also rules out loopback, link-local (fe80::/10: it needs a zone, and a router
+/// does not forward it) and IPv4-mapped addresses (::ffff:0:0/96: such packets are IPv4 on the
+/// wire, so the IPv6 service would never see one).
+fn check_vip(vip: IpAddr) -> Result<(), String> {
+    let why = match vip {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() => "",
+        IpAddr::V4(_) => return Ok(()),
+        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => "",
+        IpAddr::V6(v6) if v6.is_loopback() => ": a loopback address",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            ": a link-local address (fe80::/10) is not routed"
+        }
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            ": an IPv4-mapped address (::ffff:0:0/96) arrives as IPv4; write the IPv4 address"
+        }
+        IpAddr::V6(_) => return Ok(()),
+    };
+    Err(format!("{vip} cannot be a VIP{why}"))
+}
+
+/// Whether `address` can be a backend of a service whose VIP is `vip`: of the VIP's family (a
+/// service is one family: the data path forwards the client's packet as it came, so the
+/// backend must take the same family) and a unicast address the controller can check and
+/// resolve on the interface (not link-local for IPv6, which needs a zone, nor IPv4-mapped).
+/// The same rule holds for the config and for backends added at run time.
+pub fn check_backend_address(vip: IpAddr, address: IpAddr) -> Result<(), String> {
+    let (family, vip_family) = (Family::of(&address), Family::of(&vip));
+    if family != vip_family {
+        return Err(format!(
+            "{address} is {} but the service's vip {vip} is {}: a service is one family",
+            family_label(family),
+            family_label(vip_family)
+        ));
+    }
+    let why = match address {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() => "",
+        IpAddr::V4(_) => return Ok(()),
+        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => "",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            ": a link-local address (fe80::/10) needs a zone; use a global or unique local address"
+        }
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            ": an IPv4-mapped address (::ffff:0:0/96) is IPv4 on the wire"
+        }
+        IpAddr::V6(_) => return Ok(()),
+    };
+    Err(format!("{address} cannot be a backend{why}"))
+}
+
+/// `IPv4` or `IPv6`, as messages for people write a family (the config and the metrics write
+/// [`Family::name`]).
+pub fn family_label(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "IPv4",
+        Family::Ipv6 => "IPv6",
+    }
+}
+
 /// The interface's index in the current network namespace, if it exists.
 pub fn interface_index(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
@@ -357,7 +418,7 @@ mod tests {
     fn client_mask_takes_0_to_32() {
         let text = GOOD.replace("client_mask: 24", "client_mask: 0");
         let config = Config::parse(&text, false).unwrap();
-        assert_eq!(config.services[0].stick.client_mask, 0);
+        assert_eq!(config.services[0].stick.client_mask, Some(0));
         let e = error(&GOOD.replace("client_mask: 24", "client_mask: 33"));
         assert_eq!(
             e,
@@ -413,6 +474,150 @@ mod tests {
             error(&text).starts_with("services[0].health_check.expect (line 12)"),
             "{}",
             error(&text)
+        );
+    }
+
+    /// [`GOOD`] as an IPv6 service (2001:db8::/32, the documentation prefix), lines unchanged.
+    fn good_v6() -> String {
+        GOOD.replace("198.18.0.100", "2001:db8::100")
+            .replace("198.18.0.11", "2001:db8:1::11")
+            .replace("198.18.0.12", "2001:db8:1::12")
+    }
+
+    #[test]
+    fn ipv6_service_parses_and_its_client_mask_defaults_to_64() {
+        let config = Config::parse(&good_v6(), false).unwrap();
+        let service = &config.services[0];
+        assert_eq!(service.family(), Family::Ipv6);
+        assert_eq!(service.client_mask(), 24);
+        let text = good_v6().replace("      client_mask: 24\n", "");
+        let config = Config::parse(&text, false).unwrap();
+        assert_eq!(config.services[0].stick.client_mask, None);
+        assert_eq!(config.services[0].client_mask(), 64);
+        // The IPv4 default is still each whole address.
+        let config = Config::parse(&GOOD.replace("      client_mask: 24\n", ""), false).unwrap();
+        assert_eq!(config.services[0].client_mask(), 32);
+    }
+
+    #[test]
+    fn ipv6_client_mask_takes_0_to_128() {
+        for bits in [0, 64, 128] {
+            let text = good_v6().replace("client_mask: 24", &format!("client_mask: {bits}"));
+            assert_eq!(
+                Config::parse(&text, false).unwrap().services[0].client_mask(),
+                bits
+            );
+        }
+        let e = error(&good_v6().replace("client_mask: 24", "client_mask: 129"));
+        assert_eq!(
+            e,
+            "services[0].stick.client_mask (line 9): must be a prefix length from 0 to 128"
+        );
+    }
+
+    #[test]
+    fn a_backend_of_the_other_family_is_named_with_its_line() {
+        let e = error(&GOOD.replace("198.18.0.12", "2001:db8:1::12"));
+        assert_eq!(
+            e,
+            "services[0].backends[1].address (line 15): 2001:db8:1::12 is IPv6 but the service's vip 198.18.0.100 is IPv4: a service is one family"
+        );
+        let e = error(&good_v6().replace("2001:db8:1::11", "198.18.0.11"));
+        assert_eq!(
+            e,
+            "services[0].backends[0].address (line 12): 198.18.0.11 is IPv4 but the service's vip 2001:db8::100 is IPv6: a service is one family"
+        );
+    }
+
+    #[test]
+    fn unusable_ipv6_vips_are_refused_with_the_reason() {
+        for (vip, why) in [
+            ("'::'", "cannot be a VIP"),
+            ("ff02::1", "cannot be a VIP"),
+            ("'::1'", "cannot be a VIP: a loopback address"),
+            (
+                "fe80::1",
+                "cannot be a VIP: a link-local address (fe80::/10)",
+            ),
+            (
+                "'::ffff:198.18.0.100'",
+                "cannot be a VIP: an IPv4-mapped address (::ffff:0:0/96)",
+            ),
+        ] {
+            let e = error(&good_v6().replace("2001:db8::100", vip));
+            let shown = vip.trim_matches('\'');
+            assert!(
+                e.starts_with(&format!("services[0].vip (line 5): {shown} {why}")),
+                "{vip}: {e}"
+            );
+        }
+        // The IPv4 rules are unchanged.
+        let e = error(&GOOD.replace("198.18.0.100", "255.255.255.255"));
+        assert_eq!(
+            e,
+            "services[0].vip (line 5): 255.255.255.255 cannot be a VIP"
+        );
+    }
+
+    #[test]
+    fn unusable_ipv6_backends_are_refused_with_the_reason() {
+        for (address, why) in [
+            ("ff02::1", "cannot be a backend"),
+            (
+                "fe80::12",
+                "cannot be a backend: a link-local address (fe80::/10) needs a zone",
+            ),
+            (
+                "'::ffff:198.18.0.12'",
+                "cannot be a backend: an IPv4-mapped address",
+            ),
+        ] {
+            let e = error(&good_v6().replace("2001:db8:1::12", address));
+            let shown = address.trim_matches('\'');
+            assert!(
+                e.starts_with(&format!(
+                    "services[0].backends[1].address (line 15): {shown} {why}"
+                )),
+                "{address}: {e}"
+            );
+        }
+        // The same rule for `backend add`.
+        let vip = "2001:db8::100".parse().unwrap();
+        assert!(check_backend_address(vip, "2001:db8:1::13".parse().unwrap()).is_ok());
+        assert!(check_backend_address(vip, "198.18.0.13".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn ipv6_duplicates_are_found_and_families_do_not_collide() {
+        let second = |vip: &str, address: &str| {
+            format!(
+                "{}  - name: web2\n    vip: {vip}\n    port: 80\n    backends:\n      - name: a\n        address: {address}\n",
+                good_v6()
+            )
+        };
+        let e = error(&second("2001:db8::100", "2001:db8:1::20"));
+        assert!(
+            e.starts_with("services[1].port (line 19): duplicate service [2001:db8::100]:80"),
+            "{e}"
+        );
+        // An IPv4 service on the same port is another service.
+        let config = Config::parse(&second("198.18.0.100", "198.18.0.20"), false).unwrap();
+        assert_eq!(config.services[1].family(), Family::Ipv4);
+        let e = error(&good_v6().replace("2001:db8:1::12", "2001:db8:1::11"));
+        assert!(
+            e.starts_with(
+                "services[0].backends[1].address (line 15): duplicate backend address 2001:db8:1::11"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_ipv6_address_is_named_with_its_line() {
+        let e = error(&good_v6().replace("2001:db8:1::12", "2001:db8:::12"));
+        assert!(
+            e.starts_with("services[0].backends[1].address (line 15)"),
+            "{e}"
         );
     }
 }

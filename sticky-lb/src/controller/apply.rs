@@ -187,7 +187,7 @@ mod tests {
     struct Model {
         backends: BTreeMap<BackendId, Backend>,
         /// Tables by (VIP, port).
-        tables: BTreeMap<([u32; 4], u16), Vec<BackendId>>,
+        tables: BTreeMap<([u32; 4], u16, u8), Vec<BackendId>>,
         writes: usize,
         fail_at: Option<usize>,
     }
@@ -218,12 +218,13 @@ mod tests {
             slots: &[BackendId],
         ) -> Result<()> {
             self.step()?;
-            self.tables.insert((key.vip, key.port), slots.to_vec());
+            self.tables
+                .insert((key.vip, key.port, key.family), slots.to_vec());
             Ok(())
         }
         fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
             self.step()?;
-            self.tables.remove(&(key.vip, key.port));
+            self.tables.remove(&(key.vip, key.port, key.family));
             Ok(())
         }
         fn forget_written(&mut self) {}

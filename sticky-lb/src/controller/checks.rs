@@ -6,7 +6,7 @@ use super::{Checker, Controller};
 use crate::{config::CheckKind, health, neighbour};
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 use tracing::{debug, info, warn};
@@ -19,7 +19,7 @@ impl Controller {
             if b.check.kind != CheckKind::None {
                 // The backend's own address: the VIP is local on the balancer, so a check sent
                 // to it would never leave this host.
-                let target = SocketAddrV4::new(b.address, b.check.port);
+                let target = SocketAddr::new(b.address, b.check.port);
                 wanted.insert(b.id, (target, b.check.clone()));
             }
         }
@@ -92,7 +92,7 @@ impl Controller {
     }
 
     /// A neighbour-table answer: a backend's MAC appeared, changed or went away.
-    pub(super) fn apply_neighbour(&mut self, address: Ipv4Addr, mac: Option<[u8; 6]>) {
+    pub(super) fn apply_neighbour(&mut self, address: IpAddr, mac: Option<[u8; 6]>) {
         let known = self.observed.macs.get(&address).copied();
         if mac.is_none() || known == mac {
             return; // a failed lookup keeps the last MAC: the health checks judge reachability
@@ -193,7 +193,7 @@ impl Controller {
     }
 
     fn ask_neighbours(&self, all: bool) {
-        let addresses: Vec<Ipv4Addr> = self
+        let addresses: Vec<IpAddr> = self
             .services
             .iter()
             .flat_map(|s| &s.backends)

@@ -9,7 +9,7 @@ use crate::{
 };
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 use sticky_lb_common::BackendId;
 
@@ -27,7 +27,7 @@ pub(super) struct Desired {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct WantedBackend {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The MAC given in the config or with `backend add`, if any.
     pub mac: Option<[u8; 6]>,
     pub weight: u32,
@@ -40,7 +40,7 @@ pub(super) struct WantedBackend {
 #[derive(Clone, Debug, Default)]
 pub(super) struct Observed {
     /// Usable neighbour entries on the interface.
-    pub macs: HashMap<Ipv4Addr, [u8; 6]>,
+    pub macs: HashMap<IpAddr, [u8; 6]>,
     /// The health checks' verdicts. A backend with checks and no verdict yet is not healthy:
     /// it takes no clients before its first check passes.
     pub health: HashMap<BackendId, bool>,
@@ -48,7 +48,7 @@ pub(super) struct Observed {
     /// backend name: a start's round of checks, the check `backend add` or a reload makes before
     /// a backend may take clients. A plan prefers them to `health`; the controller moves them
     /// into `health` once ids exist.
-    pub first_verdicts: HashMap<(String, String), (Ipv4Addr, bool)>,
+    pub first_verdicts: HashMap<(String, String), (IpAddr, bool)>,
     /// Retiring backends the last sweep found with no stuck client and no open connection.
     pub drained_out: BTreeSet<BackendId>,
 }

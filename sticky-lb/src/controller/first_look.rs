@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{config::CheckKind, health, neighbour::Neighbours};
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -21,7 +21,7 @@ pub(super) const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 pub(super) struct FirstLook {
     pub service: String,
     pub backend: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub mac: Option<[u8; 6]>,
     /// The first check's verdict; `None` with checks off.
     pub healthy: Option<bool>,
@@ -47,12 +47,13 @@ pub(super) async fn first_look(
                 };
                 let (healthy, failure) = match b.check.kind {
                     CheckKind::None => (None, None),
-                    _ => match health::probe(SocketAddrV4::new(address, b.check.port), &b.check)
-                        .await
-                    {
-                        Ok(_) => (Some(true), None),
-                        Err(failure) => (Some(false), Some(failure.to_string())),
-                    },
+                    _ => {
+                        match health::probe(SocketAddr::new(address, b.check.port), &b.check).await
+                        {
+                            Ok(_) => (Some(true), None),
+                            Err(failure) => (Some(false), Some(failure.to_string())),
+                        }
+                    }
                 };
                 FirstLook {
                     service,

@@ -2,10 +2,10 @@
 //! the maps were last given. Plans produce the next model; apply writes it.
 
 use crate::config::{self, HealthCheck, ServiceConfig};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
-    ServiceKey, StickKey,
+    Backend, BackendId, BackendState, Family, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
+    ServiceKey, StickKey, addr,
 };
 
 /// What the operator has said about a backend (the control socket); health is separate.
@@ -40,7 +40,8 @@ pub(super) struct BackendSlot {
     /// Index into the backends map; stick entries and connections name backends by it.
     pub id: BackendId,
     pub name: String,
-    pub address: Ipv4Addr,
+    /// Of its service's family.
+    pub address: IpAddr,
     /// `None` until the neighbour table has one (the backend takes no clients meanwhile).
     pub mac: Option<[u8; 6]>,
     /// The MAC given in the config or with `backend add` (the neighbour table is not asked).
@@ -80,7 +81,7 @@ impl BackendSlot {
     /// The backends-map value for this backend of service `service`.
     pub(super) fn entry(&self, service: ServiceId) -> Backend {
         Backend {
-            addr: [u32::from_ne_bytes(self.address.octets()), 0, 0, 0],
+            addr: addr::words(&self.address),
             mac: self.mac.unwrap_or([0; 6]),
             state: self.state as u8,
             _pad: 0,
@@ -113,18 +114,37 @@ impl ServiceSlot {
         &self.config.name
     }
 
+    pub(super) fn family(&self) -> Family {
+        Family::from_u8(self.key.family)
+    }
+
     /// The stick-table key of `client` in this service: its address masked with the
-    /// service's `client_mask`, as the data path masks it.
-    pub(super) fn stick_key(&self, client: Ipv4Addr) -> StickKey {
-        StickKey {
-            service: self.id(),
-            client: [
-                u32::from_ne_bytes(client.octets()) & self.params.client_mask[0],
-                0,
-                0,
-                0,
-            ],
+    /// service's `client_mask`, as the data path masks it. A client of the other family can
+    /// never have an entry in this service: the error says so, for the operator who asked.
+    pub(super) fn stick_key(&self, client: IpAddr) -> Result<StickKey, String> {
+        let family = Family::of(&client);
+        if family != self.family() {
+            return Err(format!(
+                "client {client} is {} but service {} is {}",
+                config::family_label(family),
+                self.name(),
+                config::family_label(self.family())
+            ));
         }
+        Ok(StickKey {
+            service: self.id(),
+            client: addr::masked(addr::words(&client), self.params.client_mask),
+        })
+    }
+
+    /// A stick key's client as people read it: the masked address with the service's prefix
+    /// length (`198.18.1.0/24`, `2001:db8:1:2::/64`; bare at the full length).
+    pub(super) fn client_prefix(&self, key: &StickKey) -> String {
+        crate::view::client_prefix(
+            self.family(),
+            key.client,
+            addr::prefix_len(self.params.client_mask),
+        )
     }
 
     /// What the service's table is built from: its up backends' ids, names and weights, in
@@ -158,12 +178,12 @@ impl ServiceSlot {
 /// The service key and parameters a service config gives. Address, ring base and size are
 /// filled in when the service is published.
 pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceKey, Service) {
-    let mask = config::client_mask_v4(service.stick.client_mask);
+    let family = service.family();
     let key = ServiceKey {
-        vip: [u32::from_ne_bytes(service.vip.octets()), 0, 0, 0],
+        vip: addr::words(&service.vip),
         port: service.port.to_be(),
         protocol: PROTO_TCP,
-        family: sticky_lb_common::Family::Ipv4 as u8,
+        family: family as u8,
     };
     let params = Service {
         id,
@@ -177,8 +197,9 @@ pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceK
             0 => 0,
             rate => 1_000_000_000 / rate,
         },
+        family: family as u8,
         // Network byte order, like the client address it masks.
-        client_mask: [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
+        client_mask: addr::prefix_mask(family, service.client_mask()),
         ..Default::default()
     };
     (key, params)

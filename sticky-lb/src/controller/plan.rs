@@ -336,7 +336,8 @@ pub(super) mod tests {
         config::Config,
         state::{AddedBackend, BackendChange},
     };
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
+    use sticky_lb_common::{Family, addr};
 
     /// A config of services with backends `name@last-octet`; checks off so health is known.
     fn config(extra: &str, services: &[(&str, &[&str])]) -> Config {
@@ -358,8 +359,10 @@ pub(super) mod tests {
         let mut o = Observed::default();
         for i in 0..4u8 {
             for octet in 1..=20u8 {
-                o.macs
-                    .insert(Ipv4Addr::new(198, 18, i, octet), [2, 0, 0, 0, i, octet]);
+                o.macs.insert(
+                    Ipv4Addr::new(198, 18, i, octet).into(),
+                    [2, 0, 0, 0, i, octet],
+                );
             }
         }
         o
@@ -471,7 +474,7 @@ pub(super) mod tests {
         desired.change("web", "b").removed = true;
         let p = step(&p, &desired, &observed(), 5);
         desired.change("web", "c").added = Some(AddedBackend {
-            address: Ipv4Addr::new(198, 18, 0, 3),
+            address: Ipv4Addr::new(198, 18, 0, 3).into(),
             weight: 1,
             mac: None,
         });
@@ -548,7 +551,7 @@ pub(super) mod tests {
         let mut o = observed();
         o.first_verdicts.insert(
             ("web".into(), "b".into()),
-            (Ipv4Addr::new(198, 18, 0, 99), false),
+            (Ipv4Addr::new(198, 18, 0, 99).into(), false),
         );
         let text = "interface: lo\nservices:\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n    backends:\n      - {name: a, address: 198.18.0.1}\n      - {name: b, address: 198.18.0.2}\n";
         let checks_on = Desired::new(Config::parse(text, false).unwrap(), Default::default());
@@ -558,7 +561,7 @@ pub(super) mod tests {
         // The same look at b's own address decides.
         o.first_verdicts.insert(
             ("web".into(), "b".into()),
-            (Ipv4Addr::new(198, 18, 0, 2), false),
+            (Ipv4Addr::new(198, 18, 0, 2).into(), false),
         );
         let r = step(&p, &checks_on, &o, 3);
         assert_eq!(r.next[0].backends[1].state, BackendState::Down);
@@ -576,8 +579,10 @@ pub(super) mod tests {
         let draining = step(&p, &desired, &observed(), 5);
         assert!(draining.next[0].backends[1].retiring);
         let mut o = observed();
-        o.macs
-            .insert(Ipv4Addr::new(198, 18, 0, 2), [2, 0, 0, 0, 0xbe, 0xef]);
+        o.macs.insert(
+            Ipv4Addr::new(198, 18, 0, 2).into(),
+            [2, 0, 0, 0, 0xbe, 0xef],
+        );
         let moved = step(&draining, &desired, &o, 6);
         let b = &moved.next[0].backends[1];
         assert_eq!(b.mac, Some([2, 0, 0, 0, 0xbe, 0xef]));
@@ -649,6 +654,88 @@ pub(super) mod tests {
                 backend: "b".into()
             }
         );
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// One IPv6 service `web` at 2001:db8::100 with backend `a` (MAC given, checks off).
+    fn ipv6_config(stick: &str) -> Config {
+        let text = format!(
+            "interface: lo\nservices:\n  - name: web\n    vip: 2001:db8::100\n    port: 80\n{stick}    health_check: {{type: none}}\n    backends:\n      - name: a\n        address: 2001:db8:1::11\n        mac: 02:00:00:00:00:11\n"
+        );
+        Config::parse(&text, false).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_service_is_keyed_and_masked_in_its_family() {
+        let p = first(&Desired::new(ipv6_config(""), Default::default()));
+        let s = &p.next[0];
+        assert_eq!(s.key.family, Family::Ipv6 as u8);
+        assert_eq!(s.key.vip, addr::words(&ip("2001:db8::100")));
+        assert_eq!(s.params.family, Family::Ipv6 as u8);
+        // No client_mask given: the IPv6 default, a /64.
+        assert_eq!(s.params.client_mask, addr::prefix_mask(Family::Ipv6, 64));
+        let entry = p
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::WriteBackend(_, entry) => Some(*entry),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(entry.addr, addr::words(&ip("2001:db8:1::11")));
+        let key = s.stick_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")).unwrap();
+        assert_eq!(key.client, addr::words(&ip("2001:db8:1:2::")));
+        assert_eq!(s.client_prefix(&key), "2001:db8:1:2::/64");
+        // Another address of the same /64 (a rotated privacy address) has the same key.
+        assert_eq!(s.stick_key(ip("2001:db8:1:2::7")).unwrap(), key);
+        let whole = first(&Desired::new(
+            ipv6_config("    stick: {client_mask: 128}\n"),
+            Default::default(),
+        ));
+        let key = whole.next[0].stick_key(ip("2001:db8:1:2::7")).unwrap();
+        assert_eq!(key.client, addr::words(&ip("2001:db8:1:2::7")));
+        assert_eq!(whole.next[0].client_prefix(&key), "2001:db8:1:2::7");
+    }
+
+    #[test]
+    fn a_client_of_the_other_family_has_no_stick_key() {
+        let v6 = first(&Desired::new(ipv6_config(""), Default::default()));
+        assert_eq!(
+            v6.next[0].stick_key(ip("198.18.0.1")).unwrap_err(),
+            "client 198.18.0.1 is IPv4 but service web is IPv6"
+        );
+        let v4 = first(&Desired::new(
+            config("", &[("web", &["a@1"])]),
+            Default::default(),
+        ));
+        assert_eq!(
+            v4.next[0].stick_key(ip("2001:db8::1")).unwrap_err(),
+            "client 2001:db8::1 is IPv6 but service web is IPv4"
+        );
+        // An IPv4 service keys only word 0, masked.
+        let key = v4.next[0].stick_key(ip("198.18.1.77")).unwrap();
+        assert_eq!(key.client, addr::words(&ip("198.18.1.77")));
+        assert_eq!(v4.next[0].client_prefix(&key), "198.18.1.77");
+    }
+
+    #[test]
+    fn a_service_moved_to_ipv6_is_published_under_its_new_key() {
+        let p = first(&Desired::new(
+            config("", &[("web", &["a@1"])]),
+            Default::default(),
+        ));
+        let q = step(
+            &p,
+            &Desired::new(ipv6_config(""), Default::default()),
+            &observed(),
+            5,
+        );
+        assert_eq!(q.next[0].key.family, Family::Ipv6 as u8);
+        assert!(q.changes.contains(&Change::RemoveService(p.next[0].key)));
+        assert!(q.changes.contains(&Change::Publish(0)));
     }
 
     use super::super::desired;

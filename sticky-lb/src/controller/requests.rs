@@ -14,7 +14,7 @@ use crate::{
     dataplane::PinnedMaps,
     state::AddedBackend,
 };
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use tracing::info;
 
 use tokio::sync::oneshot;
@@ -152,7 +152,7 @@ impl Controller {
         &self,
         service: &str,
         backend: &str,
-        address: Ipv4Addr,
+        address: IpAddr,
         weight: u32,
         mac: Option<String>,
     ) -> Result<(String, String, AddedBackend), Reply> {
@@ -180,11 +180,13 @@ impl Controller {
 
     /// Whether `service` may take backend `backend` at `address`: checked when the request
     /// arrives and again when its first look is done (another add may have come in between).
-    /// A name the config lists may come back only at the config's address.
-    fn may_add(&self, service: &str, backend: &str, address: Ipv4Addr) -> Result<(), Reply> {
+    /// The address follows the config's rules (the service's family, a usable unicast
+    /// address); a name the config lists may come back only at the config's address.
+    fn may_add(&self, service: &str, backend: &str, address: IpAddr) -> Result<(), Reply> {
         let Some(s) = self.services.iter().find(|s| s.name() == service) else {
             return Err(Reply::error(format!("no service '{service}'")));
         };
+        crate::config::check_backend_address(s.config.vip, address).map_err(Reply::error)?;
         if let Some(existing) = s
             .backends
             .iter()

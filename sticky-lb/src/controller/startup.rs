@@ -20,11 +20,12 @@ use crate::{
 use anyhow::{Result, bail};
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
 };
-use sticky_lb_common::{BackendState, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, map_names};
+use sticky_lb_common::{
+    BackendState, Family, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, addr, map_names,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -341,10 +342,12 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
                 .unwrap_or_else(|| departed_service(record));
             let (mut key, mut params) = service_entry(&config, record.id);
             // The key the index holds is the recorded one (the config's VIP may have changed).
-            key.vip = [u32::from_ne_bytes(record.vip.octets()), 0, 0, 0];
+            key.vip = addr::words(&record.vip);
             key.port = record.port.to_be();
+            key.family = Family::of(&record.vip) as u8;
             params.vip = key.vip;
             params.port = key.port;
+            params.family = key.family;
             let backends = record
                 .backends
                 .iter()
@@ -400,8 +403,11 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> Ba
 /// backends matter (the first plan takes it out), so its other fields are the defaults.
 fn departed_service(record: &ServiceRecord) -> ServiceConfig {
     let yaml = format!(
-        "{{name: {:?}, vip: {}, port: {}, maglev_table_size: {}, health_check: {{type: none}}, backends: []}}",
-        record.name, record.vip, record.port, record.maglev_table_size
+        "{{name: {:?}, vip: {:?}, port: {}, maglev_table_size: {}, health_check: {{type: none}}, backends: []}}",
+        record.name,
+        record.vip.to_string(),
+        record.port,
+        record.maglev_table_size
     );
     serde_yaml::from_str(&yaml).expect("a service with only defaults parses")
 }
@@ -439,7 +445,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
     ServiceRecord {
         id: s.id(),
         name: s.name().to_string(),
-        vip: Ipv4Addr::from(s.key.vip[0].to_ne_bytes()),
+        vip: addr::from_words(s.family(), s.key.vip),
         port: u16::from_be(s.key.port),
         policy: match s.config.policy {
             crate::config::Policy::IpHash => "ip-hash".into(),
@@ -447,7 +453,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
         },
         forwarding: "dsr".into(),
         stick_timeout_ms: s.config.stick.timeout.as_millis() as u64,
-        client_mask: s.config.stick.client_mask,
+        client_mask: s.config.client_mask(),
         maglev_table_size: s.config.maglev_table_size,
         backends: s
             .backends
@@ -526,4 +532,28 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_departed_ipv6_service_keeps_its_address() {
+        let record = ServiceRecord {
+            id: 3,
+            name: "web6".into(),
+            vip: "2001:db8::100".parse().unwrap(),
+            port: 443,
+            policy: "ip-hash".into(),
+            forwarding: "dsr".into(),
+            stick_timeout_ms: 1000,
+            client_mask: 64,
+            maglev_table_size: 65537,
+            backends: Vec::new(),
+        };
+        let config = departed_service(&record);
+        assert_eq!(config.vip, record.vip);
+        assert_eq!(config.family(), Family::Ipv6);
+    }
 }

@@ -2,47 +2,62 @@
 //! table directly, since it is the data path's own state rather than part of a plan. A flush
 //! walks the whole table on a blocking thread, so health events never wait behind it.
 
-use super::{Controller, model::state_name};
+use super::{
+    Controller,
+    model::{ServiceSlot, state_name},
+};
 use crate::{
     control::Reply,
     dataplane::{PinnedMaps, monotonic_ns},
 };
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use sticky_lb_common::{ServiceId, StickEntry, StickKey};
 use tokio::sync::oneshot;
 use tracing::info;
 
 impl Controller {
-    pub(super) fn table_get(
+    /// The stick keys of `client` in service `service`, or in every service of the client's
+    /// family when `service` is `None` (an IPv6 client has no entry in an IPv4 service). A named
+    /// service that does not exist, or is of the other family, is the error reply.
+    fn stick_keys(
         &self,
-        client: Ipv4Addr,
+        client: IpAddr,
         service: Option<&str>,
-    ) -> anyhow::Result<Reply> {
+    ) -> Result<Vec<(&ServiceSlot, StickKey)>, Reply> {
+        let Some(name) = service else {
+            return Ok(self
+                .services
+                .iter()
+                .filter_map(|s| Some((s, s.stick_key(client).ok()?)))
+                .collect());
+        };
+        let Some(s) = self.services.iter().find(|s| s.name() == name) else {
+            return Err(Reply::error(format!("no service '{name}'")));
+        };
+        let key = s.stick_key(client).map_err(Reply::error)?;
+        Ok(vec![(s, key)])
+    }
+
+    pub(super) fn table_get(&self, client: IpAddr, service: Option<&str>) -> anyhow::Result<Reply> {
+        let keys = match self.stick_keys(client, service) {
+            Ok(keys) => keys,
+            Err(reply) => return Ok(reply),
+        };
         let maps = PinnedMaps::open(&self.pins)?;
         let now = monotonic_ns();
         let mut rows = Vec::new();
-        for s in self
-            .services
-            .iter()
-            .filter(|s| service.is_none_or(|name| s.name() == name))
-        {
-            let key = s.stick_key(client);
+        for (s, key) in keys {
             if let Ok(entry) = maps.stick.get(&key, 0) {
                 let backend = s.backends.iter().find(|b| b.id == entry.backend);
                 rows.push(serde_json::json!({
                     "service": s.name(),
-                    "client": Ipv4Addr::from(key.client[0].to_ne_bytes()).to_string(),
+                    "client": s.client_prefix(&key),
                     "backend": backend.map(|b| b.name.clone()).unwrap_or_else(|| format!("#{}", entry.backend)),
                     "backend_address": backend.map(|b| b.address.to_string()),
                     "idle_ms": now.saturating_sub(entry.last_seen_ns) / 1_000_000,
                     "age_ms": now.saturating_sub(entry.created_ns) / 1_000_000,
                 }));
             }
-        }
-        if let Some(name) = service
-            && !self.services.iter().any(|s| s.name() == name)
-        {
-            return Ok(Reply::error(format!("no service '{name}'")));
         }
         let message = if rows.is_empty() {
             format!("{client}: no stick entry")
@@ -65,7 +80,7 @@ impl Controller {
 
     pub(super) fn table_set(
         &mut self,
-        client: Ipv4Addr,
+        client: IpAddr,
         service: &str,
         backend: &str,
     ) -> anyhow::Result<Reply> {
@@ -75,6 +90,10 @@ impl Controller {
         };
         let s = &self.services[i];
         let b = &s.backends[j];
+        let key = match s.stick_key(client) {
+            Ok(key) => key,
+            Err(message) => return Ok(Reply::error(message)),
+        };
         if !b.state.keeps_stuck_clients() {
             return Ok(Reply::error(format!(
                 "{service}/{backend} is {}: it would not keep the client",
@@ -82,37 +101,29 @@ impl Controller {
             )));
         }
         let mut maps = PinnedMaps::open(&self.pins)?;
-        let key = s.stick_key(client);
         let now = monotonic_ns();
         maps.stick.insert(&key, &StickEntry::placed(b.id, now), 0)?;
-        let message = format!("{service} {client} -> {backend}");
+        // The entry is the client's prefix: every address in it now goes there.
+        let message = format!("{service} {} -> {backend}", s.client_prefix(&key));
         info!("operator: table set {message}");
         Ok(Reply::ok(message))
     }
 
     /// Deletes one client's entries (of one service or all): its next connection is placed
     /// anew. The keys are computed, so nothing walks the table.
-    pub(super) fn table_delete(&mut self, client: Ipv4Addr, service: Option<&str>) -> Reply {
-        if let Some(name) = service
-            && !self.services.iter().any(|s| s.name() == name)
-        {
-            return Reply::error(format!("no service '{name}'"));
-        }
+    pub(super) fn table_delete(&mut self, client: IpAddr, service: Option<&str>) -> Reply {
+        let keys = match self.stick_keys(client, service) {
+            Ok(keys) => keys,
+            Err(reply) => return reply,
+        };
         let mut maps = match PinnedMaps::open(&self.pins) {
             Ok(maps) => maps,
             Err(e) => return Reply::error(format!("{e:#}")),
         };
-        let mut deleted = 0;
-        for s in self
-            .services
+        let deleted = keys
             .iter()
-            .filter(|s| service.is_none_or(|name| s.name() == name))
-        {
-            let key = s.stick_key(client);
-            if maps.stick.remove(&key).is_ok() {
-                deleted += 1;
-            }
-        }
+            .filter(|(_, key)| maps.stick.remove(key).is_ok())
+            .count();
         let message = format!(
             "{deleted} stick entr{} deleted",
             if deleted == 1 { "y" } else { "ies" }

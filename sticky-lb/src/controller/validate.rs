@@ -81,7 +81,7 @@ mod tests {
 
     fn key(vip: Ipv4Addr) -> ServiceKey {
         ServiceKey {
-            vip: [u32::from_ne_bytes(vip.octets()), 0, 0, 0],
+            vip: sticky_lb_common::addr::words(&vip.into()),
             port: 80u16.to_be(),
             protocol: 6,
             family: 0,
@@ -152,7 +152,7 @@ mod tests {
         validate(&p, LIMITS, &ServiceIndex::empty()).unwrap();
         // One more added at run time.
         d.change("web", "extra").added = Some(crate::state::AddedBackend {
-            address: Ipv4Addr::new(198, 18, 2, 1),
+            address: Ipv4Addr::new(198, 18, 2, 1).into(),
             weight: 1,
             mac: None,
         });

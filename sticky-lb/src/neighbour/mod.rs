@@ -30,7 +30,7 @@ use rtnetlink::{
     sys::AsyncSocket,
 };
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
@@ -83,7 +83,7 @@ pub enum Event {
     /// when it is usable (NUD_REACHABLE, STALE, DELAY, PROBE, PERMANENT or NOARP), `None` when it
     /// is not (still resolving, failed, or deleted).
     Neighbour {
-        address: Ipv4Addr,
+        address: IpAddr,
         mac: Option<[u8; 6]>,
     },
     /// The watched interface was deleted (or renamed away), and its neighbour entries with it:
@@ -194,7 +194,10 @@ impl Neighbours {
 
     /// The usable MAC the kernel has for `address` on the interface now (RTM_GETNEIGH); `None`
     /// if there is no entry, it is not usable, or the interface is missing.
-    pub async fn lookup(&self, address: Ipv4Addr) -> Option<[u8; 6]> {
+    pub async fn lookup(&self, address: IpAddr) -> Option<[u8; 6]> {
+        let IpAddr::V4(address) = address else {
+            return None;
+        };
         let index = self.index()?;
         self.entry(index, address).await?.usable_mac()
     }
@@ -209,7 +212,10 @@ impl Neighbours {
     /// as they are; permanent, NOARP and externally learnt entries are not touched at all, since
     /// they are someone else's to keep. The entry goes with the interface: after
     /// [`Event::LinkUp`] with a new index, resolve again.
-    pub async fn resolve(&self, address: Ipv4Addr, timeout: Duration) -> Option<[u8; 6]> {
+    pub async fn resolve(&self, address: IpAddr, timeout: Duration) -> Option<[u8; 6]> {
+        let IpAddr::V4(address) = address else {
+            return None;
+        };
         let deadline = Instant::now()
             .checked_add(timeout)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
@@ -424,8 +430,8 @@ mod tests {
         fn sent<T: Send>(_: &T) {}
         shared::<Neighbours>();
         let _ = |neighbours: &'static Neighbours| {
-            sent(&neighbours.resolve(Ipv4Addr::LOCALHOST, Duration::ZERO));
-            sent(&neighbours.lookup(Ipv4Addr::LOCALHOST));
+            sent(&neighbours.resolve(Ipv4Addr::LOCALHOST.into(), Duration::ZERO));
+            sent(&neighbours.lookup(Ipv4Addr::LOCALHOST.into()));
         };
     }
 }

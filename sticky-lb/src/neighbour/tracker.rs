@@ -285,7 +285,10 @@ impl Tracker {
 
     fn report(&mut self, address: Ipv4Addr, mac: Option<[u8; 6]>, events: &mut Vec<Event>) {
         if self.reported.insert(address, mac) != Some(mac) {
-            events.push(Event::Neighbour { address, mac });
+            events.push(Event::Neighbour {
+                address: address.into(),
+                mac,
+            });
         }
     }
 
@@ -293,7 +296,10 @@ impl Tracker {
     /// receiver may have read it through [`super::Neighbours::lookup`].
     fn forget(&mut self, address: Ipv4Addr, events: &mut Vec<Event>) {
         if self.reported.remove(&address) != Some(None) {
-            events.push(Event::Neighbour { address, mac: None });
+            events.push(Event::Neighbour {
+                address: address.into(),
+                mac: None,
+            });
         }
     }
 }
@@ -414,7 +420,7 @@ mod tests {
 
     fn mac_event(address: &str, mac: Option<[u8; 6]>) -> Event {
         Event::Neighbour {
-            address: addr(address),
+            address: addr(address).into(),
             mac,
         }
     }
