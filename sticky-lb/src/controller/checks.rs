@@ -6,7 +6,7 @@ use super::{Checker, Controller};
 use crate::{config::CheckKind, health, neighbour};
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 use tracing::{debug, info, warn};
@@ -19,7 +19,7 @@ impl Controller {
             if b.check.kind != CheckKind::None {
                 // The backend's own address: the VIP is local on the balancer, so a check sent
                 // to it would never leave this host.
-                let target = SocketAddrV4::new(b.address, b.check.port);
+                let target = SocketAddr::from((b.address, b.check.port));
                 wanted.insert(b.id, (target, b.check.clone()));
             }
         }
@@ -136,7 +136,11 @@ impl Controller {
     /// An rtnetlink event about the interface or a neighbour on it.
     pub(super) fn apply_neighbour_event(&mut self, event: neighbour::Event) {
         match event {
-            neighbour::Event::Neighbour { address, mac } => self.apply_neighbour(address, mac),
+            neighbour::Event::Neighbour {
+                address: IpAddr::V4(address),
+                mac,
+            } => self.apply_neighbour(address, mac),
+            neighbour::Event::Neighbour { .. } => {}
             neighbour::Event::LinkGone { interface } => {
                 self.attached_index = None;
                 warn!(
@@ -208,7 +212,7 @@ impl Controller {
         let answers = self.neighbour_tx.clone();
         tokio::spawn(async move {
             for address in addresses {
-                let mac = neighbours.resolve(address, Duration::ZERO).await;
+                let mac = neighbours.resolve(address.into(), Duration::ZERO).await;
                 if answers.send((address, mac)).await.is_err() {
                     return; // the controller is gone
                 }

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{config::CheckKind, health, neighbour::Neighbours};
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -43,11 +43,11 @@ pub(super) async fn first_look(
                 let address = b.address;
                 let mac = match b.mac {
                     Some(mac) => Some(mac),
-                    None => neighbours.resolve(address, RESOLVE_TIMEOUT).await,
+                    None => neighbours.resolve(address.into(), RESOLVE_TIMEOUT).await,
                 };
                 let (healthy, failure) = match b.check.kind {
                     CheckKind::None => (None, None),
-                    _ => match health::probe(SocketAddrV4::new(address, b.check.port), &b.check)
+                    _ => match health::probe(SocketAddr::from((address, b.check.port)), &b.check)
                         .await
                     {
                         Ok(_) => (Some(true), None),

@@ -36,7 +36,7 @@ use ids::IdBook;
 use model::ServiceSlot;
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -54,7 +54,7 @@ const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(2);
 
 /// A running health check and what it checks, so a change restarts only changed ones.
 struct Checker {
-    target: SocketAddrV4,
+    target: SocketAddr,
     check: HealthCheck,
     task: JoinHandle<()>,
 }
