@@ -2,6 +2,9 @@
 //! check. A task reports only transitions (up -> down after `fall` consecutive failures, down ->
 //! up after `rise` consecutive successes), with the reason, to the controller, which rebuilds the
 //! service's Maglev table and swaps it in.
+//!
+//! Checks go to the backend's own address, IPv4 or IPv6, through the kernel's TCP stack: an IPv6
+//! backend's check also keeps its NDP entry in use, as an IPv4 backend's keeps its ARP entry.
 
 use crate::config::{CheckKind, HealthCheck, status_matches};
 use std::{
@@ -122,7 +125,11 @@ impl Default for Tracker {
     }
 }
 
-/// One check of `addr`; `Ok` carries its latency.
+/// One check of `addr` (IPv4 or IPv6), bounded by `check.timeout`; `Ok` carries its latency.
+///
+/// A TCP check passes once the connection is established. An HTTP check then sends
+/// `GET {check.path}` with `Host: {addr}` (an IPv6 address in brackets, `[2001:db8::11]:8080`)
+/// and passes if the status code matches `check.expect`.
 pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<Duration, Failure> {
     let started = Instant::now();
     let attempt = async {
@@ -135,7 +142,7 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<Duration, Fa
             let request = format!(
                 "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: sticky-lb-check\r\nConnection: close\r\n\r\n",
                 check.path,
-                addr.ip()
+                host_header(addr)
             );
             stream
                 .write_all(request.as_bytes())
@@ -170,12 +177,22 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<Duration, Fa
     }
 }
 
+/// The Host header's value for a check of `addr`: the address and port as a URI authority
+/// (RFC 9110 7.2), so an IPv6 address goes in brackets. The port is always there: the check's
+/// port is rarely 80. An IPv6 zone (scope id) is left out, as it means nothing to the server.
+fn host_header(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(addr) => format!("{}:{}", addr.ip(), addr.port()),
+        SocketAddr::V6(addr) => format!("[{}]:{}", addr.ip(), addr.port()),
+    }
+}
+
 /// Last check latency per backend, in seconds (for metrics).
 pub type Latencies = Arc<Mutex<HashMap<BackendId, f64>>>;
 
-/// Starts checking one backend every `check.interval` (the first check at once), starting from
-/// the verdict `healthy` (`None`: the first check decides); transitions go to `events`, each
-/// check's latency to `latencies`.
+/// Starts checking one backend at `addr` (IPv4 or IPv6) every `check.interval` (the first check
+/// at once), starting from the verdict `healthy` (`None`: the first check decides); transitions
+/// go to `events`, each check's latency to `latencies`.
 pub fn spawn(
     backend: BackendId,
     addr: SocketAddr,
@@ -265,16 +282,29 @@ mod tests {
         }
     }
 
-    /// A loopback server that answers each connection with `reply` (or resets if `None`).
+    /// A server on 127.0.0.1 that answers each connection with `reply` (or resets if `None`).
     async fn server(reply: Option<&'static [u8]>) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        server_on("127.0.0.1:0", reply, None).await
+    }
+
+    /// A server on `bind` that answers each connection with `reply` (or resets if `None`),
+    /// sending each request's head to `requests` if given.
+    async fn server_on(
+        bind: &str,
+        reply: Option<&'static [u8]>,
+        requests: Option<mpsc::UnboundedSender<String>>,
+    ) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 match reply {
                     Some(reply) => {
                         let mut buf = [0u8; 512];
-                        let _ = stream.read(&mut buf).await;
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if let Some(requests) = &requests {
+                            let _ = requests.send(String::from_utf8_lossy(&buf[..n]).into());
+                        }
                         let _ = stream.write_all(reply).await;
                     }
                     None => {
@@ -331,5 +361,62 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(listener);
+    }
+
+    /// Whether this host can listen on [::1] (IPv6 may be off, as in a container).
+    async fn ipv6_loopback() -> bool {
+        let usable = tokio::net::TcpListener::bind("[::1]:0").await.is_ok();
+        if !usable {
+            eprintln!("no IPv6 loopback here: skipped");
+        }
+        usable
+    }
+
+    #[tokio::test]
+    async fn ipv6_probes_report_the_reason() {
+        if !ipv6_loopback().await {
+            return;
+        }
+        let ok = server_on("[::1]:0", Some(b"HTTP/1.1 200 OK\r\n\r\n"), None).await;
+        let error = server_on("[::1]:0", Some(b"HTTP/1.1 503 Busy\r\n\r\n"), None).await;
+        let reset = server_on("[::1]:0", None, None).await;
+        assert!(ok.is_ipv6());
+        assert!(probe(ok, &check(CheckKind::Tcp, "2xx")).await.is_ok());
+        assert!(probe(ok, &check(CheckKind::Http, "2xx")).await.is_ok());
+        assert_eq!(
+            probe(error, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::BadStatus(503))
+        );
+        assert_eq!(
+            probe(reset, &check(CheckKind::Http, "2xx")).await,
+            Err(Failure::Reset)
+        );
+        let refused = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1));
+        assert_eq!(
+            probe(refused, &check(CheckKind::Tcp, "2xx")).await,
+            Err(Failure::Refused)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_http_check_names_the_host_with_its_port_and_brackets_for_ipv6() {
+        if ipv6_loopback().await {
+            let (requests, mut received) = mpsc::unbounded_channel();
+            let reply = Some(&b"HTTP/1.1 204 No Content\r\n\r\n"[..]);
+            let addr = server_on("[::1]:0", reply, Some(requests)).await;
+            let mut http = check(CheckKind::Http, "2xx");
+            http.path = "/healthz".into();
+            assert!(probe(addr, &http).await.is_ok());
+            let request = received.recv().await.unwrap();
+            let expected = format!("GET /healthz HTTP/1.0\r\nHost: [::1]:{}\r\n", addr.port());
+            assert!(request.starts_with(&expected), "{request:?}");
+        }
+        let v4 = SocketAddr::from(([198, 18, 0, 11], 8080));
+        assert_eq!(host_header(v4), "198.18.0.11:8080");
+        let v6: SocketAddr = "[2001:db8::11]:8080".parse().unwrap();
+        assert_eq!(host_header(v6), "[2001:db8::11]:8080");
+        // A zone is the balancer's business, not the server's.
+        let scoped: SocketAddr = "[fe80::11%7]:80".parse().unwrap();
+        assert_eq!(host_header(scoped), "[fe80::11]:80");
     }
 }

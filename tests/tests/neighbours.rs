@@ -3,7 +3,7 @@
 //! announced by gratuitous ARP or made silently, and the watched interface deleted and created
 //! again. Needs root.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use sticky_lb::neighbour::{Event, Neighbours, interface_mac};
@@ -15,9 +15,9 @@ use tokio::time::{Instant, timeout_at};
 const LB_DEV: &str = "nb0";
 const PEER_DEV: &str = "nb1";
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const PEER_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11));
 /// A permanent entry nobody answers for.
-const PINNED_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+const PINNED_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 50));
 const PINNED_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x50];
 /// What the peer's NIC is changed to (locally administered).
 const NEW_PEER_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x11];

@@ -1,5 +1,8 @@
 //! Layer-2 facts the DSR data path needs: our interface's MAC, and each backend's MAC from the
-//! kernel's neighbour table, kept current through rtnetlink.
+//! kernel's neighbour tables (ARP for IPv4 backends, NDP for IPv6 ones), kept current through
+//! rtnetlink. Both families go through the same messages (RTM_*NEIGH with AF_INET or AF_INET6)
+//! and the same kernel code for entry states and managed entries, so everything here treats them
+//! alike; only the address and the family in each request differ.
 //!
 //! The XDP program rewrites and sends frames itself, so the kernel never sees the traffic to a
 //! backend and never revalidates that backend's neighbour entry on its own: a backend whose NIC
@@ -30,7 +33,7 @@ use rtnetlink::{
     sys::AsyncSocket,
 };
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
@@ -79,9 +82,10 @@ pub fn interface_mac(interface: &str) -> Result<[u8; 6]> {
 /// between usable states (REACHABLE, STALE, DELAY, PROBE) with the same MAC make no event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The kernel's neighbour entry for `address` on the watched interface changed: `Some(mac)`
-    /// when it is usable (NUD_REACHABLE, STALE, DELAY, PROBE, PERMANENT or NOARP), `None` when it
-    /// is not (still resolving, failed, or deleted).
+    /// The kernel's neighbour entry for `address` (an ARP entry for IPv4, an NDP one for IPv6)
+    /// on the watched interface changed: `Some(mac)` when it is usable (NUD_REACHABLE, STALE,
+    /// DELAY, PROBE, PERMANENT or NOARP), `None` when it is not (still resolving, failed, or
+    /// deleted). The kernel's entries for multicast groups are not reported.
     Neighbour {
         address: IpAddr,
         mac: Option<[u8; 6]>,
@@ -127,8 +131,9 @@ struct Shared {
 
 impl Neighbours {
     /// Opens an rtnetlink connection in the calling thread's network namespace, subscribed to
-    /// link and neighbour notifications (RTNLGRP_LINK, RTNLGRP_NEIGH), and runs it on the current
-    /// tokio runtime. Events about `interface` go to the returned receiver; the interface is
+    /// link and neighbour notifications (RTNLGRP_LINK, RTNLGRP_NEIGH: the kernel sends the
+    /// changes of every neighbour table, ARP and NDP alike, to that one group), and runs it on the
+    /// current tokio runtime. Events about `interface` go to the returned receiver; the interface is
     /// followed by name, so one deleted and created again (with a new index) is followed too. A
     /// receiver that falls behind gets only the latest untaken event about each neighbour, and
     /// the latest `LinkGone` and `LinkUp`: no state is lost, and the backlog is bounded by the
@@ -192,12 +197,10 @@ impl Neighbours {
         }
     }
 
-    /// The usable MAC the kernel has for `address` on the interface now (RTM_GETNEIGH); `None`
-    /// if there is no entry, it is not usable, or the interface is missing.
+    /// The usable MAC the kernel has for `address` on the interface now (RTM_GETNEIGH, in the ARP
+    /// table for an IPv4 address, the NDP one for IPv6); `None` if there is no entry, it is not
+    /// usable, or the interface is missing.
     pub async fn lookup(&self, address: IpAddr) -> Option<[u8; 6]> {
-        let IpAddr::V4(address) = address else {
-            return None;
-        };
         let index = self.index()?;
         self.entry(index, address).await?.usable_mac()
     }
@@ -212,10 +215,16 @@ impl Neighbours {
     /// as they are; permanent, NOARP and externally learnt entries are not touched at all, since
     /// they are someone else's to keep. The entry goes with the interface: after
     /// [`Event::LinkUp`] with a new index, resolve again.
+    ///
+    /// The kernel asks by ARP for an IPv4 address and by Neighbour Solicitation for an IPv6 one.
+    /// A solicitation that no packet waits on goes out from the interface's link-local address
+    /// only, and only once that address passed duplicate address detection (a second or two
+    /// after the link comes up): the kernel skips its solicitations until then, so a fresh
+    /// interface's first answer may take about 2 s, and the kernel's later visits of its managed
+    /// entries (every net.ipv6.neigh.IFACE.interval_probe_time_ms, 5 s by default) try again. An
+    /// interface without a link-local address (addrgenmode none) resolves IPv6 neighbours only
+    /// for traffic the kernel sends them, health checks included, and cannot revalidate them.
     pub async fn resolve(&self, address: IpAddr, timeout: Duration) -> Option<[u8; 6]> {
-        let IpAddr::V4(address) = address else {
-            return None;
-        };
         let deadline = Instant::now()
             .checked_add(timeout)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
@@ -246,13 +255,13 @@ impl Neighbours {
 
     /// The kernel's entry for `address` on interface `index` (RTM_GETNEIGH for one entry), if
     /// there is one.
-    async fn entry(&self, index: u32, address: Ipv4Addr) -> Option<Entry> {
+    async fn entry(&self, index: u32, address: IpAddr) -> Option<Entry> {
         let mut query = NeighbourMessage::default();
-        query.header.family = AddressFamily::Inet;
+        query.header.family = family(address);
         query.header.ifindex = index;
         query
             .attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(
                 address,
             )));
         let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(query));
@@ -279,9 +288,9 @@ impl Neighbours {
     /// Creates or updates the entry for `address` on interface `index` as a managed one
     /// (RTM_NEWNEIGH with NLM_F_CREATE, neither NLM_F_EXCL nor NLM_F_REPLACE), which also starts
     /// resolving it at once. Failures are logged only: the caller sees the entry, or none.
-    async fn request_managed(&self, index: u32, address: Ipv4Addr) {
+    async fn request_managed(&self, index: u32, address: IpAddr) {
         let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
+        message.header.family = family(address);
         message.header.ifindex = index;
         // Not permanent, which a managed entry may not be; an existing entry keeps its own state
         // (the kernel ignores the one asked for along with NTF_USE or the managed flag).
@@ -291,7 +300,7 @@ impl Neighbours {
         message.header.flags = NeighbourFlags::Use;
         message
             .attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(
                 address,
             )));
         message
@@ -378,8 +387,8 @@ async fn follow(
     debug!("netlink connection for {} closed", tracker.interface);
 }
 
-/// Reads the interface and all IPv4 neighbour entries again and reports what differs from what
-/// was reported.
+/// Reads the interface and all IPv4 and IPv6 neighbour entries again and reports what differs
+/// from what was reported.
 async fn resync(tracker: &mut Tracker, handle: &Handle, events: &mut Vec<Event>) {
     let link = match read_link(handle, &tracker.interface).await {
         Ok(link) => link,
@@ -390,22 +399,33 @@ async fn resync(tracker: &mut Tracker, handle: &Handle, events: &mut Vec<Event>)
     };
     let mut entries = Vec::new();
     if link.is_some() {
-        let mut dump = handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(message) = dump.next().await {
-            match message {
-                Ok(message) => entries.extend(Entry::parse(&message)),
-                Err(e) => {
-                    warn!("reading the neighbour table: {e}");
-                    return;
+        // One dump per followed table, asked for by its family.
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut dump = handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(message) = dump.next().await {
+                match message {
+                    Ok(message) => entries.extend(Entry::parse(&message)),
+                    Err(e) => {
+                        warn!("reading the {family:?} neighbour table: {e}");
+                        return;
+                    }
                 }
             }
         }
     }
     tracker.resync(link, &entries, events);
+}
+
+/// The neighbour table `address` belongs in: AF_INET (ARP) or AF_INET6 (NDP).
+fn family(address: IpAddr) -> AddressFamily {
+    match address {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
 }
 
 /// The interface called `name` now (RTM_GETLINK by name); `Ok(None)` if there is none.
@@ -430,8 +450,8 @@ mod tests {
         fn sent<T: Send>(_: &T) {}
         shared::<Neighbours>();
         let _ = |neighbours: &'static Neighbours| {
-            sent(&neighbours.resolve(Ipv4Addr::LOCALHOST.into(), Duration::ZERO));
-            sent(&neighbours.lookup(Ipv4Addr::LOCALHOST.into()));
+            sent(&neighbours.resolve(IpAddr::from([198, 18, 0, 11]), Duration::ZERO));
+            sent(&neighbours.lookup(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11])));
         };
     }
 }

@@ -1,5 +1,5 @@
 //! What the neighbour watch reports, worked out from netlink messages alone: which messages are
-//! about the watched interface and its IPv4 neighbour entries, which of them change what was
+//! about the watched interface and its IPv4 (ARP) and IPv6 (NDP) neighbour entries, which of them change what was
 //! reported, and how events wait for a receiver that falls behind. Touches no socket, so it is
 //! tested on hand-built messages.
 
@@ -13,10 +13,12 @@ use rtnetlink::packet_route::{
 };
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-// NUD_* neighbour states (linux/neighbour.h); the kernel reports exactly one per entry.
+// NUD_* neighbour states (linux/neighbour.h); the kernel reports exactly one per entry. ARP and
+// NDP entries share them: an IPv6 entry goes REACHABLE, STALE, DELAY, PROBE just as an IPv4 one
+// does, and carries its link-layer address in all four.
 const NUD_REACHABLE: u16 = 0x02;
 const NUD_STALE: u16 = 0x04;
 const NUD_DELAY: u16 = 0x08;
@@ -28,28 +30,36 @@ const NUD_PERMANENT: u16 = 0x80;
 const NUD_VALID: u16 =
     NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP;
 
-/// One IPv4 neighbour entry as RTM_NEWNEIGH (a notification, or the answer to RTM_GETNEIGH)
-/// describes it.
+/// One IPv4 (ARP) or IPv6 (NDP) neighbour entry as RTM_NEWNEIGH (a notification, or the answer
+/// to RTM_GETNEIGH) describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Entry {
     pub(super) ifindex: u32,
-    pub(super) address: Ipv4Addr,
+    pub(super) address: IpAddr,
     /// NUD_* state.
     state: u16,
     /// NDA_LLADDR, when it is a 6-byte (Ethernet) address.
     lladdr: Option<[u8; 6]>,
     /// NTF_EXT_MANAGED: the kernel keeps the entry resolved by itself.
     managed: bool,
-    /// NTF_EXT_LEARNED: put there by something other than ARP (a switch driver, a routing
+    /// NTF_EXT_LEARNED: put there by something other than ARP or NDP (a switch driver, a routing
     /// daemon).
     ext_learned: bool,
 }
 
 impl Entry {
-    /// The entry `message` describes; `None` for other address families, for proxy entries
-    /// (NTF_PROXY: addresses this host answers for, not neighbours) and without NDA_DST.
+    /// The entry `message` describes; `None` for families other than AF_INET and AF_INET6 (the
+    /// bridge's AF_BRIDGE forwarding entries share the messages), for proxy entries (NTF_PROXY:
+    /// addresses this host answers for, not neighbours) and without an NDA_DST of the message's
+    /// family (4 bytes for AF_INET, 16 for AF_INET6). NTF_ROUTER, which NDP sets on IPv6
+    /// neighbours that are routers, changes nothing: a backend's MAC is its MAC either way.
+    ///
+    /// Multicast destinations are skipped too: the kernel keeps NOARP entries for the groups it
+    /// sends to (IPv6 has several on every interface: all-routers, MLD, solicited-node groups),
+    /// whose MAC is computed from the group rather than learnt, and no backend is a group.
     pub(super) fn parse(message: &NeighbourMessage) -> Option<Entry> {
-        if message.header.family != AddressFamily::Inet
+        let family = message.header.family;
+        if !matches!(family, AddressFamily::Inet | AddressFamily::Inet6)
             || message.header.flags.contains(NeighbourFlags::Proxy)
         {
             return None;
@@ -59,7 +69,18 @@ impl Entry {
         let mut managed = false;
         for attribute in &message.attributes {
             match attribute {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => address = Some(*a),
+                // The crate reads NDA_DST by the header's family, so a mismatch cannot come from
+                // the kernel; checked all the same so a hand-built message cannot mix them.
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a))
+                    if family == AddressFamily::Inet =>
+                {
+                    address = Some(IpAddr::V4(*a));
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a))
+                    if family == AddressFamily::Inet6 =>
+                {
+                    address = Some(IpAddr::V6(*a));
+                }
                 NeighbourAttribute::LinkLayerAddress(bytes) => {
                     lladdr = <[u8; 6]>::try_from(bytes.as_slice()).ok();
                 }
@@ -69,9 +90,10 @@ impl Entry {
                 _ => {}
             }
         }
+        let address = address.filter(|address| !address.is_multicast())?;
         Some(Entry {
             ifindex: message.header.ifindex,
-            address: address?,
+            address,
             state: message.header.state.into(),
             lladdr,
             managed,
@@ -143,7 +165,7 @@ pub(super) struct Tracker {
     link: Option<Link>,
     /// What was last reported per address on the interface: `Some(mac)` usable, `None` not.
     /// An address missing here was never reported, or its entry was deleted.
-    reported: BTreeMap<Ipv4Addr, Option<[u8; 6]>>,
+    reported: BTreeMap<IpAddr, Option<[u8; 6]>>,
 }
 
 impl Tracker {
@@ -231,12 +253,12 @@ impl Tracker {
         let Some(index) = self.index() else {
             return;
         };
-        let now: BTreeMap<Ipv4Addr, Option<[u8; 6]>> = entries
+        let now: BTreeMap<IpAddr, Option<[u8; 6]>> = entries
             .iter()
             .filter(|entry| entry.ifindex == index)
             .map(|entry| (entry.address, entry.usable_mac()))
             .collect();
-        let vanished: Vec<Ipv4Addr> = self
+        let vanished: Vec<IpAddr> = self
             .reported
             .keys()
             .filter(|address| !now.contains_key(address))
@@ -283,23 +305,17 @@ impl Tracker {
         }
     }
 
-    fn report(&mut self, address: Ipv4Addr, mac: Option<[u8; 6]>, events: &mut Vec<Event>) {
+    fn report(&mut self, address: IpAddr, mac: Option<[u8; 6]>, events: &mut Vec<Event>) {
         if self.reported.insert(address, mac) != Some(mac) {
-            events.push(Event::Neighbour {
-                address: address.into(),
-                mac,
-            });
+            events.push(Event::Neighbour { address, mac });
         }
     }
 
     /// The entry for `address` was deleted. Reported even if it was never reported usable: the
     /// receiver may have read it through [`super::Neighbours::lookup`].
-    fn forget(&mut self, address: Ipv4Addr, events: &mut Vec<Event>) {
+    fn forget(&mut self, address: IpAddr, events: &mut Vec<Event>) {
         if self.reported.remove(&address) != Some(None) {
-            events.push(Event::Neighbour {
-                address: address.into(),
-                mac: None,
-            });
+            events.push(Event::Neighbour { address, mac: None });
         }
     }
 }
@@ -347,9 +363,12 @@ fn same_subject(a: &Event, b: &Event) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtnetlink::packet_route::{
-        link::{LinkFlags, State},
-        neighbour::NeighbourState,
+    use rtnetlink::{
+        packet_core::Parseable,
+        packet_route::{
+            link::{LinkFlags, State},
+            neighbour::NeighbourState,
+        },
     };
 
     const IF: &str = "lb0";
@@ -357,7 +376,7 @@ mod tests {
     const MAC_B: [u8; 6] = [2, 0xaa, 0xbb, 0xcc, 0xdd, 2];
     const UP: LinkFlags = LinkFlags::Up.union(LinkFlags::Running);
 
-    fn addr(text: &str) -> Ipv4Addr {
+    fn addr(text: &str) -> IpAddr {
         text.parse().unwrap()
     }
 
@@ -368,10 +387,14 @@ mod tests {
         mac: Option<[u8; 6]>,
     ) -> NeighbourMessage {
         let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
+        let address = addr(address);
+        message.header.family = match address {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         message.header.ifindex = ifindex;
         message.header.state = state;
-        let destination = NeighbourAddress::Inet(addr(address));
+        let destination = NeighbourAddress::from(address);
         message
             .attributes
             .push(NeighbourAttribute::Destination(destination));
@@ -420,7 +443,7 @@ mod tests {
 
     fn mac_event(address: &str, mac: Option<[u8; 6]>) -> Event {
         Event::Neighbour {
-            address: addr(address).into(),
+            address: addr(address),
             mac,
         }
     }
@@ -459,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn parse_skips_what_is_no_ipv4_neighbour() {
+    fn parse_skips_what_is_no_ip_neighbour() {
         let mut proxy = neighbour(3, "198.18.0.11", NeighbourState::Permanent, None);
         proxy.header.flags = NeighbourFlags::Proxy;
         assert_eq!(Entry::parse(&proxy), None);
@@ -477,6 +500,127 @@ mod tests {
         let lladdr = NeighbourAttribute::LinkLayerAddress(vec![1, 2, 3, 4]);
         short.attributes.push(lladdr);
         assert_eq!(Entry::parse(&short).unwrap().usable_mac(), None);
+
+        // An address of the other family than the header's is no entry.
+        let mut mixed = neighbour(3, "2001:db8::11", NeighbourState::Reachable, Some(MAC_A));
+        mixed.header.family = AddressFamily::Inet;
+        assert_eq!(Entry::parse(&mixed), None);
+        let mut mixed = neighbour(3, "198.18.0.11", NeighbourState::Reachable, Some(MAC_A));
+        mixed.header.family = AddressFamily::Inet6;
+        assert_eq!(Entry::parse(&mixed), None);
+        let mut proxy = neighbour(3, "2001:db8::11", NeighbourState::Permanent, None);
+        proxy.header.flags = NeighbourFlags::Proxy;
+        assert_eq!(Entry::parse(&proxy), None);
+
+        // The kernel's entries for multicast groups it sends to.
+        let mld = [0x33, 0x33, 0, 0, 0, 0x16];
+        let group = neighbour(3, "ff02::16", NeighbourState::Noarp, Some(mld));
+        assert_eq!(Entry::parse(&group), None);
+        let igmp = [0x01, 0x00, 0x5e, 0, 0, 0x16];
+        let group = neighbour(3, "224.0.0.22", NeighbourState::Noarp, Some(igmp));
+        assert_eq!(Entry::parse(&group), None);
+    }
+
+    #[test]
+    fn ipv6_entries_parse_like_ipv4_ones() {
+        use NeighbourState::{Delay, Failed, Incomplete, Probe, Reachable, Stale};
+        // NDP's usable states all carry the link-layer address; INCOMPLETE and FAILED have none
+        // worth using (the kernel may keep the last one in a FAILED entry).
+        for (state, usable) in [
+            (Reachable, true),
+            (Stale, true),
+            (Delay, true),
+            (Probe, true),
+            (Incomplete, false),
+            (Failed, false),
+        ] {
+            let message = neighbour(3, "2001:db8::11", state, Some(MAC_A));
+            let entry = Entry::parse(&message).unwrap();
+            assert_eq!(entry.address, addr("2001:db8::11"));
+            assert_eq!(entry.ifindex, 3);
+            assert_eq!(entry.usable_mac(), usable.then_some(MAC_A), "{state}");
+        }
+        // The bytes the kernel sends (struct ndmsg, then NDA_DST of 16 bytes and NDA_LLADDR),
+        // through the crate's parser. NTF_ROUTER (an NDP neighbour that is a router) changes
+        // nothing.
+        let mut bytes = vec![
+            10, 0, 0, 0, // ndm_family AF_INET6, padding
+            3, 0, 0, 0, // ndm_ifindex 3
+            0x02, 0,    // ndm_state NUD_REACHABLE
+            0x80, // ndm_flags NTF_ROUTER
+            1,    // ndm_type RTN_UNICAST
+            20, 0, 1, 0, // NDA_DST, 4 + 16 bytes
+        ];
+        let destination: std::net::Ipv6Addr = "2001:db8::11".parse().unwrap();
+        bytes.extend(destination.octets());
+        bytes.extend([10, 0, 2, 0]); // NDA_LLADDR, 4 + 6 bytes, padded to 12
+        bytes.extend(MAC_A);
+        bytes.extend([0, 0]);
+        let decoded = NeighbourMessage::parse(&bytes[..]).unwrap();
+        assert!(decoded.header.flags.contains(NeighbourFlags::Router));
+        let entry = Entry::parse(&decoded).unwrap();
+        assert_eq!(entry.address, addr("2001:db8::11"));
+        assert_eq!(entry.usable_mac(), Some(MAC_A));
+        assert!(entry.needs_request());
+    }
+
+    #[test]
+    fn ipv6_neighbour_changes_are_reported_once() {
+        use NeighbourState::{Delay, Failed, Incomplete, Probe, Reachable, Stale};
+        const V6: &str = "2001:db8::11";
+        let mut tracker = tracking();
+        let t = &mut tracker;
+        let resolving = RouteNetlinkMessage::NewNeighbour(neighbour(3, V6, Incomplete, None));
+        assert_eq!(feed(t, resolving), [mac_event(V6, None)]);
+        let new = |state, mac| new_neighbour(3, V6, state, mac);
+        assert_eq!(feed(t, new(Reachable, MAC_A)), [mac_event(V6, Some(MAC_A))]);
+        // NUD ageing with the same MAC is no change.
+        for state in [Stale, Delay, Probe, Reachable] {
+            assert_eq!(feed(t, new(state, MAC_A)), [], "{state}");
+        }
+        // A new MAC (an unsolicited Neighbour Advertisement, or a managed entry's revalidation)
+        // is; a failed probe takes the MAC away.
+        assert_eq!(feed(t, new(Stale, MAC_B)), [mac_event(V6, Some(MAC_B))]);
+        assert_eq!(feed(t, new(Failed, MAC_B)), [mac_event(V6, None)]);
+        assert_eq!(feed(t, new(Reachable, MAC_B)), [mac_event(V6, Some(MAC_B))]);
+        // The IPv4 entry of the same backend is another subject.
+        let v4 = new_neighbour(3, "198.18.0.11", Reachable, MAC_B);
+        assert_eq!(feed(t, v4), [mac_event("198.18.0.11", Some(MAC_B))]);
+        let deleted = neighbour(3, V6, Reachable, Some(MAC_B));
+        let deleted = RouteNetlinkMessage::DelNeighbour(deleted);
+        assert_eq!(feed(t, deleted), [mac_event(V6, None)]);
+        // On another interface: not ours.
+        assert_eq!(feed(t, new_neighbour(4, V6, Reachable, MAC_A)), []);
+    }
+
+    #[test]
+    fn resync_reports_ipv6_differences() {
+        use NeighbourState::{Reachable, Stale};
+        let mut tracker = tracking();
+        for (address, mac) in [
+            ("2001:db8::11", MAC_A),
+            ("2001:db8::12", MAC_B),
+            ("198.18.0.11", MAC_A),
+        ] {
+            feed(&mut tracker, new_neighbour(3, address, Reachable, mac));
+        }
+        let entry =
+            |address, state, mac| Entry::parse(&neighbour(3, address, state, Some(mac))).unwrap();
+        // Both families' dumps together: ::12 vanished, ::11 changed its MAC, ::13 is new.
+        let dump = [
+            entry("198.18.0.11", Stale, MAC_A),
+            entry("2001:db8::11", Stale, MAC_B),
+            entry("2001:db8::13", Reachable, MAC_A),
+        ];
+        let mut events = Vec::new();
+        let same_link = Link::from_message(&link(3, IF, UP));
+        tracker.resync(Some(same_link), &dump, &mut events);
+        let expected = [
+            mac_event("2001:db8::12", None),
+            mac_event("2001:db8::11", Some(MAC_B)),
+            mac_event("2001:db8::13", Some(MAC_A)),
+        ];
+        assert_eq!(events, expected);
     }
 
     #[test]
