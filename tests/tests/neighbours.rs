@@ -3,7 +3,7 @@
 //! announced by gratuitous ARP or made silently, and the watched interface deleted and created
 //! again. Needs root.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use sticky_lb::neighbour::{Event, Neighbours, interface_mac};
@@ -18,6 +18,9 @@ const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PEER_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11));
 /// A permanent entry nobody answers for.
 const PINNED_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 50));
+/// The same pair over IPv6 (neighbour discovery instead of ARP).
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+const PEER_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
 const PINNED_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x50];
 /// What the peer's NIC is changed to (locally administered).
 const NEW_PEER_MAC: [u8; 6] = [0x02, 0x5e, 0x1b, 0x00, 0x00, 0x11];
@@ -208,6 +211,141 @@ fn a_managed_entry_follows_a_silent_mac_change() {
             .await;
         });
     });
+}
+
+/// An IPv6 backend's MAC comes from neighbour discovery: resolved into a managed entry, then
+/// followed through an announced change (unsolicited neighbour advertisement) and a silent one
+/// (found by the managed entry's probes).
+#[test]
+fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
+    require_root();
+    let tag = unique_tag("neigh6");
+    let lb = NetNs::new(format!("slb-{tag}-lb")).expect("balancer namespace");
+    let peer = NetNs::new(format!("slb-{tag}-peer")).expect("peer namespace");
+    for ns in [&lb, &peer] {
+        // No duplicate address detection (the link-local address solicitations are sent from
+        // must be usable at once) and no router solicitations.
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.default.router_solicitations=0",
+            "net.ipv6.conf.default.accept_ra=0",
+        ])
+        .expect("quiet IPv6");
+    }
+    lb.ip_batch(&format!(
+        "link add {LB_DEV} type veth peer name {PEER_DEV} netns {}\n\
+         addr add {LB_ADDR6}/64 dev {LB_DEV} nodad\n\
+         link set {LB_DEV} up\n",
+        peer.name()
+    ))
+    .expect("balancer end");
+    peer.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("net.ipv6.conf.{PEER_DEV}.ndisc_notify=1"),
+    ])
+    .expect("ndisc_notify");
+    peer.ip_batch(&format!(
+        "addr add {PEER_ADDR6}/64 dev {PEER_DEV} nodad\n\
+         link set {PEER_DEV} up\n"
+    ))
+    .expect("peer end");
+    // Revalidation within a second once the peer stops answering at its old MAC (see
+    // a_managed_entry_follows_a_silent_mac_change).
+    let neigh = format!("net.ipv6.neigh.{LB_DEV}");
+    lb.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("{neigh}.base_reachable_time_ms=500"),
+        &format!("{neigh}.delay_first_probe_time=1"),
+        &format!("{neigh}.retrans_time_ms=200"),
+    ])
+    .expect("neighbour timers");
+    let peer_addr = IpAddr::V6(PEER_ADDR6);
+    in_netns(lb.name(), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+            assert_eq!(neighbours.lookup(peer_addr).await, None, "not resolved yet");
+            let peer_mac = read_mac(&peer, PEER_DEV);
+            assert_eq!(
+                neighbours.resolve(peer_addr, RESOLVE_TIMEOUT).await,
+                Some(peer_mac)
+            );
+            let entry = lb
+                .ip(&[
+                    "-6",
+                    "neigh",
+                    "show",
+                    &PEER_ADDR6.to_string(),
+                    "dev",
+                    LB_DEV,
+                ])
+                .expect("ip neigh show");
+            assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
+            // Announced: ndisc_notify sends an unsolicited advertisement with the new MAC.
+            peer.ip(&[
+                "link",
+                "set",
+                "dev",
+                PEER_DEV,
+                "address",
+                &format_mac(NEW_PEER_MAC),
+            ])
+            .expect("change the peer's MAC");
+            wait_for(&mut events, "the announced MAC", EVENT_TIMEOUT, |event| {
+                *event
+                    == Event::Neighbour {
+                        address: peer_addr,
+                        mac: Some(NEW_PEER_MAC),
+                    }
+            })
+            .await;
+            // Silent: no advertisement; the managed entry's probes find the new MAC.
+            peer.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{PEER_DEV}.ndisc_notify=0"),
+            ])
+            .expect("ndisc_notify off");
+            peer.ip(&[
+                "link",
+                "set",
+                "dev",
+                PEER_DEV,
+                "address",
+                &format_mac(PINNED_MAC),
+            ])
+            .expect("change the peer's MAC silently");
+            wait_for(
+                &mut events,
+                "the silent change",
+                SILENT_CHANGE_TIMEOUT,
+                |event| {
+                    *event
+                        == Event::Neighbour {
+                            address: peer_addr,
+                            mac: Some(PINNED_MAC),
+                        }
+                },
+            )
+            .await;
+            assert_eq!(neighbours.lookup(peer_addr).await, Some(PINNED_MAC));
+        });
+    });
+    let prefix = format!("slb-{tag}-");
+    drop((lb, peer));
+    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
 }
 
 /// The balancer's and the peer's namespace, named after `tag`, with IPv6 off (no router
