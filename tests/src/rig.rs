@@ -9,15 +9,24 @@
 //!     eth0 (slb-TAG-cl)  lb0 (slb-TAG-lb)  eth0 (b1) ... eth0 (bN)
 //!     198.18.1.1, ...    198.18.0.2         198.18.0.11   198.18.0.(10+N)
 //!                        + VIP 198.18.0.100  + VIP on lo (for DSR)
+//!     2001:db8:1:P::H    2001:db8::2        2001:db8::11  2001:db8::(10+N)
+//!                        + VIP6 2001:db8::100 + VIP6 on lo
 //! ```
 //!
-//! Everything lives in 198.18.0.0/15 (reserved for benchmarking) inside
-//! namespaces named `slb-TAG-ROLE`; no route leads out of the rig, and all
-//! namespaces (with their veths) are deleted when the [`Rig`] is dropped,
-//! including while a failing test unwinds.
+//! The rig is dual-stack. IPv4 lives in 198.18.0.0/15 (reserved for
+//! benchmarking), IPv6 in 2001:db8::/32 (documentation); an IPv6 backend or
+//! VIP address reads like its IPv4 twin (backend 1: 198.18.0.11 and
+//! 2001:db8::11). Client IPv6 addresses are `2001:db8:1:P::H`, with
+//! [`RigOptions::clients_per_64`] addresses per /64 (see [`client_addr6`]).
+//! Every address is on-link (one /16, one /32), so no gateway is needed and
+//! no route leads out of the rig. IPv6 is kept quiet: no DAD (addresses are
+//! added `nodad`, accept_dad=0), no router solicitations or advertisements,
+//! no autoconfiguration. Everything lives inside namespaces named
+//! `slb-TAG-ROLE`, and all namespaces (with their veths) are deleted when the
+//! [`Rig`] is dropped, including while a failing test unwinds.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError, mpsc};
@@ -29,6 +38,9 @@ use anyhow::{Context, anyhow, bail};
 use crate::netns::{self, NetNs, in_netns};
 use crate::socket;
 
+/// The address family a test runs in (re-exported for the tests' convenience).
+pub use sticky_lb_common::Family;
+
 /// The service address: on the balancer's `lb0` (so clients' ARP resolves it
 /// to the balancer) and on every backend's `lo` (so backends accept the
 /// packets the balancer forwards unchanged, and answer clients directly).
@@ -38,6 +50,13 @@ pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// All rig addresses share one /16, so every namespace reaches every other
 /// over the bridge through the connected route alone (no gateways).
 const PREFIX_LEN: u8 = 16;
+/// The IPv6 service address, wherever [`VIP`] is: `2001:db8::100`.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+/// The balancer's own IPv6 address on `lb0`: `2001:db8::2`.
+pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// All rig IPv6 addresses share 2001:db8::/32, on-link everywhere like the
+/// IPv4 /16.
+const PREFIX_LEN6: u8 = 32;
 /// Backend k has 198.18.0.(10+k); staying below .100 keeps clear of the VIP.
 pub const MAX_BACKENDS: usize = 89;
 /// Client addresses 198.18.1.1 onwards, 254 per /24.
@@ -59,8 +78,14 @@ pub struct RigOptions {
     pub test_name: String,
     /// Number of backend namespaces, 1..=[`MAX_BACKENDS`].
     pub backends: usize,
-    /// Number of client addresses in the client namespace, 1..=[`MAX_CLIENTS`].
+    /// Number of client addresses in the client namespace, 1..=[`MAX_CLIENTS`]
+    /// (that many IPv4 ones and as many IPv6 ones).
     pub clients: usize,
+    /// How many IPv6 client addresses share one /64, 1..=[`MAX_CLIENTS`]:
+    /// 1 (the default) puts every client in its own /64, so a service's
+    /// default IPv6 `client_mask` of 64 still tells every client apart; more
+    /// puts that many addresses into each /64 (see [`client_addr6`]).
+    pub clients_per_64: usize,
 }
 
 impl RigOptions {
@@ -70,6 +95,7 @@ impl RigOptions {
             test_name: test_name.to_owned(),
             backends: 2,
             clients: 1,
+            clients_per_64: 1,
         }
     }
 
@@ -80,6 +106,11 @@ impl RigOptions {
 
     pub fn clients(mut self, clients: usize) -> RigOptions {
         self.clients = clients;
+        self
+    }
+
+    pub fn clients_per_64(mut self, clients_per_64: usize) -> RigOptions {
+        self.clients_per_64 = clients_per_64;
         self
     }
 }
@@ -95,6 +126,7 @@ impl Default for RigOptions {
 struct Backend {
     ns: NetNs,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
     mac: [u8; 6],
 }
 
@@ -108,6 +140,7 @@ pub struct Rig {
     lb: NetNs,
     bridge: NetNs,
     client_addrs: Vec<Ipv4Addr>,
+    client_addrs6: Vec<Ipv6Addr>,
     client_mac: [u8; 6],
     lb_mac: [u8; 6],
 }
@@ -124,25 +157,44 @@ impl Rig {
         if !(1..=MAX_CLIENTS).contains(&opts.clients) {
             bail!("clients must be 1..={MAX_CLIENTS}, not {}", opts.clients);
         }
+        if !(1..=MAX_CLIENTS).contains(&opts.clients_per_64) {
+            bail!(
+                "clients_per_64 must be 1..={MAX_CLIENTS}, not {}",
+                opts.clients_per_64
+            );
+        }
         let tag = netns::unique_tag(&opts.test_name);
 
+        // The bridge itself stays IPv6-free (it only switches frames), and
+        // floods multicast instead of snooping MLD: NDP's solicitations then
+        // reach every port whether or not a membership report got through.
         let bridge = NetNs::new(ns_name(&tag, "br"))?;
-        quiet_namespace(&bridge, &[])?;
+        quiet_namespace(&bridge, false)?;
         bridge.ip_batch(&format!(
-            "link add {BRIDGE_DEV} type bridge\nlink set {BRIDGE_DEV} up\n"
+            "link add {BRIDGE_DEV} type bridge mcast_snooping 0\nlink set {BRIDGE_DEV} up\n"
         ))?;
 
+        // The IPv6 settings go in before any interface exists, so every
+        // interface starts with them (see `quiet_namespace`).
         let lb = NetNs::new(ns_name(&tag, "lb"))?;
-        quiet_namespace(&lb, &[])?;
+        quiet_namespace(&lb, true)?;
         let lb_mac = create_lb_dev(&bridge, &lb, None)?;
 
         let client = NetNs::new(ns_name(&tag, "cl"))?;
+        quiet_namespace(&client, true)?;
         plug_into_bridge(&bridge, CLIENT_BRIDGE_PORT, &client, HOST_DEV)?;
-        quiet_namespace(&client, &[])?;
         let client_addrs: Vec<Ipv4Addr> = (0..opts.clients).map(client_addr).collect();
-        let mut script = String::with_capacity(48 * client_addrs.len() + 32);
+        let client_addrs6: Vec<Ipv6Addr> = (0..opts.clients)
+            .map(|index| client_addr6(index, opts.clients_per_64))
+            .collect();
+        let mut script = String::with_capacity(112 * client_addrs.len() + 32);
         for addr in &client_addrs {
             script.push_str(&format!("addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n"));
+        }
+        for addr in &client_addrs6 {
+            script.push_str(&format!(
+                "addr add {addr}/{PREFIX_LEN6} dev {HOST_DEV} nodad\n"
+            ));
         }
         script.push_str(&format!("link set {HOST_DEV} up\n"));
         client.ip_batch(&script)?;
@@ -152,7 +204,7 @@ impl Rig {
         // data path passes a packet up); see `pin_client_neighbours`.
         // Permanent entries go with their interface: `create_lb_dev` pins
         // them again.
-        pin_client_neighbours(&lb, LB_DEV, &client_addrs, client_mac)?;
+        pin_client_neighbours(&lb, LB_DEV, &client_addrs, &client_addrs6, client_mac)?;
 
         let mut rig = Rig {
             tag,
@@ -161,6 +213,7 @@ impl Rig {
             lb,
             bridge,
             client_addrs,
+            client_addrs6,
             client_mac,
             lb_mac,
         };
@@ -178,14 +231,20 @@ impl Rig {
             bail!("a rig holds at most {MAX_BACKENDS} backends");
         }
         let addr = backend_addr_of(k);
+        let addr6 = backend_addr6_of(k);
         let ns = NetNs::new(ns_name(&self.tag, &format!("b{k}")))?;
+        quiet_namespace(&ns, true)?;
         plug_into_bridge(&self.bridge, &format!("p-b{k}"), &ns, HOST_DEV)?;
         // Direct server return: the VIP sits on lo, so the backend accepts
         // forwarded packets but never claims the VIP in ARP (arp_ignore=1:
         // answer only for addresses on the asking interface; arp_announce=2:
         // never use the VIP as ARP source). Replies leave eth0 with source
         // VIP, which rp_filter would treat as spoofed/asymmetric.
-        quiet_namespace(
+        // IPv6 needs no such setting: the kernel answers a neighbour
+        // solicitation only for an address on the interface it came in on,
+        // so VIP6 on lo is never claimed on eth0 (the rig selftest checks
+        // this), and IPv6 has no reverse-path filter of its own.
+        sysctls(
             &ns,
             &[
                 "net.ipv4.conf.all.arp_ignore=1",
@@ -200,12 +259,25 @@ impl Rig {
         )?;
         ns.ip_batch(&format!(
             "addr add {VIP}/32 dev lo\n\
+             addr add {VIP6}/128 dev lo nodad\n\
              addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n\
+             addr add {addr6}/{PREFIX_LEN6} dev {HOST_DEV} nodad\n\
              link set {HOST_DEV} up\n"
         ))?;
-        pin_client_neighbours(&ns, HOST_DEV, &self.client_addrs, self.client_mac)?;
+        pin_client_neighbours(
+            &ns,
+            HOST_DEV,
+            &self.client_addrs,
+            &self.client_addrs6,
+            self.client_mac,
+        )?;
         let mac = read_mac(&ns, HOST_DEV)?;
-        self.backends.push(Backend { ns, addr, mac });
+        self.backends.push(Backend {
+            ns,
+            addr,
+            addr6,
+            mac,
+        });
         Ok(k)
     }
 
@@ -232,7 +304,13 @@ impl Rig {
                 format_mac(self.lb_mac)
             );
         }
-        pin_client_neighbours(&self.lb, LB_DEV, &self.client_addrs, self.client_mac)
+        pin_client_neighbours(
+            &self.lb,
+            LB_DEV,
+            &self.client_addrs,
+            &self.client_addrs6,
+            self.client_mac,
+        )
     }
 
     /// [`Rig::delete_lb_dev`] then at once [`Rig::create_lb_dev`].
@@ -260,6 +338,27 @@ impl Rig {
                 .map(|backend| backend.ns.name())
                 .unwrap_or_else(|| panic!("rig {} has no namespace role {role:?}", self.tag)),
         }
+    }
+
+    /// Runs `ip -n NS args...` in the namespace of `role` (as in [`Rig::ns`])
+    /// and returns its stdout: for tests that look at (or change) addresses
+    /// and neighbours in the rig's own namespaces.
+    pub fn ip(&self, role: &str, args: &[&str]) -> anyhow::Result<String> {
+        let ns = match role {
+            "br" => &self.bridge,
+            "lb" => &self.lb,
+            "cl" => &self.client,
+            _ => {
+                let name = self.ns(role);
+                &self
+                    .backends
+                    .iter()
+                    .find(|backend| backend.ns.name() == name)
+                    .expect("Rig::ns found it")
+                    .ns
+            }
+        };
+        ns.ip(args)
     }
 
     /// Every namespace this rig owns.
@@ -291,6 +390,20 @@ impl Rig {
         self.backend(k).addr
     }
 
+    /// IPv6 address of backend `k` on its `eth0`: 2001:db8::(10+k), the
+    /// digits of its IPv4 host part read as hex (backend 1: 2001:db8::11).
+    pub fn backend_addr6(&self, k: usize) -> Ipv6Addr {
+        self.backend(k).addr6
+    }
+
+    /// Address of backend `k` in `family`.
+    pub fn backend_addr_in(&self, family: Family, k: usize) -> IpAddr {
+        match family {
+            Family::Ipv4 => self.backend_addr(k).into(),
+            Family::Ipv6 => self.backend_addr6(k).into(),
+        }
+    }
+
     /// MAC of backend `k`'s `eth0` (what DSR must rewrite the frame to).
     pub fn backend_mac(&self, k: usize) -> [u8; 6] {
         self.backend(k).mac
@@ -306,6 +419,20 @@ impl Rig {
         &self.client_addrs
     }
 
+    /// The IPv6 client addresses, all on `eth0` of the client namespace, in
+    /// the same order as [`Rig::client_addrs`] (see [`client_addr6`]).
+    pub fn client_addrs6(&self) -> &[Ipv6Addr] {
+        &self.client_addrs6
+    }
+
+    /// The client addresses of `family`.
+    pub fn client_addrs_in(&self, family: Family) -> Vec<IpAddr> {
+        match family {
+            Family::Ipv4 => self.client_addrs.iter().map(|&a| a.into()).collect(),
+            Family::Ipv6 => self.client_addrs6.iter().map(|&a| a.into()).collect(),
+        }
+    }
+
     /// MAC of the client namespace's `eth0`.
     pub fn client_mac(&self) -> [u8; 6] {
         self.client_mac
@@ -317,6 +444,32 @@ impl Rig {
 
     pub fn lb_addr(&self) -> Ipv4Addr {
         LB_ADDR
+    }
+
+    /// [`VIP6`].
+    pub fn vip6(&self) -> Ipv6Addr {
+        VIP6
+    }
+
+    /// [`LB_ADDR6`].
+    pub fn lb_addr6(&self) -> Ipv6Addr {
+        LB_ADDR6
+    }
+
+    /// The VIP of `family`.
+    pub fn vip_in(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => VIP.into(),
+            Family::Ipv6 => VIP6.into(),
+        }
+    }
+
+    /// The balancer's own address in `family`.
+    pub fn lb_addr_in(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => LB_ADDR.into(),
+            Family::Ipv6 => LB_ADDR6.into(),
+        }
     }
 
     /// The balancer's interface in [`Rig::lb_ns`] (where XDP attaches).
@@ -355,6 +508,33 @@ fn backend_addr_of(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + k as u8)
 }
 
+/// IPv6 address of backend `k`: 2001:db8::(10+k) with the decimal digits of
+/// 10+k as hex digits, so it reads like the IPv4 one (k <= 89).
+fn backend_addr6_of(k: usize) -> Ipv6Addr {
+    let n = 10 + k as u16;
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (n / 10) * 16 + n % 10)
+}
+
+/// The unspecified address of `family` (`0.0.0.0` or `::`), e.g. for a
+/// server that must also answer on the VIP held on `lo`.
+pub fn unspecified(family: Family) -> IpAddr {
+    match family {
+        Family::Ipv4 => Ipv4Addr::UNSPECIFIED.into(),
+        Family::Ipv6 => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// IPv6 client address number `index` (from 0) with `per_64` addresses in
+/// each /64: `2001:db8:1:P::H` with P = 1 + index / per_64 and
+/// H = 1 + index % per_64 (both written in hex). With `per_64` = 1 every
+/// client has its own /64 (2001:db8:1:1::1, 2001:db8:1:2::1, ...); with 64,
+/// clients 0..64 are 2001:db8:1:1::1 ..= 2001:db8:1:1::40, and so on.
+pub fn client_addr6(index: usize, per_64: usize) -> Ipv6Addr {
+    let per_64 = per_64.max(1);
+    let (net, host) = (1 + index / per_64, 1 + index % per_64);
+    Ipv6Addr::new(0x2001, 0xdb8, 1, net as u16, 0, 0, 0, host as u16)
+}
+
 /// Client address number `index` (from 0): 198.18.1.1 ..= 198.18.1.254, then
 /// 198.18.2.1 and so on, never a .0 or .255 host part.
 fn client_addr(index: usize) -> Ipv4Addr {
@@ -370,6 +550,8 @@ fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Re
     lb.ip_batch(&format!(
         "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
          addr add {VIP}/32 dev {LB_DEV}\n\
+         addr add {LB_ADDR6}/{PREFIX_LEN6} dev {LB_DEV} nodad\n\
+         addr add {VIP6}/128 dev {LB_DEV} nodad\n\
          link set {LB_DEV} up\n"
     ))?;
     // A veth drops frames sent to it by XDP_TX/XDP_REDIRECT unless its
@@ -417,39 +599,67 @@ fn plug_into_bridge_with_mac(
     Ok(())
 }
 
-/// Brings `lo` up, disables IPv6 (no router solicitations, DAD or MLD noise
-/// on the bridge) and applies `extra` sysctls (`key=value`) in `ns`.
-fn quiet_namespace(ns: &NetNs, extra: &[&str]) -> anyhow::Result<()> {
+/// Brings `lo` up and settles IPv6 in `ns`. Without `ipv6` it is disabled
+/// (the bridge namespace: no router solicitations, DAD or MLD noise from
+/// it); with it, it is on but quiet: no duplicate address detection (nothing
+/// is ever tentative, link-local addresses included), no router
+/// advertisements taken, no autoconfiguration and no router solicitations
+/// sent. `default.*` is what every interface created later in `ns` starts
+/// with, so call this before creating any; `lo` exists from the start but is
+/// exempt from DAD and router solicitations anyway. (MLD reports for the
+/// solicited-node groups remain: a few frames when an interface comes up.)
+fn quiet_namespace(ns: &NetNs, ipv6: bool) -> anyhow::Result<()> {
     ns.ip(&["link", "set", "lo", "up"])?;
-    // -e: a kernel without IPv6 has no such keys, which is fine.
-    let mut args = vec![
-        "sysctl",
-        "-q",
-        "-e",
-        "-w",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ];
-    args.extend_from_slice(extra);
+    let mut settings: Vec<String> = Vec::new();
+    for scope in ["all", "default"] {
+        if ipv6 {
+            for setting in [
+                "disable_ipv6=0",
+                "accept_dad=0",
+                "dad_transmits=0",
+                "accept_ra=0",
+                "autoconf=0",
+                "router_solicitations=0",
+            ] {
+                settings.push(format!("net.ipv6.conf.{scope}.{setting}"));
+            }
+        } else {
+            settings.push(format!("net.ipv6.conf.{scope}.disable_ipv6=1"));
+        }
+    }
+    sysctls(ns, &settings.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Sets sysctls (`key=value`) in `ns`. Keys the kernel does not have (e.g.
+/// IPv6 ones on a kernel without IPv6) are skipped.
+fn sysctls(ns: &NetNs, settings: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["sysctl", "-q", "-e", "-w"];
+    args.extend_from_slice(settings);
     ns.exec(&args)?;
     Ok(())
 }
 
-/// Installs permanent neighbour entries for every client address in `ns`.
+/// Installs permanent neighbour entries for every client address (IPv4 and
+/// IPv6) in `ns`.
 ///
-/// The kernel's ARP table and its gc thresholds (gc_thresh3 = 1024 by
-/// default) are shared by all namespaces: a backend answering 1000 clients
+/// The kernel's ARP and NDP tables and their gc thresholds (gc_thresh3 = 1024
+/// by default) are shared by all namespaces: a backend answering 1000 clients
 /// would learn 1000 dynamic entries and, with a second backend, overflow the
 /// table and drop replies. Permanent entries are exempt from that count.
 fn pin_client_neighbours(
     ns: &NetNs,
     dev: &str,
     client_addrs: &[Ipv4Addr],
+    client_addrs6: &[Ipv6Addr],
     client_mac: [u8; 6],
 ) -> anyhow::Result<()> {
     let mac = format_mac(client_mac);
-    let mut script = String::with_capacity(72 * client_addrs.len());
-    for addr in client_addrs {
+    let mut script = String::with_capacity(80 * (client_addrs.len() + client_addrs6.len()));
+    let all = client_addrs
+        .iter()
+        .map(|&a| IpAddr::from(a))
+        .chain(client_addrs6.iter().map(|&a| IpAddr::from(a)));
+    for addr in all {
         script.push_str(&format!(
             "neigh replace {addr} lladdr {mac} dev {dev} nud permanent\n"
         ));
@@ -513,7 +723,7 @@ const MAX_ANSWER_LEN: u64 = 4096;
 macro_rules! server_handle_methods {
     () => {
         /// The address it listens on (the actual port if `bind` had port 0).
-        pub fn addr(&self) -> SocketAddrV4 {
+        pub fn addr(&self) -> SocketAddr {
             self.server.addr
         }
 
@@ -550,9 +760,11 @@ impl NameServer {
     /// Starts the server on its own thread in namespace `ns`, listening on
     /// `bind`. Returns once the socket is listening, or with the bind error.
     ///
-    /// For direct server return bind `0.0.0.0:PORT`: that also covers the
-    /// VIP held on the backend's `lo`.
-    pub fn start(ns: &str, bind: SocketAddrV4, name: &str) -> anyhow::Result<NameServer> {
+    /// For direct server return bind `0.0.0.0:PORT` (`[::]:PORT` for IPv6,
+    /// see [`unspecified`]): that also covers the VIP held on the backend's
+    /// `lo`.
+    pub fn start(ns: &str, bind: impl Into<SocketAddr>, name: &str) -> anyhow::Result<NameServer> {
+        let bind = bind.into();
         let answer = format!("{name}\n");
         let server =
             ServerThread::start(ns, bind, &format!("name server {name:?}"), move |stream| {
@@ -574,7 +786,7 @@ impl NameServer {
 /// Enters `ns` on this (dedicated) thread and binds a nonblocking listener.
 /// std sets SO_REUSEADDR on listeners, so restarting on a port with
 /// connections in TIME_WAIT works.
-fn listen_in(ns: &str, bind: SocketAddrV4) -> anyhow::Result<TcpListener> {
+fn listen_in(ns: &str, bind: SocketAddr) -> anyhow::Result<TcpListener> {
     netns::enter_netns(ns)?;
     let listener = TcpListener::bind(bind).with_context(|| format!("bind {bind}"))?;
     listener.set_nonblocking(true)?;
@@ -600,40 +812,55 @@ fn send_small(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
 /// Connects from `src` (an address in namespace `ns`) to `dst` and returns
 /// the trimmed answer, all within `timeout`. Runs on the calling thread,
 /// which is moved into `ns` for the duration.
+/// `src` and `dst` are of one family, IPv4 or IPv6.
 pub fn fetch_name(
     ns: &str,
-    src: Ipv4Addr,
-    dst: SocketAddrV4,
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> anyhow::Result<String> {
+    let (src, dst) = (src.into(), dst.into());
     in_netns(ns, || fetch_name_here(src, dst, timeout))
 }
 
 /// Runs many requests `(src, dst)` sequentially from namespace `ns`, entering
 /// it once on a dedicated thread (much cheaper than a setns per request).
 /// Each request gets its own `timeout`; results are in request order.
-pub fn fetch_names_many(
+/// Requests are `(source, target)` of one family each, e.g.
+/// `(Ipv4Addr, SocketAddrV4)` or `(IpAddr, SocketAddr)`.
+pub fn fetch_names_many<S, D>(
     ns: &str,
-    requests: &[(Ipv4Addr, SocketAddrV4)],
+    requests: &[(S, D)],
     timeout: Duration,
-) -> Vec<anyhow::Result<String>> {
+) -> Vec<anyhow::Result<String>>
+where
+    S: Into<IpAddr> + Copy + Sync,
+    D: Into<SocketAddr> + Copy + Sync,
+{
     for_each_in_netns(ns, requests, |src, dst| fetch_name_here(src, dst, timeout))
 }
 
 /// Runs `one(src, dst)` for every request, sequentially and in order, on a
 /// helper thread that enters `ns` once (much cheaper than a setns each).
 /// If the namespace cannot be entered, every request gets that error.
-fn for_each_in_netns<T: Send>(
+fn for_each_in_netns<T: Send, S, D>(
     ns: &str,
-    requests: &[(Ipv4Addr, SocketAddrV4)],
-    one: impl Fn(Ipv4Addr, SocketAddrV4) -> anyhow::Result<T> + Sync,
-) -> Vec<anyhow::Result<T>> {
+    requests: &[(S, D)],
+    one: impl Fn(IpAddr, SocketAddr) -> anyhow::Result<T> + Sync,
+) -> Vec<anyhow::Result<T>>
+where
+    S: Into<IpAddr> + Copy + Sync,
+    D: Into<SocketAddr> + Copy + Sync,
+{
     let outcome = std::thread::scope(|scope| {
         scope
             .spawn(|| -> anyhow::Result<Vec<anyhow::Result<T>>> {
                 // This thread ends with the scope, so it never needs to leave.
                 netns::enter_netns(ns)?;
-                Ok(requests.iter().map(|&(src, dst)| one(src, dst)).collect())
+                Ok(requests
+                    .iter()
+                    .map(|&(src, dst)| one(src.into(), dst.into()))
+                    .collect())
             })
             .join()
     });
@@ -651,7 +878,7 @@ fn for_each_in_netns<T: Send>(
 }
 
 /// The client side, in whatever namespace the calling thread is in.
-fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyhow::Result<String> {
+fn fetch_name_here(src: IpAddr, dst: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
     let stream =
         connect_from(src, dst, deadline).with_context(|| format!("connect {src} -> {dst}"))?;
@@ -660,7 +887,7 @@ fn fetch_name_here(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> anyho
 
 /// TCP connect with a chosen source address, done by `deadline`. The stream
 /// comes back blocking and without timeouts.
-fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream> {
+fn connect_from(src: IpAddr, dst: SocketAddr, deadline: Instant) -> anyhow::Result<TcpStream> {
     let left = deadline.saturating_duration_since(Instant::now());
     let stream = socket::connect_from(src, dst, left)?;
     // The connect's bound stays on as a write timeout; drop it: readers here
@@ -738,7 +965,7 @@ struct ServerState {
 struct ServerThread {
     state: Arc<ServerState>,
     /// The bound address (the actual port if the bind asked for port 0).
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -749,12 +976,12 @@ impl ServerThread {
     /// open; `what` names the server in errors and the thread name.
     fn start(
         ns: &str,
-        bind: SocketAddrV4,
+        bind: SocketAddr,
         what: &str,
         mut on_accept: impl FnMut(TcpStream) -> Option<OpenConn> + Send + 'static,
     ) -> anyhow::Result<ServerThread> {
         let state = Arc::new(ServerState::default());
-        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddrV4>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<SocketAddr>>();
         let thread = {
             let (ns, state) = (ns.to_owned(), state.clone());
             std::thread::Builder::new()
@@ -767,10 +994,7 @@ impl ServerThread {
                             return;
                         }
                     };
-                    let local = match listener.local_addr() {
-                        Ok(std::net::SocketAddr::V4(local)) => local,
-                        _ => bind,
-                    };
+                    let local = listener.local_addr().unwrap_or(bind);
                     let _ = ready_tx.send(Ok(local));
                     serve(&listener, &state, &mut on_accept);
                 })
@@ -1066,8 +1290,10 @@ pub struct HoldServer {
 impl HoldServer {
     /// Starts the server on its own thread in namespace `ns`, listening on
     /// `bind`. Returns once the socket is listening, or with the bind error.
-    /// Bind `0.0.0.0:PORT` for direct server return (see [`NameServer::start`]).
-    pub fn start(ns: &str, bind: SocketAddrV4, name: &str) -> anyhow::Result<HoldServer> {
+    /// Bind `0.0.0.0:PORT` (`[::]:PORT`) for direct server return (see
+    /// [`NameServer::start`]).
+    pub fn start(ns: &str, bind: impl Into<SocketAddr>, name: &str) -> anyhow::Result<HoldServer> {
+        let bind = bind.into();
         raise_fd_limit();
         let answer = format!("{name}\n");
         let server =
@@ -1112,10 +1338,11 @@ impl HeldConnection {
 /// `ns` afterwards.
 pub fn open_held(
     ns: &str,
-    src: Ipv4Addr,
-    dst: SocketAddrV4,
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> anyhow::Result<(HeldConnection, String)> {
+    let (src, dst) = (src.into(), dst.into());
     raise_fd_limit();
     in_netns(ns, || open_held_here(src, dst, timeout))
 }
@@ -1123,19 +1350,23 @@ pub fn open_held(
 /// [`open_held`] for many requests `(src, dst)`, sequentially and in request
 /// order, from one helper thread that enters `ns` once. Each request gets its
 /// own `timeout`.
-pub fn open_held_many(
+pub fn open_held_many<S, D>(
     ns: &str,
-    requests: &[(Ipv4Addr, SocketAddrV4)],
+    requests: &[(S, D)],
     timeout: Duration,
-) -> Vec<anyhow::Result<(HeldConnection, String)>> {
+) -> Vec<anyhow::Result<(HeldConnection, String)>>
+where
+    S: Into<IpAddr> + Copy + Sync,
+    D: Into<SocketAddr> + Copy + Sync,
+{
     raise_fd_limit();
     for_each_in_netns(ns, requests, |src, dst| open_held_here(src, dst, timeout))
 }
 
 /// The client side of [`open_held`], in whatever namespace the calling thread is in.
 fn open_held_here(
-    src: Ipv4Addr,
-    dst: SocketAddrV4,
+    src: IpAddr,
+    dst: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<(HeldConnection, String)> {
     let deadline = Instant::now() + timeout;
@@ -1231,9 +1462,10 @@ impl HttpServer {
     /// `bind`. Returns once the socket is listening, or with the bind error.
     pub fn start(
         ns: &str,
-        bind: SocketAddrV4,
+        bind: impl Into<SocketAddr>,
         behaviour: HttpBehaviour,
     ) -> anyhow::Result<HttpServer> {
+        let bind = bind.into();
         raise_fd_limit();
         let mode = Arc::new(Mutex::new(HttpMode {
             behaviour,
@@ -1328,6 +1560,27 @@ mod tests {
     fn backend_addresses_stay_below_the_vip() {
         assert_eq!(backend_addr_of(1), Ipv4Addr::new(198, 18, 0, 11));
         assert!(backend_addr_of(MAX_BACKENDS) < VIP);
+        assert_eq!(backend_addr6_of(1).to_string(), "2001:db8::11");
+        assert_eq!(backend_addr6_of(MAX_BACKENDS).to_string(), "2001:db8::99");
+        assert!(backend_addr6_of(MAX_BACKENDS) < VIP6);
+        assert!(LB_ADDR6 < backend_addr6_of(1));
+    }
+
+    #[test]
+    fn ipv6_client_addresses_fill_each_64_as_asked() {
+        assert_eq!(client_addr6(0, 1).to_string(), "2001:db8:1:1::1");
+        assert_eq!(client_addr6(1, 1).to_string(), "2001:db8:1:2::1");
+        assert_eq!(client_addr6(999, 1).to_string(), "2001:db8:1:3e8::1");
+        assert_eq!(client_addr6(0, 64).to_string(), "2001:db8:1:1::1");
+        assert_eq!(client_addr6(63, 64).to_string(), "2001:db8:1:1::40");
+        assert_eq!(client_addr6(64, 64).to_string(), "2001:db8:1:2::1");
+        assert_eq!(client_addr6(999, 1000).to_string(), "2001:db8:1:1::3e8");
+        // Every address is in the rig's /32 and outside the backends' /64.
+        for index in 0..MAX_CLIENTS {
+            let segments = client_addr6(index, 7).segments();
+            assert_eq!(segments[..3], [0x2001, 0xdb8, 1]);
+            assert!(segments[3] >= 1 && segments[7] >= 1, "{index}");
+        }
     }
 
     #[test]

@@ -5,11 +5,11 @@
 use crate::{
     balancer::{Balancer, DataPathGuard, PeerXdp, ScratchDir, cli},
     netns::{require_root, unique_tag},
-    rig::{HoldServer, NameServer, Rig, RigOptions, fetch_names_many},
+    rig::{Family, HoldServer, NameServer, Rig, RigOptions, fetch_names_many, unspecified},
 };
 use serde_json::Value;
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -44,24 +44,55 @@ pub struct Setup {
     pub servers: Vec<NameServer>,
     pub scratch: ScratchDir,
     pub mode: Mode,
+    /// The family of the service (its VIP, backend addresses and clients); the rig itself is
+    /// dual-stack.
+    pub family: Family,
     pub rig: Rig,
 }
 
 impl Setup {
+    /// An IPv4 scenario.
     pub fn new(test: &str, mode: Mode, backends: usize, clients: usize) -> Setup {
+        Setup::new_in(test, mode, Family::Ipv4, backends, clients)
+    }
+
+    /// A scenario whose service is of `family`. IPv6 clients each get a /64 of their own (see
+    /// [`RigOptions::clients_per_64`]), so the default IPv6 `client_mask` of 64 still tells them
+    /// apart, as /32 does for IPv4.
+    pub fn new_in(
+        test: &str,
+        mode: Mode,
+        family: Family,
+        backends: usize,
+        clients: usize,
+    ) -> Setup {
+        Setup::with_rig(test, mode, family, |o| {
+            o.backends(backends).clients(clients)
+        })
+    }
+
+    /// A scenario whose rig is built from the options `rig` makes of the defaults (e.g.
+    /// `|o| o.backends(4).clients(256).clients_per_64(64)`).
+    pub fn with_rig(
+        test: &str,
+        mode: Mode,
+        family: Family,
+        rig: impl FnOnce(RigOptions) -> RigOptions,
+    ) -> Setup {
         require_root();
         let tag = unique_tag(test);
-        let rig = Rig::build(RigOptions::new(&tag).backends(backends).clients(clients))
-            .expect("building the rig");
+        let opts = rig(RigOptions::new(&tag));
+        let backends = opts.backends;
+        let rig = Rig::build(opts).expect("building the rig");
         let mut servers = Vec::new();
         for k in 1..=backends {
-            servers.push(backend_server(&rig, k));
+            servers.push(backend_server_in(&rig, family, k));
         }
         // The balancer's own address must keep answering: XDP passes what is not a service.
         servers.push(
             NameServer::start(
                 rig.lb_ns(),
-                SocketAddrV4::new(rig.lb_addr(), 8080),
+                SocketAddr::new(rig.lb_addr_in(family), 8080),
                 "balancer",
             )
             .expect("server on the balancer"),
@@ -74,8 +105,41 @@ impl Setup {
             servers,
             scratch: ScratchDir::new(&tag),
             mode,
+            family,
             rig,
         }
+    }
+
+    /// The client addresses of the scenario's family, in rig order.
+    pub fn clients(&self) -> Vec<IpAddr> {
+        self.rig.client_addrs_in(self.family)
+    }
+
+    /// Backend `k`'s address in the scenario's family (as the config and the log name it).
+    pub fn backend_addr(&self, k: usize) -> IpAddr {
+        self.rig.backend_addr_in(self.family, k)
+    }
+
+    /// The balancer's own address in the scenario's family, port 8080 (answered by the kernel,
+    /// not the service).
+    pub fn lb_own(&self) -> SocketAddr {
+        SocketAddr::new(self.rig.lb_addr_in(self.family), 8080)
+    }
+
+    /// A name server answering `bK` on backend k's service port, for the scenario's family.
+    pub fn backend_server(&self, k: usize) -> NameServer {
+        backend_server_in(&self.rig, self.family, k)
+    }
+
+    /// The `client_mask` a service of this family gets by default (32 for IPv4, 64 for IPv6).
+    pub fn default_client_mask(&self) -> u8 {
+        self.family.default_client_mask()
+    }
+
+    /// How `table show` names the stick entry of `client` under `client_mask` (see
+    /// [`client_key`]).
+    pub fn client_key(&self, client: IpAddr, client_mask: u8) -> String {
+        client_key(client, client_mask)
     }
 
     /// Deletes the balancer's interface (the veth pair, with the bridge-side peer's XDP program
@@ -119,13 +183,13 @@ impl Setup {
             "interface: {}\nxdp_mode: {}\nsweep_interval: 500ms\n{top}services:\n  - name: web\n    vip: {}\n    port: {PORT}\n{service}    backends:\n",
             self.rig.lb_dev(),
             self.mode.yaml(),
-            self.rig.vip()
+            self.rig.vip_in(self.family)
         );
         for (k, extra) in backends.iter().enumerate() {
             yaml += &format!(
                 "      - name: b{}\n        address: {}\n{extra}",
                 k + 1,
-                self.rig.backend_addr(k + 1)
+                self.backend_addr(k + 1)
             );
         }
         yaml
@@ -190,7 +254,7 @@ impl Setup {
             .map(|k| {
                 HoldServer::start(
                     self.rig.backend_ns(k),
-                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                    SocketAddr::new(unspecified(self.family), PORT),
                     &format!("b{k}"),
                 )
                 .expect("holding server")
@@ -198,18 +262,20 @@ impl Setup {
             .collect()
     }
 
-    pub fn vip(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.rig.vip(), PORT)
+    /// The service: the VIP of the scenario's family, port [`PORT`].
+    pub fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.rig.vip_in(self.family), PORT)
     }
 
-    /// One new connection from each client; the name each one got.
-    pub fn round(&self, clients: &[Ipv4Addr]) -> Vec<String> {
-        let requests: Vec<(Ipv4Addr, SocketAddrV4)> =
-            clients.iter().map(|c| (*c, self.vip())).collect();
+    /// One new connection from each client (addresses of the scenario's family); the name each
+    /// one got.
+    pub fn round<A: Into<IpAddr> + Copy + Sync>(&self, clients: &[A]) -> Vec<String> {
+        let requests: Vec<(IpAddr, SocketAddr)> =
+            clients.iter().map(|&c| (c.into(), self.vip())).collect();
         fetch_names_many(self.rig.client_ns(), &requests, TIMEOUT)
             .into_iter()
-            .zip(clients)
-            .map(|(r, c)| r.unwrap_or_else(|e| panic!("client {c}: {e:#}")))
+            .zip(&requests)
+            .map(|(r, (c, _))| r.unwrap_or_else(|e| panic!("client {c}: {e:#}")))
             .collect()
     }
 
@@ -243,12 +309,41 @@ fn peer_xdp(rig: &Rig, mode: Mode) -> Option<PeerXdp> {
 
 /// A name server answering `bK` on backend k's port 80 (also the VIP: it binds 0.0.0.0).
 pub fn backend_server(rig: &Rig, k: usize) -> NameServer {
+    backend_server_in(rig, Family::Ipv4, k)
+}
+
+/// [`backend_server`] for `family` (binding `[::]` for IPv6).
+pub fn backend_server_in(rig: &Rig, family: Family, k: usize) -> NameServer {
     NameServer::start(
         rig.backend_ns(k),
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        SocketAddr::new(unspecified(family), PORT),
         &format!("b{k}"),
     )
     .expect("backend server")
+}
+
+/// How `table show` prints the stick entry of `client` under `client_mask`: the address alone
+/// when the mask keeps all of it (32 for IPv4, 128 for IPv6), otherwise the masked prefix,
+/// e.g. `198.18.1.0/24` or `2001:db8:1:2::/64`.
+pub fn client_key(client: IpAddr, client_mask: u8) -> String {
+    match client {
+        IpAddr::V4(a) if client_mask >= 32 => a.to_string(),
+        IpAddr::V6(a) if client_mask >= 128 => a.to_string(),
+        IpAddr::V4(a) => {
+            let bits = u32::from(a)
+                & u32::MAX
+                    .checked_shl(32 - u32::from(client_mask))
+                    .unwrap_or(0);
+            format!("{}/{client_mask}", std::net::Ipv4Addr::from(bits))
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a)
+                & u128::MAX
+                    .checked_shl(128 - u32::from(client_mask))
+                    .unwrap_or(0);
+            format!("{}/{client_mask}", std::net::Ipv6Addr::from(bits))
+        }
+    }
 }
 
 /// How many times each backend name occurs.
@@ -258,4 +353,21 @@ pub fn count_names(names: &[String]) -> std::collections::BTreeMap<String, usize
         *counts.entry(n.clone()).or_default() += 1;
     }
     counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_print_like_table_show() {
+        let v4: IpAddr = "198.18.1.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8:1:2::7".parse().unwrap();
+        assert_eq!(client_key(v4, 32), "198.18.1.7");
+        assert_eq!(client_key(v4, 24), "198.18.1.0/24");
+        assert_eq!(client_key(v4, 0), "0.0.0.0/0");
+        assert_eq!(client_key(v6, 128), "2001:db8:1:2::7");
+        assert_eq!(client_key(v6, 64), "2001:db8:1:2::/64");
+        assert_eq!(client_key(v6, 0), "::/0");
+    }
 }

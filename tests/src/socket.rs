@@ -4,7 +4,7 @@
 //! std cannot bind a socket before connecting it, hence libc.
 
 use std::io::{self, ErrorKind};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -15,17 +15,30 @@ use std::time::Duration;
 /// "no timeout at all" to the kernel, so it fails at once with [`ErrorKind::TimedOut`] instead.
 ///
 /// Errors of the set-up steps (socket, option, bind) name the step; connect errors are the
-/// kernel's own (refused, unreachable, ...), or `TimedOut` when `timeout` ran out.
+/// kernel's own (refused, unreachable, ...), or `TimedOut` when `timeout` ran out. `source` and
+/// `target` must be of one family (IPv4 or IPv6); otherwise it fails with
+/// [`ErrorKind::InvalidInput`] before making a socket.
 pub(crate) fn connect_from(
-    source: Ipv4Addr,
-    target: SocketAddrV4,
+    source: IpAddr,
+    target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    if source.is_ipv4() != target.is_ipv4() {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("source {source} and target {target} are of different families"),
+        ));
+    }
     if timeout.is_zero() {
         return Err(io::Error::new(ErrorKind::TimedOut, "connect timed out"));
     }
+    let domain = if source.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2); the descriptor is owned by `fd` right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(step_error("socket", io::Error::last_os_error()));
     }
@@ -35,7 +48,7 @@ pub(crate) fn connect_from(
     // Pick the source port at connect time rather than bind time: a port then only has to be
     // unique per 4-tuple, not per source address, so thousands of short connections from one
     // address do not exhaust the ephemeral range (each port could otherwise be used only once
-    // at a time per source address).
+    // at a time per source address). The option is an IP-level one for IPv6 sockets too.
     let one: libc::c_int = 1;
     set_option(&fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &one)
         .map_err(|err| step_error("setsockopt IP_BIND_ADDRESS_NO_PORT", err))?;
@@ -53,7 +66,7 @@ pub(crate) fn connect_from(
     set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)
         .map_err(|err| step_error("setsockopt SO_SNDTIMEO", err))?;
 
-    with_sockaddr(&fd, SocketAddrV4::new(source, 0), libc::bind)
+    with_sockaddr(&fd, SocketAddr::new(source, 0), libc::bind)
         .map_err(|err| step_error(&format!("bind {source}"), err))?;
     if let Err(err) = with_sockaddr(&fd, target, libc::connect) {
         // A connect that ran into SO_SNDTIMEO reports EINPROGRESS.
@@ -69,17 +82,31 @@ pub(crate) fn connect_from(
 type AddrCall =
     unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
 
-/// Calls `call` (bind or connect) on `fd` with `addr` as a sockaddr_in.
-fn with_sockaddr(fd: &OwnedFd, addr: SocketAddrV4, call: AddrCall) -> io::Result<()> {
-    let addr = sockaddr_in(addr);
-    // SAFETY: valid fd, a sockaddr_in of the size passed, borrowed for the
-    // whole call.
-    let rc = unsafe {
-        call(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
+/// Calls `call` (bind or connect) on `fd` with `addr` as a sockaddr_in or sockaddr_in6.
+fn with_sockaddr(fd: &OwnedFd, addr: SocketAddr, call: AddrCall) -> io::Result<()> {
+    let rc = match addr {
+        SocketAddr::V4(v4) => {
+            let sa = sockaddr_in(v4);
+            // SAFETY: valid fd, a sockaddr_in of the size passed, borrowed for the whole call.
+            unsafe {
+                call(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(v6) => {
+            let sa = sockaddr_in6(v6);
+            // SAFETY: valid fd, a sockaddr_in6 of the size passed, borrowed for the whole call.
+            unsafe {
+                call(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
     };
     if rc == 0 {
         Ok(())
@@ -120,7 +147,7 @@ fn step_error(step: &str, err: io::Error) -> io::Error {
     io::Error::new(err.kind(), format!("{step}: {err}"))
 }
 
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+fn sockaddr_in(addr: std::net::SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),
@@ -128,5 +155,17 @@ fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
             s_addr: u32::from(*addr.ip()).to_be(),
         },
         sin_zero: [0; 8],
+    }
+}
+
+fn sockaddr_in6(addr: std::net::SocketAddrV6) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: addr.port().to_be(),
+        sin6_flowinfo: addr.flowinfo().to_be(),
+        sin6_addr: libc::in6_addr {
+            s6_addr: addr.ip().octets(),
+        },
+        sin6_scope_id: addr.scope_id(),
     }
 }

@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -84,7 +84,7 @@ fn clients_of(clients: &[Ipv4Addr], names: &[String], backend: &str) -> Vec<Ipv4
 /// One connection from each client; counts the failed ones (refused, reset, timed out) and
 /// returns them with the names the others got.
 fn attempt(s: &Setup, clients: &[Ipv4Addr]) -> (usize, BTreeMap<String, usize>) {
-    let requests: Vec<(Ipv4Addr, SocketAddrV4)> = clients.iter().map(|c| (*c, s.vip())).collect();
+    let requests: Vec<(Ipv4Addr, SocketAddr)> = clients.iter().map(|c| (*c, s.vip())).collect();
     let mut failed = 0;
     let mut names = Vec::new();
     for reply in fetch_names_many(s.rig.client_ns(), &requests, TIMEOUT) {

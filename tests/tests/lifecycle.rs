@@ -5,7 +5,7 @@
 use serde_json::Value;
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::unix::net::{UnixDatagram, UnixStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -663,7 +663,7 @@ fn an_unwritable_state_file_never_stops_the_controller() {
 
     // The data path acts: b2's clients are sent elsewhere (while b2 is still taken as up, their
     // connections are refused).
-    let requests: Vec<(Ipv4Addr, SocketAddrV4)> =
+    let requests: Vec<(Ipv4Addr, SocketAddr)> =
         on_b2.iter().map(|&i| (clients[i], s.vip())).collect();
     let started = Instant::now();
     loop {

@@ -13,7 +13,7 @@ use std::{
 use sticky_lb_tests::{
     balancer::cli,
     netns::in_netns,
-    rig::fetch_names_many,
+    rig::{Family, fetch_names_many},
     scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
 };
 
@@ -268,12 +268,13 @@ fn reload_applies_the_difference_and_refuses_a_bad_config() {
 }
 
 /// Clients keep connecting while the controller is SIGKILLed and a new one adopts the pinned
-/// data path: no connection fails, no stick entry is lost, no client changes backend.
-fn restart_under_load(mode: Mode) {
-    let mut s = Setup::new("restart", mode, 3, 64);
+/// data path: no connection fails, no stick entry is lost, no client changes backend. Also on
+/// an IPv6 service (`_v6`), whose entries hold 16-byte client keys.
+fn restart_under_load(mode: Mode, family: Family) {
+    let mut s = Setup::new_in("restart", mode, family, 3, 64);
     let config = s.config(3, "30m", "");
     s.start(&config);
-    let clients: Vec<Ipv4Addr> = s.rig.client_addrs().to_vec();
+    let clients = s.clients();
     let placement = s.round(&clients);
     let entries_before = s.table().len();
 
@@ -318,7 +319,7 @@ fn restart_under_load(mode: Mode) {
     let (connections, failures, moved, gap) = load.join().unwrap();
     let entries_after = s.table().len();
     eprintln!(
-        "{mode:?}: SIGKILL + adopt ({adopted_after:?} without a controller): {connections} connections, {failures} failed, {moved} moved; stick entries {entries_before} -> {entries_after}; longest gap between successful connections {gap:?}"
+        "{mode:?} {family:?}: SIGKILL + adopt ({adopted_after:?} without a controller): {connections} connections, {failures} failed, {moved} moved; stick entries {entries_before} -> {entries_after}; longest gap between successful connections {gap:?}"
     );
     assert!(connections > 3 * 64, "the load ran across the restart");
     assert_eq!((failures, moved), (0, 0));
@@ -333,12 +334,22 @@ fn restart_under_load(mode: Mode) {
 
 #[test]
 fn restart_under_load_native() {
-    restart_under_load(Mode::Native);
+    restart_under_load(Mode::Native, Family::Ipv4);
 }
 
 #[test]
 fn restart_under_load_generic() {
-    restart_under_load(Mode::Generic);
+    restart_under_load(Mode::Generic, Family::Ipv4);
+}
+
+#[test]
+fn restart_under_load_v6_native() {
+    restart_under_load(Mode::Native, Family::Ipv6);
+}
+
+#[test]
+fn restart_under_load_v6_generic() {
+    restart_under_load(Mode::Generic, Family::Ipv6);
 }
 
 /// XDP program id on the balancer's interface, from `ip -d link`.

@@ -1,16 +1,19 @@
 //! A changing pool, end to end in the netns rig: health checks take a failed backend out and
 //! bring it back, drain and weights steer new clients, least-connections balances open
 //! connections, and health-check edge cases (500, reset, silence, flapping) behave.
+//!
+//! Failure and recovery, drain and least-connections also run on an IPv6 service (`_v6`),
+//! each client in its own /64 (the default IPv6 client mask of 64 keeps one entry per client).
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 use sticky_lb_tests::{
     balancer::cli,
-    rig::{HttpBehaviour, HttpServer, open_held_many},
-    scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
+    rig::{Family, HttpBehaviour, HttpServer, open_held_many},
+    scenario::{Mode, Setup, TIMEOUT, count_names},
 };
 
 /// Fast checks so the tests take seconds: every 200 ms, 150 ms timeout, rise 2, fall 3.
@@ -19,15 +22,15 @@ const FAST_CHECKS: &str = "    health_check:\n      interval: 200ms\n      timeo
 /// b2's server stops while clients keep coming: detected within interval x fall + 1 s; its
 /// clients move, each to one live backend for all its connections; nobody else moves. It comes
 /// back: it gets new clients, and the moved clients stay where they are.
-fn failure_and_recovery(mode: Mode) {
-    let mut s = Setup::new("fail", mode, 3, 150);
+fn failure_and_recovery(mode: Mode, family: Family) {
+    let mut s = Setup::new_in("fail", mode, family, 3, 150);
     let config = s.config_with(
         "",
         &format!("    stick:\n      timeout: 30m\n{FAST_CHECKS}"),
         &vec![String::new(); 3],
     );
     s.start(&config);
-    let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..90].to_vec();
+    let clients: Vec<IpAddr> = s.clients()[..90].to_vec();
     let before = s.round(&clients);
     assert!(before.iter().any(|n| n == "b2"));
 
@@ -36,7 +39,9 @@ fn failure_and_recovery(mode: Mode) {
     let stopped = Instant::now();
     s.wait_state("b2", "down", Duration::from_secs(5));
     let detection = stopped.elapsed();
-    eprintln!("{mode:?}: b2 detected down after {detection:?} (interval 200 ms x fall 3)");
+    eprintln!(
+        "{mode:?} {family:?}: b2 detected down after {detection:?} (interval 200 ms x fall 3)"
+    );
     assert!(
         detection <= Duration::from_millis(200 * 3 + 1000),
         "detection took {detection:?}"
@@ -57,33 +62,39 @@ fn failure_and_recovery(mode: Mode) {
             assert_eq!(first, &before[i], "{c} of a live backend moved");
         }
     }
-    eprintln!("{mode:?}: b2's clients moved to {moved_to:?}; no other client moved");
+    eprintln!("{mode:?} {family:?}: b2's clients moved to {moved_to:?}; no other client moved");
     let status = s.status();
     assert!(
         status["services"][0]["redispatches"].as_u64().unwrap()
             >= moved_to.values().sum::<usize>() as u64
     );
 
-    s.servers.insert(1, backend_server(&s.rig, 2));
+    s.servers.insert(1, s.backend_server(2));
     s.wait_state("b2", "up", Duration::from_secs(5));
     let again = s.round(&clients);
     assert_eq!(
         again, after[0],
         "moved clients stay where they are (no flapping back)"
     );
-    let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[90..].to_vec();
+    let newcomers: Vec<IpAddr> = s.clients()[90..].to_vec();
     let new = count_names(&s.round(&newcomers));
-    eprintln!("{mode:?}: after recovery, 60 new clients went to {new:?}");
+    eprintln!("{mode:?} {family:?}: after recovery, 60 new clients went to {new:?}");
     assert!(
         new.get("b2").copied().unwrap_or(0) >= 8,
         "b2 gets new clients again: {new:?}"
     );
     let log = s.balancer.as_ref().unwrap().log_text();
+    let b2_addr = s.backend_addr(2);
     assert!(
-        log.contains("backend web/b2 (198.18.0.12) is DOWN: connection refused (3 failed checks)"),
+        log.contains(&format!(
+            "backend web/b2 ({b2_addr}) is DOWN: connection refused (3 failed checks)"
+        )),
         "{log}"
     );
-    assert!(log.contains("backend web/b2 (198.18.0.12) is UP"), "{log}");
+    assert!(
+        log.contains(&format!("backend web/b2 ({b2_addr}) is UP")),
+        "{log}"
+    );
     assert_eq!(
         log.matches("is DOWN").count(),
         1,
@@ -93,24 +104,43 @@ fn failure_and_recovery(mode: Mode) {
 
 #[test]
 fn failure_and_recovery_native() {
-    failure_and_recovery(Mode::Native);
+    failure_and_recovery(Mode::Native, Family::Ipv4);
 }
 
 #[test]
 fn failure_and_recovery_generic() {
-    failure_and_recovery(Mode::Generic);
+    failure_and_recovery(Mode::Generic, Family::Ipv4);
+}
+
+#[test]
+fn failure_and_recovery_v6_native() {
+    failure_and_recovery(Mode::Native, Family::Ipv6);
+}
+
+#[test]
+fn failure_and_recovery_v6_generic() {
+    failure_and_recovery(Mode::Generic, Family::Ipv6);
+}
+
+#[test]
+fn drain_keeps_stuck_clients_until_their_entries_expire() {
+    drain_keeps_stuck_clients(Family::Ipv4);
+}
+
+#[test]
+fn drain_keeps_stuck_clients_until_their_entries_expire_v6() {
+    drain_keeps_stuck_clients(Family::Ipv6);
 }
 
 /// `backend drain`: no new client is assigned to it; its clients keep reaching it until their
 /// entries expire, then they move.
-#[test]
-fn drain_keeps_stuck_clients_until_their_entries_expire() {
-    let mut s = Setup::new("drain", Mode::Generic, 3, 200);
+fn drain_keeps_stuck_clients(family: Family) {
+    let mut s = Setup::new_in("drain", Mode::Generic, family, 3, 200);
     let config = s.config(3, "3s", "");
     s.start(&config);
-    let clients: Vec<Ipv4Addr> = s.rig.client_addrs()[..100].to_vec();
+    let clients: Vec<IpAddr> = s.clients()[..100].to_vec();
     let before = s.round(&clients);
-    let on_b1: Vec<Ipv4Addr> = clients
+    let on_b1: Vec<IpAddr> = clients
         .iter()
         .zip(&before)
         .filter(|(_, n)| *n == "b1")
@@ -121,7 +151,7 @@ fn drain_keeps_stuck_clients_until_their_entries_expire() {
     let out = s.cli_ok(&["backend", "drain", "web/b1"]);
     assert_eq!(out.trim(), "web/b1: drain (weight 1)");
     assert_eq!(s.backend_status("b1")["state"], "drain");
-    let newcomers: Vec<Ipv4Addr> = s.rig.client_addrs()[100..].to_vec();
+    let newcomers: Vec<IpAddr> = s.clients()[100..].to_vec();
     let new = count_names(&s.round(&newcomers));
     assert!(
         !new.contains_key("b1"),
@@ -136,7 +166,7 @@ fn drain_keeps_stuck_clients_until_their_entries_expire() {
     std::thread::sleep(Duration::from_millis(4000));
     let later = count_names(&s.round(&on_b1));
     eprintln!(
-        "drain: {} clients of b1 stayed while active; after their entries expired they went to {later:?}",
+        "drain {family:?}: {} clients of b1 stayed while active; after their entries expired they went to {later:?}",
         on_b1.len()
     );
     assert!(!later.contains_key("b1"), "{later:?}");
@@ -184,27 +214,36 @@ fn weights_share_new_clients() {
     assert_eq!(s.backend_status("b3")["state"], "drain");
 }
 
-/// Least-connections with long-lived connections: they spread evenly, and a backend holding
-/// many gets no new client until the others catch up.
 #[test]
 fn least_conn_balances_open_connections() {
-    let mut s = Setup::new("lc", Mode::Generic, 3, 200);
+    least_conn(Family::Ipv4);
+}
+
+#[test]
+fn least_conn_balances_open_connections_v6() {
+    least_conn(Family::Ipv6);
+}
+
+/// Least-connections with long-lived connections: they spread evenly, and a backend holding
+/// many gets no new client until the others catch up.
+fn least_conn(family: Family) {
+    let mut s = Setup::new_in("lc", Mode::Generic, family, 3, 200);
     // Servers that hold each connection open, in place of the name servers.
     let holders = s.hold_connections();
     let config = s.config_with("", "    policy: least-conn\n", &vec![String::new(); 3]);
     s.start(&config);
     let vip = s.vip();
-    let open = |clients: &[Ipv4Addr]| {
+    let open = |clients: &[IpAddr]| {
         let requests: Vec<_> = clients.iter().map(|c| (*c, vip)).collect();
         open_held_many(s.rig.client_ns(), &requests, TIMEOUT)
             .into_iter()
             .map(|r| r.expect("held connection"))
             .collect::<Vec<_>>()
     };
-    let clients = s.rig.client_addrs().to_vec();
+    let clients = s.clients();
     let mut held = open(&clients[..90]);
     let first = count_names(&held.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
-    eprintln!("least-conn: 90 long-lived connections spread {first:?}");
+    eprintln!("least-conn {family:?}: 90 long-lived connections spread {first:?}");
     for name in ["b1", "b2", "b3"] {
         let n = first.get(name).copied().unwrap_or(0);
         assert!((28..=32).contains(&n), "{name} holds {n} of 90: {first:?}");
@@ -235,7 +274,9 @@ fn least_conn_balances_open_connections() {
     let catch_up = 2 * b3_count;
     let more = open(&clients[90..90 + catch_up]);
     let second = count_names(&more.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>());
-    eprintln!("least-conn: with b3 holding {b3_count}, {catch_up} new clients went to {second:?}");
+    eprintln!(
+        "least-conn {family:?}: with b3 holding {b3_count}, {catch_up} new clients went to {second:?}"
+    );
     assert!(
         !second.contains_key("b3"),
         "b3 got new clients before the others caught up: {second:?}"

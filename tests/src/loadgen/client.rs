@@ -461,7 +461,7 @@ pub fn connect_from(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     // Leaves `timeout` on as the write timeout (SO_SNDTIMEO, which also bounded the connect).
-    let stream = socket::connect_from(source, target, timeout)?;
+    let stream = socket::connect_from(source.into(), target.into(), timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     // Requests are single small writes each waiting for an answer: no reason to let Nagle
     // hold any of them back.
