@@ -21,7 +21,11 @@
 //! Every address is on-link (one /16, one /32), so no gateway is needed and
 //! no route leads out of the rig. IPv6 is kept quiet: no DAD (addresses are
 //! added `nodad`, accept_dad=0), no router solicitations or advertisements,
-//! no autoconfiguration. Everything lives inside namespaces named
+//! no autoconfiguration. VIP6 is added with `preferred_lft 0` (deprecated):
+//! it still receives, but the kernel never picks it as the source of the
+//! balancer's own connections; it would otherwise, as the longest match for
+//! a backend's address, and the health checks' replies would go to the
+//! backend's own VIP6 on lo. Everything lives inside namespaces named
 //! `slb-TAG-ROLE`, and all namespaces (with their veths) are deleted when the
 //! [`Rig`] is dropped, including while a failing test unwinds.
 
@@ -259,7 +263,7 @@ impl Rig {
         )?;
         ns.ip_batch(&format!(
             "addr add {VIP}/32 dev lo\n\
-             addr add {VIP6}/128 dev lo nodad\n\
+             addr add {VIP6}/128 dev lo nodad preferred_lft 0\n\
              addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n\
              addr add {addr6}/{PREFIX_LEN6} dev {HOST_DEV} nodad\n\
              link set {HOST_DEV} up\n"
@@ -551,7 +555,7 @@ fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Re
         "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
          addr add {VIP}/32 dev {LB_DEV}\n\
          addr add {LB_ADDR6}/{PREFIX_LEN6} dev {LB_DEV} nodad\n\
-         addr add {VIP6}/128 dev {LB_DEV} nodad\n\
+         addr add {VIP6}/128 dev {LB_DEV} nodad preferred_lft 0\n\
          link set {LB_DEV} up\n"
     ))?;
     // A veth drops frames sent to it by XDP_TX/XDP_REDIRECT unless its
