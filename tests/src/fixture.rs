@@ -74,6 +74,52 @@ fn service_key(family: Family) -> ServiceKey {
     }
 }
 
+/// Three up backends of `service` (`family`), ids `first_id..first_id + 3`, named `NAME-0..2`,
+/// MACs 02:TAG:00:00:00:01..03.
+fn install_backends(
+    dataplane: &mut Dataplane,
+    family: Family,
+    service: u32,
+    first_id: BackendId,
+    name: &str,
+    tag: u8,
+) -> Vec<(BackendId, String, [u8; 6])> {
+    (0..3u32)
+        .map(|i| {
+            let id = first_id + i;
+            let mac = [0x02, tag, 0, 0, 0, i as u8 + 1];
+            let address: IpAddr = match family {
+                Family::Ipv4 => Ipv4Addr::new(198, 18, 0, 11 + id as u8).into(),
+                Family::Ipv6 => {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11 + id as u16).into()
+                }
+            };
+            let entry = Backend {
+                addr: addr::words(&address),
+                mac,
+                state: BackendState::Up as u8,
+                _pad: 0,
+                service,
+                weight: 1,
+            };
+            dataplane.backends.set(id, &entry, 0).unwrap();
+            (id, format!("{name}-{i}"), mac)
+        })
+        .collect()
+}
+
+/// `backends` as Maglev members of equal weight.
+pub fn members(backends: &[(BackendId, String, [u8; 6])]) -> Vec<maglev::Member<'_>> {
+    backends
+        .iter()
+        .map(|(id, name, _)| maglev::Member {
+            id: *id,
+            name,
+            weight: 1,
+        })
+        .collect()
+}
+
 pub fn v4(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
@@ -107,26 +153,7 @@ impl Fixture {
             },
         )
         .expect("the kernel accepts the program");
-        let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
-            .map(|i| {
-                (
-                    i + 5,
-                    format!("web-{i}"),
-                    [0x02, 0xbe, 0, 0, 0, i as u8 + 1],
-                )
-            })
-            .collect();
-        for (id, _, mac) in &backends {
-            let entry = Backend {
-                addr: [v4(Ipv4Addr::new(198, 18, 0, 11 + *id as u8)), 0, 0, 0],
-                mac: *mac,
-                state: BackendState::Up as u8,
-                _pad: 0,
-                service: 1,
-                weight: 1,
-            };
-            dataplane.backends.set(*id, &entry, 0).unwrap();
-        }
+        let backends = install_backends(&mut dataplane, family, 1, 5, "web", 0xbe);
         let key = service_key(family);
         let service = Service {
             id: 1,
@@ -163,26 +190,7 @@ impl Fixture {
             Family::Ipv4 => Family::Ipv6,
             Family::Ipv6 => Family::Ipv4,
         };
-        let backends: Vec<(BackendId, String, [u8; 6])> = (0..3u32)
-            .map(|i| {
-                (
-                    i + 9,
-                    format!("other-{i}"),
-                    [0x02, 0xbf, 0, 0, 0, i as u8 + 1],
-                )
-            })
-            .collect();
-        for (id, _, mac) in &backends {
-            let entry = Backend {
-                addr: [v4(Ipv4Addr::new(198, 18, 0, 31 + *id as u8)), 0, 0, 0],
-                mac: *mac,
-                state: BackendState::Up as u8,
-                _pad: 0,
-                service: 0,
-                weight: 1,
-            };
-            self.dataplane.backends.set(*id, &entry, 0).unwrap();
-        }
+        let backends = install_backends(&mut self.dataplane, family, 0, 9, "other", 0xbf);
         let key = service_key(family);
         let mut service = Service {
             id: 0,
@@ -190,15 +198,7 @@ impl Fixture {
             client_mask: addr::prefix_mask(family, client_prefix),
             ..Default::default()
         };
-        let members: Vec<maglev::Member<'_>> = backends
-            .iter()
-            .map(|(id, name, _)| maglev::Member {
-                id: *id,
-                name,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::Table::build(RING, &members);
+        let table = maglev::Table::build(RING, &members(&backends));
         self.dataplane
             .publish_service(&key, &mut service, table.slots())
             .unwrap();
@@ -224,16 +224,9 @@ impl Fixture {
         }
     }
     /// Publishes a Maglev table made of the given backends (indexes into `self.backends`).
-    pub fn publish(&mut self, members: &[usize]) -> maglev::Table {
-        let members: Vec<maglev::Member<'_>> = members
-            .iter()
-            .map(|&i| maglev::Member {
-                id: self.backends[i].0,
-                name: &self.backends[i].1,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::Table::build(RING, &members);
+    pub fn publish(&mut self, indexes: &[usize]) -> maglev::Table {
+        let chosen: Vec<_> = indexes.iter().map(|&i| self.backends[i].clone()).collect();
+        let table = maglev::Table::build(RING, &members(&chosen));
         self.dataplane
             .publish_service(&self.key, &mut self.service, table.slots())
             .unwrap();

@@ -424,17 +424,7 @@ fn an_ipv6_packet_never_reaches_an_ipv4_service_and_back() {
         ..g.key
     };
     let mut service = g.service;
-    let slots = sticky_lb::maglev::Table::build(
-        RING,
-        &g.backends
-            .iter()
-            .map(|(id, name, _)| sticky_lb::maglev::Member {
-                id: *id,
-                name,
-                weight: 1,
-            })
-            .collect::<Vec<_>>(),
-    );
+    let slots = sticky_lb::maglev::Table::build(RING, &members(&g.backends));
     g.dataplane
         .publish_service(&impostor, &mut service, slots.slots())
         .unwrap();

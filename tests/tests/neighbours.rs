@@ -90,22 +90,14 @@ fn resolves_and_follows_mac_changes_and_a_recreated_interface() {
             );
 
             // The peer's NIC changes; arp_notify announces it with a gratuitous ARP.
-            peer.ip(&[
-                "link",
-                "set",
-                "dev",
-                PEER_DEV,
-                "address",
-                &format_mac(NEW_PEER_MAC),
-            ])
-            .expect("change the peer's MAC");
-            wait_for(&mut events, "the peer's new MAC", EVENT_TIMEOUT, |event| {
-                *event
-                    == Event::Neighbour {
-                        address: PEER_ADDR,
-                        mac: Some(NEW_PEER_MAC),
-                    }
-            })
+            set_peer_mac(&peer, NEW_PEER_MAC);
+            wait_for_mac(
+                &mut events,
+                "the peer's new MAC",
+                EVENT_TIMEOUT,
+                PEER_ADDR,
+                NEW_PEER_MAC,
+            )
             .await;
             assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(NEW_PEER_MAC));
 
@@ -164,16 +156,7 @@ fn a_managed_entry_follows_a_silent_mac_change() {
     // to the old MAC fail within a second. The entry then fails, and only the kernel's care for
     // managed entries resolves it again (by broadcast): an ordinary entry stays failed. The time
     // between the kernel's visits of managed entries is not the namespace's to shorten.
-    let neigh = format!("net.ipv4.neigh.{LB_DEV}");
-    lb.exec(&[
-        "sysctl",
-        "-q",
-        "-w",
-        &format!("{neigh}.base_reachable_time_ms=500"),
-        &format!("{neigh}.delay_first_probe_time=1"),
-        &format!("{neigh}.retrans_time_ms=200"),
-    ])
-    .expect("neighbour timers");
+    quick_revalidation(&lb, "ipv4");
 
     in_netns(lb.name(), || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -187,26 +170,13 @@ fn a_managed_entry_follows_a_silent_mac_change() {
                 neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
                 Some(peer_mac)
             );
-            peer.ip(&[
-                "link",
-                "set",
-                "dev",
-                PEER_DEV,
-                "address",
-                &format_mac(NEW_PEER_MAC),
-            ])
-            .expect("change the peer's MAC");
-            wait_for(
+            set_peer_mac(&peer, NEW_PEER_MAC);
+            wait_for_mac(
                 &mut events,
                 "the peer's new MAC",
                 SILENT_CHANGE_TIMEOUT,
-                |event| {
-                    *event
-                        == Event::Neighbour {
-                            address: PEER_ADDR,
-                            mac: Some(NEW_PEER_MAC),
-                        }
-                },
+                PEER_ADDR,
+                NEW_PEER_MAC,
             )
             .await;
         });
@@ -220,22 +190,17 @@ fn a_managed_entry_follows_a_silent_mac_change() {
 fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
     require_root();
     let tag = unique_tag("neigh6");
-    let lb = NetNs::new(format!("slb-{tag}-lb")).expect("balancer namespace");
-    let peer = NetNs::new(format!("slb-{tag}-peer")).expect("peer namespace");
-    for ns in [&lb, &peer] {
-        // No duplicate address detection (the link-local address solicitations are sent from
-        // must be usable at once) and no router solicitations.
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-w",
+    // No duplicate address detection (the link-local address solicitations are sent from must be
+    // usable at once) and no router solicitations.
+    let (lb, peer) = namespaces_with(
+        &tag,
+        &[
             "net.ipv6.conf.all.accept_dad=0",
             "net.ipv6.conf.default.accept_dad=0",
             "net.ipv6.conf.default.router_solicitations=0",
             "net.ipv6.conf.default.accept_ra=0",
-        ])
-        .expect("quiet IPv6");
-    }
+        ],
+    );
     lb.ip_batch(&format!(
         "link add {LB_DEV} type veth peer name {PEER_DEV} netns {}\n\
          addr add {LB_ADDR6}/64 dev {LB_DEV} nodad\n\
@@ -257,16 +222,7 @@ fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
     .expect("peer end");
     // Revalidation within a second once the peer stops answering at its old MAC (see
     // a_managed_entry_follows_a_silent_mac_change).
-    let neigh = format!("net.ipv6.neigh.{LB_DEV}");
-    lb.exec(&[
-        "sysctl",
-        "-q",
-        "-w",
-        &format!("{neigh}.base_reachable_time_ms=500"),
-        &format!("{neigh}.delay_first_probe_time=1"),
-        &format!("{neigh}.retrans_time_ms=200"),
-    ])
-    .expect("neighbour timers");
+    quick_revalidation(&lb, "ipv6");
     let peer_addr = IpAddr::V6(PEER_ADDR6);
     in_netns(lb.name(), || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -293,22 +249,14 @@ fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
                 .expect("ip neigh show");
             assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
             // Announced: ndisc_notify sends an unsolicited advertisement with the new MAC.
-            peer.ip(&[
-                "link",
-                "set",
-                "dev",
-                PEER_DEV,
-                "address",
-                &format_mac(NEW_PEER_MAC),
-            ])
-            .expect("change the peer's MAC");
-            wait_for(&mut events, "the announced MAC", EVENT_TIMEOUT, |event| {
-                *event
-                    == Event::Neighbour {
-                        address: peer_addr,
-                        mac: Some(NEW_PEER_MAC),
-                    }
-            })
+            set_peer_mac(&peer, NEW_PEER_MAC);
+            wait_for_mac(
+                &mut events,
+                "the announced MAC",
+                EVENT_TIMEOUT,
+                peer_addr,
+                NEW_PEER_MAC,
+            )
             .await;
             // Silent: no advertisement; the managed entry's probes find the new MAC.
             peer.exec(&[
@@ -318,26 +266,13 @@ fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
                 &format!("net.ipv6.conf.{PEER_DEV}.ndisc_notify=0"),
             ])
             .expect("ndisc_notify off");
-            peer.ip(&[
-                "link",
-                "set",
-                "dev",
-                PEER_DEV,
-                "address",
-                &format_mac(PINNED_MAC),
-            ])
-            .expect("change the peer's MAC silently");
-            wait_for(
+            set_peer_mac(&peer, PINNED_MAC);
+            wait_for_mac(
                 &mut events,
                 "the silent change",
                 SILENT_CHANGE_TIMEOUT,
-                |event| {
-                    *event
-                        == Event::Neighbour {
-                            address: peer_addr,
-                            mac: Some(PINNED_MAC),
-                        }
-                },
+                peer_addr,
+                PINNED_MAC,
             )
             .await;
             assert_eq!(neighbours.lookup(peer_addr).await, Some(PINNED_MAC));
@@ -351,18 +286,23 @@ fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
 /// The balancer's and the peer's namespace, named after `tag`, with IPv6 off (no router
 /// solicitations or DAD in the way).
 fn namespaces(tag: &str) -> (NetNs, NetNs) {
+    namespaces_with(
+        tag,
+        &[
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )
+}
+
+/// The balancer's and the peer's namespace, named after `tag`, with these sysctls set in both.
+fn namespaces_with(tag: &str, sysctls: &[&str]) -> (NetNs, NetNs) {
     let lb = NetNs::new(format!("slb-{tag}-lb")).expect("balancer namespace");
     let peer = NetNs::new(format!("slb-{tag}-peer")).expect("peer namespace");
     for ns in [&lb, &peer] {
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-e",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])
-        .expect("quiet namespace");
+        let mut args = vec!["sysctl", "-q", "-e", "-w"];
+        args.extend_from_slice(sysctls);
+        ns.exec(&args).expect("namespace sysctls");
     }
     (lb, peer)
 }
@@ -390,6 +330,42 @@ fn connect(lb: &NetNs, peer: &NetNs, announce: bool) {
          link set {PEER_DEV} up\n"
     ))
     .expect("peer end");
+}
+
+/// Makes the balancer's end revalidate a neighbour (`ipv4` or `ipv6` table) within a second of
+/// it no longer answering at its old MAC.
+fn quick_revalidation(lb: &NetNs, table: &str) {
+    let neigh = format!("net.{table}.neigh.{LB_DEV}");
+    lb.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("{neigh}.base_reachable_time_ms=500"),
+        &format!("{neigh}.delay_first_probe_time=1"),
+        &format!("{neigh}.retrans_time_ms=200"),
+    ])
+    .expect("neighbour timers");
+}
+
+/// Sets the MAC of the peer's end of the pair.
+fn set_peer_mac(peer: &NetNs, mac: [u8; 6]) {
+    peer.ip(&["link", "set", "dev", PEER_DEV, "address", &format_mac(mac)])
+        .expect("change the peer's MAC");
+}
+
+/// Waits for the event saying `address` is now at `mac`.
+async fn wait_for_mac(
+    events: &mut Receiver<Event>,
+    what: &str,
+    limit: Duration,
+    address: IpAddr,
+    mac: [u8; 6],
+) {
+    let wanted = Event::Neighbour {
+        address,
+        mac: Some(mac),
+    };
+    wait_for(events, what, limit, |event| *event == wanted).await;
 }
 
 /// Receives events until one satisfies `wanted`; panics after `limit` or if the watch ends.

@@ -298,6 +298,22 @@ fn random_frames_of(
         .collect()
 }
 
+/// Misses into a table that is not full, for new clients of `family`: a fresh table per run,
+/// new keys (ns per packet, median of the runs).
+fn miss_into_empty_table(family: Family) -> f64 {
+    median(
+        (0..RUNS)
+            .map(|r| {
+                let mut b = Bench::with_family(family, Policy::IpHash, u64::MAX);
+                let frames: Vec<Vec<u8>> = (0..KEYS as u32)
+                    .map(|i| syn(client_of(family, i * 3 + r as u32), 80))
+                    .collect();
+                each_once(b.dataplane.program(), &frames)
+            })
+            .collect(),
+    )
+}
+
 /// `frame` (a SYN of `family`) turned into an ACK (XDP never checks the TCP checksum).
 fn into_ack(mut frame: Vec<u8>, family: Family) -> Vec<u8> {
     let ip_len = match family {
@@ -492,18 +508,10 @@ fn main() {
     drop(b);
 
     // Misses into a table that is not full: a fresh table per run, new keys.
-    let not_full = median(
-        (0..RUNS)
-            .map(|r| {
-                let mut b = Bench::new(Policy::IpHash, u64::MAX);
-                let frames: Vec<Vec<u8>> = (0..KEYS as u32)
-                    .map(|i| syn(client(i * 3 + r as u32), 80))
-                    .collect();
-                each_once(b.dataplane.program(), &frames)
-            })
-            .collect(),
+    push(
+        "miss + Maglev + insert, table not full",
+        miss_into_empty_table(Family::Ipv4),
     );
-    push("miss + Maglev + insert, table not full", not_full);
 
     // IPv6 beside IPv4 in the same run: the same rows over 16-byte addresses (one code path;
     // the IPv6 service masks clients to /64, each client here in its own /64).
@@ -550,18 +558,10 @@ fn main() {
         ),
     );
     drop(b);
-    let not_full6 = median(
-        (0..RUNS)
-            .map(|r| {
-                let mut b = Bench::with_family(Family::Ipv6, Policy::IpHash, u64::MAX);
-                let frames: Vec<Vec<u8>> = (0..KEYS as u32)
-                    .map(|i| syn(client6(i * 3 + r as u32), 80))
-                    .collect();
-                each_once(b.dataplane.program(), &frames)
-            })
-            .collect(),
+    push(
+        "IPv6: miss + Maglev + insert, table not full",
+        miss_into_empty_table(Family::Ipv6),
     );
-    push("IPv6: miss + Maglev + insert, table not full", not_full6);
 
     // Least-connections: new clients, each through the pick (10 backends) and inserts.
     let least_conn = median(
