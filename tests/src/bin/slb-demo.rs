@@ -1,13 +1,13 @@
 //! `./x demo`: sticky-lb in a sandbox of network namespaces, end to end, in about a minute.
 //!
-//! Builds clients, a balancer and three backends joined by a bridge (198.18.0.0/15 only),
-//! starts `sticky-lb run` with the embedded config/demo.yaml, sends real TCP connections from many
-//! clients, shows who reached whom and the stick table, adds a backend without moving a stuck
-//! client, then removes everything it made.
+//! Builds clients, a balancer and three backends joined by a bridge (198.18.0.0/15 and
+//! 2001:db8::/32 only), starts `sticky-lb run` with the embedded config/demo.yaml, sends real TCP
+//! connections from many IPv4 and IPv6 clients, shows who reached whom and the stick table, adds a
+//! backend without moving a stuck client, then removes everything it made.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -21,6 +21,9 @@ use sticky_lb_tests::{
 const CONFIG: &str = include_str!("../../../config/demo.yaml");
 const CLIENTS: usize = 48;
 const CONNECTIONS: usize = 5;
+/// IPv6 clients: four /64s of four addresses each.
+const CLIENTS6: usize = 16;
+const CLIENTS_PER_64: usize = 4;
 const PORT: u16 = 80;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -53,7 +56,12 @@ fn demo() -> anyhow::Result<()> {
         "Building the sandbox: a client namespace with 48 addresses, a balancer, 3 backends, one bridge",
     )?;
     let tag = unique_tag("demo");
-    let mut rig = Rig::build(RigOptions::new(&tag).backends(3).clients(CLIENTS + 16))?;
+    let mut rig = Rig::build(
+        RigOptions::new(&tag)
+            .backends(3)
+            .clients(CLIENTS + 16)
+            .clients_per_64(CLIENTS_PER_64),
+    )?;
     let mut servers = Vec::new();
     for k in 1..=3 {
         servers.push(server(&rig, k)?);
@@ -65,8 +73,9 @@ fn demo() -> anyhow::Result<()> {
     let guard = DataPathGuard::new(rig.lb_ns(), rig.lb_dev());
     println!("namespaces: {}", rig.namespaces().join(" "));
     println!(
-        "VIP {}:{PORT} on the balancer; backends 198.18.0.11-13 answer clients directly (DSR)",
-        rig.vip()
+        "VIPs {}:{PORT} and [{}]:{PORT} on the balancer; backends 198.18.0.11-13 and 2001:db8::11-13 answer clients directly (DSR)",
+        rig.vip(),
+        rig.vip6()
     );
 
     step("Starting `sticky-lb run --config config/demo.yaml` in the balancer namespace")?;
@@ -111,6 +120,47 @@ fn demo() -> anyhow::Result<()> {
         "{sticky} of {CLIENTS} clients reached the same backend on all {CONNECTIONS} connections"
     );
     println!("clients per backend: {per_backend:?}");
+
+    step(&format!(
+        "{CLIENTS6} IPv6 clients, {CLIENTS_PER_64} in each of four /64s, open {CONNECTIONS} connections each to shop-v6 (client_mask 64)"
+    ))?;
+    let clients6: Vec<Ipv6Addr> = rig.client_addrs6()[..CLIENTS6].to_vec();
+    let vip6 = SocketAddrV6::new(rig.vip6(), PORT, 0, 0);
+    let mut seen6: BTreeMap<Ipv6Addr, Vec<String>> = BTreeMap::new();
+    for _ in 0..CONNECTIONS {
+        let requests: Vec<_> = clients6.iter().map(|c| (*c, vip6)).collect();
+        for (client, reply) in clients6.iter().zip(fetch_names_many(
+            rig.client_ns(),
+            &requests,
+            Duration::from_secs(3),
+        )) {
+            seen6
+                .entry(*client)
+                .or_default()
+                .push(reply.unwrap_or_else(|e| format!("error: {e}")));
+        }
+    }
+    // Per /64: the backends its addresses reached.
+    let mut per_64: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (client, names) in &seen6 {
+        let s = client.segments();
+        let prefix = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+        println!("  {client:<18} -> {}", names.join(" "));
+        per_64
+            .entry(format!("{prefix}/64"))
+            .or_default()
+            .extend(names.iter().cloned());
+    }
+    for (prefix, backends) in &per_64 {
+        println!(
+            "  {prefix:<22} {}",
+            if backends.len() == 1 {
+                format!("every address on {}", backends.first().unwrap())
+            } else {
+                format!("SPLIT over {backends:?}")
+            }
+        );
+    }
 
     step("The stick table (`sticky-lb table show`, first rows)")?;
     let table = sticky_lb(rig.lb_ns(), &["table", "show"])?;
@@ -160,10 +210,12 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Backend `k`'s name server on [::]:80, which takes IPv4 connections too (as IPv4-mapped
+/// addresses: the namespace's bindv6only is 0).
 fn server(rig: &Rig, k: usize) -> anyhow::Result<NameServer> {
     NameServer::start(
         rig.backend_ns(k),
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)),
         &format!("backend-{k}"),
     )
 }
