@@ -30,17 +30,53 @@ services:
         address: 198.18.0.11
 ";
 
+/// [`VALID`] as an IPv6 service (same line numbers).
+const VALID6: &str = "\
+interface: lo
+services:
+  - name: web
+    vip: 2001:db8::100
+    port: 80
+    backends:
+      - name: web-1
+        address: 2001:db8::11
+";
+
 #[test]
 fn check_config_accepts_a_valid_file() {
     let dir = ScratchDir::new(&unique_tag("cli-ok"));
-    let path = dir.path().join("ok.yaml");
-    std::fs::write(&path, VALID).unwrap();
-    let (code, out, err) = run(&["check-config", path.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains("ok (1 service(s), 1 backend(s), interface lo)"),
-        "{out}"
+    // IPv4, IPv6 (the default client_mask and an explicit /128), and one service of each
+    // family on the same port.
+    let both = format!(
+        "{VALID}{}",
+        VALID6
+            .split_once("services:\n")
+            .unwrap()
+            .1
+            .replace("name: web\n", "name: web6\n")
     );
+    let cases = [
+        (VALID.to_string(), "1 service(s), 1 backend(s)"),
+        (VALID6.to_string(), "1 service(s), 1 backend(s)"),
+        (
+            VALID6.replace(
+                "    port: 80\n",
+                "    port: 80\n    stick:\n      client_mask: 128\n",
+            ),
+            "1 service(s), 1 backend(s)",
+        ),
+        (both, "2 service(s), 2 backend(s)"),
+    ];
+    for (i, (text, counts)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("ok{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, out, err) = run(&["check-config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "case {i}: {err}\n{text}");
+        assert!(
+            out.contains(&format!("ok ({counts}, interface lo)")),
+            "case {i}: {out}"
+        );
+    }
 }
 
 #[test]
@@ -73,6 +109,37 @@ fn invalid_configs_exit_2_with_one_line_naming_the_field() {
         (
             format!("{VALID}      - name: web-1\n        address: 198.18.0.12\n"),
             "duplicate backend name 'web-1'",
+        ),
+        // IPv6: a service is one family, its client_mask is up to 128, and its VIP is routed.
+        (
+            VALID6.replace("2001:db8::11", "198.18.0.11"),
+            "services[0].backends[0].address (line 8): 198.18.0.11 is IPv4 but the service's vip 2001:db8::100 is IPv6",
+        ),
+        (
+            VALID.replace("198.18.0.11", "2001:db8::11"),
+            "services[0].backends[0].address (line 8): 2001:db8::11 is IPv6 but the service's vip 198.18.0.100 is IPv4",
+        ),
+        (
+            VALID6.replace(
+                "    port: 80\n",
+                "    port: 80\n    stick:\n      client_mask: 129\n",
+            ),
+            "services[0].stick.client_mask (line 7): must be a prefix length from 0 to 128",
+        ),
+        (
+            VALID.replace(
+                "    port: 80\n",
+                "    port: 80\n    stick:\n      client_mask: 33\n",
+            ),
+            "services[0].stick.client_mask (line 7): must be a prefix length from 0 to 32",
+        ),
+        (
+            VALID6.replace("vip: 2001:db8::100", "vip: fe80::100"),
+            "services[0].vip (line 4): fe80::100 cannot be a VIP: a link-local address",
+        ),
+        (
+            VALID6.replace("2001:db8::11", "fe80::11"),
+            "services[0].backends[0].address (line 8): fe80::11 cannot be a backend: a link-local address",
         ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {

@@ -3,7 +3,7 @@
 //! metrics that move with traffic.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,7 +14,7 @@ use sticky_lb_tests::{
     balancer::cli,
     netns::in_netns,
     rig::{Family, fetch_names_many},
-    scenario::{Mode, Setup, TIMEOUT, backend_server, count_names},
+    scenario::{Mode, Setup, TIMEOUT, backend_server, client_key, count_names},
 };
 
 fn json(text: &str) -> serde_json::Value {
@@ -172,6 +172,179 @@ fn control_api_drives_the_stick_table_and_the_pool() {
         err.starts_with("sticky-lb: error: no sticky-lb controller is running here"),
         "{err}"
     );
+}
+
+/// The control API over an IPv6 service: a stick entry is the client's /64 (the default
+/// `client_mask`), so `table set/get/delete/show` take any address in it and print the prefix;
+/// a client or backend of the other family is refused in one line and changes nothing.
+#[test]
+fn control_api_drives_an_ipv6_service() {
+    // Two clients per /64: 2001:db8:1:P::1 and 2001:db8:1:P::2.
+    let mut s = Setup::with_rig("api6", Mode::Generic, Family::Ipv6, |o| {
+        o.backends(3).clients(120).clients_per_64(2)
+    });
+    let config = s.config(3, "30m", "");
+    s.start(&config);
+    let clients = s.clients();
+    let (firsts, seconds): (Vec<IpAddr>, Vec<IpAddr>) =
+        clients.chunks(2).map(|pair| (pair[0], pair[1])).unzip();
+    let (firsts, newcomers) = firsts.split_at(20);
+    let seconds = &seconds[..20];
+    let key = |c: IpAddr| client_key(c, 64);
+    let row_of = |table: &[serde_json::Value], c: IpAddr| {
+        let rows: Vec<serde_json::Value> = table
+            .iter()
+            .filter(|r| r["client"] == key(c).as_str())
+            .cloned()
+            .collect();
+        assert!(rows.len() <= 1, "one entry per /64: {rows:?}");
+        rows.into_iter().next()
+    };
+
+    // One entry per /64: the second address of each follows the first.
+    let first = s.round(firsts);
+    assert_eq!(s.round(seconds), first, "an address follows its /64");
+    let stats = json(&s.cli_ok(&["stats", "--json"]));
+    assert_eq!(stats["services"][0]["stick_inserts"], 20);
+    let table = s.table();
+    assert_eq!(table.len(), 20, "{table:?}");
+    for (&c, b) in firsts.iter().zip(&first) {
+        let row = row_of(&table, c).unwrap_or_else(|| panic!("no entry {}", key(c)));
+        assert_eq!(row["backend"], b.as_str(), "{row}");
+    }
+
+    // table get, by either address of the /64: the prefix and the backend.
+    let (a, a2) = (firsts[0], seconds[0]);
+    assert_eq!(key(a), "2001:db8:1:1::/64");
+    assert_eq!(key(a2), key(a));
+    for c in [a, a2] {
+        let got = json(&s.cli_ok(&["table", "get", &c.to_string(), "--json"]));
+        assert_eq!(got.as_array().unwrap().len(), 1, "{got}");
+        assert_eq!(got[0]["service"], "web");
+        assert_eq!(got[0]["client"], "2001:db8:1:1::/64");
+        assert_eq!(got[0]["backend"], first[0].as_str());
+    }
+
+    // table set: the whole /64 goes where the operator said (a backend Maglev did not choose).
+    let other = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|b| *b != first[0])
+        .unwrap();
+    let out = s.cli_ok(&["table", "set", &a.to_string(), &format!("web/{other}")]);
+    assert_eq!(out.trim(), format!("web 2001:db8:1:1::/64 -> {other}"));
+    assert_eq!(s.round(&[a, a2]), vec![other.to_string(); 2]);
+    let out = s.cli_ok(&["table", "get", &a2.to_string()]);
+    assert!(
+        out.trim()
+            .starts_with(&format!("web 2001:db8:1:1::/64 -> {other} (idle ")),
+        "{out}"
+    );
+    let got = json(&s.cli_ok(&["table", "get", &a.to_string(), "--json"]));
+    assert_eq!(got[0]["client"], "2001:db8:1:1::/64");
+    assert_eq!(got[0]["backend"], other);
+    assert_eq!(
+        got[0]["backend_address"],
+        s.backend_addr(other[1..].parse().unwrap()).to_string()
+    );
+    let table = s.table();
+    assert_eq!(table.len(), 20, "set replaced the entry: {table:?}");
+    assert_eq!(row_of(&table, a).unwrap()["backend"], other);
+    let one = json(&s.cli_ok(&["table", "show", "--client", &a2.to_string(), "--json"]));
+    assert_eq!(one.as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one[0]["client"], "2001:db8:1:1::/64");
+    assert_eq!(one[0]["backend"], other);
+
+    // table delete, by the other address of the /64: forgotten, then placed anew by Maglev.
+    let out = s.cli_ok(&["table", "delete", &a2.to_string()]);
+    assert_eq!(out.trim(), "1 stick entry deleted");
+    let out = s.cli_ok(&["table", "get", &a.to_string()]);
+    assert_eq!(out.trim(), format!("{a}: no stick entry"));
+    assert_eq!(s.table().len(), 19);
+    assert_eq!(s.round(&[a]), vec![first[0].clone()]);
+    assert_eq!(s.round(&[a2]), vec![first[0].clone()]);
+    assert_eq!(row_of(&s.table(), a).unwrap()["backend"], first[0].as_str());
+
+    // The other family: one line, status 1, nothing changed.
+    let before = s.table();
+    for (args, expected) in [
+        (
+            &["table", "set", "198.18.1.1", "web/b1"][..],
+            "sticky-lb: error: client 198.18.1.1 is IPv4 but service web is IPv6",
+        ),
+        (
+            &["table", "get", "198.18.1.1", "--service", "web"],
+            "sticky-lb: error: client 198.18.1.1 is IPv4 but service web is IPv6",
+        ),
+        (
+            &["backend", "add", "web/b4", "198.18.0.14"],
+            "sticky-lb: error: 198.18.0.14 is IPv4 but the service's vip 2001:db8::100 is IPv6: a service is one family",
+        ),
+        (
+            &["backend", "add", "web/b4", "fe80::14"],
+            "sticky-lb: error: fe80::14 cannot be a backend: a link-local address (fe80::/10) needs a zone; use a global or unique local address",
+        ),
+        (
+            &["backend", "add", "web/b9", "2001:db8::11"],
+            "sticky-lb: error: service 'web' already has backend 'b1' (2001:db8::11)",
+        ),
+    ] {
+        let (code, out, err) = cli(s.rig.lb_ns(), args);
+        assert_eq!((code, err.trim()), (1, expected), "{args:?}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
+    }
+    let (code, out, err) = cli(s.rig.lb_ns(), &["table", "get", "198.18.1.1"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "198.18.1.1: no stick entry"),
+        "an IPv4 client has no entry in an IPv6 service: {err}"
+    );
+    let strip = |rows: Vec<serde_json::Value>| -> Vec<(String, String)> {
+        rows.iter()
+            .map(|r| (r["client"].to_string(), r["backend"].to_string()))
+            .collect()
+    };
+    assert_eq!(strip(s.table()), strip(before), "refusals change nothing");
+    let list = json(&s.cli_ok(&["backend", "list", "--json"]));
+    assert_eq!(list[0]["backends"].as_array().unwrap().len(), 3, "{list}");
+
+    // backend add: a fourth backend at its IPv6 address joins and takes new clients.
+    let k = s.rig.add_backend().unwrap();
+    let server = s.backend_server(k);
+    s.servers.push(server);
+    let address = s.backend_addr(k).to_string();
+    assert_eq!(address, "2001:db8::14");
+    let out = s.cli_ok(&["backend", "add", "web/b4", &address]);
+    assert_eq!(out.trim(), "web/b4 added (2001:db8::14, weight 1): up");
+    let list = json(&s.cli_ok(&["backend", "list", "--json"]));
+    let b4 = list[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "b4")
+        .cloned()
+        .unwrap_or_else(|| panic!("no b4 in {list}"));
+    assert_eq!(b4["address"], "2001:db8::14", "{b4}");
+    let new = s.round(newcomers);
+    let counts = count_names(&new);
+    eprintln!("IPv6 service: 40 new /64s after b4 joined: {counts:?}");
+    assert!(
+        counts.get("b4").copied().unwrap_or(0) >= 3,
+        "b4 takes new clients: {counts:?}"
+    );
+    let table = s.table();
+    for (&c, b) in newcomers.iter().zip(&new) {
+        let row = row_of(&table, c).unwrap_or_else(|| panic!("no entry {}", key(c)));
+        assert_eq!(row["backend"], b.as_str(), "{row}");
+    }
+    let got = json(&s.cli_ok(&[
+        "table",
+        "get",
+        &newcomers[new.iter().position(|n| n == "b4").unwrap()].to_string(),
+        "--json",
+    ]));
+    assert_eq!(got[0]["backend"], "b4");
+    assert_eq!(got[0]["backend_address"], "2001:db8::14");
 }
 
 #[test]
