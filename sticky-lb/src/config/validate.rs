@@ -321,9 +321,18 @@ pub fn check_backend_address(vip: IpAddr, address: IpAddr) -> Result<(), String>
             family_label(vip_family)
         ));
     }
+    if address == vip {
+        return Err(format!(
+            "{address} cannot be a backend: it is the service's own vip (backends answer for the \
+             vip on loopback, but are reached at an address of their own)"
+        ));
+    }
     let why = match address {
         IpAddr::V4(v4) if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() => "",
+        // Frames for a backend leave on the balancer's interface: loopback is never there.
+        IpAddr::V4(v4) if v4.is_loopback() => ": a loopback address",
         IpAddr::V4(_) => return Ok(()),
+        IpAddr::V6(v6) if v6.is_loopback() => ": a loopback address",
         IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => "",
         IpAddr::V6(v6) if v6.is_unicast_link_local() => {
             ": a link-local address (fe80::/10) needs a zone; use a global or unique local address"
@@ -571,6 +580,11 @@ mod tests {
                 "'::ffff:198.18.0.12'",
                 "cannot be a backend: an IPv4-mapped address",
             ),
+            ("'::1'", "cannot be a backend: a loopback address"),
+            (
+                "2001:db8::100",
+                "cannot be a backend: it is the service's own vip",
+            ),
         ] {
             let e = error(&good_v6().replace("2001:db8:1::12", address));
             let shown = address.trim_matches('\'');
@@ -581,10 +595,14 @@ mod tests {
                 "{address}: {e}"
             );
         }
-        // The same rule for `backend add`.
+        // The same rule for `backend add`, and for IPv4.
         let vip = "2001:db8::100".parse().unwrap();
         assert!(check_backend_address(vip, "2001:db8:1::13".parse().unwrap()).is_ok());
         assert!(check_backend_address(vip, "198.18.0.13".parse().unwrap()).is_err());
+        let vip4 = "198.18.0.100".parse().unwrap();
+        assert!(check_backend_address(vip4, "127.0.0.1".parse().unwrap()).is_err());
+        assert!(check_backend_address(vip4, vip4).is_err());
+        assert!(check_backend_address(vip4, "198.18.0.13".parse().unwrap()).is_ok());
     }
 
     #[test]

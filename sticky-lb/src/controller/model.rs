@@ -120,8 +120,11 @@ impl ServiceSlot {
 
     /// The stick-table key of `client` in this service: its address masked with the
     /// service's `client_mask`, as the data path masks it. A client of the other family can
-    /// never have an entry in this service: the error says so, for the operator who asked.
+    /// never have an entry in this service: the error says so, for the operator who asked. An
+    /// IPv4-mapped IPv6 address (`::ffff:198.18.1.1`) is the IPv4 client it maps: that is how
+    /// such a client reaches the balancer.
     pub(super) fn stick_key(&self, client: IpAddr) -> Result<StickKey, String> {
+        let client = client.to_canonical();
         let family = Family::of(&client);
         if family != self.family() {
             return Err(format!(

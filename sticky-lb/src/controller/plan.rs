@@ -719,6 +719,12 @@ pub(super) mod tests {
         let key = v4.next[0].stick_key(ip("198.18.1.77")).unwrap();
         assert_eq!(key.client, addr::words(&ip("198.18.1.77")));
         assert_eq!(v4.next[0].client_prefix(&key), "198.18.1.77");
+        // An IPv4-mapped address is the IPv4 client it maps (that is how it arrives).
+        assert_eq!(v4.next[0].stick_key(ip("::ffff:198.18.1.77")).unwrap(), key);
+        assert_eq!(
+            v6.next[0].stick_key(ip("::ffff:198.18.1.77")).unwrap_err(),
+            "client 198.18.1.77 is IPv4 but service web is IPv6"
+        );
     }
 
     #[test]
