@@ -18,3 +18,4 @@ pub mod prog_run;
 pub mod service_index;
 pub mod state;
 pub mod view;
+pub mod vip_address;

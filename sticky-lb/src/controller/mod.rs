@@ -218,6 +218,20 @@ impl Controller {
         &self.desired.config
     }
 
+    /// Warns about each IPv6 VIP the interface holds as a preferred address (see vip_address.rs:
+    /// the balancer's health checks would leave from it). At attach and after a reload.
+    fn warn_about_preferred_vips(&self) {
+        let vips: Vec<std::net::Ipv6Addr> = self
+            .services
+            .iter()
+            .filter_map(|s| match s.config.vip {
+                IpAddr::V6(vip) => Some(vip),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        crate::vip_address::warn_if_preferred(&self.config().interface, &vips);
+    }
+
     fn limits(&self) -> validate::Limits {
         validate::Limits {
             maglev_stride: self.dataplane.options().maglev_stride,

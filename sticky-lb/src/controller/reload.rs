@@ -102,6 +102,7 @@ impl Controller {
             Ok(summary) => {
                 self.reloads_applied = generation;
                 info!("{source}: {summary}");
+                self.warn_about_preferred_vips();
                 Reply::ok(format!("reloaded: {summary}"))
             }
             Err(e) => {

@@ -183,6 +183,7 @@ impl Controller {
             }
         }
         crate::offload::warn_if_rx_vlan_offload(&interface);
+        controller.warn_about_preferred_vips();
         Ok(controller)
     }
 
