@@ -48,13 +48,15 @@ impl Family {
             Family::Ipv6 => 64,
         }
     }
+}
 
-    /// `ipv4` or `ipv6`, as the config, the CLI and the metrics write it.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
-        }
+/// `IPv4` or `IPv6`, as messages for people write it.
+impl core::fmt::Display for Family {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
     }
 }
 

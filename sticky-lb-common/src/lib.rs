@@ -470,9 +470,9 @@ pub enum Counter {
     PassBadIpHeader = 7,
     /// Passed: a TCP header that is not well formed (data offset below 5 or past the packet).
     PassBadTcpHeader = 8,
-    /// Passed: an IPv6 packet with more extension headers before its upper-layer header than
-    /// the parser follows ([`MAX_IPV6_EXT_HEADERS`]), or one of a kind it does not follow
-    /// (anything but hop-by-hop, routing, destination options and fragment).
+    /// Passed: an IPv6 packet with more hop-by-hop, routing and destination-options headers
+    /// before TCP than the parser follows ([`MAX_IPV6_EXT_HEADERS`]). (A next header of another
+    /// kind, ESP or AH say, is not TCP: `pass_not_service`.)
     PassIpv6ExtHeaders = 9,
 }
 

@@ -124,10 +124,6 @@ pub fn v4(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-pub fn mask(prefix: u32) -> u32 {
-    u32::from_ne_bytes((u32::MAX << (32 - prefix)).to_be_bytes())
-}
-
 impl Fixture {
     /// An IPv4 fixture whose service masks clients to `client_prefix` bits.
     pub fn new(client_prefix: u32) -> Fixture {

@@ -38,105 +38,99 @@ fn resolves_and_follows_mac_changes_and_a_recreated_interface() {
     let (lb, peer) = namespaces(&tag);
     connect(&lb, &peer, true);
 
-    in_netns(lb.name(), || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
-            let first_index = neighbours.index().expect("the interface is there");
-            assert_eq!(
-                interface_mac(LB_DEV).expect("interface MAC"),
-                read_mac(&lb, LB_DEV)
-            );
+    in_lb(&lb, async {
+        let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+        let first_index = neighbours.index().expect("the interface is there");
+        assert_eq!(
+            interface_mac(LB_DEV).expect("interface MAC"),
+            read_mac(&lb, LB_DEV)
+        );
 
-            // Resolution through the kernel, into a managed entry.
-            let peer_mac = read_mac(&peer, PEER_DEV);
-            assert_eq!(
-                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
-                Some(peer_mac)
-            );
-            assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(peer_mac));
-            let entry = lb
-                .ip(&["neigh", "show", &PEER_ADDR.to_string(), "dev", LB_DEV])
-                .expect("ip neigh show");
-            assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
+        // Resolution through the kernel, into a managed entry.
+        let peer_mac = read_mac(&peer, PEER_DEV);
+        assert_eq!(
+            neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+            Some(peer_mac)
+        );
+        assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(peer_mac));
+        let entry = lb
+            .ip(&["neigh", "show", &PEER_ADDR.to_string(), "dev", LB_DEV])
+            .expect("ip neigh show");
+        assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
 
-            // Someone else's permanent entry is answered from, and left as it is.
-            let pinned = PINNED_ADDR.to_string();
-            lb.ip(&[
-                "neigh",
-                "add",
-                &pinned,
-                "lladdr",
-                &format_mac(PINNED_MAC),
-                "dev",
-                LB_DEV,
-                "nud",
-                "permanent",
-            ])
-            .expect("permanent entry");
-            assert_eq!(
-                neighbours.resolve(PINNED_ADDR, RESOLVE_TIMEOUT).await,
-                Some(PINNED_MAC)
-            );
-            let entry = lb
-                .ip(&["neigh", "show", &pinned, "dev", LB_DEV])
-                .expect("ip neigh show");
-            assert!(
-                entry.contains("PERMANENT") && !entry.contains("managed"),
-                "the permanent entry was changed: {entry:?}"
-            );
+        // Someone else's permanent entry is answered from, and left as it is.
+        let pinned = PINNED_ADDR.to_string();
+        lb.ip(&[
+            "neigh",
+            "add",
+            &pinned,
+            "lladdr",
+            &format_mac(PINNED_MAC),
+            "dev",
+            LB_DEV,
+            "nud",
+            "permanent",
+        ])
+        .expect("permanent entry");
+        assert_eq!(
+            neighbours.resolve(PINNED_ADDR, RESOLVE_TIMEOUT).await,
+            Some(PINNED_MAC)
+        );
+        let entry = lb
+            .ip(&["neigh", "show", &pinned, "dev", LB_DEV])
+            .expect("ip neigh show");
+        assert!(
+            entry.contains("PERMANENT") && !entry.contains("managed"),
+            "the permanent entry was changed: {entry:?}"
+        );
 
-            // The peer's NIC changes; arp_notify announces it with a gratuitous ARP.
-            set_peer_mac(&peer, NEW_PEER_MAC);
-            wait_for_mac(
-                &mut events,
-                "the peer's new MAC",
-                EVENT_TIMEOUT,
-                PEER_ADDR,
-                NEW_PEER_MAC,
-            )
-            .await;
-            assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(NEW_PEER_MAC));
+        // The peer's NIC changes; arp_notify announces it with a gratuitous ARP.
+        set_peer_mac(&peer, NEW_PEER_MAC);
+        wait_for_mac(
+            &mut events,
+            "the peer's new MAC",
+            EVENT_TIMEOUT,
+            PEER_ADDR,
+            NEW_PEER_MAC,
+        )
+        .await;
+        assert_eq!(neighbours.lookup(PEER_ADDR).await, Some(NEW_PEER_MAC));
 
-            // Deleting our end deletes the pair.
-            lb.ip(&["link", "del", LB_DEV]).expect("delete the veth");
-            wait_for(&mut events, "LinkGone", EVENT_TIMEOUT, |event| {
+        // Deleting our end deletes the pair.
+        lb.ip(&["link", "del", LB_DEV]).expect("delete the veth");
+        wait_for(&mut events, "LinkGone", EVENT_TIMEOUT, |event| {
+            *event
+                == Event::LinkGone {
+                    interface: LB_DEV.into(),
+                }
+        })
+        .await;
+        assert_eq!(neighbours.index(), None);
+        assert_eq!(neighbours.lookup(PEER_ADDR).await, None);
+
+        // Created again under the same name: followed by name, with its new index.
+        connect(&lb, &peer, true);
+        let index = sticky_lb::config::interface_index(LB_DEV).expect("recreated");
+        assert_ne!(index, first_index);
+        wait_for(
+            &mut events,
+            "LinkUp with the new index",
+            EVENT_TIMEOUT,
+            |event| {
                 *event
-                    == Event::LinkGone {
+                    == Event::LinkUp {
                         interface: LB_DEV.into(),
+                        index,
                     }
-            })
-            .await;
-            assert_eq!(neighbours.index(), None);
-            assert_eq!(neighbours.lookup(PEER_ADDR).await, None);
-
-            // Created again under the same name: followed by name, with its new index.
-            connect(&lb, &peer, true);
-            let index = sticky_lb::config::interface_index(LB_DEV).expect("recreated");
-            assert_ne!(index, first_index);
-            wait_for(
-                &mut events,
-                "LinkUp with the new index",
-                EVENT_TIMEOUT,
-                |event| {
-                    *event
-                        == Event::LinkUp {
-                            interface: LB_DEV.into(),
-                            index,
-                        }
-                },
-            )
-            .await;
-            assert_eq!(neighbours.index(), Some(index));
-            let peer_mac = read_mac(&peer, PEER_DEV);
-            assert_eq!(
-                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
-                Some(peer_mac)
-            );
-        });
+            },
+        )
+        .await;
+        assert_eq!(neighbours.index(), Some(index));
+        let peer_mac = read_mac(&peer, PEER_DEV);
+        assert_eq!(
+            neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+            Some(peer_mac)
+        );
     });
 
     let prefix = format!("slb-{tag}-");
@@ -158,28 +152,22 @@ fn a_managed_entry_follows_a_silent_mac_change() {
     // between the kernel's visits of managed entries is not the namespace's to shorten.
     quick_revalidation(&lb, "ipv4");
 
-    in_netns(lb.name(), || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
-            let peer_mac = read_mac(&peer, PEER_DEV);
-            assert_eq!(
-                neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
-                Some(peer_mac)
-            );
-            set_peer_mac(&peer, NEW_PEER_MAC);
-            wait_for_mac(
-                &mut events,
-                "the peer's new MAC",
-                SILENT_CHANGE_TIMEOUT,
-                PEER_ADDR,
-                NEW_PEER_MAC,
-            )
-            .await;
-        });
+    in_lb(&lb, async {
+        let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+        let peer_mac = read_mac(&peer, PEER_DEV);
+        assert_eq!(
+            neighbours.resolve(PEER_ADDR, RESOLVE_TIMEOUT).await,
+            Some(peer_mac)
+        );
+        set_peer_mac(&peer, NEW_PEER_MAC);
+        wait_for_mac(
+            &mut events,
+            "the peer's new MAC",
+            SILENT_CHANGE_TIMEOUT,
+            PEER_ADDR,
+            NEW_PEER_MAC,
+        )
+        .await;
     });
 }
 
@@ -224,59 +212,53 @@ fn resolves_an_ipv6_neighbour_and_follows_its_mac_changes() {
     // a_managed_entry_follows_a_silent_mac_change).
     quick_revalidation(&lb, "ipv6");
     let peer_addr = IpAddr::V6(PEER_ADDR6);
-    in_netns(lb.name(), || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
-            assert_eq!(neighbours.lookup(peer_addr).await, None, "not resolved yet");
-            let peer_mac = read_mac(&peer, PEER_DEV);
-            assert_eq!(
-                neighbours.resolve(peer_addr, RESOLVE_TIMEOUT).await,
-                Some(peer_mac)
-            );
-            let entry = lb
-                .ip(&[
-                    "-6",
-                    "neigh",
-                    "show",
-                    &PEER_ADDR6.to_string(),
-                    "dev",
-                    LB_DEV,
-                ])
-                .expect("ip neigh show");
-            assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
-            // Announced: ndisc_notify sends an unsolicited advertisement with the new MAC.
-            set_peer_mac(&peer, NEW_PEER_MAC);
-            wait_for_mac(
-                &mut events,
-                "the announced MAC",
-                EVENT_TIMEOUT,
-                peer_addr,
-                NEW_PEER_MAC,
-            )
-            .await;
-            // Silent: no advertisement; the managed entry's probes find the new MAC.
-            peer.exec(&[
-                "sysctl",
-                "-q",
-                "-w",
-                &format!("net.ipv6.conf.{PEER_DEV}.ndisc_notify=0"),
+    in_lb(&lb, async {
+        let (neighbours, mut events) = Neighbours::watch(LB_DEV).expect("watch");
+        assert_eq!(neighbours.lookup(peer_addr).await, None, "not resolved yet");
+        let peer_mac = read_mac(&peer, PEER_DEV);
+        assert_eq!(
+            neighbours.resolve(peer_addr, RESOLVE_TIMEOUT).await,
+            Some(peer_mac)
+        );
+        let entry = lb
+            .ip(&[
+                "-6",
+                "neigh",
+                "show",
+                &PEER_ADDR6.to_string(),
+                "dev",
+                LB_DEV,
             ])
-            .expect("ndisc_notify off");
-            set_peer_mac(&peer, PINNED_MAC);
-            wait_for_mac(
-                &mut events,
-                "the silent change",
-                SILENT_CHANGE_TIMEOUT,
-                peer_addr,
-                PINNED_MAC,
-            )
-            .await;
-            assert_eq!(neighbours.lookup(peer_addr).await, Some(PINNED_MAC));
-        });
+            .expect("ip neigh show");
+        assert!(entry.contains("managed"), "not a managed entry: {entry:?}");
+        // Announced: ndisc_notify sends an unsolicited advertisement with the new MAC.
+        set_peer_mac(&peer, NEW_PEER_MAC);
+        wait_for_mac(
+            &mut events,
+            "the announced MAC",
+            EVENT_TIMEOUT,
+            peer_addr,
+            NEW_PEER_MAC,
+        )
+        .await;
+        // Silent: no advertisement; the managed entry's probes find the new MAC.
+        peer.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv6.conf.{PEER_DEV}.ndisc_notify=0"),
+        ])
+        .expect("ndisc_notify off");
+        set_peer_mac(&peer, PINNED_MAC);
+        wait_for_mac(
+            &mut events,
+            "the silent change",
+            SILENT_CHANGE_TIMEOUT,
+            peer_addr,
+            PINNED_MAC,
+        )
+        .await;
+        assert_eq!(neighbours.lookup(peer_addr).await, Some(PINNED_MAC));
     });
     let prefix = format!("slb-{tag}-");
     drop((lb, peer));
@@ -330,6 +312,18 @@ fn connect(lb: &NetNs, peer: &NetNs, announce: bool) {
          link set {PEER_DEV} up\n"
     ))
     .expect("peer end");
+}
+
+/// Runs `work` on a current-thread runtime in a thread inside `lb`'s namespace (where the
+/// watched interface is).
+fn in_lb(lb: &NetNs, work: impl std::future::Future<Output = ()>) {
+    in_netns(lb.name(), || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work)
+    });
 }
 
 /// Makes the balancer's end revalidate a neighbour (`ipv4` or `ipv6` table) within a second of

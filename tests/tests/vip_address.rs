@@ -13,12 +13,9 @@ use sticky_lb_tests::{
 
 const CHECKS: &str = "    health_check:\n      interval: 200ms\n      timeout: 150ms\n      rise: 2\n      fall: 2\n";
 
-#[test]
-fn a_preferred_ipv6_vip_is_warned_about_and_deprecating_it_brings_the_backends_up() {
-    let mut s = Setup::new_in("vippref", Mode::Generic, Family::Ipv6, 1, 1);
-    let dev = s.rig.lb_dev().to_string();
-    let vip = s.rig.vip6();
-    let vip_prefix = format!("{vip}/128");
+/// `ip -6 addr change VIP6/128 dev lb0 nodad preferred_lft LIFETIME` in the balancer.
+fn set_preferred_lft(s: &Setup, lifetime: &str) {
+    let vip = format!("{}/128", s.rig.vip6());
     s.rig
         .ip(
             "lb",
@@ -26,14 +23,23 @@ fn a_preferred_ipv6_vip_is_warned_about_and_deprecating_it_brings_the_backends_u
                 "-6",
                 "addr",
                 "change",
-                &vip_prefix,
+                &vip,
                 "dev",
-                &dev,
+                s.rig.lb_dev(),
+                "nodad",
                 "preferred_lft",
-                "forever",
+                lifetime,
             ],
         )
-        .expect("make the VIP preferred");
+        .expect("changing the VIP's preferred lifetime");
+}
+
+#[test]
+fn a_preferred_ipv6_vip_is_warned_about_and_deprecating_it_brings_the_backends_up() {
+    let mut s = Setup::new_in("vippref", Mode::Generic, Family::Ipv6, 1, 1);
+    let dev = s.rig.lb_dev().to_string();
+    let vip = s.rig.vip6();
+    set_preferred_lft(&s, "forever");
     let warning = format!(
         "level=warn message=\"{}\"",
         preferred_vip_warning(&dev, vip)
@@ -49,22 +55,7 @@ fn a_preferred_ipv6_vip_is_warned_about_and_deprecating_it_brings_the_backends_u
     assert_eq!(log.matches(&warning).count(), 1, "{log}");
 
     // Deprecated as asked: the next checks leave from the balancer's own address.
-    s.rig
-        .ip(
-            "lb",
-            &[
-                "-6",
-                "addr",
-                "change",
-                &vip_prefix,
-                "dev",
-                &dev,
-                "nodad",
-                "preferred_lft",
-                "0",
-            ],
-        )
-        .expect("deprecate the VIP");
+    set_preferred_lft(&s, "0");
     s.wait_state("b1", "up", Duration::from_secs(5));
     // A reload looks again and has nothing to say.
     s.cli_ok(&["reload"]);

@@ -15,7 +15,7 @@ mod validate;
 pub use units::{format_mac, parse_duration, parse_mac};
 pub use validate::{
     MAX_MAGLEV_TABLE_SIZE, MIN_FLOW_TIMEOUT, MIN_STICK_TIMEOUT, check_backend_address,
-    check_least_conn_size, family_label, interface_index,
+    check_least_conn_size, interface_index,
 };
 
 use serde::Deserialize;

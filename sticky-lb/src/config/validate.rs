@@ -316,9 +316,7 @@ pub fn check_backend_address(vip: IpAddr, address: IpAddr) -> Result<(), String>
     let (family, vip_family) = (Family::of(&address), Family::of(&vip));
     if family != vip_family {
         return Err(format!(
-            "{address} is {} but the service's vip {vip} is {}: a service is one family",
-            family_label(family),
-            family_label(vip_family)
+            "{address} is {family} but the service's vip {vip} is {vip_family}: a service is one family"
         ));
     }
     if address == vip {
@@ -343,15 +341,6 @@ pub fn check_backend_address(vip: IpAddr, address: IpAddr) -> Result<(), String>
         IpAddr::V6(_) => return Ok(()),
     };
     Err(format!("{address} cannot be a backend{why}"))
-}
-
-/// `IPv4` or `IPv6`, as messages for people write a family (the config and the metrics write
-/// [`Family::name`]).
-pub fn family_label(family: Family) -> &'static str {
-    match family {
-        Family::Ipv4 => "IPv4",
-        Family::Ipv6 => "IPv6",
-    }
 }
 
 /// The interface's index in the current network namespace, if it exists.

@@ -128,10 +128,9 @@ impl ServiceSlot {
         let family = Family::of(&client);
         if family != self.family() {
             return Err(format!(
-                "client {client} is {} but service {} is {}",
-                config::family_label(family),
+                "client {client} is {family} but service {} is {}",
                 self.name(),
-                config::family_label(self.family())
+                self.family()
             ));
         }
         Ok(StickKey {
