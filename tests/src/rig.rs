@@ -1,6 +1,8 @@
 //! A throw-away network of namespaces for end-to-end tests: clients, one
 //! balancer and N backends on a shared Linux bridge, plus a tiny TCP "name
 //! server" (answers with its own name) and the client side that asks it.
+//! Optionally ([`RigOptions::remote_backends`]) a routed part: M more
+//! backends in another subnet on a second bridge, behind a router.
 //!
 //! ```text
 //!                         slb-TAG-br: bridge br0
@@ -13,21 +15,56 @@
 //!                        + VIP6 2001:db8::100 + VIP6 on lo
 //! ```
 //!
+//! With M remote backends ([`RigOptions::remote_backends`]), a router joins
+//! br0 and a second bridge br1 in the same bridge namespace:
+//!
+//! ```text
+//!     br0 -- p-rt0 -- eth0 (slb-TAG-rt) eth1 -- p-rt1 -- br1 -- p-rb1 ... p-rbM
+//!                     198.18.0.254      198.19.0.1/24             |         |
+//!                     2001:db8::254     2001:db8:ff::1/64    eth0 (rb1) ... eth0 (rbM)
+//!                     (forwards IPv4 and IPv6)               198.19.0.11    198.19.0.(10+M)
+//!                                                            2001:db8:ff::11 .. ::(10+M)
+//!                                                            + VIP, VIP6 on lo (for DSR)
+//! ```
+//!
 //! The rig is dual-stack. IPv4 lives in 198.18.0.0/15 (reserved for
 //! benchmarking), IPv6 in 2001:db8::/32 (documentation); an IPv6 backend or
 //! VIP address reads like its IPv4 twin (backend 1: 198.18.0.11 and
 //! 2001:db8::11). Client IPv6 addresses are `2001:db8:1:P::H`, with
 //! [`RigOptions::clients_per_64`] addresses per /64 (see [`client_addr6`]).
-//! Every address is on-link (one /16, one /32), so no gateway is needed and
-//! no route leads out of the rig. IPv6 is kept quiet: no DAD (addresses are
-//! added `nodad`, accept_dad=0), no router solicitations or advertisements,
-//! no autoconfiguration. VIP6 is added with `preferred_lft 0` (deprecated):
-//! it still receives, but the kernel never picks it as the source of the
-//! balancer's own connections; it would otherwise, as the longest match for
-//! a backend's address, and the health checks' replies would go to the
-//! backend's own VIP6 on lo. Everything lives inside namespaces named
-//! `slb-TAG-ROLE`, and all namespaces (with their veths) are deleted when the
-//! [`Rig`] is dropped, including while a failing test unwinds.
+//! Every address on br0 is on-link (one /16, one /32), so no gateway is
+//! needed there and no route leads out of the rig. IPv6 is kept quiet: no
+//! DAD (addresses are added `nodad`, accept_dad=0), no router solicitations
+//! or advertisements, no autoconfiguration. VIP6 is added with
+//! `preferred_lft 0` (deprecated): it still receives, but the kernel never
+//! picks it as the source of the balancer's own connections; it would
+//! otherwise, as the longest match for a backend's address, and the health
+//! checks' replies would go to the backend's own VIP6 on lo. Everything lives
+//! inside namespaces named `slb-TAG-ROLE`, and all namespaces (with their
+//! veths) are deleted when the [`Rig`] is dropped, including while a failing
+//! test unwinds.
+//!
+//! The routed part exists only when remote backends are asked for. Its
+//! subnet, [`REMOTE_NET`]/24 and [`REMOTE_NET6`]/64, is inside the rig's
+//! ranges but off br0's link: 198.19.0.0/24 is outside the /16 altogether,
+//! and 2001:db8:ff::/64, although inside the /32 that is on-link on br0,
+//! gets a more specific route wherever it is used. The router
+//! `slb-TAG-rt` forwards (IPv4 and IPv6, in its namespace only) between br0
+//! ([`ROUTER_ADDR`], [`ROUTER_ADDR6`]) and br1 ([`ROUTER_REMOTE_ADDR`],
+//! [`ROUTER_REMOTE_ADDR6`]); the rig's /16 and /32 are on-link on its br0
+//! side, so it reaches clients, balancer and local backends directly. Remote
+//! backends `slb-TAG-rbK` hold the VIPs on `lo` like local ones (same DSR
+//! sysctls) and route 198.18.0.0/16 and 2001:db8::/32 via the router. The
+//! balancer and the client namespace route the remote subnet via the
+//! router's br0 address (so the balancer's route lookup for a remote backend
+//! names the router as gateway). There is no default route anywhere.
+//! The balancer's frames for a remote backend still leave lb0 into p-lb (to
+//! the router's MAC), so p-lb needs nothing new for native XDP_TX. Every
+//! veth of the routed part has TX checksum offload off like the others, so
+//! a native XDP program on a remote backend's eth0 (a decapsulating one, in
+//! tunnel mode) sees full checksums. Every link keeps MTU 1500: an
+//! encapsulated full-size frame would not fit, which the rig's short
+//! name-server exchanges never come near.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -51,20 +88,46 @@ pub use sticky_lb_common::Family;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The balancer's own address on `lb0`.
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// All rig addresses share one /16, so every namespace reaches every other
-/// over the bridge through the connected route alone (no gateways).
+/// All rig addresses on br0 share one /16, so every namespace there reaches
+/// every other over the bridge through the connected route alone (no
+/// gateways); only the remote backends on br1 are behind the router.
 const PREFIX_LEN: u8 = 16;
+/// The network of that /16.
+const RIG_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 /// The IPv6 service address, wherever [`VIP`] is: `2001:db8::100`.
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 /// The balancer's own IPv6 address on `lb0`: `2001:db8::2`.
 pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
-/// All rig IPv6 addresses share 2001:db8::/32, on-link everywhere like the
-/// IPv4 /16.
+/// All rig IPv6 addresses on br0 share 2001:db8::/32, on-link there like the
+/// IPv4 /16 (the remote subnet inside it is routed, see the module
+/// documentation).
 const PREFIX_LEN6: u8 = 32;
+/// The network of that /32.
+const RIG_NET6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0);
 /// Backend k has 198.18.0.(10+k); staying below .100 keeps clear of the VIP.
 pub const MAX_BACKENDS: usize = 89;
 /// Client addresses 198.18.1.1 onwards, 254 per /24.
 pub const MAX_CLIENTS: usize = 1000;
+
+/// The router's address on br0 (its `eth0`): the gateway to the remote subnet.
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// The router's IPv6 address on br0: `2001:db8::254`, read like its IPv4 twin.
+pub const ROUTER_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x254);
+/// The remote backends' subnet on br1, [`REMOTE_NET`]/[`REMOTE_PREFIX_LEN`]:
+/// inside 198.18.0.0/15, outside the rig's on-link /16.
+pub const REMOTE_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+pub const REMOTE_PREFIX_LEN: u8 = 24;
+/// The remote backends' IPv6 subnet, [`REMOTE_NET6`]/[`REMOTE_PREFIX_LEN6`]:
+/// inside the rig's /32, routed (more specific) wherever it is used.
+pub const REMOTE_NET6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0);
+pub const REMOTE_PREFIX_LEN6: u8 = 64;
+/// The router's address on br1 (its `eth1`): the remote backends' gateway.
+pub const ROUTER_REMOTE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The router's IPv6 address on br1: `2001:db8:ff::1`.
+pub const ROUTER_REMOTE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+/// Remote backend k has 198.19.0.(10+k) and 2001:db8:ff::(10+k), like
+/// local backend k in its own subnet.
+pub const MAX_REMOTE_BACKENDS: usize = 89;
 
 /// Bridge device in the bridge namespace.
 const BRIDGE_DEV: &str = "br0";
@@ -74,6 +137,13 @@ const LB_BRIDGE_PORT: &str = "p-lb";
 /// Client and backend interface name (each lives in its own namespace).
 const HOST_DEV: &str = "eth0";
 const CLIENT_BRIDGE_PORT: &str = "p-cl";
+/// The second bridge, for the remote backends, in the bridge namespace.
+const REMOTE_BRIDGE_DEV: &str = "br1";
+/// The router's interfaces on br0 and br1, and their bridge ports.
+const ROUTER_DEV: &str = "eth0";
+const ROUTER_REMOTE_DEV: &str = "eth1";
+const ROUTER_BRIDGE_PORT: &str = "p-rt0";
+const ROUTER_REMOTE_BRIDGE_PORT: &str = "p-rt1";
 
 /// What to build. `test_name` only feeds the namespace tag, to tell rigs apart
 /// in `ip netns list`.
@@ -90,6 +160,9 @@ pub struct RigOptions {
     /// default IPv6 `client_mask` of 64 still tells every client apart; more
     /// puts that many addresses into each /64 (see [`client_addr6`]).
     pub clients_per_64: usize,
+    /// Number of remote backend namespaces behind a router,
+    /// 0..=[`MAX_REMOTE_BACKENDS`]; 0 (the default) builds no routed part.
+    pub remote_backends: usize,
 }
 
 impl RigOptions {
@@ -100,6 +173,7 @@ impl RigOptions {
             backends: 2,
             clients: 1,
             clients_per_64: 1,
+            remote_backends: 0,
         }
     }
 
@@ -115,6 +189,13 @@ impl RigOptions {
 
     pub fn clients_per_64(mut self, clients_per_64: usize) -> RigOptions {
         self.clients_per_64 = clients_per_64;
+        self
+    }
+
+    /// Remote backends `slb-TAG-rb1`.. behind the router `slb-TAG-rt` (see
+    /// the module documentation); 0 builds no routed part.
+    pub fn remote_backends(mut self, remote_backends: usize) -> RigOptions {
+        self.remote_backends = remote_backends;
         self
     }
 }
@@ -134,11 +215,21 @@ struct Backend {
     mac: [u8; 6],
 }
 
+/// The router between br0 and br1 (see the module documentation).
+#[derive(Debug)]
+struct Router {
+    ns: NetNs,
+    /// MAC of its br0 side: where the balancer sends frames for remote backends.
+    mac: [u8; 6],
+}
+
 /// The built topology. Dropping it deletes every namespace it created.
 #[derive(Debug)]
 pub struct Rig {
     tag: String,
     // Field order is drop order: the leaves first, the bridge they hang on last.
+    remote_backends: Vec<Backend>,
+    router: Option<Router>,
     backends: Vec<Backend>,
     client: NetNs,
     lb: NetNs,
@@ -167,6 +258,12 @@ impl Rig {
                 opts.clients_per_64
             );
         }
+        if opts.remote_backends > MAX_REMOTE_BACKENDS {
+            bail!(
+                "remote_backends must be 0..={MAX_REMOTE_BACKENDS}, not {}",
+                opts.remote_backends
+            );
+        }
         let tag = netns::unique_tag(&opts.test_name);
 
         // The bridge itself stays IPv6-free (it only switches frames), and
@@ -186,7 +283,7 @@ impl Rig {
 
         let client = NetNs::new(ns_name(&tag, "cl"))?;
         quiet_namespace(&client, true)?;
-        plug_into_bridge(&bridge, CLIENT_BRIDGE_PORT, &client, HOST_DEV)?;
+        plug_into_bridge(&bridge, BRIDGE_DEV, CLIENT_BRIDGE_PORT, &client, HOST_DEV)?;
         let client_addrs: Vec<Ipv4Addr> = (0..opts.clients).map(client_addr).collect();
         let client_addrs6: Vec<Ipv6Addr> = (0..opts.clients)
             .map(|index| client_addr6(index, opts.clients_per_64))
@@ -212,6 +309,8 @@ impl Rig {
 
         let mut rig = Rig {
             tag,
+            remote_backends: Vec::with_capacity(opts.remote_backends),
+            router: None,
             backends: Vec::with_capacity(opts.backends),
             client,
             lb,
@@ -223,6 +322,9 @@ impl Rig {
         };
         for _ in 0..opts.backends {
             rig.add_backend()?;
+        }
+        for _ in 0..opts.remote_backends {
+            rig.add_remote_backend()?;
         }
         Ok(rig)
     }
@@ -238,36 +340,15 @@ impl Rig {
         let addr6 = backend_addr6_of(k);
         let ns = NetNs::new(ns_name(&self.tag, &format!("b{k}")))?;
         quiet_namespace(&ns, true)?;
-        plug_into_bridge(&self.bridge, &format!("p-b{k}"), &ns, HOST_DEV)?;
-        // Direct server return: the VIP sits on lo, so the backend accepts
-        // forwarded packets but never claims the VIP in ARP (arp_ignore=1:
-        // answer only for addresses on the asking interface; arp_announce=2:
-        // never use the VIP as ARP source). Replies leave eth0 with source
-        // VIP, which rp_filter would treat as spoofed/asymmetric.
-        // IPv6 needs no such setting: the kernel answers a neighbour
-        // solicitation only for an address on the interface it came in on,
-        // so VIP6 on lo is never claimed on eth0 (the rig selftest checks
-        // this), and IPv6 has no reverse-path filter of its own.
-        sysctls(
+        plug_into_bridge(&self.bridge, BRIDGE_DEV, &format!("p-b{k}"), &ns, HOST_DEV)?;
+        set_up_dsr_backend(
             &ns,
-            &[
-                "net.ipv4.conf.all.arp_ignore=1",
-                "net.ipv4.conf.default.arp_ignore=1",
-                "net.ipv4.conf.all.arp_announce=2",
-                "net.ipv4.conf.default.arp_announce=2",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-                "net.ipv4.conf.lo.rp_filter=0",
-                "net.ipv4.conf.eth0.rp_filter=0",
-            ],
+            &format!(
+                "addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n\
+                 addr add {addr6}/{PREFIX_LEN6} dev {HOST_DEV} nodad\n\
+                 link set {HOST_DEV} up\n"
+            ),
         )?;
-        ns.ip_batch(&format!(
-            "addr add {VIP}/32 dev lo\n\
-             addr add {VIP6}/128 dev lo nodad preferred_lft 0\n\
-             addr add {addr}/{PREFIX_LEN} dev {HOST_DEV}\n\
-             addr add {addr6}/{PREFIX_LEN6} dev {HOST_DEV} nodad\n\
-             link set {HOST_DEV} up\n"
-        ))?;
         pin_client_neighbours(
             &ns,
             HOST_DEV,
@@ -285,6 +366,132 @@ impl Rig {
         Ok(k)
     }
 
+    /// Adds remote backend namespace `slb-TAG-rbK` (K = current count of
+    /// remote backends + 1) on br1, behind the router (built with the first
+    /// one), and returns K. It is set up for direct server return like a
+    /// local backend (VIPs on lo, same sysctls) and reaches the rig's /16 and
+    /// /32 via the router; its veth is set up like a local backend's, so a
+    /// native XDP program on its `eth0` receives frames.
+    pub fn add_remote_backend(&mut self) -> anyhow::Result<usize> {
+        let k = self.remote_backends.len() + 1;
+        if k > MAX_REMOTE_BACKENDS {
+            bail!("a rig holds at most {MAX_REMOTE_BACKENDS} remote backends");
+        }
+        self.ensure_router()?;
+        let addr = remote_backend_addr_of(k);
+        let addr6 = remote_backend_addr6_of(k);
+        let ns = NetNs::new(ns_name(&self.tag, &format!("rb{k}")))?;
+        quiet_namespace(&ns, true)?;
+        plug_into_bridge(
+            &self.bridge,
+            REMOTE_BRIDGE_DEV,
+            &format!("p-rb{k}"),
+            &ns,
+            HOST_DEV,
+        )?;
+        // The connected /64 is more specific than the rig's /32 and wins for
+        // the remote subnet itself.
+        set_up_dsr_backend(
+            &ns,
+            &format!(
+                "addr add {addr}/{REMOTE_PREFIX_LEN} dev {HOST_DEV}\n\
+                 addr add {addr6}/{REMOTE_PREFIX_LEN6} dev {HOST_DEV} nodad\n\
+                 link set {HOST_DEV} up\n\
+                 route add {RIG_NET}/{PREFIX_LEN} via {ROUTER_REMOTE_ADDR} dev {HOST_DEV}\n\
+                 route add {RIG_NET6}/{PREFIX_LEN6} via {ROUTER_REMOTE_ADDR6} dev {HOST_DEV}\n"
+            ),
+        )?;
+        let mac = read_mac(&ns, HOST_DEV)?;
+        self.remote_backends.push(Backend {
+            ns,
+            addr,
+            addr6,
+            mac,
+        });
+        Ok(k)
+    }
+
+    /// Builds the router `slb-TAG-rt` and bridge br1 unless they exist, and
+    /// routes the remote subnet from the balancer and the client namespace
+    /// via the router.
+    fn ensure_router(&mut self) -> anyhow::Result<()> {
+        if self.router.is_some() {
+            return Ok(());
+        }
+        self.bridge.ip_batch(&format!(
+            "link add {REMOTE_BRIDGE_DEV} type bridge mcast_snooping 0\n\
+             link set {REMOTE_BRIDGE_DEV} up\n"
+        ))?;
+        let ns = NetNs::new(ns_name(&self.tag, "rt"))?;
+        quiet_namespace(&ns, true)?;
+        // Forwarding in this namespace only (these sysctls are per
+        // namespace). rp_filter off: remote backends answer clients from the
+        // VIP, which arrives on eth1 but is routed out of eth0 (a strict
+        // reverse-path check would drop it). No redirects: nothing here
+        // should learn a path other than the one the rig sets up. `all`
+        // IPv6 forwarding also switches off taking RAs, which are off anyway.
+        sysctls(
+            &ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.forwarding=1",
+                "net.ipv4.conf.default.forwarding=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.default.send_redirects=0",
+            ],
+        )?;
+        plug_into_bridge(
+            &self.bridge,
+            BRIDGE_DEV,
+            ROUTER_BRIDGE_PORT,
+            &ns,
+            ROUTER_DEV,
+        )?;
+        plug_into_bridge(
+            &self.bridge,
+            REMOTE_BRIDGE_DEV,
+            ROUTER_REMOTE_BRIDGE_PORT,
+            &ns,
+            ROUTER_REMOTE_DEV,
+        )?;
+        // The rig's /16 and /32 on the br0 side put every client, the
+        // balancer and the local backends on-link; the remote subnet's /24
+        // and /64 on the br1 side (the /64 is more specific than the /32).
+        ns.ip_batch(&format!(
+            "addr add {ROUTER_ADDR}/{PREFIX_LEN} dev {ROUTER_DEV}\n\
+             addr add {ROUTER_ADDR6}/{PREFIX_LEN6} dev {ROUTER_DEV} nodad\n\
+             addr add {ROUTER_REMOTE_ADDR}/{REMOTE_PREFIX_LEN} dev {ROUTER_REMOTE_DEV}\n\
+             addr add {ROUTER_REMOTE_ADDR6}/{REMOTE_PREFIX_LEN6} dev {ROUTER_REMOTE_DEV} nodad\n\
+             link set {ROUTER_DEV} up\n\
+             link set {ROUTER_REMOTE_DEV} up\n"
+        ))?;
+        sysctls(
+            &ns,
+            &[
+                &format!("net.ipv4.conf.{ROUTER_DEV}.rp_filter=0"),
+                &format!("net.ipv4.conf.{ROUTER_REMOTE_DEV}.rp_filter=0"),
+            ],
+        )?;
+        // The router answers clients for every remote backend: the same
+        // shared neighbour table concern as for local backends.
+        pin_client_neighbours(
+            &ns,
+            ROUTER_DEV,
+            &self.client_addrs,
+            &self.client_addrs6,
+            self.client_mac,
+        )?;
+        let mac = read_mac(&ns, ROUTER_DEV)?;
+        self.router = Some(Router { ns, mac });
+        route_remote_subnet(&self.lb, LB_DEV)?;
+        route_remote_subnet(&self.client, HOST_DEV)?;
+        Ok(())
+    }
+
     /// Deletes the balancer's interface `lb0`; deleting one end of a veth
     /// deletes both, so `p-lb` goes too (with any XDP program on it). The
     /// balancer namespace stays; [`Rig::create_lb_dev`] wires it again.
@@ -296,9 +503,10 @@ impl Rig {
     /// Creates the balancer's interface again after [`Rig::delete_lb_dev`],
     /// the way [`Rig::build`] made it: same name, same MAC (so neighbour
     /// entries for the VIP elsewhere stay right), same addresses, offload
-    /// settings, bridge port and pinned client neighbours. The kernel gives
-    /// it a new index. An XDP program the bridge-side peer needs (native
-    /// mode) is the caller's to attach again.
+    /// settings, bridge port, pinned client neighbours and (with remote
+    /// backends) routes to the remote subnet. The kernel gives it a new
+    /// index. An XDP program the bridge-side peer needs (native mode) is the
+    /// caller's to attach again.
     pub fn create_lb_dev(&mut self) -> anyhow::Result<()> {
         let mac = create_lb_dev(&self.bridge, &self.lb, Some(self.lb_mac))?;
         if mac != self.lb_mac {
@@ -314,7 +522,12 @@ impl Rig {
             &self.client_addrs,
             &self.client_addrs6,
             self.client_mac,
-        )
+        )?;
+        // Routes go with their interface too.
+        if self.router.is_some() {
+            route_remote_subnet(&self.lb, LB_DEV)?;
+        }
+        Ok(())
     }
 
     /// [`Rig::delete_lb_dev`] then at once [`Rig::create_lb_dev`].
@@ -328,47 +541,46 @@ impl Rig {
         &self.tag
     }
 
-    /// Full namespace name for a role: `br`, `lb`, `cl` or `b1`..`bN`.
-    /// Panics on an unknown role (a bug in the test).
+    /// Full namespace name for a role: `br`, `lb`, `cl`, `b1`..`bN`, and
+    /// with remote backends `rt` and `rb1`..`rbM`. Panics on an unknown role
+    /// (a bug in the test).
     pub fn ns(&self, role: &str) -> &str {
-        match role {
-            "br" => self.bridge.name(),
-            "lb" => self.lb.name(),
-            "cl" => self.client.name(),
-            _ => role
-                .strip_prefix('b')
-                .and_then(|k| k.parse::<usize>().ok())
-                .and_then(|k| self.backends.get(k.wrapping_sub(1)))
-                .map(|backend| backend.ns.name())
-                .unwrap_or_else(|| panic!("rig {} has no namespace role {role:?}", self.tag)),
-        }
+        self.netns_of(role).name()
     }
 
     /// Runs `ip -n NS args...` in the namespace of `role` (as in [`Rig::ns`])
     /// and returns its stdout: for tests that look at (or change) addresses
     /// and neighbours in the rig's own namespaces.
     pub fn ip(&self, role: &str, args: &[&str]) -> anyhow::Result<String> {
-        let ns = match role {
-            "br" => &self.bridge,
-            "lb" => &self.lb,
-            "cl" => &self.client,
-            _ => {
-                let name = self.ns(role);
-                &self
-                    .backends
-                    .iter()
-                    .find(|backend| backend.ns.name() == name)
-                    .expect("Rig::ns found it")
-                    .ns
-            }
+        self.netns_of(role).ip(args)
+    }
+
+    fn netns_of(&self, role: &str) -> &NetNs {
+        /// Backend K of `backends` for a role `{prefix}K`.
+        fn numbered<'a>(role: &str, prefix: &str, backends: &'a [Backend]) -> Option<&'a Backend> {
+            role.strip_prefix(prefix)
+                .and_then(|k| k.parse::<usize>().ok())
+                .and_then(|k| k.checked_sub(1))
+                .and_then(|index| backends.get(index))
+        }
+        let found = match role {
+            "br" => Some(&self.bridge),
+            "lb" => Some(&self.lb),
+            "cl" => Some(&self.client),
+            "rt" => self.router.as_ref().map(|router| &router.ns),
+            _ => numbered(role, "rb", &self.remote_backends)
+                .or_else(|| numbered(role, "b", &self.backends))
+                .map(|backend| &backend.ns),
         };
-        ns.ip(args)
+        found.unwrap_or_else(|| panic!("rig {} has no namespace role {role:?}", self.tag))
     }
 
     /// Every namespace this rig owns.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut names = vec![self.bridge.name(), self.lb.name(), self.client.name()];
         names.extend(self.backends.iter().map(|backend| backend.ns.name()));
+        names.extend(self.router.iter().map(|router| router.ns.name()));
+        names.extend(self.remote_backends.iter().map(|backend| backend.ns.name()));
         names
     }
 
@@ -491,6 +703,99 @@ impl Rig {
         (self.bridge.name(), LB_BRIDGE_PORT)
     }
 
+    /// Namespace of remote backend `k` (1-based), behind the router: start
+    /// servers there as on a local backend. Panics if there is no such
+    /// remote backend.
+    pub fn remote_backend_ns(&self, k: usize) -> &str {
+        self.remote_backend(k).ns.name()
+    }
+
+    /// Address of remote backend `k` on its `eth0`: 198.19.0.(10+k).
+    pub fn remote_backend_addr(&self, k: usize) -> Ipv4Addr {
+        self.remote_backend(k).addr
+    }
+
+    /// IPv6 address of remote backend `k` on its `eth0`:
+    /// 2001:db8:ff::(10+k), read like the IPv4 one (remote backend 1:
+    /// 2001:db8:ff::11).
+    pub fn remote_backend_addr6(&self, k: usize) -> Ipv6Addr {
+        self.remote_backend(k).addr6
+    }
+
+    /// Address of remote backend `k` in `family`.
+    pub fn remote_backend_addr_in(&self, family: Family, k: usize) -> IpAddr {
+        match family {
+            Family::Ipv4 => self.remote_backend_addr(k).into(),
+            Family::Ipv6 => self.remote_backend_addr6(k).into(),
+        }
+    }
+
+    /// MAC of remote backend `k`'s `eth0` (on br1, behind the router).
+    pub fn remote_backend_mac(&self, k: usize) -> [u8; 6] {
+        self.remote_backend(k).mac
+    }
+
+    /// Number of remote backends (0 without a routed part).
+    pub fn remote_backend_count(&self) -> usize {
+        self.remote_backends.len()
+    }
+
+    /// Namespace of the router. Panics if the rig has no remote backends.
+    pub fn router_ns(&self) -> &str {
+        self.router().ns.name()
+    }
+
+    /// The router's address on br0 in `family` ([`ROUTER_ADDR`],
+    /// [`ROUTER_ADDR6`]): the gateway the balancer uses for remote backends.
+    pub fn router_addr_in(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => ROUTER_ADDR.into(),
+            Family::Ipv6 => ROUTER_ADDR6.into(),
+        }
+    }
+
+    /// The router's address on br1 in `family` ([`ROUTER_REMOTE_ADDR`],
+    /// [`ROUTER_REMOTE_ADDR6`]): the remote backends' gateway.
+    pub fn router_remote_addr_in(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => ROUTER_REMOTE_ADDR.into(),
+            Family::Ipv6 => ROUTER_REMOTE_ADDR6.into(),
+        }
+    }
+
+    /// MAC of the router's br0 side: the destination of the balancer's frames
+    /// for remote backends. Panics if the rig has no remote backends.
+    pub fn router_mac(&self) -> [u8; 6] {
+        self.router().mac
+    }
+
+    /// The remote subnet of `family` as `(network, prefix length)`:
+    /// 198.19.0.0/24 or 2001:db8:ff::/64.
+    pub fn remote_net_in(&self, family: Family) -> (IpAddr, u8) {
+        match family {
+            Family::Ipv4 => (REMOTE_NET.into(), REMOTE_PREFIX_LEN),
+            Family::Ipv6 => (REMOTE_NET6.into(), REMOTE_PREFIX_LEN6),
+        }
+    }
+
+    fn router(&self) -> &Router {
+        self.router
+            .as_ref()
+            .unwrap_or_else(|| panic!("rig {} has no router (no remote backends)", self.tag))
+    }
+
+    fn remote_backend(&self, k: usize) -> &Backend {
+        k.checked_sub(1)
+            .and_then(|index| self.remote_backends.get(index))
+            .unwrap_or_else(|| {
+                panic!(
+                    "rig {} has remote backends 1..={}, not {k}",
+                    self.tag,
+                    self.remote_backends.len()
+                )
+            })
+    }
+
     fn backend(&self, k: usize) -> &Backend {
         k.checked_sub(1)
             .and_then(|index| self.backends.get(index))
@@ -517,6 +822,17 @@ fn backend_addr_of(k: usize) -> Ipv4Addr {
 fn backend_addr6_of(k: usize) -> Ipv6Addr {
     let n = 10 + k as u16;
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (n / 10) * 16 + n % 10)
+}
+
+fn remote_backend_addr_of(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, 10 + k as u8)
+}
+
+/// IPv6 address of remote backend `k`: 2001:db8:ff::(10+k), written like
+/// [`backend_addr6_of`] (k <= 89).
+fn remote_backend_addr6_of(k: usize) -> Ipv6Addr {
+    let n = 10 + k as u16;
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, (n / 10) * 16 + n % 10)
 }
 
 /// The unspecified address of `family` (`0.0.0.0` or `::`), e.g. for a
@@ -550,7 +866,7 @@ fn client_addr(index: usize) -> Ipv4Addr {
 /// exists, its addresses, up; returns its MAC. Client neighbours are pinned
 /// separately (the clients may not exist yet).
 fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Result<[u8; 6]> {
-    plug_into_bridge_with_mac(bridge, LB_BRIDGE_PORT, lb, LB_DEV, mac)?;
+    plug_into_bridge_with_mac(bridge, BRIDGE_DEV, LB_BRIDGE_PORT, lb, LB_DEV, mac)?;
     lb.ip_batch(&format!(
         "addr add {LB_ADDR}/{PREFIX_LEN} dev {LB_DEV}\n\
          addr add {VIP}/32 dev {LB_DEV}\n\
@@ -566,21 +882,24 @@ fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Re
 }
 
 /// Creates veth `bridge_port` in the bridge namespace with its peer
-/// `inner_dev` directly inside `ns`, enslaves the bridge end to br0 and
-/// brings it up, and turns TX checksum offload off on both ends.
+/// `inner_dev` directly inside `ns`, enslaves the bridge end to
+/// `bridge_dev` (br0 or br1) and brings it up, and turns TX checksum offload
+/// off on both ends.
 fn plug_into_bridge(
     bridge: &NetNs,
+    bridge_dev: &str,
     bridge_port: &str,
     ns: &NetNs,
     inner_dev: &str,
 ) -> anyhow::Result<()> {
-    plug_into_bridge_with_mac(bridge, bridge_port, ns, inner_dev, None)
+    plug_into_bridge_with_mac(bridge, bridge_dev, bridge_port, ns, inner_dev, None)
 }
 
 /// [`plug_into_bridge`], with `inner_mac` on `inner_dev` from its creation
 /// if given (so nobody in `ns` ever sees it with another MAC).
 fn plug_into_bridge_with_mac(
     bridge: &NetNs,
+    bridge_dev: &str,
     bridge_port: &str,
     ns: &NetNs,
     inner_dev: &str,
@@ -591,7 +910,7 @@ fn plug_into_bridge_with_mac(
         .unwrap_or_default();
     bridge.ip_batch(&format!(
         "link add {bridge_port} type veth peer name {inner_dev} netns {}{address}\n\
-         link set {bridge_port} master {BRIDGE_DEV}\n\
+         link set {bridge_port} master {bridge_dev}\n\
          link set {bridge_port} up\n",
         ns.name()
     ))?;
@@ -600,6 +919,52 @@ fn plug_into_bridge_with_mac(
     // frames, so after XDP_TX the backend would see bad checksums and drop.
     bridge.exec(&["ethtool", "-K", bridge_port, "tx", "off"])?;
     ns.exec(&["ethtool", "-K", inner_dev, "tx", "off"])?;
+    Ok(())
+}
+
+/// Sets up `ns` (with its `eth0` plugged in) as a direct-server-return
+/// backend: the VIPs on `lo` and the sysctls that go with them, then runs
+/// `script` (`ip -batch` lines: its own addresses, routes, link up).
+fn set_up_dsr_backend(ns: &NetNs, script: &str) -> anyhow::Result<()> {
+    // Direct server return: the VIP sits on lo, so the backend accepts
+    // forwarded packets but never claims the VIP in ARP (arp_ignore=1:
+    // answer only for addresses on the asking interface; arp_announce=2:
+    // never use the VIP as ARP source). Replies leave eth0 with source
+    // VIP, which rp_filter would treat as spoofed/asymmetric.
+    // IPv6 needs no such setting: the kernel answers a neighbour
+    // solicitation only for an address on the interface it came in on,
+    // so VIP6 on lo is never claimed on eth0 (the rig selftest checks
+    // this), and IPv6 has no reverse-path filter of its own.
+    sysctls(
+        ns,
+        &[
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.default.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
+            "net.ipv4.conf.default.arp_announce=2",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.lo.rp_filter=0",
+            "net.ipv4.conf.eth0.rp_filter=0",
+        ],
+    )?;
+    ns.ip_batch(&format!(
+        "addr add {VIP}/32 dev lo\n\
+         addr add {VIP6}/128 dev lo nodad preferred_lft 0\n\
+         {script}"
+    ))?;
+    Ok(())
+}
+
+/// Routes the remote subnet (both families) in `ns` via the router's br0
+/// address, out of `dev` (on br0). For IPv6 this route is more specific
+/// than the on-link /32, which would otherwise send NDP for remote backends
+/// into br0 where nobody answers.
+fn route_remote_subnet(ns: &NetNs, dev: &str) -> anyhow::Result<()> {
+    ns.ip_batch(&format!(
+        "route replace {REMOTE_NET}/{REMOTE_PREFIX_LEN} via {ROUTER_ADDR} dev {dev}\n\
+         route replace {REMOTE_NET6}/{REMOTE_PREFIX_LEN6} via {ROUTER_ADDR6} dev {dev}\n"
+    ))?;
     Ok(())
 }
 
@@ -1568,6 +1933,45 @@ mod tests {
         assert_eq!(backend_addr6_of(MAX_BACKENDS).to_string(), "2001:db8::99");
         assert!(backend_addr6_of(MAX_BACKENDS) < VIP6);
         assert!(LB_ADDR6 < backend_addr6_of(1));
+    }
+
+    #[test]
+    fn routed_part_addresses_stay_clear_of_the_rest() {
+        assert_eq!(remote_backend_addr_of(1), Ipv4Addr::new(198, 19, 0, 11));
+        assert_eq!(
+            remote_backend_addr_of(MAX_REMOTE_BACKENDS),
+            Ipv4Addr::new(198, 19, 0, 99)
+        );
+        assert_eq!(remote_backend_addr6_of(1).to_string(), "2001:db8:ff::11");
+        assert_eq!(
+            remote_backend_addr6_of(MAX_REMOTE_BACKENDS).to_string(),
+            "2001:db8:ff::99"
+        );
+        assert_eq!(ROUTER_ADDR6.to_string(), "2001:db8::254");
+        // The router's br0 addresses are no backend's, client's, VIP or LB.
+        let taken4: Vec<Ipv4Addr> = (1..=MAX_BACKENDS)
+            .map(backend_addr_of)
+            .chain((0..MAX_CLIENTS).map(client_addr))
+            .chain([VIP, LB_ADDR])
+            .collect();
+        assert!(!taken4.contains(&ROUTER_ADDR));
+        let taken6: Vec<Ipv6Addr> = (1..=MAX_BACKENDS)
+            .map(backend_addr6_of)
+            .chain((0..MAX_CLIENTS).map(|index| client_addr6(index, 1)))
+            .chain((0..MAX_CLIENTS).map(|index| client_addr6(index, MAX_CLIENTS)))
+            .chain([VIP6, LB_ADDR6])
+            .collect();
+        assert!(!taken6.contains(&ROUTER_ADDR6));
+        // The remote subnet is in 198.18.0.0/15 but not in the rig's /16, and
+        // its /64 holds no client or local address.
+        let [a, b, ..] = REMOTE_NET.octets();
+        assert_eq!((a, b), (198, 19));
+        assert!(
+            taken6
+                .iter()
+                .chain([&ROUTER_ADDR6])
+                .all(|addr| addr.segments()[..4] != REMOTE_NET6.segments()[..4])
+        );
     }
 
     #[test]

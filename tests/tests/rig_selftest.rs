@@ -2,11 +2,14 @@
 //! up, a client reaches a backend directly, and nothing outlives the rig.
 //! Needs root.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
+use sticky_lb_tests::balancer::PeerXdp;
 use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root};
-use sticky_lb_tests::rig::{NameServer, Rig, RigOptions, fetch_name, fetch_names_many};
+use sticky_lb_tests::rig::{
+    Family, NameServer, Rig, RigOptions, fetch_name, fetch_names_many, unspecified,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -345,6 +348,266 @@ fn ipv6_clients_reach_backends_and_vip6_resolves_to_the_balancer_only() {
 
     drop(rig);
     assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+}
+
+/// The routed part: remote backends on br1 behind the router, in both families. Addresses and
+/// roles as advertised; a name server on a remote backend's own address answers the balancer and
+/// every client through the router (with a native XDP program on the remote eth0, as a decap
+/// program will be); the balancer's (and the client's) route to a remote backend names the
+/// router, also after lb0 is recreated; the remote backend's way back names the router's br1
+/// side; no namespace has a default route or any route out of the rig; nothing outlives the rig.
+#[test]
+fn remote_backends_are_reached_through_the_router() {
+    require_root();
+    let mut rig = Rig::build(
+        RigOptions::new("rig_routed")
+            .backends(1)
+            .clients(3)
+            .remote_backends(2),
+    )
+    .expect("build rig");
+    let prefix = format!("slb-{}-", rig.tag());
+    let listed = listed_namespaces(&prefix);
+    assert_eq!(rig.namespaces().len(), 7, "{:?}", rig.namespaces());
+    for name in rig.namespaces() {
+        assert!(listed.iter().any(|n| n == name), "{name} not in {listed:?}");
+    }
+    assert_eq!(rig.remote_backend_count(), 2);
+    assert_eq!(rig.backend_count(), 1);
+    assert_eq!(rig.ns("rt"), rig.router_ns());
+    assert_eq!(rig.ns("rb2"), rig.remote_backend_ns(2));
+    assert_eq!(rig.ns("b1"), rig.backend_ns(1));
+    assert_eq!(rig.router_ns(), format!("{prefix}rt"));
+    assert_eq!(rig.remote_backend_ns(1), format!("{prefix}rb1"));
+    let v6 = |text: &str| text.parse::<Ipv6Addr>().unwrap();
+    assert_eq!(rig.remote_backend_addr(1), Ipv4Addr::new(198, 19, 0, 11));
+    assert_eq!(rig.remote_backend_addr(2), Ipv4Addr::new(198, 19, 0, 12));
+    assert_eq!(rig.remote_backend_addr6(2), v6("2001:db8:ff::12"));
+    assert_eq!(
+        rig.router_addr_in(Family::Ipv4),
+        IpAddr::from(Ipv4Addr::new(198, 18, 0, 254))
+    );
+    assert_eq!(
+        rig.router_addr_in(Family::Ipv6),
+        IpAddr::from(v6("2001:db8::254"))
+    );
+    assert_ne!(rig.remote_backend_mac(1), rig.remote_backend_mac(2));
+    // The router's br0 side answers ARP/NDP with the MAC the rig reports.
+    let arp = rig
+        .ip("rt", &["-j", "link", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(arp.contains(&format_mac(rig.router_mac())), "{arp}");
+
+    // A native XDP program on each remote eth0 (XDP_PASS here; a decapsulating one in tunnel
+    // tests) still gets every frame with good checksums.
+    let _xdp: Vec<PeerXdp> = (1..=2)
+        .map(|k| PeerXdp::attach(rig.remote_backend_ns(k), "eth0").expect("native XDP on rbK"))
+        .collect();
+    for role in ["rb1", "rb2"] {
+        let link = rig.ip(role, &["link", "show", "dev", "eth0"]).unwrap();
+        assert!(link.contains("prog/xdp "), "{role}: not native XDP: {link}");
+    }
+
+    for family in [Family::Ipv4, Family::Ipv6] {
+        for k in 1..=2 {
+            let addr = rig.remote_backend_addr_in(family, k);
+            let bind = SocketAddr::new(addr, 8080);
+            let name = format!("rb{k} {family}");
+            let server = NameServer::start(rig.remote_backend_ns(k), bind, &name)
+                .expect("name server on a remote backend");
+            let from_lb = fetch_name(rig.lb_ns(), rig.lb_addr_in(family), bind, TIMEOUT)
+                .expect("fetch from the balancer");
+            assert_eq!(from_lb, name);
+            let requests: Vec<_> = rig
+                .client_addrs_in(family)
+                .into_iter()
+                .map(|src| (src, bind))
+                .collect();
+            for result in fetch_names_many(rig.client_ns(), &requests, TIMEOUT) {
+                assert_eq!(result.expect("fetch from a client"), name);
+            }
+            assert_eq!(server.accepted(), 4);
+            drop(server);
+
+            // The kernel's route from the balancer (and a client) names the router as gateway,
+            // and the balancer's own address as source.
+            let route = route_get(&rig, "lb", addr);
+            assert!(
+                route.contains(&format!("via {} dev lb0", rig.router_addr_in(family)))
+                    && route.contains(&format!("src {}", rig.lb_addr_in(family))),
+                "{family}: {route}"
+            );
+            let route = route_get(&rig, "cl", addr);
+            assert!(
+                route.contains(&format!("via {} dev eth0", rig.router_addr_in(family))),
+                "{family}: {route}"
+            );
+            // The remote backend reaches clients via the router's br1 side.
+            let client = rig.client_addrs_in(family)[2];
+            let route = route_get(&rig, &format!("rb{k}"), client);
+            assert!(
+                route.contains(&format!(
+                    "via {} dev eth0",
+                    rig.router_remote_addr_in(family)
+                )),
+                "{family}: {route}"
+            );
+
+            // The VIP on the remote backend's lo, as on a local backend.
+            let vip = SocketAddr::new(rig.vip_in(family), 8081);
+            let server = NameServer::start(
+                rig.remote_backend_ns(k),
+                SocketAddr::new(unspecified(family), 8081),
+                &name,
+            )
+            .expect("DSR name server on a remote backend");
+            let over_lo = fetch_name(rig.remote_backend_ns(k), vip.ip(), vip, TIMEOUT)
+                .expect("fetch over lo");
+            assert_eq!(over_lo, name);
+            assert_eq!(server.accepted(), 1);
+        }
+    }
+
+    // Routes go with lb0: recreating it brings them back.
+    rig.recreate_lb_dev().expect("recreate lb0");
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let route = route_get(&rig, "lb", rig.remote_backend_addr_in(family, 1));
+        assert!(
+            route.contains(&format!("via {} dev lb0", rig.router_addr_in(family))),
+            "{family} after recreating lb0: {route}"
+        );
+    }
+
+    // Remote backends are DSR backends like local ones; VIP6 is deprecated there too.
+    for (key, want) in [
+        ("net/ipv4/conf/all/arp_ignore", "1"),
+        ("net/ipv4/conf/all/arp_announce", "2"),
+        ("net/ipv4/conf/all/rp_filter", "0"),
+        ("net/ipv4/conf/eth0/rp_filter", "0"),
+        ("net/ipv6/conf/eth0/accept_dad", "0"),
+        ("net/ipv6/conf/eth0/accept_ra", "0"),
+    ] {
+        let got = in_netns(rig.remote_backend_ns(1), || {
+            std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap()
+        });
+        assert_eq!(got.trim(), want, "{key} on rb1");
+    }
+    let lo = rig
+        .ip("rb1", &["-6", "-j", "addr", "show", "dev", "lo"])
+        .unwrap();
+    let lo: serde_json::Value = serde_json::from_str(&lo).unwrap();
+    let vip6 = lo[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["local"] == rig.vip6().to_string())
+        .expect("VIP6 on rb1's lo");
+    assert_eq!(vip6["preferred_life_time"], 0, "{vip6}");
+    // Forwarding is on in the router, in both families.
+    for key in ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] {
+        let got = in_netns(rig.router_ns(), || {
+            std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap()
+        });
+        assert_eq!(got.trim(), "1", "{key} in the router");
+    }
+    // TX checksum offload is off on every veth end of the routed part.
+    let br = rig.ns("br").to_owned();
+    for (ns, dev) in [
+        (rig.router_ns(), "eth0"),
+        (rig.router_ns(), "eth1"),
+        (rig.remote_backend_ns(1), "eth0"),
+        (rig.remote_backend_ns(2), "eth0"),
+        (&br, "p-rt0"),
+        (&br, "p-rt1"),
+        (&br, "p-rb1"),
+        (&br, "p-rb2"),
+    ] {
+        let features = in_ns_command(ns, &["ethtool", "-k", dev]);
+        assert!(
+            features.contains("tx-checksumming: off"),
+            "{ns} {dev}: {features}"
+        );
+    }
+
+    // No default route anywhere, and no route to anything outside the rig's ranges.
+    for name in rig.namespaces() {
+        for family in ["-4", "-6"] {
+            let json = in_ns_command(
+                name,
+                &["ip", "-j", family, "route", "show", "table", "main"],
+            );
+            let routes: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+            for route in routes.as_array().into_iter().flatten() {
+                let dst = route["dst"].as_str().unwrap_or_default();
+                assert!(inside_rig(dst), "{name}: route out of the rig: {route}");
+            }
+            let default = in_ns_command(name, &["ip", family, "route", "show", "default"]);
+            assert!(default.trim().is_empty(), "{name}: {default}");
+        }
+    }
+
+    drop(_xdp);
+    drop(rig);
+    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+}
+
+#[test]
+fn a_failing_test_still_removes_its_routed_rig() {
+    require_root();
+    let tag = std::thread::spawn(|| {
+        let rig = Rig::build(
+            RigOptions::new("rig_routed_panics")
+                .backends(1)
+                .remote_backends(2),
+        )
+        .expect("build rig");
+        assert_eq!(rig.namespaces().len(), 7);
+        std::panic::panic_any(rig.tag().to_owned());
+    })
+    .join()
+    .expect_err("the thread panics");
+    let tag = tag.downcast::<String>().expect("tag payload");
+    assert!(listed_namespaces(&format!("slb-{tag}-")).is_empty());
+}
+
+/// `ip route get ADDR` in the namespace of `role`.
+fn route_get(rig: &Rig, role: &str, addr: IpAddr) -> String {
+    rig.ip(role, &["route", "get", &addr.to_string()])
+        .expect("ip route get")
+}
+
+/// Runs `ip netns exec NS args...` and returns its stdout (panics on failure).
+fn in_ns_command(ns: &str, args: &[&str]) -> String {
+    assert!(ns.starts_with("slb-"), "{ns}");
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        output.status.success(),
+        "{ns} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Whether a route destination (as `ip -j route` prints it) lies inside the rig's address ranges
+/// (198.18.0.0/15, 2001:db8::/32) or is link-local IPv6.
+fn inside_rig(dst: &str) -> bool {
+    let (addr, len) = dst.split_once('/').unwrap_or((dst, ""));
+    let len: u8 = len.parse().unwrap_or(128);
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => {
+            let [x, y, ..] = a.octets();
+            x == 198 && (y & 0xfe) == 18 && len >= 15
+        }
+        Ok(IpAddr::V6(a)) => {
+            let s = a.segments();
+            (s[..2] == [0x2001, 0xdb8] && len >= 32) || (s[0] == 0xfe80 && len >= 10)
+        }
+        Err(_) => false,
+    }
 }
 
 /// The link-layer address the neighbour table of `role` holds for `addr` on its interface,
