@@ -20,7 +20,7 @@ pub type ServiceId = u32;
 /// Bump when any map layout below changes; pinned maps of another version are not reused. The
 /// layout is the maps' types, sizes and key and value bytes, not the BTF the maps carry for
 /// `bpftool` (adoption ignores it; see sticky-lb-ebpf/src/maps.rs).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Virtual services per interface.
 pub const MAX_SERVICES: u32 = 64;
@@ -144,6 +144,20 @@ impl Policy {
 pub enum Forwarding {
     /// L2 direct server return (IPVS `-g`): rewrite MACs, XDP_TX; the backend answers the client.
     Dsr = 0,
+    /// IP-in-IP tunnel (IPVS `-i`, Katran): the client's packet, unchanged, inside an outer IPv4
+    /// header (protocol 4, IPIP) or IPv6 header (next header 41, IPv6-in-IPv6) from a balancer
+    /// address to the backend, sent to the backend's next hop; the backend decapsulates and
+    /// answers the client directly.
+    Tunnel = 1,
+}
+
+impl Forwarding {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Tunnel,
+            _ => Self::Dsr,
+        }
+    }
 }
 
 /// A service's parameters (the services array holds two copies per service, indexed
@@ -186,6 +200,19 @@ pub struct Service {
     /// Mask applied to the client address before it keys the stick table and the hash
     /// (IPVS `-M`, HAProxy `ipmask`); bytes in network order like the address.
     pub client_mask: [u32; 4],
+    /// Tunnel: the outer source prefix, network order (its host bits zero). Each client's packets
+    /// leave from one address of it, the prefix with the client's hash in its host bits, so a
+    /// backend NIC hashing the outer addresses (RSS) spreads clients over its queues (Katran's
+    /// "RSS-friendly" source).
+    pub tunnel_source: [u32; 4],
+    /// Tunnel: the host bits of the outer source's last word (word 0 for IPv4, 3 for IPv6), in
+    /// network order; 0 for a single source address.
+    pub tunnel_host_bits: u32,
+    /// Tunnel: the largest IP packet (bytes) the interface sends, its MTU. A client packet that
+    /// no longer fits once encapsulated is answered with ICMP "fragmentation needed" or ICMPv6
+    /// "packet too big" naming `mtu` less the outer header.
+    pub mtu: u16,
+    pub _pad2: u16,
 }
 
 /// Key of the stick table.
@@ -474,11 +501,18 @@ pub enum Counter {
     /// before TCP than the parser follows ([`MAX_IPV6_EXT_HEADERS`]). (A next header of another
     /// kind, ESP or AH say, is not TCP: `pass_not_service`.)
     PassIpv6ExtHeaders = 9,
+    /// Sent back: ICMP "fragmentation needed" or ICMPv6 "packet too big" to a client whose
+    /// packet would exceed the interface MTU once encapsulated (tunnel services).
+    TxIcmpTooBig = 10,
+    /// Dropped: the frame could not be resized for a tunnel's outer header or an ICMP reply
+    /// (drivers with XDP support leave 256 bytes in front; passing it instead would make the
+    /// host's TCP reset the client's connection).
+    DropResizeFailed = 11,
 }
 
 /// Number of [`Counter`]s. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 12;
 /// Slots of the counters map: room for counters to come without a layout change.
 pub const COUNTER_SLOTS: u32 = 32;
 /// IPv6 extension headers the data path skips to reach TCP (RFC 8200 4.1 recommends at most one
@@ -497,6 +531,8 @@ impl Counter {
         Counter::PassBadIpHeader,
         Counter::PassBadTcpHeader,
         Counter::PassIpv6ExtHeaders,
+        Counter::TxIcmpTooBig,
+        Counter::DropResizeFailed,
     ];
 
     /// Name used by `status` and in metrics.
@@ -512,6 +548,8 @@ impl Counter {
             Counter::PassBadIpHeader => "pass_bad_ip_header",
             Counter::PassBadTcpHeader => "pass_bad_tcp_header",
             Counter::PassIpv6ExtHeaders => "pass_ipv6_ext_headers",
+            Counter::TxIcmpTooBig => "tx_icmp_too_big",
+            Counter::DropResizeFailed => "drop_resize_failed",
         }
     }
 }
@@ -602,7 +640,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 64);
+        assert_eq!(size_of::<Service>(), 88);
         assert_eq!(size_of::<StickKey>(), 20);
         assert_eq!(size_of::<StickEntry>(), 24);
         assert_eq!(size_of::<Backend>(), 32);

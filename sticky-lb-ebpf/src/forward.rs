@@ -1,9 +1,30 @@
-//! Forwarding modes. Only L2 direct server return so far: the IP packet is untouched (no
-//! checksum work), only the Ethernet addresses change, and the frame leaves by the interface it
-//! came in on. The backend holds the VIP on loopback and answers the client directly.
+//! Forwarding modes: how a frame reaches the backend chosen for it. Both leave by the interface
+//! the frame came in on (XDP_TX), and in both the backend answers the client directly.
+//!
+//! - L2 DSR (IPVS `-g`): the IP packet is untouched (no checksum work), only the Ethernet
+//!   addresses change. The backend is on our L2 segment and holds the VIP on loopback.
+//! - Tunnel (IPVS `-i`, Katran): the client's IP packet, unchanged, goes inside an outer IPv4
+//!   header (protocol 4, IPIP) or IPv6 header (next header 41, RFC 2473) addressed to the backend
+//!   and sent to its next hop (the backend itself or a router), so backends may sit in any
+//!   routable subnet. The backend decapsulates (the kernel's `ipip`/`ip6tnl` device, or
+//!   `sticky-lb decap`) and holds the VIP on loopback as in DSR.
 
-use network_types::eth::EthHdr;
-use sticky_lb_common::Backend;
+use crate::{csum, parse::Outbound};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use sticky_lb_common::{Backend, Service, hash::fmix32};
+
+/// IP protocol number of IPv4-in-IPv4 (RFC 2003) and IPv6-in-IPv6 (RFC 2473), IANA.
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+/// Hop limit of the outer header (Linux's default TTL).
+const OUTER_TTL: u8 = 64;
+/// Bytes from the frame start to the IP header: Ethernet, or Ethernet and one 802.1Q tag.
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const ETH_VLAN_LEN: usize = EthHdr::LEN + 4;
 
 /// Rewrites the frame for `backend`: its MAC as destination, ours as source.
 #[inline(always)]
@@ -12,5 +33,177 @@ pub fn dsr(eth: *mut EthHdr, backend: &Backend, our_mac: [u8; 6]) {
     unsafe {
         (*eth).dst_addr = backend.mac;
         (*eth).src_addr = our_mac;
+    }
+}
+
+/// Why a segment was not tunnelled.
+pub enum NotSent {
+    /// The packet and the outer header would exceed the service's MTU: the client is told
+    /// (see icmp.rs) so it sends smaller segments.
+    TooBig,
+    /// The driver left no headroom for the outer header (XDP drivers leave 256 bytes).
+    NoHeadroom,
+}
+
+/// Encapsulates the client's packet (`inner`, read from the frame) for `backend` of tunnel
+/// service `service`: an outer header of the service's family in front of the unchanged IP
+/// packet, the backend's next-hop MAC as the destination and ours as the source (an 802.1Q tag
+/// is kept). On error the frame is unchanged.
+#[inline(always)]
+pub fn tunnel(
+    ctx: &XdpContext,
+    inner: &Outbound,
+    v6: bool,
+    service: &Service,
+    backend: &Backend,
+    our_mac: [u8; 6],
+) -> Result<(), NotSent> {
+    let outer = if v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN };
+    if inner.len + outer > service.mtu as usize {
+        return Err(NotSent::TooBig);
+    }
+    let source = outer_source(inner, v6, service);
+    // SAFETY: a helper call on our own context; it fails (and changes nothing) without room.
+    // It invalidates every packet pointer: everything needed was read into `inner` before.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
+        return Err(NotSent::NoHeadroom);
+    }
+    let (tos, len) = (inner.tos, inner.len);
+    let v4 = |ip| unsafe { ipv4_header(ip, tos, len, source[0], backend.addr[0]) };
+    let v6_header = |ip| unsafe { ipv6_header(ip, tos, inner, len, &source, &backend.addr) };
+    // Constant offsets for each layout, so the verifier sees every access as a fixed offset.
+    match (v6, inner.vlan) {
+        (false, false) => write_headers::<{ Ipv4Hdr::LEN }, ETH_LEN>(ctx, backend, our_mac, v4),
+        (false, true) => write_headers::<{ Ipv4Hdr::LEN }, ETH_VLAN_LEN>(ctx, backend, our_mac, v4),
+        (true, false) => {
+            write_headers::<{ Ipv6Hdr::LEN }, ETH_LEN>(ctx, backend, our_mac, v6_header)
+        }
+        (true, true) => {
+            write_headers::<{ Ipv6Hdr::LEN }, ETH_VLAN_LEN>(ctx, backend, our_mac, v6_header)
+        }
+    }
+}
+
+/// The outer source of `inner`'s client: the service's source prefix with the host bits from
+/// a hash of the client's address, so one client always leaves from one address (its
+/// connections stay in order on one receive queue) and clients spread over the prefix.
+#[inline(always)]
+fn outer_source(inner: &Outbound, v6: bool, service: &Service) -> [u32; 4] {
+    let c = &inner.saddr;
+    let hash = fmix32(c[0] ^ c[1] ^ c[2] ^ c[3]) & service.tunnel_host_bits;
+    let mut source = service.tunnel_source;
+    if v6 {
+        source[3] |= hash;
+    } else {
+        source[0] |= hash;
+    }
+    source
+}
+
+/// After the head moved `OUTER` bytes forward: copies the `L3` bytes of Ethernet header (and
+/// tag) from where they were to the new start with the new MACs, then lets `ip` write the outer
+/// header after them. The inner packet is already in place behind them.
+#[inline(always)]
+fn write_headers<const OUTER: usize, const L3: usize>(
+    ctx: &XdpContext,
+    backend: &Backend,
+    our_mac: [u8; 6],
+    ip: impl FnOnce(*mut u8),
+) -> Result<(), NotSent> {
+    let start = ctx.data();
+    // The new Ethernet header, the outer IP header and the old Ethernet header behind them.
+    if start + L3 + OUTER + L3 > ctx.data_end() {
+        // The inner packet holds at least an IP and a TCP header, so this never happens; the
+        // verifier needs the check all the same. The frame is already longer: drop it.
+        return Err(NotSent::NoHeadroom);
+    }
+    let frame = start as *mut u8;
+    // SAFETY: the check above covers every byte touched here.
+    unsafe {
+        let eth = frame as *mut EthHdr;
+        (*eth).dst_addr = backend.mac;
+        (*eth).src_addr = our_mac;
+        // The EtherType (and the tag with the EtherType it carries) is the inner packet's: the
+        // outer header is of the same family.
+        let old = frame.add(OUTER);
+        let mut i = 12;
+        while i < L3 {
+            *frame.add(i) = *old.add(i);
+            i += 1;
+        }
+        ip(frame.add(L3));
+    }
+    Ok(())
+}
+
+/// Writes an outer IPv4 header at `ip`: no options, DF set (RFC 2003 3.1: the inner packet's
+/// path MTU is then discovered end to end), protocol 4, checksum computed.
+///
+/// # Safety
+/// `ip` must point at 20 writable packet bytes.
+#[inline(always)]
+unsafe fn ipv4_header(ip: *mut u8, tos: u8, inner_len: usize, source: u32, dest: u32) {
+    let total = (inner_len + Ipv4Hdr::LEN) as u16;
+    let [len_hi, len_lo] = total.to_be_bytes();
+    // The header as five words in memory order: version/IHL, TOS, length; id 0 and DF; TTL,
+    // protocol, checksum (0 while summing); source; destination.
+    let w0 = u32::from_ne_bytes([0x45, tos, len_hi, len_lo]);
+    let w1 = u32::from_ne_bytes([0, 0, 0x40, 0]);
+    let w2 = u32::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP, 0, 0]);
+    let mut sum = csum::add_word(0, w0);
+    sum = csum::add_word(sum, w1);
+    sum = csum::add_word(sum, w2);
+    sum = csum::add_word(sum, source);
+    sum = csum::add_word(sum, dest);
+    let check = csum::finish(sum);
+    let w2 = w2 | (check as u32) << 16;
+    // SAFETY: the caller's promise; 32-bit stores at 2 bytes off alignment are fine for packet
+    // memory on the architectures sticky-lb runs on (see parse::read_word).
+    unsafe {
+        let words = ip as *mut u32;
+        core::ptr::write_volatile(words, w0);
+        core::ptr::write_volatile(words.add(1), w1);
+        core::ptr::write_volatile(words.add(2), w2);
+        core::ptr::write_volatile(words.add(3), source);
+        core::ptr::write_volatile(words.add(4), dest);
+    }
+}
+
+/// Writes an outer IPv6 header at `ip`: next header 41, the inner traffic class, a flow label
+/// from the client's address (a backend NIC that hashes the flow label spreads clients, RFC
+/// 6438), no extension headers.
+///
+/// # Safety
+/// `ip` must point at 40 writable packet bytes.
+#[inline(always)]
+unsafe fn ipv6_header(
+    ip: *mut u8,
+    tos: u8,
+    inner: &Outbound,
+    inner_len: usize,
+    source: &[u32; 4],
+    dest: &[u32; 4],
+) {
+    let c = &inner.saddr;
+    let label = fmix32(c[0] ^ c[1] ^ c[2] ^ c[3] ^ 0x6c62_272e) & 0x000f_ffff;
+    let w0 = u32::from_ne_bytes([
+        0x60 | tos >> 4,
+        (tos << 4) | (label >> 16) as u8,
+        (label >> 8) as u8,
+        label as u8,
+    ]);
+    let [len_hi, len_lo] = (inner_len as u16).to_be_bytes();
+    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_IPV6, OUTER_TTL]);
+    // SAFETY: the caller's promise (see ipv4_header on the alignment).
+    unsafe {
+        let words = ip as *mut u32;
+        core::ptr::write_volatile(words, w0);
+        core::ptr::write_volatile(words.add(1), w1);
+        let mut i = 0;
+        while i < 4 {
+            core::ptr::write_volatile(words.add(2 + i), source[i]);
+            core::ptr::write_volatile(words.add(6 + i), dest[i]);
+            i += 1;
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! For each frame: parse Ethernet, IPv4 or IPv6, and TCP; if it is a well-formed segment addressed to a
 //! configured service, send it to its connection's backend (connection table), or for a new
 //! connection to its client's backend (stick table), or choose one with the service's policy and
-//! record it; rewrite the frame's MACs for that backend and transmit it. Everything else is
-//! passed to the kernel untouched so the host keeps working.
+//! record it; send the frame to that backend by the service's forwarding mode (L2 DSR: new MACs;
+//! tunnel: an outer IP header in front) and transmit it. Everything else is passed to the kernel
+//! untouched so the host keeps working.
 #![no_std]
 #![no_main]
 // Atomic add and compare-and-exchange on the BPF target (see atomic.rs).
@@ -14,9 +15,11 @@
 mod atomic;
 mod bench;
 mod conntrack;
+mod csum;
 mod expire;
 mod forward;
 mod guard;
+mod icmp;
 mod maps;
 mod parse;
 mod select;
@@ -32,8 +35,9 @@ use maps::{SERVICE_INDEX, SERVICES};
 use parse::{Parsed, Segment, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{
-    Backend, BackendId, Counter, FlowState, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
-    SERVICE_INDEX_TOMBSTONE, Service, addr::masked, hash::service_slot, refresh_interval_ns,
+    Backend, BackendId, Counter, Family, FlowState, Forwarding, PROTO_TCP, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, addr::masked, hash::service_slot,
+    refresh_interval_ns,
 };
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
@@ -67,13 +71,28 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_ABORTED;
         }
     };
+    match place(ctx, &packet, service) {
+        Ok((id, backend)) => forward(ctx, &packet, service, id, backend),
+        Err(verdict) => verdict,
+    }
+}
+
+/// The backend a segment of `service` goes to: its connection's, else its client's stick
+/// entry's, else the policy's choice (recorded). `Err` holds the verdict when there is none.
+/// One call site of [`forward`] for every way here keeps the verifier's paths few.
+#[inline(always)]
+fn place(
+    ctx: &XdpContext,
+    packet: &Segment,
+    service: &'static Service,
+) -> Result<(BackendId, &'static Backend), u32> {
     let client = masked(packet.saddr, service.client_mask);
     // The coarse clock (jiffies resolution) is plenty for refreshes and timeouts of 100 ms and
     // more, and far cheaper than the precise one, which reads the clock source.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let refresh_ns = refresh_interval_ns(service.stick_timeout_ns);
     // An open connection goes where it started, whatever its client's entry says now.
-    let flow_key = conntrack::key(service.id, &packet);
+    let flow_key = conntrack::key(service.id, packet);
     if let Some(flow) = conntrack::lookup(&flow_key) {
         // SAFETY: a live hash-map value; the backend id is written once, at insert.
         let (id, state) = unsafe { ((*flow).backend, (*flow).state) };
@@ -88,10 +107,10 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
                 if packet.flags & (TCP_FIN | TCP_RST) != 0 {
                     conntrack::finish(flow, &flow_key);
                 }
-                if conntrack::touch(flow, &flow_key, &packet, now, refresh_ns) {
+                if conntrack::touch(flow, &flow_key, packet, now, refresh_ns) {
                     select::refresh(service, &client, id, now);
                 }
-                return forward(ctx, &packet, id, backend);
+                return Ok((id, backend));
             }
             // Or its backend is down, disabled or gone: the connection ends here, and the
             // client is placed anew below.
@@ -108,22 +127,56 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
                     stats::count_service(service.id, |c| &mut c.flows_untracked);
                 }
             }
-            forward(ctx, &packet, choice.id, choice.backend)
+            Ok((choice.id, choice.backend))
         }
         Err(NoBackend::Empty) => {
             debug!(ctx, "service {} has no eligible backend", service.id);
-            drop(Counter::DropNoBackend)
+            Err(drop(Counter::DropNoBackend))
         }
-        Err(NoBackend::NotUp) => drop(Counter::DropBadBackend),
+        Err(NoBackend::NotUp) => Err(drop(Counter::DropBadBackend)),
     }
 }
 
-/// Sends the frame to `backend` by L2 DSR and counts it.
+/// Sends the frame to `backend` by the service's forwarding mode and counts it (the client's
+/// frame, before any encapsulation).
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Segment, id: BackendId, backend: &Backend) -> u32 {
-    forward::dsr(packet.eth, backend, IFACE_MAC.load());
-    stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
+fn forward(
+    ctx: &XdpContext,
+    packet: &Segment,
+    service: &Service,
+    id: BackendId,
+    backend: &Backend,
+) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if service.forwarding == Forwarding::Tunnel as u8 {
+        let v6 = service.family == Family::Ipv6 as u8;
+        let Some(inner) = parse::outbound(ctx, v6) else {
+            return drop(Counter::DropResizeFailed);
+        };
+        match forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()) {
+            Ok(()) => {}
+            Err(forward::NotSent::TooBig) => return too_big(ctx, &inner, v6, service),
+            Err(forward::NotSent::NoHeadroom) => return drop(Counter::DropResizeFailed),
+        }
+    } else {
+        forward::dsr(packet.eth, backend, IFACE_MAC.load());
+    }
+    stats::count_backend(id, bytes);
     xdp_action::XDP_TX
+}
+
+/// Answers a tunnel service's client whose packet does not fit once encapsulated: ICMP
+/// "fragmentation needed" or ICMPv6 "packet too big" naming the MTU less the outer header.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, inner: &parse::Outbound, v6: bool, service: &Service) -> u32 {
+    let outer = if v6 { 40 } else { 20 };
+    match icmp::too_big(ctx, inner, v6, (service.mtu as u32).saturating_sub(outer)) {
+        Ok(()) => {
+            stats::count(Counter::TxIcmpTooBig);
+            xdp_action::XDP_TX
+        }
+        Err(_) => drop(Counter::DropResizeFailed),
+    }
 }
 
 /// What the service index says about a destination.

@@ -28,6 +28,69 @@ const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
 
+/// The client's IP packet as forwarding needs it, read again from the frame once the backend is
+/// chosen rather than kept from [`tcp_segment`]: a value carried from parsing through the
+/// selection's loops (the family, the tag) would split the verifier's states along every path
+/// and multiply them in every loop.
+pub struct Outbound {
+    /// Whether an 802.1Q tag follows the Ethernet addresses (the IP header then starts at byte
+    /// 18, else 14).
+    pub vlan: bool,
+    /// Length of the IP packet (bytes), headers and payload; not the Ethernet padding.
+    pub len: usize,
+    /// The IPv4 TOS or IPv6 traffic class byte (DSCP and ECN).
+    pub tos: u8,
+    /// Source and destination as map words.
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Reads [`Outbound`] from a frame the parser accepted as a segment of family `v6` (the
+/// service's: a packet only reaches a service of its own family). `None` only if the frame is
+/// not what the parser saw, which cannot happen.
+#[inline(always)]
+pub fn outbound(ctx: &XdpContext, v6: bool) -> Option<Outbound> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: ptr_at checked every header read here.
+    let (src_mac, dst_mac, vlan) = unsafe {
+        (
+            (*eth).src_addr,
+            (*eth).dst_addr,
+            (*eth).ether_type == ETH_P_8021Q_BE,
+        )
+    };
+    let l3 = if vlan {
+        EthHdr::LEN + VlanHdr::LEN
+    } else {
+        EthHdr::LEN
+    };
+    if v6 {
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3)? };
+        Some(Outbound {
+            vlan,
+            len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,
+            tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+            saddr: unsafe { read_addr(ip.src_addr.as_ptr()) },
+            daddr: unsafe { read_addr(ip.dst_addr.as_ptr()) },
+            src_mac,
+            dst_mac,
+        })
+    } else {
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3)? };
+        Some(Outbound {
+            vlan,
+            len: u16::from_be_bytes(ip.tot_len) as usize,
+            tos: ip.tos,
+            saddr: [unsafe { read_word(ip.src_addr.as_ptr()) }, 0, 0, 0],
+            daddr: [unsafe { read_word(ip.dst_addr.as_ptr()) }, 0, 0, 0],
+            src_mac,
+            dst_mac,
+        })
+    }
+}
+
 /// Pointer to a `T` at `offset` bytes into the frame, if the frame holds all of it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
@@ -151,7 +214,13 @@ fn ipv4(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
     // SAFETY: ptr_at checked the frame holds the whole header, addresses included.
     let saddr = [unsafe { read_word(ip.src_addr.as_ptr()) }, 0, 0, 0];
     let daddr = [unsafe { read_word(ip.dst_addr.as_ptr()) }, 0, 0, 0];
-    tcp_header(eth, tcp, total - ihl, Family::Ipv4, saddr, daddr)
+    let ip = IpPacket {
+        eth,
+        family: Family::Ipv4,
+        saddr,
+        daddr,
+    };
+    tcp_header(ip, tcp, total - ihl)
 }
 
 /// IPv6 at `offset`, skipping at most [`MAX_IPV6_EXT_HEADERS`] hop-by-hop, routing and
@@ -201,7 +270,13 @@ fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
     // SAFETY: ptr_at checked the frame holds the whole fixed header, addresses included.
     let saddr = unsafe { read_addr(ip.src_addr.as_ptr()) };
     let daddr = unsafe { read_addr(ip.dst_addr.as_ptr()) };
-    tcp_header(eth, tcp, payload - ext, Family::Ipv6, saddr, daddr)
+    let ip = IpPacket {
+        eth,
+        family: Family::Ipv6,
+        saddr,
+        daddr,
+    };
+    tcp_header(ip, tcp, payload - ext)
 }
 
 /// The 16 address bytes at `bytes` (inside the packet) as map words.
@@ -232,17 +307,18 @@ unsafe fn read_word(bytes: *const u8) -> u32 {
     unsafe { core::ptr::read_volatile(bytes as *const u32) }
 }
 
-/// The TCP header at `tcp`, with `room` bytes of IP payload from its start: data offset >= 5 and
-/// the header inside the payload.
-#[inline(always)]
-fn tcp_header(
+/// What the IP layer of a segment told the parser.
+struct IpPacket {
     eth: *mut EthHdr,
-    tcp: *mut TcpHdr,
-    room: usize,
     family: Family,
     saddr: [u32; 4],
     daddr: [u32; 4],
-) -> Parsed {
+}
+
+/// The TCP header at `tcp`, with `room` bytes of IP payload from its start: data offset >= 5 and
+/// the header inside the payload.
+#[inline(always)]
+fn tcp_header(ip: IpPacket, tcp: *mut TcpHdr, room: usize) -> Parsed {
     // The data offset is the high nibble of the 13th byte, the flags the 14th.
     let doff_byte = unsafe { *(tcp as *const u8).add(12) };
     let doff = ((doff_byte >> 4) as usize) * 4;
@@ -252,10 +328,10 @@ fn tcp_header(
     let tcp_ref = unsafe { &*tcp };
     let flags = unsafe { *(tcp as *const u8).add(13) };
     Parsed::Tcp(Segment {
-        eth,
-        family: family as u8,
-        saddr,
-        daddr,
+        eth: ip.eth,
+        family: ip.family as u8,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
         sport: u16::from_ne_bytes(tcp_ref.source),
         dport: u16::from_ne_bytes(tcp_ref.dest),
         flags,

@@ -136,6 +136,9 @@ pub struct ServiceConfig {
     pub policy: Policy,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// Settings of `forwarding: tunnel` (required with it, refused without it).
+    #[serde(default)]
+    pub tunnel: Option<TunnelConfig>,
     #[serde(default = "default_maglev_table_size")]
     pub maglev_table_size: u32,
     #[serde(default)]
@@ -166,9 +169,86 @@ pub enum Policy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Forwarding {
-    /// L2 direct server return: MAC rewrite, the backend answers the client directly.
+    /// L2 direct server return (IPVS `-g`): MAC rewrite, the backend answers the client
+    /// directly. Backends are on the balancer's L2 segment and hold the VIP on loopback.
     #[default]
     Dsr,
+    /// IP-in-IP tunnel (IPVS `-i`): the client's packet inside an outer IPv4 (IPIP) or IPv6
+    /// (IPv6-in-IPv6) header to the backend, sent to its next hop from the routing table, so
+    /// backends may be in any routed subnet. Backends decapsulate (an `ipip`/`ip6tnl` device or
+    /// `sticky-lb decap`), hold the VIP on loopback and answer the client directly.
+    Tunnel,
+}
+
+impl Forwarding {
+    /// The name the config, `status` and the state file use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Dsr => "dsr",
+            Forwarding::Tunnel => "tunnel",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Outer source of encapsulated packets: an address of the balancer (`198.18.0.2`), or a
+    /// prefix (`198.18.240.0/24`, `2001:db8:f::/64`) from which each client's packets get one
+    /// address, picked by a hash of the client, so a backend's NIC spreads clients over its
+    /// receive queues (RSS hashes the outer addresses). Of the service's family. See
+    /// [`TunnelConfig::source`].
+    pub source: String,
+}
+
+impl TunnelConfig {
+    /// The source prefix: address (host bits cleared) and length. Errors name what is wrong.
+    pub fn source(&self) -> Result<(IpAddr, u8), String> {
+        let (address, len) = match self.source.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (self.source.as_str(), None),
+        };
+        let address: IpAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{}' is not an address or prefix", self.source))?;
+        let family = Family::of(&address);
+        let len = match len {
+            None => family.bits(),
+            Some(l) => match l.trim().parse::<u8>() {
+                Ok(l) if l <= family.bits() => l,
+                _ => {
+                    return Err(format!(
+                        "'{}': the prefix length must be 0 to {}",
+                        self.source,
+                        family.bits()
+                    ));
+                }
+            },
+        };
+        // At most 32 host bits: the data path fills them from a 32-bit hash in one word.
+        if family.bits() - len > 32 {
+            return Err(format!(
+                "'{}': at most 32 host bits (a prefix of at least /{})",
+                self.source,
+                family.bits() - 32
+            ));
+        }
+        if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
+            return Err(format!(
+                "'{}' cannot be a source: unspecified, multicast or loopback",
+                self.source
+            ));
+        }
+        let masked = sticky_lb_common::addr::from_words(
+            family,
+            sticky_lb_common::addr::masked(
+                sticky_lb_common::addr::words(&address),
+                sticky_lb_common::addr::prefix_mask(family, len),
+            ),
+        );
+        Ok((masked, len))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

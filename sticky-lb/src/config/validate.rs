@@ -3,7 +3,7 @@
 //! make sense. An error names the field by its path and, where it can be found, its line.
 
 use super::{
-    CheckKind, Config, ConfigError, HealthCheckConfig, Policy,
+    CheckKind, Config, ConfigError, Forwarding, HealthCheckConfig, Policy,
     location::{PathPart, locate, render_path},
 };
 use crate::maglev::is_prime;
@@ -148,6 +148,36 @@ impl Config {
                     &mask,
                     format!("must be a prefix length from 0 to {}", family.bits()),
                 ));
+            }
+            match (service.forwarding, &service.tunnel) {
+                (Forwarding::Tunnel, None) => {
+                    return Err(err(
+                        &at("tunnel"),
+                        "forwarding: tunnel needs `tunnel: {source: ADDRESS or PREFIX}`, the outer source of encapsulated packets".into(),
+                    ));
+                }
+                (Forwarding::Dsr, Some(_)) => {
+                    return Err(err(
+                        &at("tunnel"),
+                        "applies only to forwarding: tunnel (this service uses dsr)".into(),
+                    ));
+                }
+                (Forwarding::Tunnel, Some(tunnel)) => {
+                    let source = [K("services"), I(i), K("tunnel"), K("source")];
+                    let (address, _) = tunnel.source().map_err(|m| err(&source, m))?;
+                    if Family::of(&address) != family {
+                        return Err(err(
+                            &source,
+                            format!(
+                                "{} is {} but the service's vip {} is {family}: the outer header is of the service's family",
+                                tunnel.source,
+                                Family::of(&address),
+                                service.vip
+                            ),
+                        ));
+                    }
+                }
+                (Forwarding::Dsr, None) => {}
             }
             if service.stick.timeout < MIN_STICK_TIMEOUT {
                 let timeout = [K("services"), I(i), K("stick"), K("timeout")];

@@ -91,46 +91,51 @@ impl Controller {
         self.reconcile_observed("health change");
     }
 
-    /// A neighbour-table answer: a backend's MAC appeared, changed or went away.
+    /// A neighbour-table answer about `address`: the MAC of the backends sent to it (DSR
+    /// backends are their own neighbour; tunnel backends are sent to their next hop, a router
+    /// or themselves) appeared, changed or went away.
     pub(super) fn apply_neighbour(&mut self, address: IpAddr, mac: Option<[u8; 6]>) {
-        let known = self.observed.macs.get(&address).copied();
-        if mac.is_none() || known == mac {
+        let Some(mac) = mac else {
             return; // a failed lookup keeps the last MAC: the health checks judge reachability
+        };
+        let mut changed = false;
+        for s in &self.services {
+            for b in &s.backends {
+                if b.configured_mac.is_some() || self.observed.next_hop(b.address) != address {
+                    continue; // a client, or a router none of our backends is behind
+                }
+                let known = self.observed.macs.get(&b.address).copied();
+                if known == Some(mac) {
+                    continue;
+                }
+                let via = match address == b.address {
+                    true => String::new(),
+                    false => format!(" via {address}"),
+                };
+                match known {
+                    None => info!(
+                        "backend {}/{} ({}{via}) answered: MAC {}",
+                        s.name(),
+                        b.name,
+                        b.address,
+                        crate::config::format_mac(&mac)
+                    ),
+                    Some(old) => info!(
+                        "backend {}/{} ({}{via}) moved from MAC {} to {}",
+                        s.name(),
+                        b.name,
+                        b.address,
+                        crate::config::format_mac(&old),
+                        crate::config::format_mac(&mac)
+                    ),
+                }
+                self.observed.macs.insert(b.address, mac);
+                changed = true;
+            }
         }
-        let is_backend = self
-            .services
-            .iter()
-            .any(|s| s.backends.iter().any(|b| b.address == address));
-        if !is_backend {
-            return; // a client or a router: not ours to follow (a new backend's first look
-            // takes its MAC itself)
+        if changed {
+            self.reconcile_observed("neighbour change");
         }
-        let mac = mac.unwrap_or_default();
-        let names: Vec<String> = self
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .filter(|b| b.address == address)
-                    .map(move |b| format!("{}/{}", s.name(), b.name))
-            })
-            .collect();
-        match known {
-            None => info!(
-                "backend {} ({address}) answered: MAC {}",
-                names.join(", "),
-                crate::config::format_mac(&mac)
-            ),
-            Some(old) => info!(
-                "backend {} ({address}) moved from MAC {} to {}",
-                names.join(", "),
-                crate::config::format_mac(&old),
-                crate::config::format_mac(&mac)
-            ),
-        }
-        self.observed.macs.insert(address, mac);
-        self.reconcile_observed("neighbour change");
     }
 
     /// An rtnetlink event about the interface or a neighbour on it.
@@ -199,7 +204,9 @@ impl Controller {
             .flat_map(|s| &s.backends)
             .filter(|b| b.configured_mac.is_none())
             .filter(|b| all || !self.observed.macs.contains_key(&b.address))
-            .map(|b| b.address)
+            .map(|b| self.observed.next_hop(b.address))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         if addresses.is_empty() {
             return;

@@ -4,7 +4,7 @@
 
 use super::model::Admin;
 use crate::{
-    config::{BackendConfig, Config, HealthCheck, RuntimeChanges, ServiceConfig},
+    config::{BackendConfig, Config, Forwarding, HealthCheck, RuntimeChanges, ServiceConfig},
     state::{BackendChange, WeightChange},
 };
 use std::{
@@ -34,6 +34,8 @@ pub(super) struct WantedBackend {
     pub admin: Admin,
     pub check: HealthCheck,
     pub from_api: bool,
+    /// How the service reaches it: a tunnel backend's frames go to its next hop.
+    pub forwarding: Forwarding,
 }
 
 /// What the controller learnt from the world, not from an operator.
@@ -51,6 +53,26 @@ pub(super) struct Observed {
     pub first_verdicts: HashMap<(String, String), (IpAddr, bool)>,
     /// Retiring backends the last sweep found with no stuck client and no open connection.
     pub drained_out: BTreeSet<BackendId>,
+    /// Tunnel backends' next hops from the routing table (a router, or the backend itself when
+    /// on-link), by backend address: whose MAC their frames go to. A DSR backend is its own.
+    pub next_hops: HashMap<IpAddr, IpAddr>,
+    /// The interface's MTU (bytes), read at start, reload and link changes.
+    pub interface_mtu: Option<u16>,
+}
+
+/// The MTU assumed until the interface's is read: Ethernet's (bytes).
+pub(super) const DEFAULT_MTU: u16 = 1500;
+
+impl Observed {
+    /// The interface's MTU (bytes), or Ethernet's until it has been read.
+    pub(super) fn mtu(&self) -> u16 {
+        self.interface_mtu.unwrap_or(DEFAULT_MTU)
+    }
+
+    /// The address whose MAC frames for the backend at `address` are sent to.
+    pub(super) fn next_hop(&self, address: IpAddr) -> IpAddr {
+        self.next_hops.get(&address).copied().unwrap_or(address)
+    }
 }
 
 impl Desired {
@@ -114,6 +136,7 @@ impl Desired {
                 admin: Admin::Enabled,
                 check: service.health_check(i),
                 from_api: false,
+                forwarding: service.forwarding,
             });
         let added = changes.iter().filter_map(|(name, c)| {
             let a = c.added.as_ref()?;
@@ -131,6 +154,7 @@ impl Desired {
                 admin: Admin::Enabled,
                 check: service.service_health_check(),
                 from_api: true,
+                forwarding: service.forwarding,
             })
         });
         configured.chain(added).filter_map(apply).collect()

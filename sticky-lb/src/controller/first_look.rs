@@ -5,7 +5,11 @@ use super::{
     desired::{Desired, Observed, WantedBackend},
     model::ServiceSlot,
 };
-use crate::{config::CheckKind, health, neighbour::Neighbours};
+use crate::{
+    config::{CheckKind, Forwarding},
+    health,
+    neighbour::Neighbours,
+};
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -22,6 +26,9 @@ pub(super) struct FirstLook {
     pub service: String,
     pub backend: String,
     pub address: IpAddr,
+    /// A tunnel backend's next hop (a router, or itself when on-link), when the route was found.
+    pub next_hop: Option<IpAddr>,
+    /// The MAC its frames go to: its own (DSR) or its next hop's (tunnel).
     pub mac: Option<[u8; 6]>,
     /// The first check's verdict; `None` with checks off.
     pub healthy: Option<bool>,
@@ -41,9 +48,29 @@ pub(super) async fn first_look(
             let neighbours = neighbours.clone();
             tokio::spawn(async move {
                 let address = b.address;
-                let mac = match b.mac {
-                    Some(mac) => Some(mac),
-                    None => neighbours.resolve(address, RESOLVE_TIMEOUT).await,
+                let next_hop = match b.forwarding {
+                    Forwarding::Dsr => None,
+                    Forwarding::Tunnel => match neighbours.next_hop(address).await {
+                        Ok(hop) => Some(hop),
+                        Err(e) => {
+                            warn!(
+                                service = %service,
+                                backend = %b.name,
+                                "backend {service}/{} ({address}) has no next hop: {e:#}; it takes no clients until a reload finds one",
+                                b.name
+                            );
+                            None
+                        }
+                    },
+                };
+                let mac = match (b.mac, b.forwarding, next_hop) {
+                    (Some(mac), _, _) => Some(mac),
+                    (None, Forwarding::Tunnel, None) => None,
+                    (None, _, hop) => {
+                        neighbours
+                            .resolve(hop.unwrap_or(address), RESOLVE_TIMEOUT)
+                            .await
+                    }
                 };
                 let (healthy, failure) = match b.check.kind {
                     CheckKind::None => (None, None),
@@ -59,6 +86,7 @@ pub(super) async fn first_look(
                     service,
                     backend: b.name,
                     address,
+                    next_hop,
                     mac,
                     healthy,
                     failure,
@@ -85,10 +113,13 @@ pub(super) fn new_backends(
     for s in &desired.config.services {
         let old = current.iter().find(|c| c.name() == s.name);
         for b in desired.backends(s) {
+            // A service that changes its forwarding mode looks again: a tunnel backend's frames
+            // go to its next hop, a DSR backend's to itself.
             let known = old.is_some_and(|o| {
-                o.backends
-                    .iter()
-                    .any(|ob| ob.name == b.name && ob.address == b.address)
+                o.config.forwarding == s.forwarding
+                    && o.backends
+                        .iter()
+                        .any(|ob| ob.name == b.name && ob.address == b.address)
             });
             if !known {
                 new.push((s.name.clone(), b));
@@ -102,6 +133,9 @@ impl Observed {
     /// Takes in what a first look found: the MAC, and the check's verdict (by name, until the
     /// backend has an id).
     pub(super) fn record(&mut self, look: &FirstLook) {
+        if let Some(hop) = look.next_hop {
+            self.next_hops.insert(look.address, hop);
+        }
         if let Some(mac) = look.mac {
             self.macs.insert(look.address, mac);
         }

@@ -177,9 +177,14 @@ impl ServiceSlot {
     }
 }
 
-/// The service key and parameters a service config gives. Address, ring base and size are
-/// filled in when the service is published.
-pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceKey, Service) {
+/// The service key and parameters a service config gives, on an interface whose MTU is `mtu`
+/// (bytes; what a tunnel service's encapsulated packets must fit). Address, ring base and size
+/// are filled in when the service is published.
+pub(super) fn service_entry(
+    service: &ServiceConfig,
+    id: ServiceId,
+    mtu: u16,
+) -> (ServiceKey, Service) {
     let family = service.family();
     let key = ServiceKey {
         vip: addr::words(&service.vip),
@@ -187,13 +192,16 @@ pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceK
         protocol: PROTO_TCP,
         family: family as u8,
     };
-    let params = Service {
+    let mut params = Service {
         id,
         policy: match service.policy {
             config::Policy::IpHash => Policy::IpHash as u8,
             config::Policy::LeastConn => Policy::LeastConn as u8,
         },
-        forwarding: Forwarding::Dsr as u8,
+        forwarding: match service.forwarding {
+            config::Forwarding::Dsr => Forwarding::Dsr as u8,
+            config::Forwarding::Tunnel => Forwarding::Tunnel as u8,
+        },
         stick_timeout_ns: service.stick.timeout.as_nanos() as u64,
         insert_interval_ns: match service.stick.insert_rate_limit {
             0 => 0,
@@ -204,6 +212,14 @@ pub(super) fn service_entry(service: &ServiceConfig, id: ServiceId) -> (ServiceK
         client_mask: addr::prefix_mask(family, service.client_mask()),
         ..Default::default()
     };
+    if let Some((source, len)) = service.tunnel.as_ref().and_then(|t| t.source().ok()) {
+        params.tunnel_source = addr::words(&source);
+        // The host bits sit in the last word: word 0 of an IPv4 address, word 3 of an IPv6 one
+        // (the config allows at most 32 of them).
+        let last = if family == Family::Ipv6 { 3 } else { 0 };
+        params.tunnel_host_bits = !addr::prefix_mask(family, len)[last];
+        params.mtu = mtu;
+    }
     (key, params)
 }
 

@@ -239,7 +239,7 @@ pub(super) fn plan(
                 }
             }
         }
-        let (key, mut params) = service_entry(service, sid);
+        let (key, mut params) = service_entry(service, sid, observed.mtu());
         if let Some(old) = old
             && old.key == key
         {

@@ -236,6 +236,7 @@ impl Controller {
             admin: Admin::Enabled,
             check: s.config.service_health_check(),
             from_api: true,
+            forwarding: s.config.forwarding,
         };
         let neighbours = self.neighbours.clone();
         let pending = self.pending_tx.clone();

@@ -4,14 +4,14 @@
 
 use super::{
     Controller, NeighbourAnswer,
-    desired::{Changes, Desired, Observed},
+    desired::{Changes, DEFAULT_MTU, Desired, Observed},
     first_look::{first_look, new_backends},
     ids::IdBook,
     instance,
     model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
 };
 use crate::{
-    config::{Config, ServiceConfig},
+    config::{Config, Forwarding, ServiceConfig},
     dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, monotonic_ns},
     health, metrics,
     neighbour::{self, Neighbours},
@@ -341,7 +341,7 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
                 .find(|s| s.name == record.name)
                 .cloned()
                 .unwrap_or_else(|| departed_service(record));
-            let (mut key, mut params) = service_entry(&config, record.id);
+            let (mut key, mut params) = service_entry(&config, record.id, DEFAULT_MTU);
             // The key the index holds is the recorded one (the config's VIP may have changed).
             key.vip = addr::words(&record.vip);
             key.port = record.port.to_be();
@@ -423,7 +423,10 @@ async fn observe(
     previous: Option<&RuntimeState>,
     neighbours: &Arc<Neighbours>,
 ) -> Observed {
-    let mut observed = Observed::default();
+    let mut observed = Observed {
+        interface_mtu: crate::neighbour::interface_mtu(&desired.config.interface).ok(),
+        ..Observed::default()
+    };
     for s in current {
         for b in &s.backends {
             if let Some(mac) = b.mac {
@@ -431,6 +434,13 @@ async fn observe(
             }
             if previous.is_some() {
                 observed.health.insert(b.id, b.healthy);
+            }
+            // An adopted tunnel backend keeps its pinned MAC; its next hop is looked up again so
+            // the neighbour watch follows the right neighbour.
+            if s.config.forwarding == Forwarding::Tunnel
+                && let Ok(hop) = neighbours.next_hop(b.address).await
+            {
+                observed.next_hops.insert(b.address, hop);
             }
         }
     }
@@ -452,7 +462,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
             crate::config::Policy::IpHash => "ip-hash".into(),
             crate::config::Policy::LeastConn => "least-conn".into(),
         },
-        forwarding: "dsr".into(),
+        forwarding: s.config.forwarding.name().into(),
         stick_timeout_ms: s.config.stick.timeout.as_millis() as u64,
         client_mask: s.config.client_mask(),
         maglev_table_size: s.config.maglev_table_size,

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use futures_util::{Stream, StreamExt};
 use log::{debug, warn};
 use rtnetlink::{
-    Handle, MulticastGroup,
+    Handle, MulticastGroup, RouteMessageBuilder,
     packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
@@ -29,6 +29,7 @@ use rtnetlink::{
             NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags,
             NeighbourMessage, NeighbourState,
         },
+        route::{RouteAddress, RouteAttribute},
     },
     sys::AsyncSocket,
 };
@@ -76,6 +77,33 @@ pub fn interface_mac(interface: &str) -> Result<[u8; 6]> {
         *dst = *src as u8;
     }
     Ok(mac)
+}
+
+/// The MTU of `interface` in bytes (SIOCGIFMTU): the largest IP packet it sends. Errors if the
+/// name is too long or no interface has it.
+pub fn interface_mtu(interface: &str) -> Result<u16> {
+    if interface.len() >= libc::IFNAMSIZ {
+        bail!("interface name '{interface}' too long");
+    }
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFMTU");
+    }
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq with a NUL-terminated name.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err).with_context(|| format!("reading the MTU of {interface}"));
+    }
+    // SAFETY: SIOCGIFMTU fills ifru_mtu.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok(mtu.clamp(0, u16::MAX as i32) as u16)
 }
 
 /// A change [`Neighbours::watch`] reports. Only changes are reported: the kernel's routine moves
@@ -251,6 +279,49 @@ impl Neighbours {
             }
             let _ = tokio::time::timeout((deadline - now).min(RECHECK), changed).await;
         }
+    }
+
+    /// The next hop towards `address` in the calling namespace's routing table (RTM_GETROUTE,
+    /// as `ip route get` asks): the gateway of the route, or `address` itself when it is on-link.
+    /// Tunnel services send a backend's frames to this neighbour's MAC.
+    ///
+    /// Errors, in one line, if no route leads there or the route leaves by another interface than
+    /// the watched one: the data path sends frames only back out of the interface they came in on.
+    pub async fn next_hop(&self, address: IpAddr) -> Result<IpAddr> {
+        let index = self
+            .index()
+            .with_context(|| format!("interface {} is missing", self.interface))?;
+        let request = match address {
+            IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut routes = self.handle.route().get(request).execute();
+        let route = match routes.next().await {
+            Some(Ok(route)) => route,
+            Some(Err(e)) => bail!("no route to {address}: {e}"),
+            None => bail!("no route to {address}"),
+        };
+        let mut gateway = None;
+        let mut oif = None;
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        if oif != Some(index) {
+            bail!(
+                "the route to {address} does not leave by {} (the data path sends only out of the interface it is attached to)",
+                self.interface
+            );
+        }
+        Ok(gateway.unwrap_or(address))
     }
 
     /// The kernel's entry for `address` on interface `index` (RTM_GETNEIGH for one entry), if
