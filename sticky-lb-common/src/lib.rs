@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod addr;
+pub mod decap;
 pub mod hash;
 
 pub use addr::Family;
@@ -630,6 +631,7 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for InsertBudget {}
     unsafe impl aya::Pod for ExpireRequest {}
+    unsafe impl aya::Pod for crate::decap::TunnelAddr {}
 }
 
 #[cfg(test)]

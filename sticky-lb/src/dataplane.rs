@@ -14,7 +14,7 @@ use aya::{
     programs::{
         Xdp,
         links::{FdLink, PinnedLink},
-        xdp::XdpLink,
+        xdp::{XdpLink, XdpLinkId},
     },
 };
 use std::path::{Path, PathBuf};
@@ -146,6 +146,30 @@ pub enum Attached {
     Replaced,
 }
 
+/// Attaches `program` to `interface` in `mode`: native (driver) or generic (skb) XDP, or `auto`,
+/// native with a fallback to generic and a log line. The link stays with the program (dropping
+/// or detaching it detaches); the balancer pins it, the decap program does not.
+pub fn attach_in_mode(
+    program: &mut Xdp,
+    interface: &str,
+    mode: crate::config::XdpMode,
+) -> Result<(XdpLinkId, Attached)> {
+    use crate::config::XdpMode as M;
+    use aya::programs::XdpMode::{Driver, Skb};
+    let name = std::ffi::CString::new(interface)?;
+    Ok(match mode {
+        M::Native => (program.attach(name.as_c_str(), Driver)?, Attached::Native),
+        M::Generic => (program.attach(name.as_c_str(), Skb)?, Attached::Generic),
+        M::Auto => match program.attach(name.as_c_str(), Driver) {
+            Ok(id) => (id, Attached::Native),
+            Err(e) => {
+                warn!("native XDP on {interface} failed ({e}); falling back to generic mode");
+                (program.attach(name.as_c_str(), Skb)?, Attached::Generic)
+            }
+        },
+    })
+}
+
 /// The loaded program and typed handles on its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -249,7 +273,6 @@ impl Dataplane {
     /// Attaches to `interface` and pins the link, or, if a link is already pinned, swaps this
     /// program into it atomically (no packet sees no program).
     pub fn attach(&mut self, interface: &str, mode: crate::config::XdpMode) -> Result<Attached> {
-        use crate::config::XdpMode as M;
         let link_pin = self
             .pins
             .as_ref()
@@ -267,27 +290,7 @@ impl Dataplane {
                 }
             }
         }
-        let name = std::ffi::CString::new(interface)?;
-        let (link_id, attached) = match mode {
-            M::Native => (
-                program.attach(name.as_c_str(), aya::programs::XdpMode::Driver)?,
-                Attached::Native,
-            ),
-            M::Generic => (
-                program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?,
-                Attached::Generic,
-            ),
-            M::Auto => match program.attach(name.as_c_str(), aya::programs::XdpMode::Driver) {
-                Ok(id) => (id, Attached::Native),
-                Err(e) => {
-                    warn!("native XDP on {interface} failed ({e}); falling back to generic mode");
-                    (
-                        program.attach(name.as_c_str(), aya::programs::XdpMode::Skb)?,
-                        Attached::Generic,
-                    )
-                }
-            },
-        };
+        let (link_id, attached) = attach_in_mode(program, interface, mode)?;
         let link: FdLink = program
             .take_link(link_id)?
             .try_into()

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod decap;
 pub mod expiry;
 pub mod health;
 pub mod maglev;

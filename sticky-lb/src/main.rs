@@ -3,9 +3,9 @@
 use clap::{CommandFactory, Parser, Subcommand};
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 use sticky_lb::{
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, XdpMode},
     control::{self, BackendAction, Reply, Request},
-    controller, netns,
+    controller, decap, netns,
     view::{self, Target},
 };
 
@@ -20,7 +20,8 @@ struct Cli {
     /// Run in this network namespace (as created by `ip netns add`).
     #[arg(long, global = true, value_name = "NAME")]
     netns: Option<String>,
-    /// The interface sticky-lb runs on (needed only if it runs on several).
+    /// The interface sticky-lb runs on (needed only if it runs on several); for `decap`, the
+    /// interface tunnel packets arrive on (required).
     #[arg(long, short, global = true, value_name = "IF")]
     interface: Option<String>,
     /// Log line format on stderr: `logfmt` (key=value, one line per event; keys ts, level,
@@ -108,6 +109,21 @@ enum Command {
     Reload,
     /// Detach the data path and remove its pinned state (the stick and connection tables with it).
     Detach,
+    /// On a backend of a `forwarding: tunnel` service: remove the outer header of IPv4-in-IPv4
+    /// (IPIP), IPv6-in-IPv4, IPv4-in-IPv6 and IPv6-in-IPv6 packets addressed to one of the tunnel
+    /// addresses and pass the inner packet to the kernel; everything else passes untouched. Runs
+    /// in the foreground until SIGINT/SIGTERM, then detaches (nothing is pinned) and prints its
+    /// counters.
+    Decap {
+        /// A tunnel address (repeat for more); default: every IPv4 and IPv6 address of the
+        /// interface.
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// `native`, `generic`, or `auto` (native, falling back to generic with a log line), as
+        /// `xdp_mode`.
+        #[arg(long, value_enum, default_value_t = XdpMode::Auto, hide_possible_values = true)]
+        mode: XdpMode,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -438,6 +454,18 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             controller::detach(target.netns.as_deref(), &target.interface)?;
             println!("detached from {}", target.interface);
             Ok(())
+        }
+        Command::Decap { addresses, mode } => {
+            let Some(interface) = cli.interface else {
+                anyhow::bail!(
+                    "decap needs --interface IF (the interface tunnel packets arrive on)"
+                );
+            };
+            decap::run(&decap::Options {
+                interface,
+                addresses,
+                mode,
+            })
         }
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -2,6 +2,7 @@
 //! network-namespace rig used by the end-to-end tests in `tests/tests/`.
 
 pub mod balancer;
+pub mod decap;
 pub mod fixture;
 pub mod loadgen;
 pub mod netns;

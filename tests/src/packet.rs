@@ -1,6 +1,7 @@
 //! Frames built byte by byte for BPF_PROG_TEST_RUN fixtures: Ethernet (optionally 802.1Q),
 //! IPv4 (optionally with options and fragment bits) or IPv6 (optionally with extension headers),
-//! TCP or UDP, with valid checksums.
+//! TCP or UDP, with valid checksums; and tunnel frames, an IP packet inside an outer IPv4 or
+//! IPv6 header.
 
 use std::net::IpAddr;
 
@@ -39,6 +40,11 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// IP protocol / IPv6 next-header numbers of a tunnel's inner packet (IANA): IPv4 (IP-in-IP,
+/// RFC 2003) and IPv6 (RFC 4213, RFC 2473).
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 1];
 pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 2];
 
@@ -68,6 +74,11 @@ impl Frame {
     /// Offset of the IP header in the built frame.
     pub fn ip_offset(&self) -> usize {
         ETH_LEN + if self.vlan.is_some() { VLAN_LEN } else { 0 }
+    }
+
+    /// The frame's IP packet: everything after the Ethernet header and any tag.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.build().split_off(self.ip_offset())
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -202,6 +213,43 @@ impl Frame {
     }
 }
 
+/// `inner` (an IP packet) inside an outer header from `outer_src` to `outer_dst`, as a
+/// tunnel-mode balancer sends it, in a frame with `l2`'s MACs and VLAN tag. The outer header's
+/// family is the addresses'; its protocol (next header) is 4 for an IPv4 inner packet and 41 for
+/// anything else (an IPv6 one). IPv4: no options, DF set, TTL 64, a valid checksum; IPv6: no
+/// extension headers, hop limit 64.
+pub fn tunnel_frame(l2: &Frame, outer_src: IpAddr, outer_dst: IpAddr, inner: &[u8]) -> Vec<u8> {
+    let protocol = match inner.first() {
+        Some(byte) if byte >> 4 == 4 => IPPROTO_IPIP,
+        _ => IPPROTO_IPV6,
+    };
+    let mut out = l2.build();
+    // MACs and any tag; the EtherType is the outer header's.
+    out.truncate(l2.ip_offset() - 2);
+    if outer_src.is_ipv4() {
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        let ip_start = out.len();
+        out.extend_from_slice(&[0x45, 0]);
+        out.extend_from_slice(&((IPV4_LEN + inner.len()) as u16).to_be_bytes());
+        out.extend_from_slice(&0x4321u16.to_be_bytes());
+        out.extend_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
+        out.extend_from_slice(&[64, protocol, 0, 0]);
+        out.extend_from_slice(&octets(outer_src));
+        out.extend_from_slice(&octets(outer_dst));
+        let sum = checksum(&out[ip_start..], 0);
+        out[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        out.extend_from_slice(&0x86ddu16.to_be_bytes());
+        out.extend_from_slice(&[0x60, 0, 0, 0]);
+        out.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+        out.extend_from_slice(&[protocol, 64]);
+        out.extend_from_slice(&octets(outer_src));
+        out.extend_from_slice(&octets(outer_dst));
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
 /// The address's bytes in network order (4 or 16).
 fn octets(addr: IpAddr) -> Vec<u8> {
     match addr {
@@ -239,6 +287,42 @@ mod tests {
         )
         .build();
         assert_eq!(checksum(&frame[ETH_LEN..ETH_LEN + IPV4_LEN], 0), 0);
+    }
+
+    #[test]
+    fn tunnel_frames_carry_the_inner_packet_under_a_valid_outer_header() {
+        let inner = Frame::tcp_syn(
+            "198.18.1.1".parse::<IpAddr>().unwrap(),
+            "198.18.0.100".parse::<IpAddr>().unwrap(),
+            80,
+        );
+        let packet = inner.ip_packet();
+        let outer_src = "198.18.0.1".parse().unwrap();
+        let frame = tunnel_frame(&inner, outer_src, "198.18.0.2".parse().unwrap(), &packet);
+        assert_eq!(&frame[12..14], &[0x08, 0x00]);
+        assert_eq!(checksum(&frame[ETH_LEN..ETH_LEN + IPV4_LEN], 0), 0);
+        assert_eq!(frame[ETH_LEN + 9], IPPROTO_IPIP);
+        assert_eq!(frame[ETH_LEN + IPV4_LEN..], packet[..]);
+        // An IPv6 packet in an IPv6 tunnel: next header 41, payload length the inner packet's.
+        let inner6 = Frame::tcp_syn(
+            "2001:db8:1::1".parse::<IpAddr>().unwrap(),
+            "2001:db8::100".parse::<IpAddr>().unwrap(),
+            80,
+        );
+        let packet6 = inner6.ip_packet();
+        let frame6 = tunnel_frame(
+            &inner6,
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            &packet6,
+        );
+        assert_eq!(&frame6[12..14], &[0x86, 0xdd]);
+        assert_eq!(frame6[ETH_LEN + 6], IPPROTO_IPV6);
+        assert_eq!(
+            frame6[ETH_LEN + 4..ETH_LEN + 6],
+            (packet6.len() as u16).to_be_bytes()
+        );
+        assert_eq!(frame6[ETH_LEN + IPV6_LEN..], packet6[..]);
     }
 
     #[test]

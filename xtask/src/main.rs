@@ -35,7 +35,8 @@ struct Cli {
 enum Cmd {
     /// Install the XDP toolchain, bpf-linker (cached), Debian packages; mount bpffs.
     Setup,
-    /// Build the XDP program, then the controller.
+    /// Build the XDP programs (the balancer's and the backends' decapsulation program), then the
+    /// controller, which embeds both.
     Build {
         #[arg(long)]
         release: bool,
@@ -312,7 +313,9 @@ fn build(release: bool) -> Result<()> {
         linker_bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    // The XDP program is always built optimised: the verifier and the per-packet cost want it.
+    // The XDP programs are always built optimised: the verifier and the per-packet cost want it.
+    // Every binary of sticky-lb-ebpf is built: the balancer's object (`sticky-lb`) and the
+    // decapsulation program's (`sticky-lb-decap`); sticky-lb's build.rs embeds both.
     run(clean("cargo")
         .current_dir(root.join("sticky-lb-ebpf"))
         .args([

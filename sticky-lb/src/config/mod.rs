@@ -72,13 +72,16 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+/// Where XDP runs: the config's `xdp_mode`, and `sticky-lb decap --mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum XdpMode {
     /// Try native (driver) mode, fall back to generic with a log line.
     #[default]
     Auto,
+    /// In the driver (fails if the driver has no XDP support).
     Native,
+    /// In the kernel's generic path (skb mode): any interface, slower.
     Generic,
 }
 
