@@ -509,11 +509,21 @@ pub enum Counter {
     /// (drivers with XDP support leave 256 bytes in front; passing it instead would make the
     /// host's TCP reset the client's connection).
     DropResizeFailed = 11,
+    /// Forwarded: an ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP's reply,
+    /// sent on to the backend that owns the connection (its connection or its client's stick
+    /// entry), so path-MTU discovery works through the balancer.
+    TxIcmpToBackend = 12,
+    /// Passed: such an ICMP error about a connection no table knows (or whose backend no longer
+    /// serves); the host, which has no such connection, ignores it.
+    PassIcmpNoFlow = 13,
+    /// Dropped: an ICMP error for a tunnel service's backend that does not fit the MTU once
+    /// encapsulated (ICMP errors are never answered with ICMP errors, RFC 1122 3.2.2).
+    DropTooBig = 14,
 }
 
 /// Number of [`Counter`]s. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 15;
 /// Slots of the counters map: room for counters to come without a layout change.
 pub const COUNTER_SLOTS: u32 = 32;
 /// IPv6 extension headers the data path skips to reach TCP (RFC 8200 4.1 recommends at most one
@@ -534,6 +544,9 @@ impl Counter {
         Counter::PassIpv6ExtHeaders,
         Counter::TxIcmpTooBig,
         Counter::DropResizeFailed,
+        Counter::TxIcmpToBackend,
+        Counter::PassIcmpNoFlow,
+        Counter::DropTooBig,
     ];
 
     /// Name used by `status` and in metrics.
@@ -551,6 +564,9 @@ impl Counter {
             Counter::PassIpv6ExtHeaders => "pass_ipv6_ext_headers",
             Counter::TxIcmpTooBig => "tx_icmp_too_big",
             Counter::DropResizeFailed => "drop_resize_failed",
+            Counter::TxIcmpToBackend => "tx_icmp_to_backend",
+            Counter::PassIcmpNoFlow => "pass_icmp_no_flow",
+            Counter::DropTooBig => "drop_too_big",
         }
     }
 }

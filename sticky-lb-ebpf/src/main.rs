@@ -32,12 +32,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use conntrack::Opened;
 use maps::{SERVICE_INDEX, SERVICES};
+use network_types::eth::EthHdr;
 use parse::{Parsed, Segment, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{
-    Backend, BackendId, Counter, Family, FlowState, Forwarding, PROTO_TCP, SERVICE_INDEX_PROBES,
-    SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, addr::masked, hash::service_slot,
-    refresh_interval_ns,
+    Backend, BackendId, Counter, Family, FlowKey, FlowState, Forwarding, PROTO_TCP,
+    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, StickEntry,
+    StickKey, addr::masked, hash::service_slot, refresh_interval_ns,
 };
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
@@ -61,8 +62,9 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         Parsed::BadIpHeader => return pass(Counter::PassBadIpHeader),
         Parsed::BadTcpHeader => return pass(Counter::PassBadTcpHeader),
         Parsed::TooManyExtHeaders => return pass(Counter::PassIpv6ExtHeaders),
+        Parsed::TooBigError(error) => return too_big_error(ctx, &error),
     };
-    let service = match find_service(&packet) {
+    let service = match find_service(&packet.daddr, packet.dport, packet.family) {
         Lookup::Service(service) => service,
         Lookup::NotService => return pass(Counter::PassNotService),
         Lookup::Corrupt => {
@@ -72,7 +74,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         }
     };
     match place(ctx, &packet, service) {
-        Ok((id, backend)) => forward(ctx, &packet, service, id, backend),
+        Ok((id, backend)) => forward(ctx, packet.eth, service, id, backend, true),
         Err(verdict) => verdict,
     }
 }
@@ -137,15 +139,62 @@ fn place(
     }
 }
 
+/// ICMP "fragmentation needed" / "packet too big" about a VIP's reply (a router between a
+/// backend and its client found it too big; the error comes to the VIP, the reply's source):
+/// forwarded to the backend that owns the connection, so path-MTU discovery works through the
+/// balancer (Katran does the same). The connection table names the backend; without an entry
+/// there, the client's stick entry; without either the error is passed to the host, which has
+/// no such connection and ignores it.
+#[inline(always)]
+fn too_big_error(ctx: &XdpContext, error: &parse::TooBigError) -> u32 {
+    let service = match find_service(&error.vip, error.port, error.family) {
+        Lookup::Service(service) => service,
+        Lookup::NotService => return pass(Counter::PassNotService),
+        Lookup::Corrupt => {
+            stats::count(Counter::Aborted);
+            return xdp_action::XDP_ABORTED;
+        }
+    };
+    let flow_key = FlowKey {
+        service: service.id,
+        client: error.client,
+        client_port: error.client_port,
+        _pad: 0,
+    };
+    let stick_key = StickKey {
+        service: service.id,
+        client: masked(error.client, service.client_mask),
+    };
+    // SAFETY: live hash-map values; only the backend id is read.
+    let id = match conntrack::lookup(&flow_key) {
+        Some(flow) => unsafe { (*flow).backend },
+        None => match maps::STICK.get_ptr(&stick_key) {
+            Some(entry) => StickEntry::placement_backend(unsafe { (*entry).placement() }),
+            None => return pass(Counter::PassIcmpNoFlow),
+        },
+    };
+    let Some(backend) = select::usable(service, id) else {
+        return pass(Counter::PassIcmpNoFlow);
+    };
+    let verdict = forward(ctx, error.eth, service, id, backend, false);
+    if verdict == xdp_action::XDP_TX {
+        stats::count(Counter::TxIcmpToBackend);
+    }
+    verdict
+}
+
 /// Sends the frame to `backend` by the service's forwarding mode and counts it (the client's
-/// frame, before any encapsulation).
+/// frame, before any encapsulation). A tunnel service's packet too big to encapsulate gets a
+/// "too big" reply if `reply_too_big` (a client's segment), else is dropped (an ICMP error:
+/// never an error about an error).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
-    packet: &Segment,
+    eth: *mut EthHdr,
     service: &Service,
     id: BackendId,
     backend: &Backend,
+    reply_too_big: bool,
 ) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     if service.forwarding == Forwarding::Tunnel as u8 {
@@ -155,11 +204,14 @@ fn forward(
         };
         match forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()) {
             Ok(()) => {}
-            Err(forward::NotSent::TooBig) => return too_big(ctx, &inner, v6, service),
+            Err(forward::NotSent::TooBig) if reply_too_big => {
+                return too_big(ctx, &inner, v6, service);
+            }
+            Err(forward::NotSent::TooBig) => return drop(Counter::DropTooBig),
             Err(forward::NotSent::NoHeadroom) => return drop(Counter::DropResizeFailed),
         }
     } else {
-        forward::dsr(packet.eth, backend, IFACE_MAC.load());
+        forward::dsr(eth, backend, IFACE_MAC.load());
     }
     stats::count_backend(id, bytes);
     xdp_action::XDP_TX
@@ -191,8 +243,8 @@ enum Lookup {
 /// array lookups in the service index (see maps.rs), the whole address and the family checked
 /// to rule out a colliding slot.
 #[inline(always)]
-fn find_service(packet: &Segment) -> Lookup {
-    let home = service_slot(&packet.daddr, packet.dport, SERVICE_INDEX_SLOTS);
+fn find_service(daddr: &[u32; 4], dport: u16, family: u8) -> Lookup {
+    let home = service_slot(daddr, dport, SERVICE_INDEX_SLOTS);
     let mut probe = 0;
     while probe < SERVICE_INDEX_PROBES {
         let slot = (home + probe) & (SERVICE_INDEX_SLOTS - 1);
@@ -210,9 +262,9 @@ fn find_service(packet: &Segment) -> Lookup {
         let Some(service) = SERVICES.get(entry - 1) else {
             return Lookup::Corrupt;
         };
-        if service.vip == packet.daddr
-            && service.port == packet.dport
-            && service.family == packet.family
+        if service.vip == *daddr
+            && service.port == dport
+            && service.family == family
             && service.protocol == PROTO_TCP
         {
             return Lookup::Service(service);

@@ -27,6 +27,16 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP "destination unreachable" / "fragmentation needed" (RFC 792) and ICMPv6 "packet too
+/// big" (RFC 4443) type and code.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// The ICMP header before the quoted packet: type, code, checksum, 4 bytes (unused and the
+/// next-hop MTU, or the 32-bit MTU).
+const ICMP_HEADER_LEN: usize = 8;
 
 /// The client's IP packet as forwarding needs it, read again from the frame once the backend is
 /// chosen rather than kept from [`tcp_segment`]: a value carried from parsing through the
@@ -122,6 +132,24 @@ pub enum Parsed {
     BadTcpHeader,
     /// A well-formed, unfragmented TCP segment.
     Tcp(Segment),
+    /// ICMP "fragmentation needed" or ICMPv6 "packet too big" about a TCP segment the sender
+    /// of the error received from the address it is sent to (a VIP's reply, in DSR and tunnel
+    /// modes sent by a backend).
+    TooBigError(TooBigError),
+}
+
+/// What an ICMP "fragmentation needed" / ICMPv6 "packet too big" says about the segment it
+/// quotes (RFC 792, RFC 1191, RFC 4443): the connection it belongs to, seen from our side.
+pub struct TooBigError {
+    pub eth: *mut EthHdr,
+    /// A [`Family`] value.
+    pub family: u8,
+    /// The quoted segment's source and source port: a VIP and service port if it was ours.
+    pub vip: [u32; 4],
+    pub port: u16,
+    /// The quoted segment's destination: the client and its port.
+    pub client: [u32; 4],
+    pub client_port: u16,
 }
 
 /// The fields of a TCP segment the balancer uses, as raw network-order values.
@@ -192,11 +220,19 @@ fn ipv4(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Parsed::BadIpHeader;
     }
+    if u16::from_be_bytes(ip.frags) & IP_MF_AND_OFFSET != 0 {
+        return match ip.proto {
+            IPPROTO_TCP => Parsed::Fragment,
+            _ => Parsed::NotTcp,
+        };
+    }
+    if ip.proto == IPPROTO_ICMP {
+        // SAFETY: ptr_at checked the frame holds the header.
+        let daddr = [unsafe { read_word(ip.dst_addr.as_ptr()) }, 0, 0, 0];
+        return icmp_too_big(ctx, eth, offset + ihl, Family::Ipv4, daddr);
+    }
     if ip.proto != IPPROTO_TCP {
         return Parsed::NotTcp;
-    }
-    if u16::from_be_bytes(ip.frags) & IP_MF_AND_OFFSET != 0 {
-        return Parsed::Fragment;
     }
     // Options make the header longer than 20 bytes; the TCP header starts after them. (Bounds
     // first: the verifier needs this check on the pointer itself, and a check placed after the
@@ -247,6 +283,12 @@ fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {}
             IPPROTO_FRAGMENT => return Parsed::Fragment,
+            IPPROTO_ICMPV6 => {
+                // SAFETY: ptr_at checked the frame holds the fixed header.
+                let daddr = unsafe { read_addr(ip.dst_addr.as_ptr()) };
+                let at = offset + Ipv6Hdr::LEN + ext;
+                return icmp_too_big(ctx, eth, at, Family::Ipv6, daddr);
+            }
             _ => return Parsed::NotTcp,
         }
         if walked == MAX_IPV6_EXT_HEADERS {
@@ -277,6 +319,78 @@ fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
         daddr,
     };
     tcp_header(ip, tcp, payload - ext)
+}
+
+/// The ICMP message at `offset` of a packet sent to `daddr`: a "too big" error quoting a TCP
+/// segment from `daddr` (a VIP's reply) is [`Parsed::TooBigError`]; anything else (echo,
+/// neighbour discovery, other errors) is not ours ([`Parsed::NotTcp`]), and is passed. The
+/// quote must hold the quoted IP header (IPv4 without fragment offset, IPv6 with TCP right
+/// after the fixed header) and the TCP ports; the checksum is left to the backend, which checks
+/// it before acting on the message.
+#[inline(always)]
+fn icmp_too_big(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    offset: usize,
+    family: Family,
+    daddr: [u32; 4],
+) -> Parsed {
+    let Some(icmp) = ptr_at::<[u8; 2]>(ctx, offset) else {
+        return Parsed::NotTcp;
+    };
+    let [kind, code] = unsafe { *icmp };
+    let quoted = offset + ICMP_HEADER_LEN;
+    let (vip, client, ports_at) = if family == Family::Ipv4 {
+        if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+            return Parsed::NotTcp;
+        }
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quoted) else {
+            return Parsed::Truncated;
+        };
+        let ip = unsafe { &*ip };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ip.vihl >> 4 != 4
+            || ihl < Ipv4Hdr::LEN
+            || ip.proto != IPPROTO_TCP
+            || u16::from_be_bytes(ip.frags) & 0x1fff != 0
+        {
+            return Parsed::NotTcp;
+        }
+        let vip = [unsafe { read_word(ip.src_addr.as_ptr()) }, 0, 0, 0];
+        let client = [unsafe { read_word(ip.dst_addr.as_ptr()) }, 0, 0, 0];
+        (vip, client, quoted + ihl)
+    } else {
+        if kind != ICMPV6_PKT_TOOBIG || code != 0 {
+            return Parsed::NotTcp;
+        }
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quoted) else {
+            return Parsed::Truncated;
+        };
+        let ip = unsafe { &*ip };
+        if ip.vcf[0] >> 4 != 6 || ip.next_hdr != IPPROTO_TCP {
+            return Parsed::NotTcp;
+        }
+        let vip = unsafe { read_addr(ip.src_addr.as_ptr()) };
+        let client = unsafe { read_addr(ip.dst_addr.as_ptr()) };
+        (vip, client, quoted + Ipv6Hdr::LEN)
+    };
+    // An error about a segment we did not send from this address is not about our flows.
+    if vip != daddr {
+        return Parsed::NotTcp;
+    }
+    // Source and destination ports: the first 4 bytes of the quoted TCP header.
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, ports_at) else {
+        return Parsed::Truncated;
+    };
+    let [port, client_port] = unsafe { *ports };
+    Parsed::TooBigError(TooBigError {
+        eth,
+        family: family as u8,
+        vip,
+        port,
+        client,
+        client_port,
+    })
 }
 
 /// The 16 address bytes at `bytes` (inside the packet) as map words.
