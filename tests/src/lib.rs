@@ -9,4 +9,4 @@ pub mod netns;
 pub mod packet;
 pub mod rig;
 pub mod scenario;
-mod socket;
+pub mod socket;

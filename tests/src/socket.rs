@@ -18,7 +18,7 @@ use std::time::Duration;
 /// kernel's own (refused, unreachable, ...), or `TimedOut` when `timeout` ran out. `source` and
 /// `target` must be of one family (IPv4 or IPv6); otherwise it fails with
 /// [`ErrorKind::InvalidInput`] before making a socket.
-pub(crate) fn connect_from(
+pub fn connect_from(
     source: IpAddr,
     target: SocketAddr,
     timeout: Duration,
