@@ -89,7 +89,9 @@ pub mod map_names {
     pub const ACTIVE: &str = "slb_active";
     pub const META: &str = "slb_meta";
     pub const INSERT_BUDGET: &str = "slb_ins_budget";
-    pub const ALL: [&str; 12] = [
+    pub const NAT: &str = "slb_nat";
+    pub const FEATURES: &str = "slb_features";
+    pub const ALL: [&str; 14] = [
         SERVICE_INDEX,
         SERVICES,
         BACKENDS,
@@ -102,6 +104,8 @@ pub mod map_names {
         ACTIVE,
         META,
         INSERT_BUDGET,
+        NAT,
+        FEATURES,
     ];
 }
 
@@ -150,16 +154,36 @@ pub enum Forwarding {
     /// address to the backend, sent to the backend's next hop; the backend decapsulates and
     /// answers the client directly.
     Tunnel = 1,
+    /// NAT (IPVS `-m`): the destination VIP:port becomes the backend's address and port (and
+    /// with source NAT the source becomes a balancer address and port); the backend's replies
+    /// come back through the balancer, which translates them back. Backends need no change
+    /// beyond their route back (none at all with source NAT).
+    Nat = 2,
 }
 
 impl Forwarding {
     pub fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::Tunnel,
+            2 => Self::Nat,
             _ => Self::Dsr,
         }
     }
 }
+
+/// [`Service::flags`] bit: NAT with source NAT (IPVS FNAT, LoxiLB fullnat).
+pub const SERVICE_SOURCE_NAT: u8 = 1;
+
+/// [`FEATURES`](map_names::FEATURES) slot 0 bit: some service uses NAT, so TCP segments that
+/// are not for a service are looked up as possible backend replies. Without it pass-through
+/// traffic costs no lookup.
+pub const FEATURE_NAT: u32 = 1;
+/// Default source-NAT ports, host order: below Linux's default ephemeral range
+/// (net.ipv4.ip_local_port_range 32768-60999), so the balancer's own connections (health
+/// checks) from the same address never take a port a translated connection holds.
+pub const DEFAULT_NAT_PORTS: (u16, u16) = (1024, 32767);
+/// Ports a new source-NAT connection tries (from a hash of the client) before it is refused.
+pub const NAT_PORT_PROBES: u32 = 8;
 
 /// A service's parameters (the services array holds two copies per service, indexed
 /// `id * 2 + generation`; the service index points at the current one).
@@ -213,7 +237,13 @@ pub struct Service {
     /// no longer fits once encapsulated is answered with ICMP "fragmentation needed" or ICMPv6
     /// "packet too big" naming `mtu` less the outer header.
     pub mtu: u16,
-    pub _pad2: u16,
+    /// Source NAT: the first port of the range (host order).
+    pub nat_port_first: u16,
+    /// Source NAT: the balancer address translated connections leave from (network order).
+    pub nat_source: [u32; 4],
+    /// Source NAT: how many ports the range holds (host order); at most 65535.
+    pub nat_port_count: u32,
+    pub _pad3: u32,
 }
 
 /// Key of the stick table.
@@ -306,6 +336,9 @@ pub struct FlowEntry {
     pub tag: [u8; 3],
     /// Refreshed at [`refresh_interval_ns`] granularity; the controller expires idle flows.
     pub last_seen_ns: u64,
+    /// Source NAT: the balancer port the connection leaves from (network order); else 0.
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Where a connection is in its life, as far as the client's half shows it (in DSR the server's
@@ -345,6 +378,8 @@ impl FlowEntry {
             state: state as u8,
             tag: [tag[0], tag[1], tag[2]],
             last_seen_ns: now_ns,
+            nat_port: 0,
+            _pad: [0; 6],
         }
     }
 
@@ -375,6 +410,38 @@ impl FlowKey {
         }
         h & 0x00ff_ffff
     }
+}
+
+/// Key of the NAT reply table: a translated connection as its backend's replies carry it.
+/// `peer` is the client (plain NAT) or the balancer's source-NAT address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub backend: [u32; 4],
+    pub peer: [u32; 4],
+    /// Network byte order, as in the TCP header.
+    pub backend_port: u16,
+    pub peer_port: u16,
+    /// A [`Family`] value (a whole word: no padding for the compiler to zero).
+    pub family: u32,
+}
+
+/// Value of the NAT reply table: what a reply's addresses become, and the connection it belongs
+/// to, which must still be open on `backend` (a stale entry never translates anything).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    pub service: ServiceId,
+    pub backend: BackendId,
+    /// Network byte order.
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// The L2 source of the client's segments (the client, or the router it is behind): where
+    /// replies go.
+    pub client_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Input of the `expire_flow` program: which connection to end, and only if its client was
@@ -455,6 +522,9 @@ pub struct Backend {
     /// (a reused id) is treated as a miss.
     pub service: ServiceId,
     pub weight: u32,
+    /// NAT: the port the backend listens on (network order); other modes leave the port alone.
+    pub port: u16,
+    pub _pad2: u16,
 }
 
 impl Backend {
@@ -466,6 +536,8 @@ impl Backend {
         _pad: 0,
         service: NO_SERVICE,
         weight: 0,
+        port: 0,
+        _pad2: 0,
     };
 }
 
@@ -519,11 +591,24 @@ pub enum Counter {
     /// Dropped: an ICMP error for a tunnel service's backend that does not fit the MTU once
     /// encapsulated (ICMP errors are never answered with ICMP errors, RFC 1122 3.2.2).
     DropTooBig = 14,
+    /// Translated: a backend's reply on a NAT connection, sent back to the client.
+    TxNatReply = 15,
+    /// Dropped: a segment addressed like a NAT reply whose connection is over or now on another
+    /// backend (a removed backend still sending, say): never translated wrongly.
+    DropNatStaleReply = 16,
+    /// Dropped: a new source-NAT connection found no free port among its probes.
+    DropNatPortsExhausted = 17,
+    /// Dropped: a new NAT connection could not be recorded (connection table full): its replies
+    /// could not be translated. The client retries.
+    DropNatUntracked = 18,
+    /// Dropped: an IPv6 segment to a NAT service with extension headers before TCP (the
+    /// translation rewrites the TCP header right after the fixed header only).
+    DropNatExtHeaders = 19,
 }
 
 /// Number of [`Counter`]s. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 20;
 /// Slots of the counters map: room for counters to come without a layout change.
 pub const COUNTER_SLOTS: u32 = 32;
 /// IPv6 extension headers the data path skips to reach TCP (RFC 8200 4.1 recommends at most one
@@ -547,6 +632,11 @@ impl Counter {
         Counter::TxIcmpToBackend,
         Counter::PassIcmpNoFlow,
         Counter::DropTooBig,
+        Counter::TxNatReply,
+        Counter::DropNatStaleReply,
+        Counter::DropNatPortsExhausted,
+        Counter::DropNatUntracked,
+        Counter::DropNatExtHeaders,
     ];
 
     /// Name used by `status` and in metrics.
@@ -567,6 +657,11 @@ impl Counter {
             Counter::TxIcmpToBackend => "tx_icmp_to_backend",
             Counter::PassIcmpNoFlow => "pass_icmp_no_flow",
             Counter::DropTooBig => "drop_too_big",
+            Counter::TxNatReply => "tx_nat_reply",
+            Counter::DropNatStaleReply => "drop_nat_stale_reply",
+            Counter::DropNatPortsExhausted => "drop_nat_ports_exhausted",
+            Counter::DropNatUntracked => "drop_nat_untracked",
+            Counter::DropNatExtHeaders => "drop_nat_ext_headers",
         }
     }
 }
@@ -647,6 +742,8 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for InsertBudget {}
     unsafe impl aya::Pod for ExpireRequest {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for crate::decap::TunnelAddr {}
 }
 
@@ -658,14 +755,16 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 88);
+        assert_eq!(size_of::<Service>(), 112);
         assert_eq!(size_of::<StickKey>(), 20);
         assert_eq!(size_of::<StickEntry>(), 24);
-        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<BackendCounters>(), 16);
         assert_eq!(size_of::<ServiceCounters>(), 64);
         assert_eq!(size_of::<FlowKey>(), 24);
-        assert_eq!(size_of::<FlowEntry>(), 16);
+        assert_eq!(size_of::<FlowEntry>(), 24);
+        assert_eq!(size_of::<NatKey>(), 40);
+        assert_eq!(size_of::<NatEntry>(), 52);
         assert_eq!(size_of::<InsertBudget>(), 8);
         assert_eq!(size_of::<ExpireRequest>(), 32);
     }

@@ -80,6 +80,18 @@ pub fn touch(
     false
 }
 
+/// Notes a segment of the server's half (NAT sees it): the connection's last-seen time is
+/// refreshed once a second at most, so a connection only the server speaks on stays.
+#[inline(always)]
+pub fn seen(flow: *mut FlowEntry, now: u64) {
+    // SAFETY: a live hash-map value; the last-seen time changes by whole aligned stores.
+    unsafe {
+        if idle_ns(now, (*flow).last_seen_ns) >= sticky_lb_common::STICK_REFRESH_NS {
+            (*flow).last_seen_ns = now;
+        }
+    }
+}
+
 /// Ends connection `key`: moves it to closing and takes it off its backend's active count,
 /// exactly once whoever else ends it at the same moment (its FIN and RST on two CPUs, the
 /// controller expiring it). The entry stays, so the client's last segments still reach its
@@ -124,10 +136,12 @@ pub enum Opened {
     Full,
 }
 
-/// Records a new connection on `backend` and counts it.
+/// Records a new connection on `backend` (with source-NAT port `nat_port`, network order, or 0)
+/// and counts it.
 #[inline(always)]
-pub fn open(key: &FlowKey, backend: BackendId, now: u64) -> Opened {
-    let flow = FlowEntry::new(key, backend, FlowState::Opening, now);
+pub fn open(key: &FlowKey, backend: BackendId, now: u64, nat_port: u16) -> Opened {
+    let mut flow = FlowEntry::new(key, backend, FlowState::Opening, now);
+    flow.nat_port = nat_port;
     match FLOWS.insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => {
             add_active(backend, 1);

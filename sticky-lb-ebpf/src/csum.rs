@@ -23,3 +23,23 @@ pub fn finish(mut sum: u64) -> u16 {
     }
     !(sum as u16)
 }
+
+/// The running sum for an incremental update of checksum field `check` (RFC 1624 eqn. 3:
+/// HC' = ~(~HC + ~m + m')): start from ~HC, add each changed field with [`replace_word`] or
+/// [`replace_half`], store [`finish`].
+#[inline(always)]
+pub fn start(check: u16) -> u64 {
+    (!check) as u64
+}
+
+/// Adds the change of a 32-bit field from `old` to `new` (both as they sit in memory).
+#[inline(always)]
+pub fn replace_word(sum: u64, old: u32, new: u32) -> u64 {
+    add_word(add_word(sum, !old), new)
+}
+
+/// Adds the change of a 16-bit field from `old` to `new` (both as they sit in memory).
+#[inline(always)]
+pub fn replace_half(sum: u64, old: u16, new: u16) -> u64 {
+    sum + (!old) as u64 + new as u64
+}

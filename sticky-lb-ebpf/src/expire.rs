@@ -6,11 +6,12 @@
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, FLOWS},
+    maps::{BACKENDS, FLOWS, SERVICES},
+    nat,
     parse::ptr_at,
 };
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use sticky_lb_common::{BackendState, ExpireOutcome, ExpireRequest};
+use sticky_lb_common::{BackendId, BackendState, ExpireOutcome, ExpireRequest, Forwarding};
 
 /// Input: an [`ExpireRequest`] as the test run's data. Returns an [`ExpireOutcome`].
 #[xdp]
@@ -38,10 +39,40 @@ pub fn expire_flow(ctx: XdpContext) -> u32 {
         return ExpireOutcome::Kept as u32;
     }
     let uncounted = conntrack::finish(flow, &request.key);
+    forget_nat_reply(&request, backend, unsafe { (*flow).nat_port });
     let deleted = conntrack::remove(&request.key);
     match (uncounted, deleted) {
         (true, _) => ExpireOutcome::Uncounted as u32,
         (false, true) => ExpireOutcome::Deleted as u32,
         (false, false) => ExpireOutcome::Kept as u32,
+    }
+}
+
+/// A NAT connection's reply-table entry goes with it. The service's parameters are found by id
+/// in both copies of the services array (the program does not know which one is current; both
+/// name the same source NAT unless it is being changed right now, and deleting an entry that is
+/// not there is harmless).
+#[inline(always)]
+fn forget_nat_reply(request: &ExpireRequest, backend: BackendId, nat_port: u16) {
+    let service = request.key.service;
+    let Some(b) = BACKENDS.get(backend) else {
+        return;
+    };
+    if b.service != service {
+        return;
+    }
+    let client = nat::Endpoint {
+        addr: request.key.client,
+        port: request.key.client_port,
+    };
+    let mut generation = 0;
+    while generation < 2 {
+        if let Some(params) = SERVICES.get(service.wrapping_mul(2) + generation)
+            && params.id == service
+            && params.forwarding == Forwarding::Nat as u8
+        {
+            nat::forget_reply(params, b, &client, nat_port);
+        }
+        generation += 1;
     }
 }

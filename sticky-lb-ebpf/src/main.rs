@@ -21,6 +21,7 @@ mod forward;
 mod guard;
 mod icmp;
 mod maps;
+mod nat;
 mod parse;
 mod select;
 mod stats;
@@ -36,9 +37,10 @@ use network_types::eth::EthHdr;
 use parse::{Parsed, Segment, TCP_FIN, TCP_RST};
 use select::NoBackend;
 use sticky_lb_common::{
-    Backend, BackendId, Counter, Family, FlowKey, FlowState, Forwarding, PROTO_TCP,
-    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE, Service, StickEntry,
-    StickKey, addr::masked, hash::service_slot, refresh_interval_ns,
+    Backend, BackendId, Counter, FEATURE_NAT, Family, FlowKey, FlowState, Forwarding, NatEntry,
+    NatKey, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_INDEX_TOMBSTONE,
+    SERVICE_SOURCE_NAT, Service, StickEntry, StickKey, addr::masked, hash::service_slot,
+    refresh_interval_ns,
 };
 
 /// MAC address of the interface the program is attached to; the controller sets it at load time
@@ -66,7 +68,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
     };
     let service = match find_service(&packet.daddr, packet.dport, packet.family) {
         Lookup::Service(service) => service,
-        Lookup::NotService => return pass(Counter::PassNotService),
+        Lookup::NotService => return not_for_a_service(ctx, &packet),
         Lookup::Corrupt => {
             // XDP_ABORTED also fires the xdp_exception tracepoint, so the bug is visible.
             stats::count(Counter::Aborted);
@@ -74,8 +76,92 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
         }
     };
     match place(ctx, &packet, service) {
-        Ok((id, backend)) => forward(ctx, packet.eth, service, id, backend, true),
+        Ok(placed) => forward(ctx, packet.eth, service, &placed, true),
         Err(verdict) => verdict,
+    }
+}
+
+/// Where a segment goes: the backend, and its connection's source-NAT port (network order; 0
+/// without source NAT).
+struct Placed {
+    id: BackendId,
+    backend: &'static Backend,
+    nat_port: u16,
+}
+
+/// A TCP segment not addressed to a service: a backend's reply on a NAT connection (translated
+/// back and sent to the client), or the host's own traffic (passed). The reply table is looked
+/// up only while a NAT service exists, so pass-through traffic pays one array read otherwise.
+#[inline(always)]
+fn not_for_a_service(ctx: &XdpContext, packet: &Segment) -> u32 {
+    match maps::FEATURES.get(0) {
+        Some(&features) if features & FEATURE_NAT != 0 => {}
+        _ => return pass(Counter::PassNotService),
+    }
+    let key = NatKey {
+        backend: packet.saddr,
+        peer: packet.daddr,
+        backend_port: packet.sport,
+        peer_port: packet.dport,
+        family: packet.family as u32,
+    };
+    let Some(entry) = maps::NAT.get_ptr(&key) else {
+        return pass(Counter::PassNotService);
+    };
+    // SAFETY: a live LRU value, copied (another CPU may replace it).
+    let entry = unsafe { *entry };
+    // Only a reply of a connection still open on the backend that sent it is translated.
+    let flow_key = FlowKey {
+        service: entry.service,
+        client: entry.client,
+        client_port: entry.client_port,
+        _pad: 0,
+    };
+    let Some(flow) = conntrack::lookup(&flow_key) else {
+        return drop(Counter::DropNatStaleReply);
+    };
+    // SAFETY: a live hash-map value; backend and NAT port are written once, at insert.
+    let (id, nat_port) = unsafe { ((*flow).backend, (*flow).nat_port) };
+    let source_nat = key.peer != entry.client || key.peer_port != entry.client_port;
+    let from_backend = match maps::BACKENDS.get(id) {
+        Some(b) => {
+            id == entry.backend
+                && b.service == entry.service
+                && b.addr == packet.saddr
+                && b.port == packet.sport
+        }
+        None => false,
+    };
+    if !from_backend || (source_nat && nat_port != packet.dport) {
+        return drop(Counter::DropNatStaleReply);
+    }
+    // The server's FIN or RST ends the connection too (NAT sees both halves, like IPVS).
+    if packet.flags & (TCP_FIN | TCP_RST) != 0 {
+        conntrack::finish(flow, &flow_key);
+    }
+    conntrack::seen(flow, unsafe { bpf_ktime_get_coarse_ns() });
+    let vip = nat::Endpoint {
+        addr: entry.vip,
+        port: entry.vip_port,
+    };
+    let client = nat::Endpoint {
+        addr: entry.client,
+        port: entry.client_port,
+    };
+    let back = nat::Translation {
+        src: vip,
+        dst: client,
+        change_src: true,
+        change_dst: source_nat,
+    };
+    let v6 = nat::is_v6(packet.family);
+    match nat::rewrite(ctx, v6, &back, entry.client_mac, IFACE_MAC.load()) {
+        Ok(()) => {
+            stats::count(Counter::TxNatReply);
+            xdp_action::XDP_TX
+        }
+        Err(nat::NotTranslated::ExtHeaders) => drop(Counter::DropNatExtHeaders),
+        Err(nat::NotTranslated::Truncated) => drop(Counter::DropResizeFailed),
     }
 }
 
@@ -83,11 +169,7 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
 /// entry's, else the policy's choice (recorded). `Err` holds the verdict when there is none.
 /// One call site of [`forward`] for every way here keeps the verifier's paths few.
 #[inline(always)]
-fn place(
-    ctx: &XdpContext,
-    packet: &Segment,
-    service: &'static Service,
-) -> Result<(BackendId, &'static Backend), u32> {
+fn place(ctx: &XdpContext, packet: &Segment, service: &'static Service) -> Result<Placed, u32> {
     let client = masked(packet.saddr, service.client_mask);
     // The coarse clock (jiffies resolution) is plenty for refreshes and timeouts of 100 ms and
     // more, and far cheaper than the precise one, which reads the clock source.
@@ -96,8 +178,8 @@ fn place(
     // An open connection goes where it started, whatever its client's entry says now.
     let flow_key = conntrack::key(service.id, packet);
     if let Some(flow) = conntrack::lookup(&flow_key) {
-        // SAFETY: a live hash-map value; the backend id is written once, at insert.
-        let (id, state) = unsafe { ((*flow).backend, (*flow).state) };
+        // SAFETY: a live hash-map value; backend id and NAT port are written once, at insert.
+        let (id, state, nat_port) = unsafe { ((*flow).backend, (*flow).state, (*flow).nat_port) };
         match select::usable(service, id) {
             // Only a connection that is closing gives its port to a new one (the client's
             // TIME_WAIT is over), like IPVS: a SYN on an open connection is a retransmission,
@@ -112,24 +194,38 @@ fn place(
                 if conntrack::touch(flow, &flow_key, packet, now, refresh_ns) {
                     select::refresh(service, &client, id, now);
                 }
-                return Ok((id, backend));
+                return Ok(Placed {
+                    id,
+                    backend,
+                    nat_port,
+                });
             }
             // Or its backend is down, disabled or gone: the connection ends here, and the
             // client is placed anew below.
             _ => {
                 conntrack::finish(flow, &flow_key);
+                if service.forwarding == Forwarding::Nat as u8 {
+                    forget_nat_reply(service, id, packet, nat_port);
+                }
                 conntrack::remove(&flow_key);
             }
         }
     }
     match select::backend_for(service, &client, now, refresh_ns, packet.opens()) {
+        Ok(choice) if service.forwarding == Forwarding::Nat as u8 => {
+            open_nat(packet, service, &flow_key, choice.id, choice.backend, now)
+        }
         Ok(choice) => {
             if packet.opens() && choice.recorded {
-                if let Opened::Full = conntrack::open(&flow_key, choice.id, now) {
+                if let Opened::Full = conntrack::open(&flow_key, choice.id, now, 0) {
                     stats::count_service(service.id, |c| &mut c.flows_untracked);
                 }
             }
-            Ok((choice.id, choice.backend))
+            Ok(Placed {
+                id: choice.id,
+                backend: choice.backend,
+                nat_port: 0,
+            })
         }
         Err(NoBackend::Empty) => {
             debug!(ctx, "service {} has no eligible backend", service.id);
@@ -176,11 +272,101 @@ fn too_big_error(ctx: &XdpContext, error: &parse::TooBigError) -> u32 {
     let Some(backend) = select::usable(service, id) else {
         return pass(Counter::PassIcmpNoFlow);
     };
-    let verdict = forward(ctx, error.eth, service, id, backend, false);
+    // A NAT service's error would need its quoted header translated too: not done (yet), so
+    // it is passed like an error about no known connection.
+    if service.forwarding == Forwarding::Nat as u8 {
+        return pass(Counter::PassIcmpNoFlow);
+    }
+    let placed = Placed {
+        id,
+        backend,
+        nat_port: 0,
+    };
+    let verdict = forward(ctx, error.eth, service, &placed, false);
     if verdict == xdp_action::XDP_TX {
         stats::count(Counter::TxIcmpToBackend);
     }
     verdict
+}
+
+/// A NAT service's segment without a connection: a new connection is recorded (always, flood
+/// guard or not: its replies cannot be translated without it) with its reply-table entry and,
+/// with source NAT, a port of its own. Any other segment has no connection to be translated in:
+/// dropped (the client's retransmissions end when it gives up, as with IPVS).
+#[inline(always)]
+fn open_nat(
+    packet: &Segment,
+    service: &'static Service,
+    flow_key: &FlowKey,
+    id: BackendId,
+    backend: &'static Backend,
+    now: u64,
+) -> Result<Placed, u32> {
+    if !packet.opens() {
+        return Err(drop(Counter::DropNatUntracked));
+    }
+    let client = nat::Endpoint {
+        addr: packet.saddr,
+        port: packet.sport,
+    };
+    let entry = NatEntry {
+        client: packet.saddr,
+        vip: packet.daddr,
+        service: service.id,
+        backend: id,
+        client_port: packet.sport,
+        vip_port: packet.dport,
+        // SAFETY: the parser checked the frame holds the Ethernet header.
+        client_mac: unsafe { (*packet.eth).src_addr },
+        _pad: [0; 2],
+    };
+    let source_nat = service.flags & SERVICE_SOURCE_NAT != 0;
+    let nat_port = if source_nat {
+        match nat::allocate_port(service, backend, &client, &entry) {
+            Some(port) => port,
+            None => return Err(drop(Counter::DropNatPortsExhausted)),
+        }
+    } else {
+        0
+    };
+    match conntrack::open(flow_key, id, now, nat_port) {
+        Opened::New => {
+            if !source_nat {
+                nat::record_reply(service, backend, &client, &entry);
+            }
+            Ok(Placed {
+                id,
+                backend,
+                nat_port,
+            })
+        }
+        // Another CPU recorded this connection a moment ago (a retransmitted SYN), or the
+        // table is full: this SYN goes nowhere (the client retransmits).
+        opened => {
+            if source_nat {
+                nat::forget_reply(service, backend, &client, nat_port);
+            }
+            if let Opened::Full = opened {
+                stats::count_service(service.id, |c| &mut c.flows_untracked);
+            }
+            Err(drop(Counter::DropNatUntracked))
+        }
+    }
+}
+
+/// Deletes the reply-table entry of a connection that ends here, if its backend's address is
+/// still known (otherwise the LRU ages the entry out; it never translates anything).
+#[inline(always)]
+fn forget_nat_reply(service: &Service, id: BackendId, packet: &Segment, nat_port: u16) {
+    if let Some(backend) = maps::BACKENDS.get(id)
+        && backend.service == service.id
+    {
+        let client = nat::Endpoint {
+            addr: packet.saddr,
+            port: packet.sport,
+        };
+        nat::forget_reply(service, backend, &client, nat_port);
+    }
 }
 
 /// Sends the frame to `backend` by the service's forwarding mode and counts it (the client's
@@ -192,12 +378,31 @@ fn forward(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     service: &Service,
-    id: BackendId,
-    backend: &Backend,
+    placed: &Placed,
     reply_too_big: bool,
 ) -> u32 {
+    let (id, backend) = (placed.id, placed.backend);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if service.forwarding == Forwarding::Tunnel as u8 {
+    if service.forwarding == Forwarding::Nat as u8 {
+        let to_backend = nat::Translation {
+            src: nat::Endpoint {
+                addr: service.nat_source,
+                port: placed.nat_port,
+            },
+            dst: nat::Endpoint {
+                addr: backend.addr,
+                port: backend.port,
+            },
+            change_src: service.flags & SERVICE_SOURCE_NAT != 0,
+            change_dst: true,
+        };
+        let v6 = nat::is_v6(service.family);
+        match nat::rewrite(ctx, v6, &to_backend, backend.mac, IFACE_MAC.load()) {
+            Ok(()) => {}
+            Err(nat::NotTranslated::ExtHeaders) => return drop(Counter::DropNatExtHeaders),
+            Err(nat::NotTranslated::Truncated) => return drop(Counter::DropResizeFailed),
+        }
+    } else if service.forwarding == Forwarding::Tunnel as u8 {
         let v6 = service.family == Family::Ipv6 as u8;
         let Some(inner) = parse::outbound(ctx, v6) else {
             return drop(Counter::DropResizeFailed);

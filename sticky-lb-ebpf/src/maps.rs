@@ -18,8 +18,8 @@ use aya_ebpf::{
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_SLOTS, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget,
-    MAX_BACKENDS, MAX_SERVICES, SERVICE_INDEX_SLOTS, Service, ServiceCounters, StickEntry,
-    StickKey,
+    MAX_BACKENDS, MAX_SERVICES, NatEntry, NatKey, SERVICE_INDEX_SLOTS, Service, ServiceCounters,
+    StickEntry, StickKey,
 };
 
 /// Where to find a service: slot `hash::service_slot(VIP, port)` (or one of the next few) holds
@@ -88,3 +88,18 @@ pub static INSERT_BUDGET: PerCpuArray<InsertBudget, { MAX_SERVICES as usize }> =
 /// refuses instead of misreading them.
 #[btf_map(name = "slb_meta")]
 pub static META: Array<u32, 4> = Array::new();
+
+/// The NAT reply table: a translated connection as its backend's replies carry it (backend,
+/// peer, ports) -> the client and VIP to translate them back to. Written when a NAT connection
+/// opens. An LRU, sized like the connection table: an entry left behind by a connection that
+/// ended without it being deleted (its backend's address was gone by then) ages out, and a
+/// reply is translated only while its connection is open on that backend (checked against
+/// the connection table), so no stale entry ever translates anything.
+#[btf_map(name = "slb_nat")]
+pub static NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_FLOW_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+/// Slot 0: what the data path needs to look for beyond services (`FEATURE_*` bits), written by
+/// the controller; pass-through traffic costs one array read to learn there is nothing more.
+#[btf_map(name = "slb_features")]
+pub static FEATURES: Array<u32, 4> = Array::new();

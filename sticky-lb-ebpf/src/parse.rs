@@ -417,8 +417,15 @@ unsafe fn read_addr(bytes: *const u8) -> [u32; 4] {
 /// the `allows-misaligned-mem-access` target feature: that lets LLVM also merge stack stores
 /// into misaligned wider ones, which the verifier always refuses.
 #[inline(always)]
-unsafe fn read_word(bytes: *const u8) -> u32 {
+pub unsafe fn read_word(bytes: *const u8) -> u32 {
     unsafe { core::ptr::read_volatile(bytes as *const u32) }
+}
+
+/// Stores one native-endian word at `bytes` (inside the packet) with one 32-bit store; the
+/// counterpart of [`read_word`], with the same reasoning about alignment.
+#[inline(always)]
+pub unsafe fn write_word(bytes: *mut u8, word: u32) {
+    unsafe { core::ptr::write_volatile(bytes as *mut u32, word) }
 }
 
 /// What the IP layer of a segment told the parser.

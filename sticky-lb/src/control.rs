@@ -39,6 +39,9 @@ pub enum Request {
         address: std::net::IpAddr,
         weight: u32,
         mac: Option<String>,
+        /// NAT: the port the backend listens on, when not the service's.
+        #[serde(default)]
+        port: Option<u16>,
     },
     /// Remove a backend as `backend_removal` says (drain, or at once).
     BackendRemove { service: String, backend: String },

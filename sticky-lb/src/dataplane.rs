@@ -216,6 +216,7 @@ impl Dataplane {
         loader
             .map_max_entries(map_names::STICK, options.stick_table_size)
             .map_max_entries(map_names::FLOWS, options.flow_table_size)
+            .map_max_entries(map_names::NAT, options.flow_table_size)
             .map_max_entries(map_names::MAGLEV, maglev_slots)
             .override_global("IFACE_MAC", &options.interface_mac, true)
             .override_global("AYA_LOG_LEVEL", &options.log_level, false);
@@ -348,6 +349,18 @@ impl Dataplane {
     pub fn write_layout(&mut self, version: u32) -> Result<()> {
         let mut meta: Array<MapData, u32> = take(&mut self.ebpf, map_names::META)?;
         meta.set(0, &version, 0)?;
+        Ok(())
+    }
+
+    /// Tells the data path what to look for beyond services (`FEATURE_*` bits, slot 0 of the
+    /// features map).
+    pub fn set_features(&mut self, features: u32) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::FEATURES)
+            .with_context(|| format!("map {} missing", map_names::FEATURES))?;
+        let mut array: Array<&mut MapData, u32> = Array::try_from(map)?;
+        array.set(0, &features, 0)?;
         Ok(())
     }
 

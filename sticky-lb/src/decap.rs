@@ -109,7 +109,7 @@ pub fn run(options: &Options) -> Result<()> {
     let interface = options.interface.as_str();
     interface_index(interface)?;
     let mut addresses = if options.addresses.is_empty() {
-        let found = interface_addresses(interface)?;
+        let found = crate::neighbour::interface_addresses(interface)?;
         if found.is_empty() {
             bail!(
                 "interface {interface} has no IPv4 or IPv6 address to decapsulate for: \
@@ -201,50 +201,6 @@ fn interface_index(interface: &str) -> Result<u32> {
         0 => bail!("no interface named {interface}"),
         index => Ok(index),
     }
-}
-
-/// Every IPv4 and IPv6 address of `interface` in the current network namespace, in the order
-/// the kernel lists them (getifaddrs(3), which asks over netlink: no /sys, so `--netns` works).
-pub fn interface_addresses(interface: &str) -> Result<Vec<IpAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("listing interface addresses");
-    }
-    let mut found = Vec::new();
-    let mut entry = list;
-    while !entry.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*entry };
-        entry = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != interface.as_bytes() {
-            continue;
-        }
-        // SAFETY: ifa_addr points at a sockaddr of the family its sa_family says.
-        let address = unsafe {
-            match (*ifa.ifa_addr).sa_family as libc::c_int {
-                libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes())
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    IpAddr::from(sin6.sin6_addr.s6_addr)
-                }
-                // AF_PACKET (the link itself) and anything else.
-                _ => continue,
-            }
-        };
-        found.push(address);
-    }
-    // SAFETY: the list getifaddrs returned, freed once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(found)
 }
 
 /// `CAP_NET_ADMIN`, `CAP_SYS_ADMIN` and `CAP_BPF` (include/uapi/linux/capability.h).

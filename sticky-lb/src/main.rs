@@ -196,9 +196,13 @@ enum BackendCommand {
         address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
-        /// Destination MAC; otherwise from the neighbour table.
+        /// Destination MAC (the backend's, or its next hop's with tunnel and NAT); otherwise
+        /// from the neighbour table.
         #[arg(long)]
         mac: Option<String>,
+        /// NAT: the port the backend listens on (default the service's).
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Remove a backend (drained first unless the config says `backend_removal: immediate`).
     Remove {
@@ -387,6 +391,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     address,
                     weight,
                     mac,
+                    port,
                 } => {
                     let (service, backend) = service_backend(&backend)?;
                     let request = Request::BackendAdd {
@@ -395,6 +400,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                         address,
                         weight,
                         mac,
+                        port,
                     };
                     return print_reply(&call(&target, request)?, false);
                 }

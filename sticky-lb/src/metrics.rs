@@ -624,6 +624,7 @@ mod tests {
             id,
             name: name.into(),
             address: Ipv4Addr::new(198, 18, 0, 1).into(),
+            port: None,
             mac: None,
             weight,
             state: state.into(),

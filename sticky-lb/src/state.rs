@@ -75,6 +75,9 @@ pub struct AddedBackend {
     /// `aa:bb:cc:dd:ee:ff` when given; resolved from the neighbour table otherwise.
     #[serde(default)]
     pub mac: Option<String>,
+    /// NAT: the port it listens on, when not the service's.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,6 +115,9 @@ pub struct BackendRecord {
     /// The health checks' last verdict (a restart starts from it instead of assuming up).
     #[serde(default)]
     pub healthy: Option<bool>,
+    /// The port the data path sends to (a NAT backend's own; else the service's).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 fn enabled() -> String {

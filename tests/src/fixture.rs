@@ -101,6 +101,8 @@ fn install_backends(
                 _pad: 0,
                 service,
                 weight: 1,
+                port: PORT.to_be(),
+                _pad2: 0,
             };
             dataplane.backends.set(id, &entry, 0).unwrap();
             (id, format!("{name}-{i}"), mac)

@@ -431,6 +431,8 @@ fn services_sharing_an_index_slot_are_told_apart_and_removal_keeps_the_other() {
         _pad: 0,
         service: 0,
         weight: 1,
+        port: other_port.to_be(),
+        _pad2: 0,
     };
     f.dataplane.backends.set(9, &backend, 0).unwrap();
     f.dataplane

@@ -142,6 +142,10 @@ pub struct ServiceConfig {
     /// Settings of `forwarding: tunnel` (required with it, refused without it).
     #[serde(default)]
     pub tunnel: Option<TunnelConfig>,
+    /// `forwarding: nat` only: full NAT (IPVS FNAT). `true` takes the interface's first address
+    /// of the service's family; `{address: ADDR, ports: FIRST-LAST}` says which.
+    #[serde(default)]
+    pub source_nat: Option<SourceNatConfig>,
     #[serde(default = "default_maglev_table_size")]
     pub maglev_table_size: u32,
     #[serde(default)]
@@ -181,6 +185,12 @@ pub enum Forwarding {
     /// backends may be in any routed subnet. Backends decapsulate (an `ipip`/`ip6tnl` device or
     /// `sticky-lb decap`), hold the VIP on loopback and answer the client directly.
     Tunnel,
+    /// NAT (IPVS `-m`): the destination VIP:port becomes the backend's address and port; the
+    /// backend's replies come back through the balancer (its route back) and are translated
+    /// back. Backends need no VIP and no decapsulation. With `source_nat` (full NAT) the source
+    /// becomes a balancer address and port too, so backends need no route back either, but see
+    /// the balancer's address instead of the client's.
+    Nat,
 }
 
 impl Forwarding {
@@ -189,6 +199,77 @@ impl Forwarding {
         match self {
             Forwarding::Dsr => "dsr",
             Forwarding::Tunnel => "tunnel",
+            Forwarding::Nat => "nat",
+        }
+    }
+
+    /// Whether a backend's frames go to its next hop from the routing table (a router, or the
+    /// backend itself when on-link), rather than to the backend on our segment.
+    pub fn routed(self) -> bool {
+        matches!(self, Forwarding::Tunnel | Forwarding::Nat)
+    }
+}
+
+/// `source_nat:` as written: `true`/`false`, or the address and port range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SourceNatConfig {
+    Enabled(bool),
+    Settings(SourceNatSettings),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceNatSettings {
+    /// The balancer address connections leave from; default the interface's first address of
+    /// the service's family. Backends' replies must reach the balancer at it.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// `FIRST-LAST`: the source ports (each backend has all of them: a port is unique per
+    /// backend); default 1024-32767, below Linux's ephemeral ports, so the balancer's own
+    /// connections from the same address never collide.
+    #[serde(default)]
+    pub ports: Option<String>,
+}
+
+/// Source NAT with everything decided but the address when it is the interface's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceNat {
+    /// `None`: the interface's first address of the service's family.
+    pub address: Option<IpAddr>,
+    /// First and last port, host order.
+    pub ports: (u16, u16),
+}
+
+impl SourceNatConfig {
+    /// The settings, `None` when off. Errors name what is wrong with the port range.
+    pub fn resolve(&self) -> Result<Option<SourceNat>, String> {
+        match self {
+            SourceNatConfig::Enabled(false) => Ok(None),
+            SourceNatConfig::Enabled(true) => Ok(Some(SourceNat {
+                address: None,
+                ports: sticky_lb_common::DEFAULT_NAT_PORTS,
+            })),
+            SourceNatConfig::Settings(s) => {
+                let ports = match &s.ports {
+                    None => sticky_lb_common::DEFAULT_NAT_PORTS,
+                    Some(text) => {
+                        let bad =
+                            || format!("'{text}' is not a port range FIRST-LAST (1 to 65535)");
+                        let (a, b) = text.split_once('-').ok_or_else(bad)?;
+                        let a: u16 = a.trim().parse().map_err(|_| bad())?;
+                        let b: u16 = b.trim().parse().map_err(|_| bad())?;
+                        if a == 0 || a > b {
+                            return Err(bad());
+                        }
+                        (a, b)
+                    }
+                };
+                Ok(Some(SourceNat {
+                    address: s.address,
+                    ports,
+                }))
+            }
         }
     }
 }
@@ -291,7 +372,12 @@ pub struct BackendConfig {
     pub name: String,
     /// Of the service's family (the VIP's).
     pub address: IpAddr,
-    /// Destination MAC for DSR; looked up in the neighbour table when absent.
+    /// NAT: the port the backend listens on (default the service's); other modes forward the
+    /// packet's port unchanged.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Destination MAC: the backend's (DSR) or its next hop's (tunnel, NAT); looked up in the
+    /// neighbour table when absent.
     #[serde(default, deserialize_with = "mac")]
     pub mac: Option<[u8; 6]>,
     #[serde(default = "default_weight")]
@@ -395,15 +481,37 @@ impl ServiceConfig {
     /// connect to the backend's address on the service port every 2 s, timeout 1 s, rise 2,
     /// fall 3, like HAProxy's `check inter 2s rise 2 fall 3`).
     pub fn health_check(&self, i: usize) -> HealthCheck {
-        self.resolve_check(&self.backends[i].health_check.over(&self.health_check))
+        self.resolve_check(
+            &self.backends[i].health_check.over(&self.health_check),
+            self.backend_port(self.backends[i].port),
+        )
     }
 
-    /// The check a backend without overrides gets (one added at run time).
-    pub fn service_health_check(&self) -> HealthCheck {
-        self.resolve_check(&self.health_check)
+    /// The port a backend with `port` in its config listens on: its own with NAT, else the
+    /// service's (the packet's port is not changed).
+    pub fn backend_port(&self, port: Option<u16>) -> u16 {
+        match self.forwarding {
+            Forwarding::Nat => port.unwrap_or(self.port),
+            _ => self.port,
+        }
     }
 
-    fn resolve_check(&self, c: &HealthCheckConfig) -> HealthCheck {
+    /// The source NAT of a NAT service, if on (validated: the range parses).
+    pub fn source_nat(&self) -> Option<SourceNat> {
+        match (self.forwarding, &self.source_nat) {
+            (Forwarding::Nat, Some(s)) => s.resolve().ok().flatten(),
+            _ => None,
+        }
+    }
+
+    /// The check a backend without overrides gets (one added at run time, with `port` if it
+    /// was given one).
+    pub fn service_health_check(&self, port: Option<u16>) -> HealthCheck {
+        self.resolve_check(&self.health_check, self.backend_port(port))
+    }
+
+    /// The check `c` decides, on `port` unless it names one.
+    fn resolve_check(&self, c: &HealthCheckConfig, port: u16) -> HealthCheck {
         let c = c.clone();
         HealthCheck {
             kind: c.kind.unwrap_or(CheckKind::Tcp),
@@ -411,7 +519,7 @@ impl ServiceConfig {
             timeout: c.timeout.unwrap_or(Duration::from_secs(1)),
             rise: c.rise.unwrap_or(2),
             fall: c.fall.unwrap_or(3),
-            port: c.port.unwrap_or(self.port),
+            port: c.port.unwrap_or(port),
             path: c.path.unwrap_or_else(|| "/".into()),
             expect: c.expect.unwrap_or_else(|| "2xx".into()),
         }

@@ -3,7 +3,7 @@
 //! make sense. An error names the field by its path and, where it can be found, its line.
 
 use super::{
-    CheckKind, Config, ConfigError, Forwarding, HealthCheckConfig, Policy,
+    CheckKind, Config, ConfigError, Forwarding, HealthCheckConfig, Policy, SourceNat,
     location::{PathPart, locate, render_path},
 };
 use crate::maglev::is_prime;
@@ -156,10 +156,13 @@ impl Config {
                         "forwarding: tunnel needs `tunnel: {source: ADDRESS or PREFIX}`, the outer source of encapsulated packets".into(),
                     ));
                 }
-                (Forwarding::Dsr, Some(_)) => {
+                (other, Some(_)) if other != Forwarding::Tunnel => {
                     return Err(err(
                         &at("tunnel"),
-                        "applies only to forwarding: tunnel (this service uses dsr)".into(),
+                        format!(
+                            "applies only to forwarding: tunnel (this service uses {})",
+                            other.name()
+                        ),
                     ));
                 }
                 (Forwarding::Tunnel, Some(tunnel)) => {
@@ -177,7 +180,54 @@ impl Config {
                         ));
                     }
                 }
-                (Forwarding::Dsr, None) => {}
+                _ => {}
+            }
+            if let Some(source_nat) = &service.source_nat {
+                let field = [K("services"), I(i), K("source_nat")];
+                if service.forwarding != Forwarding::Nat {
+                    return Err(err(
+                        &field,
+                        format!(
+                            "applies only to forwarding: nat (this service uses {})",
+                            service.forwarding.name()
+                        ),
+                    ));
+                }
+                match source_nat.resolve() {
+                    Err(message) => {
+                        let ports = [K("services"), I(i), K("source_nat"), K("ports")];
+                        return Err(err(&ports, message));
+                    }
+                    Ok(Some(SourceNat {
+                        address: Some(address),
+                        ..
+                    })) => {
+                        let field = [K("services"), I(i), K("source_nat"), K("address")];
+                        if Family::of(&address) != family {
+                            return Err(err(
+                                &field,
+                                format!(
+                                    "{address} is {} but the service's vip {} is {family}",
+                                    Family::of(&address),
+                                    service.vip
+                                ),
+                            ));
+                        }
+                        if address == service.vip
+                            || address.is_unspecified()
+                            || address.is_multicast()
+                            || address.is_loopback()
+                        {
+                            return Err(err(
+                                &field,
+                                format!(
+                                    "{address} cannot be a source: a balancer address other than the vip, where backends' replies reach the balancer"
+                                ),
+                            ));
+                        }
+                    }
+                    Ok(_) => {}
+                }
             }
             if service.stick.timeout < MIN_STICK_TIMEOUT {
                 let timeout = [K("services"), I(i), K("stick"), K("timeout")];
@@ -224,6 +274,20 @@ impl Config {
                 }
                 if let Err(message) = check_backend_address(service.vip, backend.address) {
                     return Err(err(&at("address"), message));
+                }
+                if let Some(port) = backend.port {
+                    if service.forwarding != Forwarding::Nat {
+                        return Err(err(
+                            &at("port"),
+                            format!(
+                                "a backend port other than the service's needs forwarding: nat ({} forwards the packet's port unchanged)",
+                                service.forwarding.name()
+                            ),
+                        ));
+                    }
+                    if port == 0 {
+                        return Err(err(&at("port"), "must be 1 to 65535".into()));
+                    }
                 }
                 if backend.weight > 1_000_000 {
                     return Err(err(&at("weight"), "must be at most 1000000".into()));

@@ -7,7 +7,7 @@ use super::{
     plan::{Change, Plan},
 };
 use anyhow::Result;
-use sticky_lb_common::{Backend, BackendId, Service, ServiceKey};
+use sticky_lb_common::{Backend, BackendId, FEATURE_NAT, Forwarding, Service, ServiceKey};
 
 /// The writes a plan makes; implemented by [`crate::dataplane::Dataplane`] and, in tests, by a
 /// model that can be told to fail.
@@ -25,6 +25,19 @@ pub(super) trait DataPath {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
     /// After a failed write: forget any cache of what the tables hold.
     fn forget_written(&mut self);
+    /// What the data path looks for beyond services (`FEATURE_*` bits).
+    fn set_features(&mut self, features: u32) -> Result<()>;
+}
+
+/// The `FEATURE_*` bits services need: NAT replies are looked for while a NAT service exists.
+fn features(services: &[ServiceSlot]) -> u32 {
+    match services
+        .iter()
+        .any(|s| s.params.forwarding == Forwarding::Nat as u8)
+    {
+        true => FEATURE_NAT,
+        false => 0,
+    }
 }
 
 impl DataPath for crate::dataplane::Dataplane {
@@ -51,6 +64,10 @@ impl DataPath for crate::dataplane::Dataplane {
 
     fn forget_written(&mut self) {
         crate::dataplane::Dataplane::forget_written(self)
+    }
+
+    fn set_features(&mut self, features: u32) -> Result<()> {
+        crate::dataplane::Dataplane::set_features(self, features)
     }
 }
 
@@ -83,7 +100,18 @@ pub(super) fn apply(
     previous: &[ServiceSlot],
     plan: &mut Plan,
 ) -> Result<(), ApplyError> {
-    let Err((step, error)) = write(dp, &mut plan.next, &plan.changes) else {
+    // Features a new service needs are on before it is published, and those only a removed one
+    // needed go once it is gone.
+    let wanted = features(&plan.next);
+    let result = dp
+        .set_features(wanted | features(previous))
+        .map_err(|e| ("turning data-path features on".to_string(), e))
+        .and_then(|()| write(dp, &mut plan.next, &plan.changes))
+        .and_then(|()| {
+            dp.set_features(wanted)
+                .map_err(|e| ("turning data-path features off".to_string(), e))
+        });
+    let Err((step, error)) = result else {
         return Ok(());
     };
     let restore = restore(dp, previous, plan).err();
@@ -165,6 +193,7 @@ fn restore(dp: &mut impl DataPath, previous: &[ServiceSlot], plan: &Plan) -> Res
             }
         }
     }
+    note(dp.set_features(features(previous)));
     match first_error {
         None => Ok(()),
         Some(e) => Err(e),
@@ -228,6 +257,10 @@ mod tests {
             Ok(())
         }
         fn forget_written(&mut self) {}
+
+        fn set_features(&mut self, _features: u32) -> Result<()> {
+            Ok(())
+        }
     }
 
     fn desired(services: &[(&str, &[&str])]) -> Desired {

@@ -2,7 +2,7 @@
 //! controller observed (neighbour MACs, health verdicts, backends that drained out). A plan is
 //! computed from these and the current model alone.
 
-use super::model::Admin;
+use super::model::{Admin, Link};
 use crate::{
     config::{BackendConfig, Config, Forwarding, HealthCheck, RuntimeChanges, ServiceConfig},
     state::{BackendChange, WeightChange},
@@ -28,6 +28,8 @@ pub(super) struct Desired {
 pub(super) struct WantedBackend {
     pub name: String,
     pub address: IpAddr,
+    /// The port the data path sends to (host order): a NAT backend's own, else the service's.
+    pub port: u16,
     /// The MAC given in the config or with `backend add`, if any.
     pub mac: Option<[u8; 6]>,
     pub weight: u32,
@@ -56,17 +58,34 @@ pub(super) struct Observed {
     /// Tunnel backends' next hops from the routing table (a router, or the backend itself when
     /// on-link), by backend address: whose MAC their frames go to. A DSR backend is its own.
     pub next_hops: HashMap<IpAddr, IpAddr>,
-    /// The interface's MTU (bytes), read at start, reload and link changes.
+    /// The interface's MTU (bytes), read at start and reload.
     pub interface_mtu: Option<u16>,
+    /// The interface's addresses, read at start and reload (`source_nat: true`).
+    pub interface_addresses: Vec<IpAddr>,
 }
 
 /// The MTU assumed until the interface's is read: Ethernet's (bytes).
 pub(super) const DEFAULT_MTU: u16 = 1500;
 
 impl Observed {
-    /// The interface's MTU (bytes), or Ethernet's until it has been read.
-    pub(super) fn mtu(&self) -> u16 {
-        self.interface_mtu.unwrap_or(DEFAULT_MTU)
+    /// The interface as service parameters need it (Ethernet's MTU until it has been read).
+    pub(super) fn link(&self) -> Link {
+        Link {
+            mtu: self.interface_mtu.unwrap_or(DEFAULT_MTU),
+            addresses: self.interface_addresses.clone(),
+        }
+    }
+
+    /// Reads the interface's MTU and addresses again (keeping what was read before on errors).
+    pub(super) fn read_interface(&mut self, interface: &str) {
+        match crate::neighbour::interface_mtu(interface) {
+            Ok(mtu) => self.interface_mtu = Some(mtu),
+            Err(e) => tracing::warn!("keeping the MTU read before: {e:#}"),
+        }
+        match crate::neighbour::interface_addresses(interface) {
+            Ok(addresses) => self.interface_addresses = addresses,
+            Err(e) => tracing::warn!("keeping the interface addresses read before: {e:#}"),
+        }
     }
 
     /// The address whose MAC frames for the backend at `address` are sent to.
@@ -131,6 +150,7 @@ impl Desired {
             .map(|(i, b)| WantedBackend {
                 name: b.name.clone(),
                 address: b.address,
+                port: service.backend_port(b.port),
                 mac: b.mac,
                 weight: b.weight,
                 admin: Admin::Enabled,
@@ -146,13 +166,14 @@ impl Desired {
             Some(WantedBackend {
                 name: name.clone(),
                 address: a.address,
+                port: service.backend_port(a.port),
                 mac: a
                     .mac
                     .as_deref()
                     .and_then(|m| crate::config::parse_mac(m).ok()),
                 weight: a.weight,
                 admin: Admin::Enabled,
-                check: service.service_health_check(),
+                check: service.service_health_check(a.port),
                 from_api: true,
                 forwarding: service.forwarding,
             })

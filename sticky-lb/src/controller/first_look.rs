@@ -5,11 +5,7 @@ use super::{
     desired::{Desired, Observed, WantedBackend},
     model::ServiceSlot,
 };
-use crate::{
-    config::{CheckKind, Forwarding},
-    health,
-    neighbour::Neighbours,
-};
+use crate::{config::CheckKind, health, neighbour::Neighbours};
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -48,9 +44,9 @@ pub(super) async fn first_look(
             let neighbours = neighbours.clone();
             tokio::spawn(async move {
                 let address = b.address;
-                let next_hop = match b.forwarding {
-                    Forwarding::Dsr => None,
-                    Forwarding::Tunnel => match neighbours.next_hop(address).await {
+                let next_hop = match b.forwarding.routed() {
+                    false => None,
+                    true => match neighbours.next_hop(address).await {
                         Ok(hop) => Some(hop),
                         Err(e) => {
                             warn!(
@@ -63,9 +59,9 @@ pub(super) async fn first_look(
                         }
                     },
                 };
-                let mac = match (b.mac, b.forwarding, next_hop) {
+                let mac = match (b.mac, b.forwarding.routed(), next_hop) {
                     (Some(mac), _, _) => Some(mac),
-                    (None, Forwarding::Tunnel, None) => None,
+                    (None, true, None) => None,
                     (None, _, hop) => {
                         neighbours
                             .resolve(hop.unwrap_or(address), RESOLVE_TIMEOUT)

@@ -4,8 +4,8 @@
 use crate::config::{self, HealthCheck, ServiceConfig};
 use std::net::IpAddr;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Family, Forwarding, PROTO_TCP, Policy, Service, ServiceId,
-    ServiceKey, StickKey, addr,
+    Backend, BackendId, BackendState, Family, Forwarding, PROTO_TCP, Policy, SERVICE_SOURCE_NAT,
+    Service, ServiceId, ServiceKey, StickKey, addr,
 };
 
 /// What the operator has said about a backend (the control socket); health is separate.
@@ -42,6 +42,8 @@ pub(super) struct BackendSlot {
     pub name: String,
     /// Of its service's family.
     pub address: IpAddr,
+    /// The port the data path sends to: a NAT backend's own, else the service's (host order).
+    pub port: u16,
     /// `None` until the neighbour table has one (the backend takes no clients meanwhile).
     pub mac: Option<[u8; 6]>,
     /// The MAC given in the config or with `backend add` (the neighbour table is not asked).
@@ -87,6 +89,8 @@ impl BackendSlot {
             _pad: 0,
             service,
             weight: self.weight,
+            port: self.port.to_be(),
+            _pad2: 0,
         }
     }
 
@@ -177,13 +181,21 @@ impl ServiceSlot {
     }
 }
 
-/// The service key and parameters a service config gives, on an interface whose MTU is `mtu`
-/// (bytes; what a tunnel service's encapsulated packets must fit). Address, ring base and size
-/// are filled in when the service is published.
+/// What the interface is, as far as service parameters depend on it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Link {
+    /// Its MTU (bytes): what a tunnel service's encapsulated packets must fit.
+    pub mtu: u16,
+    /// Its addresses: `source_nat: true` takes the first of the service's family.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The service key and parameters a service config gives on interface `link`. Address, ring
+/// base and size are filled in when the service is published.
 pub(super) fn service_entry(
     service: &ServiceConfig,
     id: ServiceId,
-    mtu: u16,
+    link: &Link,
 ) -> (ServiceKey, Service) {
     let family = service.family();
     let key = ServiceKey {
@@ -201,6 +213,7 @@ pub(super) fn service_entry(
         forwarding: match service.forwarding {
             config::Forwarding::Dsr => Forwarding::Dsr as u8,
             config::Forwarding::Tunnel => Forwarding::Tunnel as u8,
+            config::Forwarding::Nat => Forwarding::Nat as u8,
         },
         stick_timeout_ns: service.stick.timeout.as_nanos() as u64,
         insert_interval_ns: match service.stick.insert_rate_limit {
@@ -218,9 +231,31 @@ pub(super) fn service_entry(
         // (the config allows at most 32 of them).
         let last = if family == Family::Ipv6 { 3 } else { 0 };
         params.tunnel_host_bits = !addr::prefix_mask(family, len)[last];
-        params.mtu = mtu;
+        params.mtu = link.mtu;
+    }
+    if let Some(nat) = service.source_nat() {
+        params.flags |= SERVICE_SOURCE_NAT;
+        // Unresolved (no address of the family on the interface) stays all zero, which the
+        // plan's validation refuses.
+        let address = nat.address.or_else(|| {
+            link.addresses
+                .iter()
+                .copied()
+                .find(|a| Family::of(a) == family && !is_link_local(a))
+        });
+        if let Some(address) = address {
+            params.nat_source = addr::words(&address);
+        }
+        params.nat_port_first = nat.ports.0;
+        params.nat_port_count = (nat.ports.1 - nat.ports.0) as u32 + 1;
     }
     (key, params)
+}
+
+/// Link-local IPv6 addresses are never a source for translated connections: backends are
+/// reached by routed addresses.
+fn is_link_local(address: &IpAddr) -> bool {
+    matches!(address, IpAddr::V6(a) if a.is_unicast_link_local())
 }
 
 /// Whether two service parameter sets differ in anything but what publishing fills in.

@@ -183,6 +183,7 @@ pub(super) fn plan(
                 id,
                 name: b.name,
                 address: b.address,
+                port: b.port,
                 mac: b.mac.or_else(|| observed.macs.get(&b.address).copied()),
                 configured_mac: b.mac,
                 weight: b.weight,
@@ -239,7 +240,7 @@ pub(super) fn plan(
                 }
             }
         }
-        let (key, mut params) = service_entry(service, sid, observed.mtu());
+        let (key, mut params) = service_entry(service, sid, &observed.link());
         if let Some(old) = old
             && old.key == key
         {
@@ -477,6 +478,7 @@ pub(super) mod tests {
             address: Ipv4Addr::new(198, 18, 0, 3).into(),
             weight: 1,
             mac: None,
+            port: None,
         });
         let p = step(&p, &desired, &observed(), 6);
         assert_eq!(ids_of(&p), vec![(0, named(&[("a", 0), ("c", 2)]))]);

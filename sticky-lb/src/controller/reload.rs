@@ -32,11 +32,9 @@ impl Controller {
                 return;
             }
         };
-        // A tunnel service's packets must fit the interface's MTU once encapsulated.
-        match crate::neighbour::interface_mtu(&desired.config.interface) {
-            Ok(mtu) => self.observed.interface_mtu = Some(mtu),
-            Err(e) => warn!("keeping the MTU read before: {e:#}"),
-        }
+        // A tunnel service's packets must fit the interface's MTU once encapsulated; source
+        // NAT may take the interface's address.
+        self.observed.read_interface(&desired.config.interface);
         let new = new_backends(&self.services, &desired);
         self.reloads_started += 1;
         let generation = self.reloads_started;

@@ -56,7 +56,8 @@ impl Controller {
                 address,
                 weight,
                 mac,
-            } => match self.begin_add(&service, &backend, address, weight, mac) {
+                port,
+            } => match self.begin_add(&service, &backend, address, weight, mac, port) {
                 Ok(pending) => {
                     self.check_before_adding(pending, reply);
                     return;
@@ -155,8 +156,21 @@ impl Controller {
         address: IpAddr,
         weight: u32,
         mac: Option<String>,
+        port: Option<u16>,
     ) -> Result<(String, String, AddedBackend), Reply> {
         self.may_add(service, backend, address)?;
+        if let Some(port) = port {
+            let forwarding = self
+                .services
+                .iter()
+                .find(|s| s.name() == service)
+                .map(|s| s.config.forwarding);
+            if forwarding != Some(crate::config::Forwarding::Nat) || port == 0 {
+                return Err(Reply::error(
+                    "--port needs a service with forwarding: nat and a port of 1 to 65535 (other modes forward the packet's port unchanged)",
+                ));
+            }
+        }
         if backend.is_empty() || backend.contains('/') || weight > 1_000_000 {
             return Err(Reply::error(
                 "a backend needs a name without '/' and a weight of at most 1000000",
@@ -174,6 +188,7 @@ impl Controller {
                 address,
                 weight,
                 mac,
+                port,
             },
         ))
     }
@@ -234,7 +249,8 @@ impl Controller {
                 .and_then(|m| crate::config::parse_mac(m).ok()),
             weight: added.weight,
             admin: Admin::Enabled,
-            check: s.config.service_health_check(),
+            check: s.config.service_health_check(added.port),
+            port: s.config.backend_port(added.port),
             from_api: true,
             forwarding: s.config.forwarding,
         };

@@ -4,11 +4,11 @@
 
 use super::{
     Controller, NeighbourAnswer,
-    desired::{Changes, DEFAULT_MTU, Desired, Observed},
+    desired::{Changes, Desired, Observed},
     first_look::{first_look, new_backends},
     ids::IdBook,
     instance,
-    model::{Admin, BackendSlot, ServiceSlot, service_entry, state_name},
+    model::{Admin, BackendSlot, Link, ServiceSlot, service_entry, state_name},
 };
 use crate::{
     config::{Config, Forwarding, ServiceConfig},
@@ -313,6 +313,7 @@ fn runtime_changes(previous: &RuntimeState) -> Changes {
                     address: b.address,
                     weight: b.weight,
                     mac: b.mac.clone(),
+                    port: b.port,
                 }),
                 ..Default::default()
             };
@@ -341,7 +342,7 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
                 .find(|s| s.name == record.name)
                 .cloned()
                 .unwrap_or_else(|| departed_service(record));
-            let (mut key, mut params) = service_entry(&config, record.id, DEFAULT_MTU);
+            let (mut key, mut params) = service_entry(&config, record.id, &Link::default());
             // The key the index holds is the recorded one (the config's VIP may have changed).
             key.vip = addr::words(&record.vip);
             key.port = record.port.to_be();
@@ -370,7 +371,7 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> Ba
     let configured = config.backends.iter().position(|c| c.name == b.name);
     let check = configured
         .map(|i| config.health_check(i))
-        .unwrap_or_else(|| config.service_health_check());
+        .unwrap_or_else(|| config.service_health_check(b.port));
     let state = [
         BackendState::Up,
         BackendState::Drain,
@@ -384,6 +385,9 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> Ba
         id: b.id,
         name: b.name.clone(),
         address: b.address,
+        port: configured
+            .map(|i| config.backend_port(config.backends[i].port))
+            .unwrap_or_else(|| config.backend_port(b.port)),
         mac: b
             .mac
             .as_deref()
@@ -423,10 +427,8 @@ async fn observe(
     previous: Option<&RuntimeState>,
     neighbours: &Arc<Neighbours>,
 ) -> Observed {
-    let mut observed = Observed {
-        interface_mtu: crate::neighbour::interface_mtu(&desired.config.interface).ok(),
-        ..Observed::default()
-    };
+    let mut observed = Observed::default();
+    observed.read_interface(&desired.config.interface);
     for s in current {
         for b in &s.backends {
             if let Some(mac) = b.mac {
@@ -473,6 +475,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
                 id: b.id,
                 name: b.name.clone(),
                 address: b.address,
+                port: Some(b.port),
                 mac: state::mac_string(b.mac),
                 weight: b.weight,
                 state: state_name(b.state).into(),

@@ -4,7 +4,7 @@
 
 use super::plan::{Change, Plan};
 use crate::{config::Policy, service_index::ServiceIndex};
-use sticky_lb_common::{MAX_LEAST_CONN_BACKENDS, MAX_SERVICES};
+use sticky_lb_common::{MAX_LEAST_CONN_BACKENDS, MAX_SERVICES, SERVICE_SOURCE_NAT};
 
 /// What the loaded data path has room for (fixed when its maps were created).
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +33,13 @@ pub(super) fn validate(plan: &Plan, limits: Limits, index: &ServiceIndex) -> Res
                 s.name(),
                 s.id(),
                 limits.maglev_services
+            ));
+        }
+        if s.params.flags & SERVICE_SOURCE_NAT != 0 && s.params.nat_source == [0; 4] {
+            return Err(format!(
+                "service {}: source_nat: true, but the interface has no {} address to translate to (give source_nat.address)",
+                s.name(),
+                s.family()
             ));
         }
         // The data path scans at most this many candidates per least-connections pick.
@@ -155,6 +162,7 @@ mod tests {
             address: Ipv4Addr::new(198, 18, 2, 1).into(),
             weight: 1,
             mac: None,
+            port: None,
         });
         let p = plan(
             &[],

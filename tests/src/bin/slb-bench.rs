@@ -165,6 +165,8 @@ impl Bench {
                 _pad: 0,
                 service: 0,
                 weight: 1,
+                port: 80u16.to_be(),
+                _pad2: 0,
             };
             dataplane.backends.set(i, &entry, 0).unwrap();
         }
