@@ -793,9 +793,9 @@ mod tests {
             _pad: 0,
         };
         let entry = FlowEntry::new(&key, 7, FlowState::Established, 0);
-        // SAFETY: FlowEntry is 16 bytes of integers; the word is its first 8, little-endian.
+        // SAFETY: FlowEntry is 24 bytes of integers; the word is its first 8, little-endian.
         let word = u64::from_le_bytes(
-            unsafe { core::mem::transmute::<FlowEntry, [u8; 16]>(entry) }[..8]
+            unsafe { core::mem::transmute::<FlowEntry, [u8; 24]>(entry) }[..8]
                 .try_into()
                 .unwrap(),
         );
