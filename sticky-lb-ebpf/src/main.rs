@@ -71,6 +71,15 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_ABORTED;
         }
     };
+    // A tunnel service's segment that will not fit once encapsulated is answered before it is
+    // placed: it is not delivered, so it must leave no trace (a FIN closing a connection whose
+    // last data never arrived, a SYN with data opening a connection and placing a new client);
+    // the client sends it again in smaller segments, and those are placed as usual.
+    if service.forwarding == Forwarding::Tunnel as u8 {
+        if let Some(verdict) = answer_too_big(ctx, service) {
+            return verdict;
+        }
+    }
     match place(ctx, &packet, service) {
         Ok((id, backend)) => forward(ctx, &packet, service, id, backend),
         Err(verdict) => verdict,
@@ -153,10 +162,8 @@ fn forward(
         let Some(inner) = parse::outbound(ctx, v6) else {
             return drop(Counter::DropResizeFailed);
         };
-        match forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()) {
-            Ok(()) => {}
-            Err(forward::NotSent::TooBig) => return too_big(ctx, &inner, v6, service),
-            Err(forward::NotSent::NoHeadroom) => return drop(Counter::DropResizeFailed),
+        if forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()).is_err() {
+            return drop(Counter::DropResizeFailed);
         }
     } else {
         forward::dsr(packet.eth, backend, IFACE_MAC.load());
@@ -167,16 +174,23 @@ fn forward(
 
 /// Answers a tunnel service's client whose packet does not fit once encapsulated: ICMP
 /// "fragmentation needed" or ICMPv6 "packet too big" naming the MTU less the outer header.
+/// `None` (nothing done) if it fits.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, inner: &parse::Outbound, v6: bool, service: &Service) -> u32 {
-    let outer = if v6 { 40 } else { 20 };
-    match icmp::too_big(ctx, inner, v6, (service.mtu as u32).saturating_sub(outer)) {
+fn answer_too_big(ctx: &XdpContext, service: &Service) -> Option<u32> {
+    let v6 = service.family == Family::Ipv6 as u8;
+    // Cannot fail on a frame the parser accepted; if it did, forward() drops the frame.
+    let inner = parse::outbound(ctx, v6)?;
+    if forward::fits(&inner, v6, service) {
+        return None;
+    }
+    let mtu = (service.mtu as u32).saturating_sub(forward::outer_len(v6) as u32);
+    Some(match icmp::too_big(ctx, &inner, v6, mtu) {
         Ok(()) => {
             stats::count(Counter::TxIcmpTooBig);
             xdp_action::XDP_TX
         }
         Err(_) => drop(Counter::DropResizeFailed),
-    }
+    })
 }
 
 /// What the service index says about a destination.

@@ -9,3 +9,4 @@ pub mod packet;
 pub mod rig;
 pub mod scenario;
 mod socket;
+pub mod tunnel;
