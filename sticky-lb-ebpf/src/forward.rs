@@ -36,19 +36,28 @@ pub fn dsr(eth: *mut EthHdr, backend: &Backend, our_mac: [u8; 6]) {
     }
 }
 
-/// Why a segment was not tunnelled.
-pub enum NotSent {
-    /// The packet and the outer header would exceed the service's MTU: the client is told
-    /// (see icmp.rs) so it sends smaller segments.
-    TooBig,
-    /// The driver left no headroom for the outer header (XDP drivers leave 256 bytes).
-    NoHeadroom,
+/// A segment was not tunnelled: the driver left no headroom for the outer header (XDP drivers
+/// leave 256 bytes).
+pub struct NoHeadroom;
+
+/// Bytes of the outer header of a tunnel service of family `v6`.
+#[inline(always)]
+pub fn outer_len(v6: bool) -> usize {
+    if v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN }
+}
+
+/// Whether `inner` still fits the service's MTU once encapsulated. One that does not is
+/// answered (see icmp.rs) so the client sends smaller segments; the caller checks before the
+/// segment is placed, since an answered segment is not delivered and must change nothing.
+#[inline(always)]
+pub fn fits(inner: &Outbound, v6: bool, service: &Service) -> bool {
+    inner.len + outer_len(v6) <= service.mtu as usize
 }
 
 /// Encapsulates the client's packet (`inner`, read from the frame) for `backend` of tunnel
 /// service `service`: an outer header of the service's family in front of the unchanged IP
 /// packet, the backend's next-hop MAC as the destination and ours as the source (an 802.1Q tag
-/// is kept). On error the frame is unchanged.
+/// is kept). The caller has checked that it [`fits`]. On error the frame is unchanged.
 #[inline(always)]
 pub fn tunnel(
     ctx: &XdpContext,
@@ -57,16 +66,13 @@ pub fn tunnel(
     service: &Service,
     backend: &Backend,
     our_mac: [u8; 6],
-) -> Result<(), NotSent> {
-    let outer = if v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN };
-    if inner.len + outer > service.mtu as usize {
-        return Err(NotSent::TooBig);
-    }
+) -> Result<(), NoHeadroom> {
+    let outer = outer_len(v6);
     let source = outer_source(inner, v6, service);
     // SAFETY: a helper call on our own context; it fails (and changes nothing) without room.
     // It invalidates every packet pointer: everything needed was read into `inner` before.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
-        return Err(NotSent::NoHeadroom);
+        return Err(NoHeadroom);
     }
     let (tos, len) = (inner.tos, inner.len);
     let v4 = |ip| unsafe { ipv4_header(ip, tos, len, source[0], backend.addr[0]) };
@@ -109,13 +115,13 @@ fn write_headers<const OUTER: usize, const L3: usize>(
     backend: &Backend,
     our_mac: [u8; 6],
     ip: impl FnOnce(*mut u8),
-) -> Result<(), NotSent> {
+) -> Result<(), NoHeadroom> {
     let start = ctx.data();
     // The new Ethernet header, the outer IP header and the old Ethernet header behind them.
     if start + L3 + OUTER + L3 > ctx.data_end() {
         // The inner packet holds at least an IP and a TCP header, so this never happens; the
         // verifier needs the check all the same. The frame is already longer: drop it.
-        return Err(NotSent::NoHeadroom);
+        return Err(NoHeadroom);
     }
     let frame = start as *mut u8;
     // SAFETY: the check above covers every byte touched here.

@@ -75,8 +75,17 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_ABORTED;
         }
     };
+    // A tunnel service's segment that will not fit once encapsulated is answered before it is
+    // placed: it is not delivered, so it must leave no trace (a FIN closing a connection whose
+    // last data never arrived, a SYN with data opening a connection and placing a new client);
+    // the client sends it again in smaller segments, and those are placed as usual.
+    if service.forwarding == Forwarding::Tunnel as u8 {
+        if let Some(verdict) = answer_too_big(ctx, service) {
+            return verdict;
+        }
+    }
     match place(ctx, &packet, service) {
-        Ok(placed) => forward(ctx, packet.eth, service, &placed, true),
+        Ok(placed) => forward(ctx, packet.eth, service, &placed),
         Err(verdict) => verdict,
     }
 }
@@ -282,7 +291,7 @@ fn too_big_error(ctx: &XdpContext, error: &parse::TooBigError) -> u32 {
         backend,
         nat_port: 0,
     };
-    let verdict = forward(ctx, error.eth, service, &placed, false);
+    let verdict = forward(ctx, error.eth, service, &placed);
     if verdict == xdp_action::XDP_TX {
         stats::count(Counter::TxIcmpToBackend);
     }
@@ -370,17 +379,9 @@ fn forget_nat_reply(service: &Service, id: BackendId, packet: &Segment, nat_port
 }
 
 /// Sends the frame to `backend` by the service's forwarding mode and counts it (the client's
-/// frame, before any encapsulation). A tunnel service's packet too big to encapsulate gets a
-/// "too big" reply if `reply_too_big` (a client's segment), else is dropped (an ICMP error:
-/// never an error about an error).
+/// frame, before any encapsulation).
 #[inline(always)]
-fn forward(
-    ctx: &XdpContext,
-    eth: *mut EthHdr,
-    service: &Service,
-    placed: &Placed,
-    reply_too_big: bool,
-) -> u32 {
+fn forward(ctx: &XdpContext, eth: *mut EthHdr, service: &Service, placed: &Placed) -> u32 {
     let (id, backend) = (placed.id, placed.backend);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     if service.forwarding == Forwarding::Nat as u8 {
@@ -407,13 +408,14 @@ fn forward(
         let Some(inner) = parse::outbound(ctx, v6) else {
             return drop(Counter::DropResizeFailed);
         };
-        match forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()) {
-            Ok(()) => {}
-            Err(forward::NotSent::TooBig) if reply_too_big => {
-                return too_big(ctx, &inner, v6, service);
-            }
-            Err(forward::NotSent::TooBig) => return drop(Counter::DropTooBig),
-            Err(forward::NotSent::NoHeadroom) => return drop(Counter::DropResizeFailed),
+        // A client's segment that does not fit was answered before it was placed
+        // (`answer_too_big`); what gets here too big is an ICMP error for a backend, never
+        // answered with another.
+        if !forward::fits(&inner, v6, service) {
+            return drop(Counter::DropTooBig);
+        }
+        if forward::tunnel(ctx, &inner, v6, service, backend, IFACE_MAC.load()).is_err() {
+            return drop(Counter::DropResizeFailed);
         }
     } else {
         forward::dsr(eth, backend, IFACE_MAC.load());
@@ -424,16 +426,23 @@ fn forward(
 
 /// Answers a tunnel service's client whose packet does not fit once encapsulated: ICMP
 /// "fragmentation needed" or ICMPv6 "packet too big" naming the MTU less the outer header.
+/// `None` (nothing done) if it fits.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, inner: &parse::Outbound, v6: bool, service: &Service) -> u32 {
-    let outer = if v6 { 40 } else { 20 };
-    match icmp::too_big(ctx, inner, v6, (service.mtu as u32).saturating_sub(outer)) {
+fn answer_too_big(ctx: &XdpContext, service: &Service) -> Option<u32> {
+    let v6 = service.family == Family::Ipv6 as u8;
+    // Cannot fail on a frame the parser accepted; if it did, forward() drops the frame.
+    let inner = parse::outbound(ctx, v6)?;
+    if forward::fits(&inner, v6, service) {
+        return None;
+    }
+    let mtu = (service.mtu as u32).saturating_sub(forward::outer_len(v6) as u32);
+    Some(match icmp::too_big(ctx, &inner, v6, mtu) {
         Ok(()) => {
             stats::count(Counter::TxIcmpTooBig);
             xdp_action::XDP_TX
         }
         Err(_) => drop(Counter::DropResizeFailed),
-    }
+    })
 }
 
 /// What the service index says about a destination.

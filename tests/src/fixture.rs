@@ -2,8 +2,9 @@
 //! tables, one service (198.18.0.100:80, or [2001:db8::100]:80 for IPv6) and three backends:
 //! frames built in a test go in, the verdict, the bytes that come out and the map contents are
 //! checked (the style of Katran's testing/fixtures). A second service of the other family can be
-//! added, so frames of one family meet a program that also serves the other. Used by the
-//! data-path fixtures and the packet fuzzer.
+//! added, so frames of one family meet a program that also serves the other, and more services
+//! on other ports; any of them may forward by tunnel instead of DSR ([`TunnelParams`]). Used by
+//! the data-path fixtures and the packet fuzzer.
 
 use crate::{netns::require_root, packet::Frame};
 use aya::{
@@ -16,9 +17,9 @@ use sticky_lb::{
     maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, PROTO_TCP, Policy, Service,
-    ServiceCounters, ServiceKey, StickEntry, StickKey, addr, addr::Family, hash::client_hash,
-    map_names,
+    Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, Forwarding, PROTO_TCP, Policy,
+    Service, ServiceCounters, ServiceKey, StickEntry, StickKey, addr, addr::Family,
+    hash::client_hash, map_names,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -46,9 +47,12 @@ pub struct Fixture {
     pub active: Array<MapData, i64>,
     /// A second service, of the other family, if [`Fixture::add_other_family`] added one.
     pub other: Option<OtherService>,
+    /// Services [`Fixture::add_service`] added, in order.
+    pub extra: Vec<OtherService>,
 }
 
-/// The second service of a fixture: its own key, parameters and three backends.
+/// A service of a fixture besides the first: its own key, parameters and three backends.
+#[derive(Clone)]
 pub struct OtherService {
     pub family: Family,
     pub key: ServiceKey,
@@ -66,11 +70,40 @@ pub fn vip_of(family: Family) -> IpAddr {
 
 /// The service key of the fixture's VIP of `family`, port [`PORT`].
 fn service_key(family: Family) -> ServiceKey {
+    service_key_on(family, PORT)
+}
+
+/// The service key of the fixture's VIP of `family` on `port`.
+fn service_key_on(family: Family, port: u16) -> ServiceKey {
     ServiceKey {
         vip: addr::words(&vip_of(family)),
-        port: PORT.to_be(),
+        port: port.to_be(),
         protocol: PROTO_TCP,
         family: family as u8,
+    }
+}
+
+/// Tunnel forwarding for a service, as `forwarding: tunnel` configures it: the outer source
+/// prefix (`source`/`prefix`, at most 32 host bits) and the interface MTU.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelParams {
+    pub source: IpAddr,
+    pub prefix: u8,
+    pub mtu: u16,
+}
+
+impl TunnelParams {
+    /// Makes `service` (of the source's family) a tunnel service with these parameters, written
+    /// as the controller writes them: the prefix with its host bits cleared, the host bits of
+    /// the address's last word (word 0 for IPv4, 3 for IPv6) in network order.
+    pub fn apply(&self, service: &mut Service) {
+        let family = Family::of(&self.source);
+        let mask = addr::prefix_mask(family, self.prefix);
+        let last = if family == Family::Ipv6 { 3 } else { 0 };
+        service.forwarding = Forwarding::Tunnel as u8;
+        service.tunnel_source = addr::masked(addr::words(&self.source), mask);
+        service.tunnel_host_bits = !mask[last];
+        service.mtu = self.mtu;
     }
 }
 
@@ -145,7 +178,8 @@ impl Fixture {
                 stick_table_size: 1 << 16,
                 flow_table_size: 1 << 16,
                 maglev_stride: RING,
-                maglev_services: 2,
+                // The first service, one of the other family and two more (add_service).
+                maglev_services: 4,
                 interface_mac: OUR_MAC,
                 log_level: 0,
             },
@@ -176,6 +210,7 @@ impl Fixture {
             flows,
             active,
             other: None,
+            extra: Vec::new(),
         };
         fixture.publish(&[0, 1, 2]);
         fixture
@@ -206,6 +241,74 @@ impl Fixture {
             service,
             backends,
         })
+    }
+
+    /// Makes the fixture's service a tunnel service and publishes it with all three backends.
+    pub fn tunnel(&mut self, params: TunnelParams) -> maglev::Table {
+        assert_eq!(
+            Family::of(&params.source),
+            self.family,
+            "a source of the service's family"
+        );
+        params.apply(&mut self.service);
+        self.publish(&[0, 1, 2])
+    }
+
+    /// Adds a service of `family` on `port` of the fixture's VIP of that family: service id `id`
+    /// (2 or 3; 1 is the first service's, 0 the other family's), masking clients to
+    /// `client_prefix` bits, forwarding by tunnel if `tunnel` says so, with three backends of
+    /// its own (ids 13 + 3 * (id - 2) on, MACs 02:c(id):00:00:00:01..03) in a Maglev table.
+    pub fn add_service(
+        &mut self,
+        family: Family,
+        port: u16,
+        id: u32,
+        client_prefix: u8,
+        tunnel: Option<TunnelParams>,
+    ) -> OtherService {
+        assert!(
+            (2..4).contains(&id),
+            "ids 0 and 1 are taken; the Maglev array holds 4"
+        );
+        let name = format!("svc{id}");
+        let backends = install_backends(
+            &mut self.dataplane,
+            family,
+            id,
+            13 + 3 * (id - 2),
+            &name,
+            0xc0 | id as u8,
+        );
+        let key = service_key_on(family, port);
+        let mut service = Service {
+            id,
+            stick_timeout_ns: TIMEOUT_NS,
+            client_mask: addr::prefix_mask(family, client_prefix),
+            ..Default::default()
+        };
+        if let Some(tunnel) = tunnel {
+            tunnel.apply(&mut service);
+        }
+        let table = maglev::Table::build(RING, &members(&backends));
+        self.dataplane
+            .publish_service(&key, &mut service, table.slots())
+            .unwrap();
+        let added = OtherService {
+            family,
+            key,
+            service,
+            backends,
+        };
+        self.extra.push(added.clone());
+        added
+    }
+
+    /// The backend entry (as the program reads it) of backend index `backend`.
+    pub fn backend_entry(&self, backend: usize) -> Backend {
+        self.dataplane
+            .backends
+            .get(&self.backends[backend].0, 0)
+            .unwrap()
     }
 
     /// The stick key of `client` in this fixture's service (masked as the program masks it).

@@ -10,3 +10,4 @@ pub mod packet;
 pub mod rig;
 pub mod scenario;
 pub mod socket;
+pub mod tunnel;

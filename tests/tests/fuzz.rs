@@ -9,21 +9,28 @@
 //!
 //! 1. the verdict is XDP_PASS, XDP_DROP or XDP_TX, never XDP_ABORTED or anything else;
 //! 2. XDP_TX only for a well-formed, unfragmented TCP segment to a service ([`judge`]), and
-//!    then only the DSR rewrite: destination MAC a backend's *of that segment's service*, source
-//!    MAC ours, the length and every byte from offset 12 on unchanged. Conversely every such
-//!    segment is transmitted: all backends are up, so passing or dropping one loses a client's
-//!    packet;
+//!    then, for a DSR service, only the DSR rewrite: destination MAC a backend's *of that
+//!    segment's service*, source MAC ours, the length and every byte from offset 12 on
+//!    unchanged; for a tunnel service, if the IP packet fits the MTU with the outer header, the
+//!    encapsulation exactly (Ethernet to a backend of that service, tag kept; the outer IPv4 or
+//!    IPv6 header with every field as the rules give it, its length 20 or 40 + the inner IP
+//!    length, its checksum valid; then the input's bytes from its IP header on), and if it does
+//!    not, exactly the ICMP "fragmentation needed" / ICMPv6 "packet too big" reply with valid
+//!    checksums (both built by `sticky_lb_tests::tunnel`). Conversely every such segment is
+//!    transmitted: all backends are up, so passing or dropping one loses a client's packet;
 //! 3. XDP_PASS leaves the frame exactly as it came (XDP_DROP output is not looked at);
-//! 4. a client forwarded more than once always reaches the same backend: the pool does not
-//!    change during the run, so anything else is a split session. A client is an IPv4 address
-//!    (that service's mask is /32) or an IPv6 /64 (that service's mask is /64: every address of
-//!    the /64 must reach one backend). Checked from the output MACs, not the stick table, to
-//!    keep a frame cheap.
+//! 4. a client forwarded more than once always reaches the same backend of a service: the pool
+//!    does not change during the run, so anything else is a split session. A client is an IPv4
+//!    address (those services' mask is /32) or an IPv6 /64 (those services' mask is /64: every
+//!    address of the /64 must reach one backend). Checked from the output MACs, not the stick
+//!    table, to keep a frame cheap.
 //!
-//! The program serves two services at once, 198.18.0.100:80 and [2001:db8::100]:80, so frames
-//! of each family meet a program that also serves the other: an IPv6 header whose bytes happen to
-//! hold the IPv4 VIP where an IPv4 destination would sit must not reach the IPv4 service. IPv6
-//! segments come with chains of up to five extension headers (the data path follows four).
+//! The program serves four services at once: DSR on 198.18.0.100:80 and [2001:db8::100]:80,
+//! tunnel on port 8443 of both VIPs (small MTUs, so a good share of segments is answered too
+//! big), so frames of each family meet a program that also serves the other and the other
+//! forwarding mode: an IPv6 header whose bytes happen to hold the IPv4 VIP where an IPv4
+//! destination would sit must not reach an IPv4 service. IPv6 segments come with chains of up to
+//! five extension headers (the data path follows four).
 //!
 //! The seed is fixed so a failure reproduces; `SLB_FUZZ_SEED` picks another stream and
 //! `SLB_FUZZ_FRAMES` the number of frames (default 100,000; `cargo xtask bench` runs a million in
@@ -37,12 +44,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
 };
-use sticky_lb_common::addr::Family;
+use sticky_lb_common::{addr, addr::Family};
 use sticky_lb_tests::{
     fixture::{
-        ACK, FIN_ACK, Fixture, OUR_MAC, PORT, RST, SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX,
+        ACK, FIN_ACK, Fixture, OUR_MAC, PORT, RST, SYN, TunnelParams, VIP, VIP6, XDP_DROP,
+        XDP_PASS, XDP_TX,
     },
     packet::{ETH_LEN, Frame, IPV4_LEN, IPV6_LEN, TCP_LEN},
+    tunnel,
 };
 
 const DEFAULT_FRAMES: u64 = 100_000;
@@ -69,6 +78,20 @@ const IP_MF_AND_OFFSET: u16 = 0x3fff;
 const PSH_ACK: u8 = 0x18;
 /// Ethernet's minimum frame (without FCS): shorter frames arrive padded with zeros.
 const ETH_MIN_FRAME: usize = 60;
+/// The tunnel services' port (on both VIPs) and parameters. The MTUs are small so that many
+/// segments the generator makes do not fit: an IPv4 packet fits up to 80 bytes (a segment
+/// without options and with up to 40 bytes of payload), an IPv6 one up to 120.
+const TUNNEL_PORT: u16 = 8443;
+const TUNNEL4: TunnelParams = TunnelParams {
+    source: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 0)),
+    prefix: 24,
+    mtu: 100,
+};
+const TUNNEL6: TunnelParams = TunnelParams {
+    source: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0x5b, 0)),
+    prefix: 112,
+    mtu: 160,
+};
 
 /// Why the oracle says a frame must not be transmitted: the first rule it breaks, in the order
 /// a parser meets the fields.
@@ -117,13 +140,29 @@ fn ip_offset(frame: &[u8]) -> Option<(usize, Family)> {
     }
 }
 
-/// A session as the oracle sees it: the service's family and its client (an IPv4 address, or
-/// the /64 of an IPv6 one).
-type Session = (Family, IpAddr);
+/// One of the run's services: its family, and whether it is the tunnel one (port
+/// [`TUNNEL_PORT`]) or the DSR one (port [`PORT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Target {
+    family: Family,
+    tunnel: bool,
+}
 
-/// The oracle: `Ok(session)` if the frame is a well-formed, unfragmented TCP segment to
-/// 198.18.0.100:80 or [2001:db8::100]:80, which the balancer must transmit; otherwise the
-/// reason it must not. Trailing bytes after the IP packet are Ethernet padding and allowed.
+/// A session as the oracle sees it: the service and its client (an IPv4 address, or the /64 of
+/// an IPv6 one).
+type Session = (Target, IpAddr);
+
+/// The service port `port` names, if any.
+fn target(family: Family, port: u16) -> Option<Target> {
+    (port == PORT || port == TUNNEL_PORT).then_some(Target {
+        family,
+        tunnel: port == TUNNEL_PORT,
+    })
+}
+
+/// The oracle: `Ok(session)` if the frame is a well-formed, unfragmented TCP segment to port
+/// 80 or 8443 of 198.18.0.100 or [2001:db8::100], which the balancer must transmit; otherwise
+/// the reason it must not. Trailing bytes after the IP packet are Ethernet padding and allowed.
 fn judge(frame: &[u8]) -> Result<Session, Unfit> {
     let (l3, family) = ip_offset(frame).ok_or(Unfit::NotIp)?;
     let ip = frame
@@ -161,9 +200,11 @@ fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
         return Err(Unfit::NotTcp);
     }
     let tcp = &ip[ihl..tot_len];
-    if ip[16..20] != VIP.octets() || u16::from_be_bytes([tcp[2], tcp[3]]) != PORT {
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let service = target(Family::Ipv4, port).filter(|_| ip[16..20] == VIP.octets());
+    let Some(service) = service else {
         return Err(Unfit::NotService);
-    }
+    };
     let data_offset = (tcp[12] >> 4) as usize * 4;
     if data_offset < TCP_LEN {
         return Err(Unfit::DataOffsetBelow5);
@@ -172,7 +213,7 @@ fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
         return Err(Unfit::DataOffsetPastTotLen);
     }
     let client = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    Ok((Family::Ipv4, client.into()))
+    Ok((service, client.into()))
 }
 
 /// RFC 8200 as the data path applies it: payload length not 0 and inside the frame; at most
@@ -216,9 +257,11 @@ fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
         return Err(Unfit::TotLenBelowHeaders);
     }
     let tcp = &packet[at..];
-    if ip[24..40] != VIP6.octets() || u16::from_be_bytes([tcp[2], tcp[3]]) != PORT {
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let service = target(Family::Ipv6, port).filter(|_| ip[24..40] == VIP6.octets());
+    let Some(service) = service else {
         return Err(Unfit::NotService);
-    }
+    };
     let data_offset = (tcp[12] >> 4) as usize * 4;
     if data_offset < TCP_LEN {
         return Err(Unfit::DataOffsetBelow5);
@@ -228,7 +271,7 @@ fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
     }
     let mut client: [u8; 16] = ip[8..24].try_into().unwrap();
     client[(V6_CLIENT_MASK / 8) as usize..].fill(0);
-    Ok((Family::Ipv6, Ipv6Addr::from(client).into()))
+    Ok((service, Ipv6Addr::from(client).into()))
 }
 
 /// A broken invariant; the key the report groups violations by.
@@ -242,6 +285,12 @@ enum Violation {
     SegmentNotForwarded(u32),
     /// Invariant 2: transmitted with more than the DSR rewrite (or to an unknown MAC).
     BadRewrite,
+    /// Invariant 2: a tunnel service's segment that fits, transmitted as anything but its
+    /// encapsulation for a backend of that service.
+    BadEncapsulation,
+    /// Invariant 2: a tunnel service's segment too big to encapsulate, transmitted as anything
+    /// but the ICMP or ICMPv6 reply.
+    BadTooBigReply,
     /// Invariant 3.
     PassAltered,
     /// Invariant 4.
@@ -254,9 +303,22 @@ struct Tally {
     examples: Vec<String>,
 }
 
+/// A tunnel service's backend: id, name, MAC and address.
+type TunnelBackend = (u32, String, [u8; 6], IpAddr);
+
+/// What a transmitted frame of a service turned out to be.
+enum Sent {
+    /// Forwarded to this backend (an index into the service's backends).
+    Backend(usize),
+    /// The ICMP "too big" reply to the client.
+    TooBig,
+}
+
 /// The fuzz run's state: the loaded program and what it has done so far.
 struct Run {
     fixture: Fixture,
+    /// The tunnel services' backends, IPv4 then IPv6, each with its address.
+    tunnel_backends: [Vec<TunnelBackend>; 2],
     /// Per session: the backend (index into its service's backends) it was first forwarded to,
     /// and how often.
     sessions: HashMap<Session, (usize, u64)>,
@@ -264,6 +326,9 @@ struct Run {
     passed: u64,
     dropped: u64,
     forwarded: u64,
+    /// Of the forwarded: by a tunnel, and answered too big.
+    tunnelled: u64,
+    too_big: u64,
     violations: BTreeMap<Violation, Tally>,
 }
 
@@ -271,13 +336,35 @@ impl Run {
     fn new() -> Run {
         let mut fixture = Fixture::new(32);
         fixture.add_other_family(V6_CLIENT_MASK);
+        let mut tunnel_backends = [Vec::new(), Vec::new()];
+        for (i, (family, mask, params)) in [
+            (Family::Ipv4, 32, TUNNEL4),
+            (Family::Ipv6, V6_CLIENT_MASK, TUNNEL6),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let service =
+                fixture.add_service(family, TUNNEL_PORT, 2 + i as u32, mask, Some(params));
+            tunnel_backends[i] = service
+                .backends
+                .into_iter()
+                .map(|(id, name, mac)| {
+                    let entry = fixture.dataplane.backends.get(&id, 0).unwrap();
+                    (id, name, mac, addr::from_words(family, entry.addr))
+                })
+                .collect();
+        }
         Run {
             fixture,
+            tunnel_backends,
             sessions: HashMap::new(),
             frames: 0,
             passed: 0,
             dropped: 0,
             forwarded: 0,
+            tunnelled: 0,
+            too_big: 0,
             violations: BTreeMap::new(),
         }
     }
@@ -310,17 +397,18 @@ impl Run {
                 self.forwarded += 1;
                 match expected {
                     Err(unfit) => Some(Violation::ForwardedUnfit(unfit)),
-                    Ok(client) => match self.dsr_backend(client.0, input, &output) {
-                        None => Some(Violation::BadRewrite),
-                        Some(backend) => {
+                    Ok(client) => match self.sent(client.0, input, &output) {
+                        Err(violation) => Some(violation),
+                        Ok(Sent::TooBig) => None,
+                        Ok(Sent::Backend(backend)) => {
                             let session = self.sessions.entry(client).or_insert((backend, 0));
                             session.1 += 1;
                             let first = session.0;
                             (first != backend).then(|| {
                                 let names = self.backends(client.0);
                                 note = format!(
-                                    "client {} went to {}, now to {}",
-                                    client.1, names[first].1, names[backend].1
+                                    "client {} of {:?} went to {}, now to {}",
+                                    client.1, client.0, names[first], names[backend]
                                 );
                                 Violation::SplitSession
                             })
@@ -347,8 +435,24 @@ impl Run {
         }
     }
 
-    /// The backends of the service of `family`.
-    fn backends(&self, family: Family) -> &[(u32, String, [u8; 6])] {
+    /// The names of the backends of `service`.
+    fn backends(&self, service: Target) -> Vec<&str> {
+        if service.tunnel {
+            let i = service.family as usize;
+            self.tunnel_backends[i]
+                .iter()
+                .map(|b| b.1.as_str())
+                .collect()
+        } else {
+            self.dsr_backends(service.family)
+                .iter()
+                .map(|b| b.1.as_str())
+                .collect()
+        }
+    }
+
+    /// The backends of the DSR service of `family`.
+    fn dsr_backends(&self, family: Family) -> &[(u32, String, [u8; 6])] {
         match family {
             Family::Ipv4 => &self.fixture.backends,
             Family::Ipv6 => {
@@ -362,12 +466,46 @@ impl Run {
         }
     }
 
+    /// What the transmitted `output` of segment `input` to `service` is, if it is what that
+    /// service may send (see invariant 2).
+    fn sent(&mut self, service: Target, input: &[u8], output: &[u8]) -> Result<Sent, Violation> {
+        if !service.tunnel {
+            return self
+                .dsr_backend(service.family, input, output)
+                .map(Sent::Backend)
+                .ok_or(Violation::BadRewrite);
+        }
+        let (l3, _) = ip_offset(input).expect("a segment the oracle accepted");
+        let (params, outer) = match service.family {
+            Family::Ipv4 => (TUNNEL4, IPV4_LEN),
+            Family::Ipv6 => (TUNNEL6, IPV6_LEN),
+        };
+        if tunnel::ip_len(&input[l3..]) + outer > params.mtu as usize {
+            self.too_big += 1;
+            return (output == tunnel::too_big_reply(input, l3, params.mtu))
+                .then_some(Sent::TooBig)
+                .ok_or(Violation::BadTooBigReply);
+        }
+        self.tunnelled += 1;
+        let backends = &self.tunnel_backends[service.family as usize];
+        let backend = backends
+            .iter()
+            .position(|b| output.starts_with(&b.2))
+            .ok_or(Violation::BadEncapsulation)?;
+        let (_, _, mac, dest) = backends[backend];
+        // The expected header's checksum is computed (and verified) by the builder: an equal
+        // output has a valid one, and the outer length is 20 or 40 + the inner IP length.
+        (output == tunnel::encapsulated(input, l3, &params, mac, dest))
+            .then_some(Sent::Backend(backend))
+            .ok_or(Violation::BadEncapsulation)
+    }
+
     /// The backend (index) of the `family` service a transmitted frame went to, if the program
     /// changed nothing but what L2 DSR changes: the destination MAC to one of that service's
     /// backends and the source MAC to ours.
     fn dsr_backend(&self, family: Family, input: &[u8], output: &[u8]) -> Option<usize> {
         let backend = self
-            .backends(family)
+            .dsr_backends(family)
             .iter()
             .position(|b| output.starts_with(&b.2))?;
         (output.len() == input.len() && output[6..12] == OUR_MAC && output[12..] == input[12..])
@@ -388,11 +526,14 @@ impl Run {
         }
         writeln!(
             out,
-            "fuzz: {} frames, {} passed, {} dropped, {} forwarded, {} violations",
+            "fuzz: {} frames, {} passed, {} dropped, {} forwarded ({} tunnelled, {} answered too \
+             big), {} violations",
             self.frames,
             self.passed,
             self.dropped,
             self.forwarded,
+            self.tunnelled,
+            self.too_big,
             self.violation_count()
         )
         .unwrap();
@@ -585,8 +726,8 @@ impl Generator {
         bytes
     }
 
-    /// A segment to a service from one of the clients, IPv4 or IPv6, in one of the shapes real
-    /// traffic has: any flags, optionally VLAN-tagged, with IPv4 options or IPv6 extension
+    /// A segment to a service from one of the clients, IPv4 or IPv6, DSR or tunnel (half each),
+    /// in one of the shapes real traffic has: any flags, optionally VLAN-tagged, with IPv4 options or IPv6 extension
     /// headers, TCP options, payload. Well formed, except that one IPv6 segment in 20 carries
     /// one extension header more than the data path follows.
     fn segment(&mut self) -> Segment {
@@ -615,6 +756,9 @@ impl Generator {
             frame
         };
         frame.src_port = rng.random_range(1024..=u16::MAX);
+        if rng.random_bool(0.5) {
+            frame.dst_port = TUNNEL_PORT;
+        }
         if rng.random_bool(0.25) {
             frame.vlan = Some(rng.random_range(1..4095));
         }
@@ -823,6 +967,53 @@ fn explicit_cases() -> Vec<(String, Vec<u8>)> {
         }
     }
     cases.extend(explicit_ipv6_cases());
+    cases.extend(explicit_tunnel_cases());
+    cases
+}
+
+/// Tunnel services: a SYN of each family truncated at every length, and segments at the MTU's
+/// edge (the largest that fits, one byte more), untagged, tagged and padded.
+fn explicit_tunnel_cases() -> Vec<(String, Vec<u8>)> {
+    let mut cases = Vec::new();
+    for (client, params, headers) in [
+        (
+            IpAddr::from(Ipv4Addr::new(198, 18, 1, 2)),
+            TUNNEL4,
+            IPV4_LEN + TCP_LEN,
+        ),
+        (
+            Ipv6Addr::new(0x2001, 0xdb8, 1, 7, 0, 0, 0, 2).into(),
+            TUNNEL6,
+            IPV6_LEN + TCP_LEN,
+        ),
+    ] {
+        let vip = match client {
+            IpAddr::V4(_) => IpAddr::from(VIP),
+            IpAddr::V6(_) => VIP6.into(),
+        };
+        let outer = headers - TCP_LEN;
+        let fits = params.mtu as usize - outer - headers;
+        let whole = Segment::build(&Frame::tcp_syn(client, vip, TUNNEL_PORT), SYN).bytes;
+        for len in ETH_LEN..whole.len() {
+            cases.push((
+                format!("tunnel SYN from {client} truncated to {len} bytes"),
+                whole[..len].to_vec(),
+            ));
+        }
+        for payload in [fits, fits + 1] {
+            for vlan in [None, Some(5)] {
+                let mut frame = Frame::tcp_syn(client, vip, TUNNEL_PORT);
+                frame.payload = vec![0x5a; payload];
+                frame.vlan = vlan;
+                let bytes = Segment::build(&frame, PSH_ACK).bytes;
+                let mut padded = bytes.clone();
+                padded.resize(bytes.len() + 9, 0);
+                let name = format!("tunnel segment from {client}, {payload} bytes, {vlan:?}");
+                cases.push((name.clone(), bytes));
+                cases.push((format!("{name}, padded"), padded));
+            }
+        }
+    }
     cases
 }
 
