@@ -620,6 +620,41 @@ impl Rig {
         }
     }
 
+    /// Makes local backend k a server that knows nothing of the balancer, as NAT forwarding
+    /// allows: the VIP leaves its loopback (it is reached at its own address), and with
+    /// `route_back` its routes to the clients lead via the balancer, the one change plain NAT
+    /// needs (replies must come back through the balancer to be translated). Full NAT needs
+    /// none: leave `route_back` false. The routes cover every client address of the rig
+    /// (198.18.1.0-198.18.4.255, 2001:db8:1::/48) and nothing outside it.
+    pub fn make_nat_backend(&self, k: usize, route_back: bool) -> anyhow::Result<()> {
+        let role = format!("b{k}");
+        self.ip(&role, &["addr", "del", &format!("{VIP}/32"), "dev", "lo"])?;
+        self.ip(
+            &role,
+            &["-6", "addr", "del", &format!("{VIP6}/128"), "dev", "lo"],
+        )?;
+        if route_back {
+            for prefix in ["198.18.1.0/24", "198.18.2.0/23", "198.18.4.0/24"] {
+                self.ip(
+                    &role,
+                    &["route", "add", prefix, "via", &LB_ADDR.to_string()],
+                )?;
+            }
+            self.ip(
+                &role,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "2001:db8:1::/48",
+                    "via",
+                    &LB_ADDR6.to_string(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     /// MAC of backend `k`'s `eth0` (what DSR must rewrite the frame to).
     pub fn backend_mac(&self, k: usize) -> [u8; 6] {
         self.backend(k).mac

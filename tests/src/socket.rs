@@ -23,6 +23,27 @@ pub fn connect_from(
     target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    connect_bound(SocketAddr::new(source, 0), target, timeout)
+}
+
+/// [`connect_from`] with a fixed source port, bound with SO_REUSEADDR so a port whose last
+/// connection has just closed can be taken again (as a client reusing its port does).
+pub fn connect_from_port(
+    source: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    connect_bound(source, target, timeout)
+}
+
+/// Connects from `source` (port 0: chosen at connect time) to `target` within `timeout`.
+fn connect_bound(
+    source: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let port = source.port();
+    let source = source.ip();
     if source.is_ipv4() != target.is_ipv4() {
         return Err(io::Error::new(
             ErrorKind::InvalidInput,
@@ -50,8 +71,13 @@ pub fn connect_from(
     // address do not exhaust the ephemeral range (each port could otherwise be used only once
     // at a time per source address). The option is an IP-level one for IPv6 sockets too.
     let one: libc::c_int = 1;
-    set_option(&fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &one)
-        .map_err(|err| step_error("setsockopt IP_BIND_ADDRESS_NO_PORT", err))?;
+    if port == 0 {
+        set_option(&fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &one)
+            .map_err(|err| step_error("setsockopt IP_BIND_ADDRESS_NO_PORT", err))?;
+    } else {
+        set_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)
+            .map_err(|err| step_error("setsockopt SO_REUSEADDR", err))?;
+    }
 
     let mut tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
@@ -66,7 +92,7 @@ pub fn connect_from(
     set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)
         .map_err(|err| step_error("setsockopt SO_SNDTIMEO", err))?;
 
-    with_sockaddr(&fd, SocketAddr::new(source, 0), libc::bind)
+    with_sockaddr(&fd, SocketAddr::new(source, port), libc::bind)
         .map_err(|err| step_error(&format!("bind {source}"), err))?;
     if let Err(err) = with_sockaddr(&fd, target, libc::connect) {
         // A connect that ran into SO_SNDTIMEO reports EINPROGRESS.

@@ -68,11 +68,18 @@ pub(super) struct Observed {
 pub(super) const DEFAULT_MTU: u16 = 1500;
 
 impl Observed {
-    /// The interface as service parameters need it (Ethernet's MTU until it has been read).
-    pub(super) fn link(&self) -> Link {
+    /// The interface as service parameters need it (Ethernet's MTU until it has been read),
+    /// its addresses without `vips`: a VIP is never a source for translated connections (the
+    /// interface holds the VIPs too, and may list one first).
+    pub(super) fn link(&self, vips: &[IpAddr]) -> Link {
         Link {
             mtu: self.interface_mtu.unwrap_or(DEFAULT_MTU),
-            addresses: self.interface_addresses.clone(),
+            addresses: self
+                .interface_addresses
+                .iter()
+                .filter(|a| !vips.contains(a))
+                .copied()
+                .collect(),
         }
     }
 

@@ -126,6 +126,8 @@ pub(super) fn plan(
         .map(|s| (s, desired.backends(s)))
         .collect();
 
+    let vips: Vec<_> = desired.config.services.iter().map(|s| s.vip).collect();
+    let link = observed.link(&vips);
     let mut next = Vec::with_capacity(wanted.len());
     for (service, backends) in wanted {
         let old = find_current(&service.name);
@@ -240,7 +242,7 @@ pub(super) fn plan(
                 }
             }
         }
-        let (key, mut params) = service_entry(service, sid, &observed.link());
+        let (key, mut params) = service_entry(service, sid, &link);
         if let Some(old) = old
             && old.key == key
         {

@@ -328,8 +328,23 @@ fn into_ack(mut frame: Vec<u8>, family: Family) -> Vec<u8> {
 
 /// `SLB_BENCH_QUICK=1`: only the hot rows, 21 runs each, for before/after comparisons while
 /// changing the data path (min and median printed).
+/// Instructions the kernel's verifier processed to accept the data path (its limit is
+/// 1,000,000; every branch added to the packet path multiplies the paths it walks).
+fn verified_instructions(b: &mut Bench) -> u32 {
+    b.dataplane
+        .program()
+        .info()
+        .ok()
+        .and_then(|info| info.verified_instruction_count())
+        .unwrap_or(0)
+}
+
 fn quick() {
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
+    eprintln!(
+        "verifier: {} instructions processed (limit 1000000)",
+        verified_instructions(&mut b)
+    );
     b.fill(1);
     b.fill_flows(1);
     let hot = ack(client(0), 40000);
@@ -382,6 +397,8 @@ fn main() {
 
     eprintln!("part a: per-packet cost");
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
+    let verified = verified_instructions(&mut b);
+    eprintln!("  verifier: {verified} instructions processed (limit 1000000)");
     let floor = median(
         (0..RUNS)
             .map(|_| repeated(b.dataplane.extra_program(PASS_PROGRAM).unwrap(), &hot))
@@ -722,6 +739,7 @@ fn main() {
         (during / quiet - 1.0) * 100.0
     );
     println!("| backend change in effect (rebuild + swap) | {change_ms:.2} ms |");
+    println!("| the verifier's walk of the data path | {verified} of 1,000,000 instructions |");
     println!("\nmachine: {machine}, {cpus} CPUs, kernel {kernel}");
 
     let json = json!({
