@@ -659,6 +659,7 @@ mod tests {
                 port: 80,
                 policy: "maglev".into(),
                 forwarding: "nat".into(),
+                forwarding_detail: None,
                 stick_timeout_ms: 1000,
                 client_mask: 32,
                 maglev_table_size: 0,

@@ -88,6 +88,9 @@ pub struct ServiceRecord {
     pub port: u16,
     pub policy: String,
     pub forwarding: String,
+    /// What the mode sends from: a tunnel's source prefix, source NAT's address and ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding_detail: Option<String>,
     pub stick_timeout_ms: u64,
     pub client_mask: u8,
     pub maglev_table_size: u32,

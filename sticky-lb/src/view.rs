@@ -185,6 +185,9 @@ pub struct ServiceStatus {
     pub port: u16,
     pub policy: String,
     pub forwarding: String,
+    /// A tunnel's source prefix, source NAT's address and ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarding_detail: Option<String>,
     pub stick_timeout_ms: u64,
     pub client_mask: u8,
     pub stick_hits: u64,
@@ -201,6 +204,8 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub name: String,
     pub address: IpAddr,
+    /// The port the data path sends to (a NAT backend's own, else the service's).
+    pub port: u16,
     pub mac: Option<String>,
     pub weight: u32,
     pub state: String,
@@ -229,6 +234,7 @@ pub fn status(target: &Target) -> Result<Status> {
             backends.push(BackendStatus {
                 name: b.name.clone(),
                 address: b.address,
+                port: b.port.unwrap_or(s.port),
                 mac: b.mac.clone(),
                 weight: b.weight,
                 state: b.state.clone(),
@@ -245,6 +251,7 @@ pub fn status(target: &Target) -> Result<Status> {
             port: s.port,
             policy: s.policy.clone(),
             forwarding: s.forwarding.clone(),
+            forwarding_detail: s.forwarding_detail.clone(),
             stick_timeout_ms: s.stick_timeout_ms,
             client_mask: s.client_mask,
             stick_hits: c.stick_hits,
@@ -293,11 +300,15 @@ pub fn print_status(s: &Status) {
     for svc in &s.services {
         println!();
         println!(
-            "service {}  {}/tcp  {} {}  stick timeout {}  client mask /{}",
+            "service {}  {}/tcp  {} {}{}  stick timeout {}  client mask /{}",
             svc.name,
             SocketAddr::new(svc.vip, svc.port),
             svc.policy,
             svc.forwarding,
+            svc.forwarding_detail
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
             seconds(svc.stick_timeout_ms),
             svc.client_mask
         );
@@ -323,7 +334,7 @@ fn print_backend_rows(svc: &ServiceStatus) {
     let width = svc
         .backends
         .iter()
-        .map(|b| b.address.to_string().len())
+        .map(|b| address_text(svc, b).len())
         .fold(16, usize::max);
     println!(
         "  {:<16} {:<width$} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
@@ -333,7 +344,7 @@ fn print_backend_rows(svc: &ServiceStatus) {
         println!(
             "  {:<16} {:<width$} {:<18} {:>6} {:<8} {:>10} {:>12} {:>8} {:>8}",
             b.name,
-            b.address,
+            address_text(svc, b),
             b.mac.as_deref().unwrap_or("-"),
             b.weight,
             b.state,
@@ -342,6 +353,14 @@ fn print_backend_rows(svc: &ServiceStatus) {
             b.stick_entries,
             b.active_connections
         );
+    }
+}
+
+/// A backend's address, with its port when it is not the service's (NAT).
+fn address_text(svc: &ServiceStatus, b: &BackendStatus) -> String {
+    match b.port == svc.port {
+        true => b.address.to_string(),
+        false => SocketAddr::new(b.address, b.port).to_string(),
     }
 }
 

@@ -77,6 +77,18 @@ fn sticky_through_nat(family: Family, full_nat: bool) {
     assert_eq!(s.table().len(), clients.len());
     let status = s.status();
     assert_eq!(status["services"][0]["forwarding"], "nat", "{status}");
+    // `status` names the address `source_nat: true` resolved to (the balancer's, not a VIP).
+    let detail = &status["services"][0]["forwarding_detail"];
+    if full_nat {
+        let expected = format!("source NAT {} ports 1024-32767", s.rig.lb_addr_in(family));
+        assert_eq!(detail, expected.as_str(), "{status}");
+    } else {
+        assert!(detail.is_null(), "{status}");
+    }
+    // Backend 3's own port shows in its address.
+    let text = s.cli_ok(&["status"]);
+    let b3 = std::net::SocketAddr::new(s.backend_addr(3), OTHER_PORT).to_string();
+    assert!(text.contains(&b3), "status shows {b3}:\n{text}");
     let replies = status["counters"]["tx_nat_reply"].as_u64().unwrap_or(0);
     assert!(
         replies >= 48 * 5 * 2,

@@ -146,6 +146,12 @@ fn sticky_through_the_tunnel(mode: Mode, family: Family) {
     assert_eq!(table.len(), clients.len());
     let status = t.s.status();
     assert_eq!(status["services"][0]["forwarding"], "tunnel", "{status}");
+    let detail = format!("source {}", t.source());
+    assert_eq!(
+        status["services"][0]["forwarding_detail"],
+        detail.as_str(),
+        "{status}"
+    );
     for b in status["services"][0]["backends"].as_array().unwrap() {
         assert_eq!(b["state"], "up", "{b}");
     }

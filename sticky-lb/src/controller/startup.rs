@@ -453,6 +453,20 @@ async fn observe(
     observed
 }
 
+/// What a service's mode sends from, as `status` shows it: a tunnel's source prefix, source
+/// NAT's address (the one resolved, for `source_nat: true`) and ports.
+fn forwarding_detail(s: &ServiceSlot) -> Option<String> {
+    if let Some(tunnel) = &s.config.tunnel {
+        return Some(format!("source {}", tunnel.source));
+    }
+    let nat = s.config.source_nat()?;
+    let address = addr::from_words(s.family(), s.params.nat_source);
+    Some(format!(
+        "source NAT {address} ports {}-{}",
+        nat.ports.0, nat.ports.1
+    ))
+}
+
 /// The state-file record of one service.
 pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
     ServiceRecord {
@@ -465,6 +479,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
             crate::config::Policy::LeastConn => "least-conn".into(),
         },
         forwarding: s.config.forwarding.name().into(),
+        forwarding_detail: forwarding_detail(s),
         stick_timeout_ms: s.config.stick.timeout.as_millis() as u64,
         client_mask: s.config.client_mask(),
         maglev_table_size: s.config.maglev_table_size,
@@ -561,6 +576,7 @@ mod tests {
             port: 443,
             policy: "ip-hash".into(),
             forwarding: "dsr".into(),
+            forwarding_detail: None,
             stick_timeout_ms: 1000,
             client_mask: 64,
             maglev_table_size: 65537,
