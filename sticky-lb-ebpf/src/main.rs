@@ -270,6 +270,10 @@ fn too_big_error(ctx: &XdpContext, error: &parse::TooBigError) -> u32 {
         service: service.id,
         client: masked(error.client, service.client_mask),
     };
+    // A NAT service's error goes only to a connection's backend, translated (see nat_error).
+    if service.forwarding == Forwarding::Nat as u8 {
+        return nat_error(ctx, error, service, &flow_key);
+    }
     // SAFETY: live hash-map values; only the backend id is read.
     let id = match conntrack::lookup(&flow_key) {
         Some(flow) => unsafe { (*flow).backend },
@@ -281,11 +285,6 @@ fn too_big_error(ctx: &XdpContext, error: &parse::TooBigError) -> u32 {
     let Some(backend) = select::usable(service, id) else {
         return pass(Counter::PassIcmpNoFlow);
     };
-    // A NAT service's error would need its quoted header translated too: not done (yet), so
-    // it is passed like an error about no known connection.
-    if service.forwarding == Forwarding::Nat as u8 {
-        return pass(Counter::PassIcmpNoFlow);
-    }
     let placed = Placed {
         id,
         backend,
@@ -375,6 +374,50 @@ fn forget_nat_reply(service: &Service, id: BackendId, packet: &Segment, nat_port
             port: packet.sport,
         };
         nat::forget_reply(service, backend, &client, nat_port);
+    }
+}
+
+/// An ICMP "too big" error about a NAT connection's reply, sent on to the connection's backend
+/// translated as its reply was, backwards: the outer destination becomes the backend, the
+/// quoted reply's source the backend's address and port (and with source NAT its destination
+/// the balancer's address and the connection's port), so the backend's kernel finds the
+/// connection and lowers its path MTU. Only a connection in the connection table (a NAT
+/// connection always has one) on a backend that still serves.
+#[inline(always)]
+fn nat_error(
+    ctx: &XdpContext,
+    error: &parse::TooBigError,
+    service: &Service,
+    flow_key: &FlowKey,
+) -> u32 {
+    let Some(flow) = conntrack::lookup(flow_key) else {
+        return pass(Counter::PassIcmpNoFlow);
+    };
+    // SAFETY: a live hash-map value; backend and NAT port are written once, at insert.
+    let (id, nat_port) = unsafe { ((*flow).backend, (*flow).nat_port) };
+    let Some(backend) = select::usable(service, id) else {
+        return pass(Counter::PassIcmpNoFlow);
+    };
+    let t = nat::Translation {
+        src: nat::Endpoint {
+            addr: backend.addr,
+            port: backend.port,
+        },
+        dst: nat::Endpoint {
+            addr: service.nat_source,
+            port: nat_port,
+        },
+        change_src: true,
+        change_dst: service.flags & SERVICE_SOURCE_NAT != 0,
+    };
+    let v6 = nat::is_v6(service.family);
+    let mac = IFACE_MAC.load();
+    match nat::error_to_backend(ctx, v6, &error.at, &backend.addr, &t, backend.mac, mac) {
+        Ok(()) => {
+            stats::count(Counter::TxIcmpToBackend);
+            xdp_action::XDP_TX
+        }
+        Err(_) => pass(Counter::PassIcmpNoFlow),
     }
 }
 

@@ -11,7 +11,7 @@
 use crate::{
     csum,
     maps::NAT,
-    parse::{ptr_at, read_word, write_word},
+    parse::{ErrorLayout, ptr_at, read_word, write_word},
 };
 use aya_ebpf::programs::XdpContext;
 use network_types::{
@@ -126,6 +126,108 @@ pub fn rewrite(
         *check = csum::finish(csum::start(*check) + tcp_sum_delta);
     }
     Ok(())
+}
+
+/// Translates an ICMP error about a NAT connection (laid out as `at` says; the parser checked
+/// the headers up to the quoted ports) for the backend that owns it: the outer destination (the
+/// VIP) becomes `backend`'s address; in the quoted segment (the reply the error is about) the
+/// source becomes `t.src` (the backend's address and port) and, with source NAT, the destination
+/// `t.dst` (the balancer's address and port), so the backend's kernel finds its own connection.
+/// The outer IPv4, quoted IPv4 and ICMP checksums are updated (the ICMPv6 one over its
+/// pseudo-header too). MACs: `dst_mac` from `src_mac`. Nothing is written unless every byte
+/// touched is in the frame (a router may quote as little as the IP header and 8 bytes).
+#[inline(always)]
+pub fn error_to_backend(
+    ctx: &XdpContext,
+    v6: bool,
+    at: &ErrorLayout,
+    backend: &[u32; 4],
+    t: &Translation,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Result<(), NotTranslated> {
+    // Offsets are bounded for the verifier (the parser's are far below this).
+    let (l3, icmp, quote, quote_l4) = (
+        at.l3 & 0x3fff,
+        at.icmp & 0x3fff,
+        at.quote & 0x3fff,
+        at.quote_l4 & 0x3fff,
+    );
+    // The farthest bytes written: the quoted ports.
+    ptr_at::<[u16; 2]>(ctx, quote_l4).ok_or(NotTranslated::Truncated)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(NotTranslated::Truncated)?;
+    // SAFETY: ptr_at checked the Ethernet header.
+    unsafe {
+        (*eth).dst_addr = dst_mac;
+        (*eth).src_addr = src_mac;
+    }
+    let (outer_daddr, quoted_saddr, quoted_daddr) = if v6 {
+        (l3 + 24, quote + 8, quote + 24)
+    } else {
+        (l3 + 16, quote + 12, quote + 16)
+    };
+    let outer_delta = swap(ctx, v6, outer_daddr, backend, 0)?;
+    if !v6 {
+        let check = ptr_at::<u16>(ctx, l3 + 10).ok_or(NotTranslated::Truncated)?;
+        // SAFETY: ptr_at checked it.
+        unsafe { *check = csum::finish(csum::start(*check) + outer_delta) };
+    }
+    let mut quoted_delta = swap(ctx, v6, quoted_saddr, &t.src.addr, 0)?;
+    if t.change_dst {
+        quoted_delta = swap(ctx, v6, quoted_daddr, &t.dst.addr, quoted_delta)?;
+    }
+    // The ICMP checksum covers everything quoted: the addresses, the quoted IPv4 header's own
+    // checksum (which changes with them), the ports; ICMPv6's also its pseudo-header, whose
+    // destination is the outer one.
+    let mut icmp_delta = quoted_delta;
+    if v6 {
+        icmp_delta += outer_delta;
+    } else {
+        let check = ptr_at::<u16>(ctx, quote + 10).ok_or(NotTranslated::Truncated)?;
+        // SAFETY: ptr_at checked it.
+        unsafe {
+            let old = *check;
+            let new = csum::finish(csum::start(old) + quoted_delta);
+            *check = new;
+            icmp_delta = csum::replace_half(icmp_delta, old, new);
+        }
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, quote_l4).ok_or(NotTranslated::Truncated)? as *mut u16;
+    // SAFETY: ptr_at checked both ports.
+    unsafe {
+        icmp_delta = csum::replace_half(icmp_delta, *ports, t.src.port);
+        *ports = t.src.port;
+        if t.change_dst {
+            icmp_delta = csum::replace_half(icmp_delta, *ports.add(1), t.dst.port);
+            *ports.add(1) = t.dst.port;
+        }
+    }
+    let check = ptr_at::<u16>(ctx, icmp + 2).ok_or(NotTranslated::Truncated)?;
+    // SAFETY: ptr_at checked it.
+    unsafe { *check = csum::finish(csum::start(*check) + icmp_delta) };
+    Ok(())
+}
+
+/// [`swap_address`] of one word (IPv4) or four (IPv6), checking only the bytes it touches.
+#[inline(always)]
+fn swap(
+    ctx: &XdpContext,
+    v6: bool,
+    at: usize,
+    new: &[u32; 4],
+    delta: u64,
+) -> Result<u64, NotTranslated> {
+    if v6 {
+        swap_address(ctx, at, 4, new, delta)
+    } else {
+        let addr = ptr_at::<u32>(ctx, at).ok_or(NotTranslated::Truncated)? as *mut u8;
+        // SAFETY: ptr_at checked the 4 bytes.
+        unsafe {
+            let old = read_word(addr);
+            write_word(addr, new[0]);
+            Ok(csum::replace_word(delta, old, new[0]))
+        }
+    }
 }
 
 /// Replaces the `words` address words at `at` with `new`; returns `delta` plus their change

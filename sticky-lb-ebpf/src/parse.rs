@@ -150,6 +150,18 @@ pub struct TooBigError {
     /// The quoted segment's destination: the client and its port.
     pub client: [u32; 4],
     pub client_port: u16,
+    /// Where things are in the frame (bytes from its start), for a NAT service's translation:
+    /// the IP header, the ICMP header, the quoted IP header and the quoted TCP header.
+    pub at: ErrorLayout,
+}
+
+/// Offsets (bytes from the frame's start) of an ICMP error's headers.
+#[derive(Clone, Copy)]
+pub struct ErrorLayout {
+    pub l3: usize,
+    pub icmp: usize,
+    pub quote: usize,
+    pub quote_l4: usize,
 }
 
 /// The fields of a TCP segment the balancer uses, as raw network-order values.
@@ -229,7 +241,7 @@ fn ipv4(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
     if ip.proto == IPPROTO_ICMP {
         // SAFETY: ptr_at checked the frame holds the header.
         let daddr = [unsafe { read_word(ip.dst_addr.as_ptr()) }, 0, 0, 0];
-        return icmp_too_big(ctx, eth, offset + ihl, Family::Ipv4, daddr);
+        return icmp_too_big(ctx, eth, offset, offset + ihl, Family::Ipv4, daddr);
     }
     if ip.proto != IPPROTO_TCP {
         return Parsed::NotTcp;
@@ -287,7 +299,7 @@ fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
                 // SAFETY: ptr_at checked the frame holds the fixed header.
                 let daddr = unsafe { read_addr(ip.dst_addr.as_ptr()) };
                 let at = offset + Ipv6Hdr::LEN + ext;
-                return icmp_too_big(ctx, eth, at, Family::Ipv6, daddr);
+                return icmp_too_big(ctx, eth, offset, at, Family::Ipv6, daddr);
             }
             _ => return Parsed::NotTcp,
         }
@@ -331,6 +343,7 @@ fn ipv6(ctx: &XdpContext, eth: *mut EthHdr, offset: usize) -> Parsed {
 fn icmp_too_big(
     ctx: &XdpContext,
     eth: *mut EthHdr,
+    l3: usize,
     offset: usize,
     family: Family,
     daddr: [u32; 4],
@@ -390,6 +403,12 @@ fn icmp_too_big(
         port,
         client,
         client_port,
+        at: ErrorLayout {
+            l3,
+            icmp: offset,
+            quote: quoted,
+            quote_l4: ports_at,
+        },
     })
 }
 
