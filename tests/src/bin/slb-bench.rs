@@ -21,9 +21,9 @@ use sticky_lb::{
     expiry, maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendState, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey,
-    FlowState, PROTO_TCP, Policy, Service, ServiceKey, StickEntry, StickKey, addr, addr::Family,
-    map_names,
+    Backend, BackendState, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FEATURE_NAT,
+    FlowEntry, FlowKey, FlowState, Forwarding, PROTO_TCP, Policy, SERVICE_SOURCE_NAT, Service,
+    ServiceKey, StickEntry, StickKey, addr, addr::Family, map_names,
 };
 use sticky_lb_tests::{netns::require_root, packet::Frame};
 
@@ -328,6 +328,109 @@ fn into_ack(mut frame: Vec<u8>, family: Family) -> Vec<u8> {
 
 /// `SLB_BENCH_QUICK=1`: only the hot rows, 21 runs each, for before/after comparisons while
 /// changing the data path (min and median printed).
+/// Mean ns per packet of an open connection's ACK (one client, its connection-table hit) in
+/// each forwarding mode, and of a NAT backend's reply, every frame run once.
+fn forwarding_modes() -> Vec<(String, f64)> {
+    const FRAMES: usize = 20_000;
+    let mut rows = Vec::new();
+    let mut b = Bench::new(Policy::IpHash, u64::MAX);
+    let set_mode = |b: &mut Bench, forwarding: Forwarding, flags: u8| {
+        b.service.forwarding = forwarding as u8;
+        b.service.flags = flags;
+        b.service.tunnel_source = [v4(Ipv4Addr::new(198, 18, 240, 0)), 0, 0, 0];
+        b.service.tunnel_host_bits = 0xff00_0000; // a /24, network order
+        b.service.mtu = 1500;
+        b.service.nat_source = [v4(Ipv4Addr::new(198, 18, 0, 2)), 0, 0, 0];
+        b.service.nat_port_first = 1024;
+        b.service.nat_port_count = 31744;
+        b.publish(10);
+    };
+    let acks = |port: u16| vec![ack(client(0), port); FRAMES];
+    let time = |b: &mut Bench, frames: &[Vec<u8>]| {
+        median(
+            (0..RUNS)
+                .map(|_| each_once(b.dataplane.program(), frames))
+                .collect(),
+        )
+    };
+    b.fill(1);
+    b.fill_flows(1);
+    let floor = median(
+        (0..RUNS)
+            .map(|_| {
+                each_once(
+                    b.dataplane.extra_program(PASS_PROGRAM).unwrap(),
+                    &acks(40000),
+                )
+            })
+            .collect(),
+    );
+    rows.push((
+        "XDP_PASS no-op, each frame run once (the floor of these rows)".to_string(),
+        floor,
+    ));
+    let dsr = time(&mut b, &acks(40000));
+    rows.push(("DSR: open connection, each frame run once".to_string(), dsr));
+    set_mode(&mut b, Forwarding::Tunnel, 0);
+    let tunnel = time(&mut b, &acks(40000));
+    rows.push((
+        "tunnel (IPIP): open connection, each frame run once".to_string(),
+        tunnel,
+    ));
+    b.dataplane.set_features(FEATURE_NAT).unwrap();
+    for (label, flags, port) in [
+        ("NAT", 0, 40010u16),
+        ("full NAT", SERVICE_SOURCE_NAT, 40020),
+    ] {
+        set_mode(&mut b, Forwarding::Nat, flags);
+        // The SYN opens the connection and its reply entry; its translation shows where the
+        // replies come from.
+        let mut out = vec![0u8; 256];
+        let syn_frame = {
+            let mut f = Frame::tcp_syn(client(0), VIP, 80);
+            f.src_port = port;
+            f.build()
+        };
+        let r = b
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&syn_frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, 3, "{label}: the SYN is forwarded");
+        let translated = &out[..syn_frame.len()];
+        let backend = Ipv4Addr::new(
+            translated[30],
+            translated[31],
+            translated[32],
+            translated[33],
+        );
+        let peer = Ipv4Addr::new(
+            translated[26],
+            translated[27],
+            translated[28],
+            translated[29],
+        );
+        let peer_port = u16::from_be_bytes([translated[34], translated[35]]);
+        let forward = time(&mut b, &acks(port));
+        rows.push((
+            format!("{label}: open connection, each frame run once"),
+            forward,
+        ));
+        let mut reply = Frame::tcp_syn(backend, peer, peer_port);
+        reply.src_port = 80;
+        reply.tcp_flags = 0x10;
+        let replies = vec![reply.build(); FRAMES];
+        let back = time(&mut b, &replies);
+        rows.push((format!("{label}: backend reply, each frame run once"), back));
+    }
+    rows
+}
+
 /// Instructions the kernel's verifier processed to accept the data path (its limit is
 /// 1,000,000; every branch added to the packet path multiplies the paths it walks).
 fn verified_instructions(b: &mut Bench) -> u32 {
@@ -340,6 +443,9 @@ fn verified_instructions(b: &mut Bench) -> u32 {
 }
 
 fn quick() {
+    for (name, ns) in forwarding_modes() {
+        eprintln!("{name}: {ns:.0} ns");
+    }
     let mut b = Bench::new(Policy::IpHash, u64::MAX);
     eprintln!(
         "verifier: {} instructions processed (limit 1000000)",
@@ -598,6 +704,14 @@ fn main() {
         "least-conn pick (10 backends) + inserts, new clients",
         least_conn,
     );
+
+    // Forwarding modes, per packet of an open connection. A test run does not restore the
+    // frame between repetitions, so a frame that grows (tunnel) or is rewritten (NAT) can only
+    // be timed run once each: these rows include the syscall's fixed cost, and compare with
+    // DSR timed the same way.
+    for (name, ns) in forwarding_modes() {
+        push(&name, ns);
+    }
 
     eprintln!("part b: control plane");
     let names: Vec<String> = (0..1000).map(|i| format!("backend-{i}")).collect();
