@@ -7,11 +7,11 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use sticky_lb_common::StickKey;
 
 /// Offset of the IPv4 source address in an untagged Ethernet frame.
-const SADDR_OFFSET: usize = 14 + 12;
+const SADDR_OFFSET: usize = crate::consts::ETH_LEN + 12;
 
 #[xdp]
 pub fn bench_stick_lookup(ctx: XdpContext) -> u32 {
-    let Some(saddr) = crate::parse::ptr_at::<[u8; 4]>(&ctx, SADDR_OFFSET) else {
+    let Some(saddr) = crate::frame::ptr_at::<[u8; 4]>(&ctx, SADDR_OFFSET) else {
         return xdp_action::XDP_PASS;
     };
     let key = StickKey {

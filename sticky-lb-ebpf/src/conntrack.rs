@@ -15,15 +15,11 @@
 
 use crate::{
     atomic,
+    consts::{BPF_NOEXIST, EEXIST},
     maps::{ACTIVE, FLOWS},
     parse::Segment,
 };
 use sticky_lb_common::{BackendId, FlowEntry, FlowKey, FlowState, ServiceId, idle_ns};
-
-/// bpf_map_update_elem flag: fail with EEXIST if the key is present.
-pub const BPF_NOEXIST: u64 = 1;
-/// errno of an insert that found the key present (asm-generic/errno-base.h).
-pub const EEXIST: i32 = 17;
 
 /// The connection table's key for a segment of `service`.
 #[inline(always)]

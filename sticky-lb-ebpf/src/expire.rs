@@ -6,9 +6,9 @@
 
 use crate::{
     conntrack,
+    frame::ptr_at,
     maps::{BACKENDS, FLOWS, SERVICES},
     nat,
-    parse::ptr_at,
 };
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use sticky_lb_common::{BackendId, BackendState, ExpireOutcome, ExpireRequest, Forwarding};

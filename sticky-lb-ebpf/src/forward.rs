@@ -9,22 +9,13 @@
 //!   routable subnet. The backend decapsulates (the kernel's `ipip`/`ip6tnl` device, or
 //!   `sticky-lb decap`) and holds the VIP on loopback as in DSR.
 
-use crate::{csum, parse::Outbound};
+use crate::{consts::*, csum, parse::Outbound};
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use sticky_lb_common::{Backend, Service, hash::fmix32};
-
-/// IP protocol number of IPv4-in-IPv4 (RFC 2003) and IPv6-in-IPv6 (RFC 2473), IANA.
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-/// Hop limit of the outer header (Linux's default TTL).
-const OUTER_TTL: u8 = 64;
-/// Bytes from the frame start to the IP header: Ethernet, or Ethernet and one 802.1Q tag.
-pub const ETH_LEN: usize = EthHdr::LEN;
-pub const ETH_VLAN_LEN: usize = EthHdr::LEN + 4;
 
 /// Rewrites the frame for `backend`: its MAC as destination, ours as source.
 #[inline(always)]
@@ -75,7 +66,15 @@ pub fn tunnel(
         return Err(NoHeadroom);
     }
     let (tos, len) = (inner.tos, inner.len);
-    let v4 = |ip| unsafe { ipv4_header(ip, tos, len, source[0], backend.addr[0]) };
+    let outer_v4 = Ipv4Fields {
+        tos,
+        total_len: (len + Ipv4Hdr::LEN) as u16,
+        dont_fragment: true,
+        protocol: IPPROTO_IPIP,
+        source: source[0],
+        dest: backend.addr[0],
+    };
+    let v4 = |ip| unsafe { write_ipv4(ip, &outer_v4) };
     let v6_header = |ip| unsafe { ipv6_header(ip, tos, inner, len, &source, &backend.addr) };
     // Constant offsets for each layout, so the verifier sees every access as a fixed offset.
     match (v6, inner.vlan) {
@@ -142,36 +141,49 @@ fn write_headers<const OUTER: usize, const L3: usize>(
     Ok(())
 }
 
-/// Writes an outer IPv4 header at `ip`: no options, DF set (RFC 2003 3.1: the inner packet's
-/// path MTU is then discovered end to end), protocol 4, checksum computed.
+/// An IPv4 header without options, as the data path writes one (identification 0, TTL
+/// [`DEFAULT_TTL`]).
+pub struct Ipv4Fields {
+    pub tos: u8,
+    /// Bytes, header included.
+    pub total_len: u16,
+    /// DF: set on tunnels (RFC 2003 3.1: the inner packet's path MTU is then discovered end to
+    /// end), not on ICMP errors.
+    pub dont_fragment: bool,
+    pub protocol: u8,
+    /// Addresses as map words (network order).
+    pub source: u32,
+    pub dest: u32,
+}
+
+/// Writes `h` at `ip` with its checksum (RFC 1071, summed from the words in registers).
 ///
 /// # Safety
 /// `ip` must point at 20 writable packet bytes.
 #[inline(always)]
-unsafe fn ipv4_header(ip: *mut u8, tos: u8, inner_len: usize, source: u32, dest: u32) {
-    let total = (inner_len + Ipv4Hdr::LEN) as u16;
-    let [len_hi, len_lo] = total.to_be_bytes();
-    // The header as five words in memory order: version/IHL, TOS, length; id 0 and DF; TTL,
+pub unsafe fn write_ipv4(ip: *mut u8, h: &Ipv4Fields) {
+    let [len_hi, len_lo] = h.total_len.to_be_bytes();
+    let flags = if h.dont_fragment { 0x40 } else { 0 };
+    // The header as five words in memory order: version/IHL, TOS, length; id and flags; TTL,
     // protocol, checksum (0 while summing); source; destination.
-    let w0 = u32::from_ne_bytes([0x45, tos, len_hi, len_lo]);
-    let w1 = u32::from_ne_bytes([0, 0, 0x40, 0]);
-    let w2 = u32::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP, 0, 0]);
+    let w0 = u32::from_ne_bytes([0x45, h.tos, len_hi, len_lo]);
+    let w1 = u32::from_ne_bytes([0, 0, flags, 0]);
+    let w2 = u32::from_ne_bytes([DEFAULT_TTL, h.protocol, 0, 0]);
     let mut sum = csum::add_word(0, w0);
     sum = csum::add_word(sum, w1);
     sum = csum::add_word(sum, w2);
-    sum = csum::add_word(sum, source);
-    sum = csum::add_word(sum, dest);
-    let check = csum::finish(sum);
-    let w2 = w2 | (check as u32) << 16;
+    sum = csum::add_word(sum, h.source);
+    sum = csum::add_word(sum, h.dest);
+    let w2 = w2 | (csum::finish(sum) as u32) << 16;
     // SAFETY: the caller's promise; 32-bit stores at 2 bytes off alignment are fine for packet
-    // memory on the architectures sticky-lb runs on (see parse::read_word).
+    // memory on the architectures sticky-lb runs on (see frame::read_word).
     unsafe {
         let words = ip as *mut u32;
         core::ptr::write_volatile(words, w0);
         core::ptr::write_volatile(words.add(1), w1);
         core::ptr::write_volatile(words.add(2), w2);
-        core::ptr::write_volatile(words.add(3), source);
-        core::ptr::write_volatile(words.add(4), dest);
+        core::ptr::write_volatile(words.add(3), h.source);
+        core::ptr::write_volatile(words.add(4), h.dest);
     }
 }
 
@@ -199,7 +211,7 @@ unsafe fn ipv6_header(
         label as u8,
     ]);
     let [len_hi, len_lo] = (inner_len as u16).to_be_bytes();
-    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_IPV6, OUTER_TTL]);
+    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_IPV6, DEFAULT_TTL]);
     // SAFETY: the caller's promise (see ipv4_header on the alignment).
     unsafe {
         let words = ip as *mut u32;

@@ -10,8 +10,9 @@
 //! sits where the ICMP message carries it (Katran's layout).
 
 use crate::{
+    consts::*,
     csum,
-    forward::{ETH_LEN, ETH_VLAN_LEN},
+    forward::{Ipv4Fields, write_ipv4},
     parse::Outbound,
 };
 use aya_ebpf::{
@@ -27,14 +28,6 @@ use network_types::{
 /// and sequence number), which is all a client needs to find its connection (RFC 792 asks for
 /// the header and 8 bytes; RFC 4443 for as much as fits, which only costs more to checksum).
 pub const QUOTE_LEN: usize = 64;
-/// The ICMP header (type, code, checksum, 4 bytes of type-specific data): 8 bytes.
-const ICMP_LEN: usize = 8;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-const REPLY_TTL: u8 = 64;
 
 /// Why no reply was sent (the caller drops the segment).
 pub enum NoReply {
@@ -57,7 +50,7 @@ pub fn too_big(ctx: &XdpContext, inner: &Outbound, v6: bool, mtu: u32) -> Result
     // their low halves, and the verifier refuses 32-bit arithmetic on packet pointers.
     let frame = (ctx.data_end() - ctx.data()) as u64;
     let frame = unsafe { core::ptr::read_volatile(&frame) } as i32;
-    let headers = if v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN } + ICMP_LEN;
+    let headers = if v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN } + ICMP_HEADER_LEN;
     // SAFETY: helper calls on our own context; each fails without changing the frame. They
     // invalidate every packet pointer: everything needed was read into `inner` before.
     unsafe {
@@ -67,8 +60,8 @@ pub fn too_big(ctx: &XdpContext, inner: &Outbound, v6: bool, mtu: u32) -> Result
             return Err(NoReply::Resize);
         }
     }
-    const V4: usize = Ipv4Hdr::LEN + ICMP_LEN;
-    const V6: usize = Ipv6Hdr::LEN + ICMP_LEN;
+    const V4: usize = Ipv4Hdr::LEN + ICMP_HEADER_LEN;
+    const V6: usize = Ipv6Hdr::LEN + ICMP_HEADER_LEN;
     // Constant offsets for each layout, so the verifier sees every access as a fixed offset.
     match (v6, inner.vlan) {
         (false, false) => write::<V4, ETH_LEN>(ctx, inner, v6, mtu),
@@ -121,28 +114,21 @@ fn write<const HEADERS: usize, const L3: usize>(
 /// `ip` must point at the 28 header bytes followed by the quote, all in the frame.
 #[inline(always)]
 unsafe fn ipv4(ip: *mut u8, inner: &Outbound, mtu: u32) {
-    let total = (Ipv4Hdr::LEN + ICMP_LEN + QUOTE_LEN) as u16;
-    let [len_hi, len_lo] = total.to_be_bytes();
-    let w0 = u32::from_ne_bytes([0x45, 0, len_hi, len_lo]);
-    let w1 = 0;
-    let w2 = u32::from_ne_bytes([REPLY_TTL, IPPROTO_ICMP, 0, 0]);
-    let (from, to) = (inner.daddr[0], inner.saddr[0]);
-    let mut sum = csum::add_word(0, w0);
-    sum = csum::add_word(sum, w2);
-    sum = csum::add_word(sum, from);
-    sum = csum::add_word(sum, to);
-    let w2 = w2 | (csum::finish(sum) as u32) << 16;
+    let header = Ipv4Fields {
+        tos: 0,
+        total_len: (Ipv4Hdr::LEN + ICMP_HEADER_LEN + QUOTE_LEN) as u16,
+        dont_fragment: false,
+        protocol: IPPROTO_ICMP,
+        source: inner.daddr[0],
+        dest: inner.saddr[0],
+    };
     let [mtu_hi, mtu_lo] = (mtu as u16).to_be_bytes();
     let i0 = u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]);
     let i1 = u32::from_ne_bytes([0, 0, mtu_hi, mtu_lo]);
-    // SAFETY: the caller's promise (unaligned 32-bit packet stores: see parse::read_word).
+    // SAFETY: the caller's promise (unaligned 32-bit packet stores: see frame::read_word).
     unsafe {
+        write_ipv4(ip, &header);
         let words = ip as *mut u32;
-        core::ptr::write_volatile(words, w0);
-        core::ptr::write_volatile(words.add(1), w1);
-        core::ptr::write_volatile(words.add(2), w2);
-        core::ptr::write_volatile(words.add(3), from);
-        core::ptr::write_volatile(words.add(4), to);
         let icmp = words.add(5);
         core::ptr::write_volatile(icmp, i0);
         core::ptr::write_volatile(icmp.add(1), i1);
@@ -151,7 +137,7 @@ unsafe fn ipv4(ip: *mut u8, inner: &Outbound, mtu: u32) {
             core::ptr::null_mut(),
             0,
             icmp,
-            (ICMP_LEN + QUOTE_LEN) as u32,
+            (ICMP_HEADER_LEN + QUOTE_LEN) as u32,
             0,
         ) as u32 as u64;
         core::ptr::write_volatile(icmp, i0 | (csum::finish(sum) as u32) << 16);
@@ -164,10 +150,10 @@ unsafe fn ipv4(ip: *mut u8, inner: &Outbound, mtu: u32) {
 /// `ip` must point at the 48 header bytes followed by the quote, all in the frame.
 #[inline(always)]
 unsafe fn ipv6(ip: *mut u8, inner: &Outbound, mtu: u32) {
-    let payload = (ICMP_LEN + QUOTE_LEN) as u16;
+    let payload = (ICMP_HEADER_LEN + QUOTE_LEN) as u16;
     let [len_hi, len_lo] = payload.to_be_bytes();
     let w0 = u32::from_ne_bytes([0x60, 0, 0, 0]);
-    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_ICMPV6, REPLY_TTL]);
+    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_ICMPV6, DEFAULT_TTL]);
     let i0 = u32::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, 0, 0]);
     let i1 = u32::from_ne_bytes(mtu.to_be_bytes());
     // The checksum covers a pseudo-header (RFC 8200 8.1): both addresses, the upper-layer length
@@ -180,7 +166,7 @@ unsafe fn ipv6(ip: *mut u8, inner: &Outbound, mtu: u32) {
         sum = csum::add_word(sum, inner.saddr[i]);
         i += 1;
     }
-    // SAFETY: the caller's promise (unaligned 32-bit packet stores: see parse::read_word).
+    // SAFETY: the caller's promise (unaligned 32-bit packet stores: see frame::read_word).
     unsafe {
         let words = ip as *mut u32;
         core::ptr::write_volatile(words, w0);
@@ -198,7 +184,7 @@ unsafe fn ipv6(ip: *mut u8, inner: &Outbound, mtu: u32) {
             core::ptr::null_mut(),
             0,
             icmp,
-            (ICMP_LEN + QUOTE_LEN) as u32,
+            (ICMP_HEADER_LEN + QUOTE_LEN) as u32,
             0,
         ) as u32 as u64;
         sum += body;

@@ -15,9 +15,11 @@
 mod atomic;
 mod bench;
 mod conntrack;
+mod consts;
 mod csum;
 mod expire;
 mod forward;
+mod frame;
 mod guard;
 mod icmp;
 mod maps;
@@ -32,9 +34,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use conntrack::Opened;
+use consts::{TCP_FIN, TCP_RST};
 use maps::{SERVICE_INDEX, SERVICES};
 use network_types::eth::EthHdr;
-use parse::{Parsed, Segment, TCP_FIN, TCP_RST};
+use parse::{Parsed, Segment};
 use select::NoBackend;
 use sticky_lb_common::{
     Backend, BackendId, Counter, FEATURE_NAT, Family, FlowKey, FlowState, Forwarding, NatEntry,

@@ -9,9 +9,11 @@
 //! only while its connection is open on the backend that sent it.
 
 use crate::{
+    consts::*,
     csum,
+    frame::{ptr_at, read_word, write_word},
     maps::NAT,
-    parse::{ErrorLayout, ptr_at, read_word, write_word},
+    parse::ErrorLayout,
 };
 use aya_ebpf::programs::XdpContext;
 use network_types::{
@@ -21,13 +23,6 @@ use network_types::{
     vlan::VlanHdr,
 };
 use sticky_lb_common::{Backend, Family, NAT_PORT_PROBES, NatEntry, NatKey, Service, hash::fmix32};
-
-const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
-const IPPROTO_TCP: u8 = 6;
-/// Offset of the checksum in the TCP header (RFC 9293).
-const TCP_CHECK: usize = 16;
-/// bpf_map_update_elem flag: fail if the key exists.
-const BPF_NOEXIST: u64 = 1;
 
 /// Why a segment could not be translated.
 pub enum NotTranslated {

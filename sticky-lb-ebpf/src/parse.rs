@@ -5,8 +5,11 @@
 //! word 0, words 1..4 zero), so everything after the parser (service lookup, stick table,
 //! Maglev, least-conn, connection table) is one code path for both families.
 
+use crate::{
+    consts::*,
+    frame::{ptr_at, read_addr, read_word},
+};
 use aya_ebpf::programs::XdpContext;
-use core::mem::size_of;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -14,29 +17,6 @@ use network_types::{
     vlan::VlanHdr,
 };
 use sticky_lb_common::{Family, MAX_IPV6_EXT_HEADERS};
-
-/// EtherType values in network byte order, compared against the raw header field.
-const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
-/// "More fragments" flag and fragment offset bits of the IPv4 `frags` field (host order).
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
-/// IP protocol / IPv6 next-header numbers (IANA "Assigned Internet Protocol Numbers").
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_DSTOPTS: u8 = 60;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-/// ICMP "destination unreachable" / "fragmentation needed" (RFC 792) and ICMPv6 "packet too
-/// big" (RFC 4443) type and code.
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-/// The ICMP header before the quoted packet: type, code, checksum, 4 bytes (unused and the
-/// next-hop MTU, or the 32-bit MTU).
-const ICMP_HEADER_LEN: usize = 8;
 
 /// The client's IP packet as forwarding needs it, read again from the frame once the backend is
 /// chosen rather than kept from [`tcp_segment`]: a value carried from parsing through the
@@ -99,17 +79,6 @@ pub fn outbound(ctx: &XdpContext, v6: bool) -> Option<Outbound> {
             dst_mac,
         })
     }
-}
-
-/// Pointer to a `T` at `offset` bytes into the frame, if the frame holds all of it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
 }
 
 /// What the parser found in a frame.
@@ -177,11 +146,6 @@ pub struct Segment {
     /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10).
     pub flags: u8,
 }
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 impl Segment {
     /// The first segment of a connection: SYN without ACK. Only these create stick entries and
@@ -365,7 +329,7 @@ fn icmp_too_big(
         if ip.vihl >> 4 != 4
             || ihl < Ipv4Hdr::LEN
             || ip.proto != IPPROTO_TCP
-            || u16::from_be_bytes(ip.frags) & 0x1fff != 0
+            || u16::from_be_bytes(ip.frags) & IP_OFFSET != 0
         {
             return Parsed::NotTcp;
         }
@@ -410,41 +374,6 @@ fn icmp_too_big(
             quote_l4: ports_at,
         },
     })
-}
-
-/// The 16 address bytes at `bytes` (inside the packet) as map words.
-#[inline(always)]
-unsafe fn read_addr(bytes: *const u8) -> [u32; 4] {
-    unsafe {
-        [
-            read_word(bytes),
-            read_word(bytes.add(4)),
-            read_word(bytes.add(8)),
-            read_word(bytes.add(12)),
-        ]
-    }
-}
-
-/// The 4 packet bytes at `bytes` as one native-endian word, read with one 32-bit load.
-///
-/// `bytes` is not 4-byte aligned: after 14 bytes of Ethernet an address sits 2 bytes off a word
-/// boundary. An unaligned read would be split by LLVM into four byte loads and the shifts to join
-/// them (about 60 more instructions for an IPv6 packet's two addresses); the typed read gives one
-/// load, which the verifier accepts because packet loads need alignment only when a program asks
-/// for strict alignment or the architecture lacks efficient unaligned access (x86-64 and arm64,
-/// the ones sticky-lb runs on, have it). Katran's `s6_addr32` copies do the same. Not done with
-/// the `allows-misaligned-mem-access` target feature: that lets LLVM also merge stack stores
-/// into misaligned wider ones, which the verifier always refuses.
-#[inline(always)]
-pub unsafe fn read_word(bytes: *const u8) -> u32 {
-    unsafe { core::ptr::read_volatile(bytes as *const u32) }
-}
-
-/// Stores one native-endian word at `bytes` (inside the packet) with one 32-bit store; the
-/// counterpart of [`read_word`], with the same reasoning about alignment.
-#[inline(always)]
-pub unsafe fn write_word(bytes: *mut u8, word: u32) {
-    unsafe { core::ptr::write_volatile(bytes as *mut u32, word) }
 }
 
 /// What the IP layer of a segment told the parser.

@@ -8,7 +8,7 @@
 
 use crate::{
     atomic, conntrack,
-    conntrack::{BPF_NOEXIST, EEXIST},
+    consts::{BPF_NOEXIST, EEXIST},
     guard,
     maps::{BACKENDS, MAGLEV, STICK},
     stats::count_service,

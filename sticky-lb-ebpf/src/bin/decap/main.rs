@@ -12,6 +12,13 @@
 #![no_std]
 #![no_main]
 
+// Wire-format numbers and packet access shared with the balancer's program.
+#[allow(dead_code)] // the balancer's numbers this program has no use for
+#[path = "../../consts.rs"]
+mod consts;
+#[allow(dead_code)]
+#[path = "../../frame.rs"]
+mod frame;
 mod maps;
 mod parse;
 mod strip;

@@ -5,36 +5,17 @@
 //! whose next header is one of those (RFC 2473), with no extension headers (the balancer sends
 //! none), then the inner packet.
 
+use crate::{
+    consts::*,
+    frame::{ptr_at, read_addr, read_word},
+};
 use aya_ebpf::programs::XdpContext;
-use core::mem::size_of;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
     vlan::VlanHdr,
 };
 use sticky_lb_common::{Family, decap::TunnelAddr};
-
-/// EtherType values in network byte order, compared against the raw header field.
-pub const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
-pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
-/// "More fragments" flag and fragment offset bits of the IPv4 `frags` field (host order).
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
-/// IP protocol / IPv6 next-header numbers of the inner packet (IANA "Assigned Internet Protocol
-/// Numbers"): IPv4 (IP-in-IP) and IPv6 (IPv6 encapsulation).
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-
-/// Pointer to a `T` at `offset` bytes into the frame, if the frame holds all of it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
 
 /// A well-formed, unfragmented tunnel packet, as far as its outer header goes.
 pub struct Tunnel {
@@ -132,16 +113,8 @@ fn ipv6(ctx: &XdpContext, l2_len: usize, vlan: bool) -> Option<Tunnel> {
     if ip.vcf[0] >> 4 != 6 || l2_len + Ipv6Hdr::LEN + payload > frame {
         return None;
     }
-    let dst = ip.dst_addr.as_ptr();
     // SAFETY: ptr_at checked the frame holds the whole header, addresses included.
-    let words = unsafe {
-        [
-            read_word(dst),
-            read_word(dst.add(4)),
-            read_word(dst.add(8)),
-            read_word(dst.add(12)),
-        ]
-    };
+    let words = unsafe { read_addr(ip.dst_addr.as_ptr()) };
     Some(Tunnel {
         l2_len,
         outer_len: Ipv6Hdr::LEN,
@@ -178,11 +151,4 @@ pub fn inner_fits(ctx: &XdpContext, tunnel: &Tunnel) -> bool {
             ip.vcf[0] >> 4 == 6 && Ipv6Hdr::LEN + payload <= tunnel.payload_len
         }
     }
-}
-
-/// The 4 packet bytes at `bytes` as one native-endian word, read with one 32-bit load (the
-/// balancer's parser explains why a typed load and why the verifier accepts it unaligned).
-#[inline(always)]
-unsafe fn read_word(bytes: *const u8) -> u32 {
-    unsafe { core::ptr::read_volatile(bytes as *const u32) }
 }

@@ -3,7 +3,11 @@
 //! it with `bpf_xdp_adjust_head`. The MACs stay as they came: the frame was addressed to this
 //! host, and the kernel takes the inner packet as received on this interface.
 
-use crate::parse::{ETH_P_IPV4_BE, ETH_P_IPV6_BE, Tunnel, ptr_at};
+use crate::{
+    consts::{ETH_P_IPV4_BE, ETH_P_IPV6_BE},
+    frame::ptr_at,
+    parse::Tunnel,
+};
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use core::ptr::{read_volatile, write_volatile};
 use sticky_lb_common::Family;
