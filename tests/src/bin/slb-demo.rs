@@ -73,7 +73,7 @@ fn demo() -> anyhow::Result<()> {
     let guard = DataPathGuard::new(rig.lb_ns(), rig.lb_dev());
     println!("namespaces: {}", rig.namespaces().join(" "));
     println!(
-        "VIPs {}:{PORT} and [{}]:{PORT} on the balancer; backends 198.18.0.11-13 and 2001:db8::11-13 answer clients directly (DSR)",
+        "VIPs {}:{PORT} and [{}]:{PORT} on the balancer; backends 198.18.0.11-13 and 2001:db8::11-13 answer clients directly (DSR); port 8080 reaches them by full NAT",
         rig.vip(),
         rig.vip6()
     );
@@ -161,6 +161,35 @@ fn demo() -> anyhow::Result<()> {
             }
         );
     }
+
+    step(
+        "16 clients open 5 connections each to office (VIP port 8080, full NAT to the backends' port 80)",
+    )?;
+    let office = SocketAddrV4::new(rig.vip(), 8080);
+    let mut seen_nat: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for _ in 0..CONNECTIONS {
+        let requests: Vec<_> = clients[..16].iter().map(|c| (*c, office)).collect();
+        for (client, reply) in clients.iter().zip(fetch_names_many(
+            rig.client_ns(),
+            &requests,
+            Duration::from_secs(3),
+        )) {
+            seen_nat
+                .entry(*client)
+                .or_default()
+                .push(reply.unwrap_or_else(|e| format!("error: {e}")));
+        }
+    }
+    let sticky_nat = seen_nat
+        .values()
+        .filter(|names| names.iter().all(|n| *n == names[0]))
+        .count();
+    for (client, names) in seen_nat.iter().take(4) {
+        println!("  {client:<14} -> {}", names.join(" "));
+    }
+    println!(
+        "{sticky_nat} of 16 clients reached the same backend on all {CONNECTIONS} connections, every reply translated back by the data path"
+    );
 
     step("The stick table (`sticky-lb table show`, first rows)")?;
     let table = sticky_lb(rig.lb_ns(), &["table", "show"])?;
