@@ -152,8 +152,8 @@ impl Config {
             match (service.forwarding, &service.tunnel) {
                 (Forwarding::Tunnel, None) => {
                     return Err(err(
-                        &at("tunnel"),
-                        "forwarding: tunnel needs `tunnel: {source: ADDRESS or PREFIX}`, the outer source of encapsulated packets".into(),
+                        &at("forwarding"),
+                        "tunnel needs `tunnel: {source: ADDRESS or PREFIX}` beside it, the outer source of encapsulated packets".into(),
                     ));
                 }
                 (other, Some(_)) if other != Forwarding::Tunnel => {
@@ -574,6 +574,94 @@ mod tests {
         GOOD.replace("198.18.0.100", "2001:db8::100")
             .replace("198.18.0.11", "2001:db8:1::11")
             .replace("198.18.0.12", "2001:db8:1::12")
+    }
+
+    /// GOOD with `lines` added to its service (after `port: 80`).
+    fn with_service_lines(lines: &str) -> String {
+        GOOD.replace("    port: 80\n", &format!("    port: 80\n{lines}"))
+    }
+
+    #[test]
+    fn tunnel_needs_a_source_of_the_services_family() {
+        let config = Config::parse(
+            &with_service_lines("    forwarding: tunnel\n    tunnel: {source: 198.18.240.7/24}\n"),
+            false,
+        )
+        .unwrap();
+        let (source, len) = config.services[0]
+            .tunnel
+            .as_ref()
+            .unwrap()
+            .source()
+            .unwrap();
+        assert_eq!((source.to_string(), len), ("198.18.240.0".to_string(), 24));
+        assert_eq!(
+            error(&with_service_lines("    forwarding: tunnel\n")),
+            "services[0].forwarding (line 7): tunnel needs `tunnel: {source: ADDRESS or PREFIX}` beside it, the outer source of encapsulated packets"
+        );
+        let e = error(&with_service_lines(
+            "    forwarding: tunnel\n    tunnel:\n      source: 2001:db8::1\n",
+        ));
+        assert!(e.starts_with("services[0].tunnel.source (line 9): 2001:db8::1 is IPv6 but the service's vip 198.18.0.100 is IPv4"), "{e}");
+        let e = error(
+            &with_service_lines("    forwarding: tunnel\n    tunnel: {source: 2001:db8::/64}\n")
+                .replace("198.18.0.1", "2001:db8::1"),
+        );
+        assert!(
+            e.contains("at most 32 host bits (a prefix of at least /96)"),
+            "{e}"
+        );
+        let e = error(&with_service_lines("    tunnel: {source: 198.18.0.2}\n"));
+        assert!(e.starts_with("services[0].tunnel (line 7): applies only to forwarding: tunnel (this service uses dsr)"), "{e}");
+    }
+
+    #[test]
+    fn source_nat_and_backend_ports_need_nat() {
+        let text = with_service_lines(
+            "    forwarding: nat\n    source_nat: {address: 198.18.0.2, ports: 2000-2999}\n",
+        )
+        .replace(
+            "        weight: 2\n",
+            "        weight: 2\n        port: 8080\n",
+        );
+        let config = Config::parse(&text, false).unwrap();
+        let service = &config.services[0];
+        let nat = service.source_nat().unwrap();
+        assert_eq!(nat.ports, (2000, 2999));
+        assert_eq!(service.backend_port(service.backends[0].port), 8080);
+        assert_eq!(service.backend_port(service.backends[1].port), 80);
+        assert_eq!(
+            service.health_check(0).port,
+            8080,
+            "checks follow the backend's port"
+        );
+        let config = Config::parse(
+            &with_service_lines("    forwarding: nat\n    source_nat: true\n"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            config.services[0].source_nat().unwrap(),
+            SourceNat {
+                address: None,
+                ports: (1024, 32767)
+            }
+        );
+        let e = error(&with_service_lines("    source_nat: true\n"));
+        assert!(e.starts_with("services[0].source_nat (line 7): applies only to forwarding: nat (this service uses dsr)"), "{e}");
+        let e = error(&with_service_lines(
+            "    forwarding: nat\n    source_nat: {ports: 3000-2000}\n",
+        ));
+        assert!(e.contains("is not a port range FIRST-LAST"), "{e}");
+        let e = error(&with_service_lines(
+            "    forwarding: nat\n    source_nat: {address: 198.18.0.100}\n",
+        ));
+        assert!(e.contains("cannot be a source"), "{e}");
+        let e = error(&GOOD.replace(
+            "        weight: 2\n",
+            "        weight: 2\n        port: 8080\n",
+        ));
+        assert!(e.starts_with("services[0].backends[0].port (line 14): a backend port other than the service's needs forwarding: nat"), "{e}");
     }
 
     #[test]
