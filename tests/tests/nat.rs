@@ -297,3 +297,45 @@ fn nat_port_reuse() {
 fn full_nat_port_reuse_v6() {
     port_reuse(Family::Ipv6, true);
 }
+
+/// `backend add --port`: a NAT backend added at run time on a port of its own takes clients
+/// there; a port of 0 is refused in one line.
+#[test]
+fn nat_backend_added_with_its_own_port() {
+    let (mut s, _b3) = nat_setup("nat-add", Family::Ipv4, 8, false);
+    s.start(&nat_config(&s, ""));
+    let k = s.rig.add_backend().expect("a fourth backend namespace");
+    s.rig.make_nat_backend(k, true).expect("unmodified");
+    let address = s.backend_addr(k);
+    let _b4 = NameServer::start(s.rig.backend_ns(k), SocketAddr::new(address, 9090), "b4")
+        .expect("b4 on port 9090");
+    let (code, _, err) = sticky_lb_tests::balancer::cli(
+        s.rig.lb_ns(),
+        &[
+            "backend",
+            "add",
+            "web/b5",
+            &address.to_string(),
+            "--port",
+            "0",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("--port"), "{err}");
+    s.cli_ok(&[
+        "backend",
+        "add",
+        "web/b4",
+        &address.to_string(),
+        "--port",
+        "9090",
+    ]);
+    for b in ["b1", "b2", "b3"] {
+        s.cli_ok(&["backend", "disable", &format!("web/{b}")]);
+    }
+    let names = s.round(&s.clients());
+    assert!(names.iter().all(|n| n == "b4"), "{names:?}");
+    let text = s.cli_ok(&["status"]);
+    assert!(text.contains(&format!("{address}:9090")), "{text}");
+}
