@@ -90,6 +90,13 @@ fn try_sticky_lb(ctx: &XdpContext) -> u32 {
             return verdict;
         }
     }
+    // Likewise a NAT service's segment that cannot be translated is dropped before it is
+    // placed (see nat::translatable): no connection, no count, no source-NAT port.
+    if service.forwarding == Forwarding::Nat as u8
+        && !nat::translatable(ctx, nat::is_v6(service.family))
+    {
+        return drop(Counter::DropNatExtHeaders);
+    }
     match place(ctx, &packet, service) {
         Ok(placed) => forward(ctx, packet.eth, service, &placed),
         Err(verdict) => verdict,
@@ -125,6 +132,11 @@ fn not_for_a_service(ctx: &XdpContext, packet: &Segment) -> u32 {
     };
     // SAFETY: a live LRU value, copied (another CPU may replace it).
     let entry = unsafe { *entry };
+    let v6 = nat::is_v6(packet.family);
+    // A reply that cannot be translated changes nothing (its FIN ends no connection).
+    if !nat::translatable(ctx, v6) {
+        return drop(Counter::DropNatExtHeaders);
+    }
     // Only a reply of a connection still open on the backend that sent it is translated.
     let flow_key = FlowKey {
         service: entry.service,
@@ -169,7 +181,6 @@ fn not_for_a_service(ctx: &XdpContext, packet: &Segment) -> u32 {
         change_src: true,
         change_dst: source_nat,
     };
-    let v6 = nat::is_v6(packet.family);
     match nat::rewrite(ctx, v6, &back, entry.client_mac, IFACE_MAC.load()) {
         Ok(()) => {
             stats::count(Counter::TxNatReply);

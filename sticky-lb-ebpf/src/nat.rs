@@ -225,6 +225,32 @@ fn swap(
     }
 }
 
+/// Whether [`rewrite`] can translate the frame, a TCP segment of family `v6` (the parser
+/// checked it): IPv6 only with TCP right after the fixed header. Asked before a segment touches
+/// any table: rewrite() finds out only after the connection was recorded (or a reply ended it),
+/// so an IPv6 SYN with a hop-by-hop header would leave an open connection, a counted backend and
+/// a source-NAT port held by a segment that was dropped (and so would each retransmission of
+/// it that opened anew), and a server FIN with one would close a connection it never reached.
+#[inline(always)]
+pub fn translatable(ctx: &XdpContext, v6: bool) -> bool {
+    if !v6 {
+        return true;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked every header read here.
+    let l3 = if unsafe { (*eth).ether_type } == ETH_P_8021Q_BE {
+        EthHdr::LEN + VlanHdr::LEN
+    } else {
+        EthHdr::LEN
+    };
+    match ptr_at::<Ipv6Hdr>(ctx, l3) {
+        Some(ip) => (unsafe { (*ip).next_hdr }) == IPPROTO_TCP,
+        None => false,
+    }
+}
+
 /// Replaces the `words` address words at `at` with `new`; returns `delta` plus their change
 /// for the checksums.
 #[inline(always)]

@@ -3,8 +3,9 @@
 //! frames built in a test go in, the verdict, the bytes that come out and the map contents are
 //! checked (the style of Katran's testing/fixtures). A second service of the other family can be
 //! added, so frames of one family meet a program that also serves the other, and more services
-//! on other ports; any of them may forward by tunnel instead of DSR ([`TunnelParams`]). Used by
-//! the data-path fixtures and the packet fuzzer.
+//! on other ports; any of them may forward by tunnel instead of DSR ([`TunnelParams`]) or by NAT
+//! ([`NatParams`], optionally with source NAT). Used by the data-path fixtures and the packet
+//! fuzzer.
 
 use crate::{netns::require_root, packet::Frame};
 use aya::{
@@ -17,9 +18,9 @@ use sticky_lb::{
     maglev,
 };
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Counter, FlowEntry, FlowKey, Forwarding, PROTO_TCP, Policy,
-    Service, ServiceCounters, ServiceKey, StickEntry, StickKey, addr, addr::Family,
-    hash::client_hash, map_names,
+    Backend, BackendId, BackendState, Counter, FEATURE_NAT, FlowEntry, FlowKey, Forwarding,
+    NatEntry, NatKey, PROTO_TCP, Policy, SERVICE_SOURCE_NAT, Service, ServiceCounters, ServiceKey,
+    StickEntry, StickKey, addr, addr::Family, hash::client_hash, map_names,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -45,6 +46,8 @@ pub struct Fixture {
     pub service_stats: PerCpuArray<MapData, ServiceCounters>,
     pub flows: HashMap<MapData, FlowKey, FlowEntry>,
     pub active: Array<MapData, i64>,
+    /// The NAT reply table.
+    pub nat: HashMap<MapData, NatKey, NatEntry>,
     /// A second service, of the other family, if [`Fixture::add_other_family`] added one.
     pub other: Option<OtherService>,
     /// Services [`Fixture::add_service`] added, in order.
@@ -104,6 +107,54 @@ impl TunnelParams {
         service.tunnel_source = addr::masked(addr::words(&self.source), mask);
         service.tunnel_host_bits = !mask[last];
         service.mtu = self.mtu;
+    }
+}
+
+/// NAT forwarding for a service, as `forwarding: nat` configures it: plain NAT (destination
+/// only), or with `source` also source NAT from that address and the ports `first..first +
+/// count` (host order).
+#[derive(Clone, Copy, Debug)]
+pub struct NatParams {
+    pub source: Option<SourceNat>,
+}
+
+/// Source NAT: the balancer address translated connections leave from, and the port range.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceNat {
+    pub addr: IpAddr,
+    pub first: u16,
+    pub count: u32,
+}
+
+impl NatParams {
+    /// Plain NAT (IPVS `-m`): only the destination is translated.
+    pub const PLAIN: NatParams = NatParams { source: None };
+
+    /// Full NAT from `addr`, ports `first..first + count`.
+    pub fn source(addr: impl Into<IpAddr>, first: u16, count: u32) -> NatParams {
+        NatParams {
+            source: Some(SourceNat {
+                addr: addr.into(),
+                first,
+                count,
+            }),
+        }
+    }
+
+    /// Makes `service` a NAT service with these parameters, written as the controller writes
+    /// them (the address as map words, the range in host order).
+    pub fn apply(&self, service: &mut Service) {
+        service.forwarding = Forwarding::Nat as u8;
+        service.flags &= !SERVICE_SOURCE_NAT;
+        service.nat_source = [0; 4];
+        service.nat_port_first = 0;
+        service.nat_port_count = 0;
+        if let Some(source) = self.source {
+            service.flags |= SERVICE_SOURCE_NAT;
+            service.nat_source = addr::words(&source.addr);
+            service.nat_port_first = source.first;
+            service.nat_port_count = source.count;
+        }
     }
 }
 
@@ -178,8 +229,8 @@ impl Fixture {
                 stick_table_size: 1 << 16,
                 flow_table_size: 1 << 16,
                 maglev_stride: RING,
-                // The first service, one of the other family and two more (add_service).
-                maglev_services: 4,
+                // The first service, one of the other family and six more (add_service).
+                maglev_services: 8,
                 interface_mac: OUR_MAC,
                 log_level: 0,
             },
@@ -198,6 +249,7 @@ impl Fixture {
         let service_stats = dataplane.take_map(map_names::SERVICE_STATS).unwrap();
         let flows = dataplane.take_map(map_names::FLOWS).unwrap();
         let active = dataplane.take_map(map_names::ACTIVE).unwrap();
+        let nat = dataplane.take_map(map_names::NAT).unwrap();
         let mut fixture = Fixture {
             dataplane,
             family,
@@ -209,6 +261,7 @@ impl Fixture {
             service_stats,
             flows,
             active,
+            nat,
             other: None,
             extra: Vec::new(),
         };
@@ -254,8 +307,41 @@ impl Fixture {
         self.publish(&[0, 1, 2])
     }
 
+    /// Makes the fixture's service a NAT service, tells the data path to look for replies
+    /// (FEATURE_NAT) and publishes it with all three backends.
+    pub fn nat(&mut self, params: NatParams) -> maglev::Table {
+        if let Some(source) = params.source {
+            assert_eq!(
+                Family::of(&source.addr),
+                self.family,
+                "a source of the service's family"
+            );
+        }
+        params.apply(&mut self.service);
+        self.set_features(FEATURE_NAT);
+        self.publish(&[0, 1, 2])
+    }
+
+    /// Writes the features word (slot 0 of `slb_features`) as the controller does.
+    pub fn set_features(&mut self, features: u32) {
+        self.dataplane.set_features(features).unwrap();
+    }
+
+    /// Sets the port (host order) backend index `backend` listens on.
+    pub fn set_backend_port(&mut self, backend: usize, port: u16) {
+        let id = self.backends[backend].0;
+        let mut entry = self.dataplane.backends.get(&id, 0).unwrap();
+        entry.port = port.to_be();
+        self.dataplane.backends.set(id, &entry, 0).unwrap();
+    }
+
+    /// The NAT reply table's entries.
+    pub fn nat_entries(&self) -> Vec<(NatKey, NatEntry)> {
+        self.nat.iter().map(|r| r.unwrap()).collect()
+    }
+
     /// Adds a service of `family` on `port` of the fixture's VIP of that family: service id `id`
-    /// (2 or 3; 1 is the first service's, 0 the other family's), masking clients to
+    /// (2 to 7; 1 is the first service's, 0 the other family's), masking clients to
     /// `client_prefix` bits, forwarding by tunnel if `tunnel` says so, with three backends of
     /// its own (ids 13 + 3 * (id - 2) on, MACs 02:c(id):00:00:00:01..03) in a Maglev table.
     pub fn add_service(
@@ -266,9 +352,39 @@ impl Fixture {
         client_prefix: u8,
         tunnel: Option<TunnelParams>,
     ) -> OtherService {
+        self.add_service_with(family, port, id, client_prefix, |service| {
+            if let Some(tunnel) = tunnel {
+                tunnel.apply(service);
+            }
+        })
+    }
+
+    /// [`Fixture::add_service`] for a NAT service (`nat`); sets FEATURE_NAT.
+    pub fn add_nat_service(
+        &mut self,
+        family: Family,
+        port: u16,
+        id: u32,
+        client_prefix: u8,
+        nat: NatParams,
+    ) -> OtherService {
+        self.set_features(FEATURE_NAT);
+        self.add_service_with(family, port, id, client_prefix, |service| {
+            nat.apply(service)
+        })
+    }
+
+    fn add_service_with(
+        &mut self,
+        family: Family,
+        port: u16,
+        id: u32,
+        client_prefix: u8,
+        forwarding: impl FnOnce(&mut Service),
+    ) -> OtherService {
         assert!(
-            (2..4).contains(&id),
-            "ids 0 and 1 are taken; the Maglev array holds 4"
+            (2..8).contains(&id),
+            "ids 0 and 1 are taken; the Maglev array holds 8"
         );
         let name = format!("svc{id}");
         let backends = install_backends(
@@ -286,9 +402,7 @@ impl Fixture {
             client_mask: addr::prefix_mask(family, client_prefix),
             ..Default::default()
         };
-        if let Some(tunnel) = tunnel {
-            tunnel.apply(&mut service);
-        }
+        forwarding(&mut service);
         let table = maglev::Table::build(RING, &members(&backends));
         self.dataplane
             .publish_service(&key, &mut service, table.slots())

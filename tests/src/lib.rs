@@ -5,6 +5,7 @@ pub mod balancer;
 pub mod decap;
 pub mod fixture;
 pub mod loadgen;
+pub mod nat;
 pub mod netns;
 pub mod packet;
 pub mod rig;

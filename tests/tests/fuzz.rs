@@ -18,17 +18,29 @@
 //!    not, exactly the ICMP "fragmentation needed" / ICMPv6 "packet too big" reply with valid
 //!    checksums (both built by `sticky_lb_tests::tunnel`). Conversely every such segment is
 //!    transmitted: all backends are up, so passing or dropping one loses a client's packet;
-//! 3. XDP_PASS leaves the frame exactly as it came (XDP_DROP output is not looked at);
+//!    for a NAT service (with or without source NAT), exactly the translation of the input
+//!    to one of that service's backends (built by `sticky_lb_tests::nat`: MACs, destination
+//!    address and port the backend's, with source NAT source address the service's and port
+//!    inside its range and held by no other connection to that backend; the IPv4 header and
+//!    TCP checksums valid whenever the input's were, else exactly as wrong), and only as the
+//!    connection table allows: an oracle-side model of the connections (opened by a SYN
+//!    without ACK, closing after a FIN or RST of either side, replaced by a SYN when closing)
+//!    says which backend and port each segment of an open connection must keep, and a
+//!    segment of no connection, or an IPv6 one with extension headers, must be dropped;
+//!    backends' replies on the model's connections (generated from them) must be translated
+//!    back exactly (from the VIP and service port, with source NAT to the client, to the MAC
+//!    the client's SYN came from);
 //! 4. a client forwarded more than once always reaches the same backend of a service: the pool
 //!    does not change during the run, so anything else is a split session. A client is an IPv4
 //!    address (those services' mask is /32) or an IPv6 /64 (those services' mask is /64: every
 //!    address of the /64 must reach one backend). Checked from the output MACs, not the stick
 //!    table, to keep a frame cheap.
 //!
-//! The program serves four services at once: DSR on 198.18.0.100:80 and [2001:db8::100]:80,
+//! The program serves eight services at once: DSR on 198.18.0.100:80 and [2001:db8::100]:80,
 //! tunnel on port 8443 of both VIPs (small MTUs, so a good share of segments is answered too
-//! big), so frames of each family meet a program that also serves the other and the other
-//! forwarding mode: an IPv6 header whose bytes happen to hold the IPv4 VIP where an IPv4
+//! big), NAT on port 8080 and NAT with source NAT on port 8081 of both (one backend of each on
+//! a port of its own), so frames of each family meet a program that also serves the other and
+//! the other forwarding modes: an IPv6 header whose bytes happen to hold the IPv4 VIP where an IPv4
 //! destination would sit must not reach an IPv4 service. IPv6 segments come with chains of up to
 //! five extension headers (the data path follows four).
 //!
@@ -39,7 +51,7 @@
 
 use rand::{RngExt, SeedableRng, rngs::Xoshiro256PlusPlus};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
@@ -47,9 +59,10 @@ use std::{
 use sticky_lb_common::{addr, addr::Family};
 use sticky_lb_tests::{
     fixture::{
-        ACK, FIN_ACK, Fixture, OUR_MAC, PORT, RST, SYN, TunnelParams, VIP, VIP6, XDP_DROP,
-        XDP_PASS, XDP_TX,
+        ACK, FIN_ACK, Fixture, NatParams, OUR_MAC, PORT, RST, SYN, TunnelParams, VIP, VIP6,
+        XDP_DROP, XDP_PASS, XDP_TX,
     },
+    nat,
     packet::{ETH_LEN, Frame, IPV4_LEN, IPV6_LEN, TCP_LEN},
     tunnel,
 };
@@ -92,6 +105,25 @@ const TUNNEL6: TunnelParams = TunnelParams {
     prefix: 112,
     mtu: 160,
 };
+
+/// The NAT services' ports (on both VIPs): plain NAT, and NAT with source NAT from
+/// [`SNAT4`] / [`SNAT6`], ports [`SNAT_FIRST`] on (Linux's default, below the ephemeral range).
+const NAT_PORT: u16 = 8080;
+const SNAT_PORT: u16 = 8081;
+const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0x5b, 9);
+const SNAT_FIRST: u16 = 1024;
+const SNAT_COUNT: u32 = 31744;
+/// A NAT service's segments come from this many ports of each client, so that a connection
+/// sees several segments after its SYN; one in [`REPLY_ONE_IN`] frames is a backend's reply on
+/// one of the connections opened so far.
+const NAT_CLIENT_PORTS: u16 = 4;
+const REPLY_ONE_IN: u32 = 10;
+const TCP_SYN: u8 = 0x02;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const SYN_ACK: u8 = 0x12;
 
 /// Why the oracle says a frame must not be transmitted: the first rule it breaks, in the order
 /// a parser meets the fields.
@@ -140,12 +172,44 @@ fn ip_offset(frame: &[u8]) -> Option<(usize, Family)> {
     }
 }
 
-/// One of the run's services: its family, and whether it is the tunnel one (port
-/// [`TUNNEL_PORT`]) or the DSR one (port [`PORT`]).
+/// How one of the run's services forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    /// Port [`PORT`].
+    Dsr,
+    /// Port [`TUNNEL_PORT`].
+    Tunnel,
+    /// Port [`NAT_PORT`].
+    Nat,
+    /// Port [`SNAT_PORT`].
+    SourceNat,
+}
+
+/// One of the run's services: its family and how it forwards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Target {
     family: Family,
-    tunnel: bool,
+    kind: Kind,
+}
+
+impl Target {
+    fn nat(self) -> bool {
+        matches!(self.kind, Kind::Nat | Kind::SourceNat)
+    }
+
+    /// The index of a NAT service in [`Run::nat_backends`].
+    fn nat_index(self) -> usize {
+        (self.kind == Kind::SourceNat) as usize * 2 + self.family as usize
+    }
+
+    fn port(self) -> u16 {
+        match self.kind {
+            Kind::Dsr => PORT,
+            Kind::Tunnel => TUNNEL_PORT,
+            Kind::Nat => NAT_PORT,
+            Kind::SourceNat => SNAT_PORT,
+        }
+    }
 }
 
 /// A session as the oracle sees it: the service and its client (an IPv4 address, or the /64 of
@@ -154,28 +218,67 @@ type Session = (Target, IpAddr);
 
 /// The service port `port` names, if any.
 fn target(family: Family, port: u16) -> Option<Target> {
-    (port == PORT || port == TUNNEL_PORT).then_some(Target {
-        family,
-        tunnel: port == TUNNEL_PORT,
-    })
+    let kind = match port {
+        PORT => Kind::Dsr,
+        TUNNEL_PORT => Kind::Tunnel,
+        NAT_PORT => Kind::Nat,
+        SNAT_PORT => Kind::SourceNat,
+        _ => return None,
+    };
+    Some(Target { family, kind })
 }
 
-/// The oracle: `Ok(session)` if the frame is a well-formed, unfragmented TCP segment to port
-/// 80 or 8443 of 198.18.0.100 or [2001:db8::100], which the balancer must transmit; otherwise
-/// the reason it must not. Trailing bytes after the IP packet are Ethernet padding and allowed.
-fn judge(frame: &[u8]) -> Result<Session, Unfit> {
+/// A well-formed, unfragmented TCP segment as the oracle reads it.
+#[derive(Clone, Copy, Debug)]
+struct Tcp {
+    /// Offset of the IP header in the frame.
+    l3: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    /// IPv6 extension headers before TCP.
+    ext: bool,
+    /// The service it is addressed to, if any.
+    service: Option<Target>,
+}
+
+impl Tcp {
+    /// The session it belongs to (for a segment to a service): an IPv4 client, or the /64 of
+    /// an IPv6 one.
+    fn session(&self, service: Target) -> Session {
+        let client = match self.src {
+            IpAddr::V6(a) => {
+                let mut bytes = a.octets();
+                bytes[(V6_CLIENT_MASK / 8) as usize..].fill(0);
+                Ipv6Addr::from(bytes).into()
+            }
+            v4 => v4,
+        };
+        (service, client)
+    }
+}
+
+/// The oracle's parser: `Ok` if the frame is a well-formed, unfragmented TCP segment (to a
+/// service, a port of 198.18.0.100 or [2001:db8::100] listed in [`target`], if `service` says
+/// so); otherwise the reason the balancer must not transmit it. Trailing bytes after the IP
+/// packet are Ethernet padding and allowed.
+fn judge(frame: &[u8]) -> Result<Tcp, Unfit> {
     let (l3, family) = ip_offset(frame).ok_or(Unfit::NotIp)?;
     let ip = frame
         .get(l3..)
         .filter(|ip| !ip.is_empty())
         .ok_or(Unfit::IpHeaderCut)?;
-    match family {
+    let mut tcp = match family {
         Family::Ipv4 => judge_ipv4(ip),
         Family::Ipv6 => judge_ipv6(ip),
-    }
+    }?;
+    tcp.l3 = l3;
+    Ok(tcp)
 }
 
-fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
+fn judge_ipv4(ip: &[u8]) -> Result<Tcp, Unfit> {
     if ip[0] >> 4 != 4 {
         return Err(Unfit::IpVersion);
     }
@@ -202,9 +305,6 @@ fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
     let tcp = &ip[ihl..tot_len];
     let port = u16::from_be_bytes([tcp[2], tcp[3]]);
     let service = target(Family::Ipv4, port).filter(|_| ip[16..20] == VIP.octets());
-    let Some(service) = service else {
-        return Err(Unfit::NotService);
-    };
     let data_offset = (tcp[12] >> 4) as usize * 4;
     if data_offset < TCP_LEN {
         return Err(Unfit::DataOffsetBelow5);
@@ -212,14 +312,22 @@ fn judge_ipv4(ip: &[u8]) -> Result<Session, Unfit> {
     if ihl + data_offset > tot_len {
         return Err(Unfit::DataOffsetPastTotLen);
     }
-    let client = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    Ok((service, client.into()))
+    Ok(Tcp {
+        l3: 0,
+        src: tunnel::from_octets(&ip[12..16]),
+        dst: tunnel::from_octets(&ip[16..20]),
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: port,
+        flags: tcp[13],
+        ext: false,
+        service,
+    })
 }
 
 /// RFC 8200 as the data path applies it: payload length not 0 and inside the frame; at most
 /// [`MAX_EXT_HEADERS`] hop-by-hop, routing or destination-options headers, all inside the
 /// payload, before TCP; a fragment header or any other next header is not a segment to take.
-fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
+fn judge_ipv6(ip: &[u8]) -> Result<Tcp, Unfit> {
     if ip[0] >> 4 != 6 {
         return Err(Unfit::IpVersion);
     }
@@ -259,9 +367,6 @@ fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
     let tcp = &packet[at..];
     let port = u16::from_be_bytes([tcp[2], tcp[3]]);
     let service = target(Family::Ipv6, port).filter(|_| ip[24..40] == VIP6.octets());
-    let Some(service) = service else {
-        return Err(Unfit::NotService);
-    };
     let data_offset = (tcp[12] >> 4) as usize * 4;
     if data_offset < TCP_LEN {
         return Err(Unfit::DataOffsetBelow5);
@@ -269,9 +374,16 @@ fn judge_ipv6(ip: &[u8]) -> Result<Session, Unfit> {
     if data_offset > tcp.len() {
         return Err(Unfit::DataOffsetPastTotLen);
     }
-    let mut client: [u8; 16] = ip[8..24].try_into().unwrap();
-    client[(V6_CLIENT_MASK / 8) as usize..].fill(0);
-    Ok((service, Ipv6Addr::from(client).into()))
+    Ok(Tcp {
+        l3: 0,
+        src: tunnel::from_octets(&ip[8..24]),
+        dst: tunnel::from_octets(&ip[24..40]),
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: port,
+        flags: tcp[13],
+        ext: walked > 0,
+        service,
+    })
 }
 
 /// A broken invariant; the key the report groups violations by.
@@ -291,6 +403,18 @@ enum Violation {
     /// Invariant 2: a tunnel service's segment too big to encapsulate, transmitted as anything
     /// but the ICMP or ICMPv6 reply.
     BadTooBigReply,
+    /// Invariant 2: a NAT service's segment (or a reply on one of its connections) transmitted
+    /// as anything but its translation for the connection's backend (or a backend of that
+    /// service, for a new connection) and port.
+    BadNatTranslation,
+    /// Invariant 2: a new source-NAT connection's port outside the range, or held by another
+    /// connection to that backend.
+    BadNatPort,
+    /// Invariant 2: the input's checksums were valid, the translation's are not.
+    BadNatChecksum,
+    /// Invariant 2: a NAT service's segment of no connection, or one that cannot be translated
+    /// (IPv6 extension headers), not dropped (the verdict).
+    NatNotDropped(u32),
     /// Invariant 3.
     PassAltered,
     /// Invariant 4.
@@ -306,6 +430,9 @@ struct Tally {
 /// A tunnel service's backend: id, name, MAC and address.
 type TunnelBackend = (u32, String, [u8; 6], IpAddr);
 
+/// A NAT service's backend: name, MAC, address and port.
+type NatBackend = (String, [u8; 6], IpAddr, u16);
+
 /// What a transmitted frame of a service turned out to be.
 enum Sent {
     /// Forwarded to this backend (an index into the service's backends).
@@ -314,14 +441,42 @@ enum Sent {
     TooBig,
 }
 
+/// A NAT connection as the oracle's model has it: (service, client, client port).
+type ConnKey = (Target, IpAddr, u16);
+
+/// What the model knows of a NAT connection: what the program must keep translating its
+/// segments with, and whether it is closing (a SYN then replaces it).
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    /// Index into its service's backends.
+    backend: usize,
+    /// Source NAT: its port (host order); else 0.
+    nat_port: u16,
+    /// The source MAC of the SYN that opened it: where replies go.
+    client_mac: [u8; 6],
+    closing: bool,
+}
+
+/// A backend's reply as it is addressed: (backend, backend port, peer, peer port).
+type ReplyKey = (IpAddr, u16, IpAddr, u16);
+
 /// The fuzz run's state: the loaded program and what it has done so far.
 struct Run {
     fixture: Fixture,
     /// The tunnel services' backends, IPv4 then IPv6, each with its address.
     tunnel_backends: [Vec<TunnelBackend>; 2],
+    /// The NAT services' backends, by [`Target::nat_index`].
+    nat_backends: [Vec<NatBackend>; 4],
     /// Per session: the backend (index into its service's backends) it was first forwarded to,
     /// and how often.
     sessions: HashMap<Session, (usize, u64)>,
+    /// The model of the NAT connections, their keys in the order they first opened (to pick
+    /// one to reply on), and how their backends' replies are addressed.
+    conns: HashMap<ConnKey, Conn>,
+    conn_keys: Vec<ConnKey>,
+    replies: HashMap<ReplyKey, ConnKey>,
+    /// Source-NAT ports held, per service and backend.
+    held: HashSet<(Target, usize, u16)>,
     frames: u64,
     passed: u64,
     dropped: u64,
@@ -329,6 +484,11 @@ struct Run {
     /// Of the forwarded: by a tunnel, and answered too big.
     tunnelled: u64,
     too_big: u64,
+    /// Of the forwarded: translated by NAT to a backend, and replies translated back; of the
+    /// dropped, NAT segments of no connection or with extension headers.
+    nat_forwarded: u64,
+    nat_replies: u64,
+    nat_dropped: u64,
     violations: BTreeMap<Violation, Tally>,
 }
 
@@ -355,16 +515,52 @@ impl Run {
                 })
                 .collect();
         }
+        let mut nat_backends: [Vec<NatBackend>; 4] = Default::default();
+        for (family, mask) in [(Family::Ipv4, 32), (Family::Ipv6, V6_CLIENT_MASK)] {
+            for kind in [Kind::Nat, Kind::SourceNat] {
+                let target = Target { family, kind };
+                let i = target.nat_index();
+                let params = match kind {
+                    Kind::SourceNat => NatParams::source(snat_addr(family), SNAT_FIRST, SNAT_COUNT),
+                    _ => NatParams::PLAIN,
+                };
+                let service =
+                    fixture.add_nat_service(family, target.port(), 4 + i as u32, mask, params);
+                nat_backends[i] = service
+                    .backends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(b, (id, name, mac))| {
+                        let mut entry = fixture.dataplane.backends.get(&id, 0).unwrap();
+                        // The first backend listens on a port of its own.
+                        if b == 0 {
+                            entry.port = (9000 + i as u16).to_be();
+                            fixture.dataplane.backends.set(id, &entry, 0).unwrap();
+                        }
+                        let address = addr::from_words(family, entry.addr);
+                        (name, mac, address, u16::from_be(entry.port))
+                    })
+                    .collect();
+            }
+        }
         Run {
             fixture,
             tunnel_backends,
+            nat_backends,
             sessions: HashMap::new(),
+            conns: HashMap::new(),
+            conn_keys: Vec::new(),
+            replies: HashMap::new(),
+            held: HashSet::new(),
             frames: 0,
             passed: 0,
             dropped: 0,
             forwarded: 0,
             tunnelled: 0,
             too_big: 0,
+            nat_forwarded: 0,
+            nat_replies: 0,
+            nat_dropped: 0,
             violations: BTreeMap::new(),
         }
     }
@@ -374,49 +570,36 @@ impl Run {
     fn check(&mut self, origin: &dyn Fn() -> String, input: &[u8]) {
         let (verdict, output) = self.fixture.run(input);
         self.frames += 1;
-        let expected = judge(input);
+        match verdict {
+            XDP_PASS => self.passed += 1,
+            XDP_DROP => self.dropped += 1,
+            XDP_TX => self.forwarded += 1,
+            _ => {}
+        }
         let mut note = String::new();
-        let violation = match verdict {
-            XDP_PASS => {
-                self.passed += 1;
-                if output != input {
-                    Some(Violation::PassAltered)
-                } else {
-                    expected
-                        .ok()
-                        .map(|_| Violation::SegmentNotForwarded(verdict))
+        let violation = match judge(input) {
+            Err(unfit) => unfit_verdict(unfit, verdict, input, &output),
+            Ok(tcp) => match tcp.service {
+                None => match self.replies.get(&(tcp.src, tcp.sport, tcp.dst, tcp.dport)) {
+                    Some(&key) => self.nat_reply(key, &tcp, verdict, input, &output),
+                    None => unfit_verdict(Unfit::NotService, verdict, input, &output),
+                },
+                Some(service) if service.nat() => {
+                    self.nat_segment(service, &tcp, verdict, input, &output, &mut note)
                 }
-            }
-            XDP_DROP => {
-                self.dropped += 1;
-                expected
-                    .ok()
-                    .map(|_| Violation::SegmentNotForwarded(verdict))
-            }
-            XDP_TX => {
-                self.forwarded += 1;
-                match expected {
-                    Err(unfit) => Some(Violation::ForwardedUnfit(unfit)),
-                    Ok(client) => match self.sent(client.0, input, &output) {
+                Some(service) => match verdict {
+                    XDP_PASS if output != input => Some(Violation::PassAltered),
+                    XDP_PASS | XDP_DROP => Some(Violation::SegmentNotForwarded(verdict)),
+                    XDP_TX => match self.sent(service, input, &output) {
                         Err(violation) => Some(violation),
                         Ok(Sent::TooBig) => None,
                         Ok(Sent::Backend(backend)) => {
-                            let session = self.sessions.entry(client).or_insert((backend, 0));
-                            session.1 += 1;
-                            let first = session.0;
-                            (first != backend).then(|| {
-                                let names = self.backends(client.0);
-                                note = format!(
-                                    "client {} of {:?} went to {}, now to {}",
-                                    client.1, client.0, names[first], names[backend]
-                                );
-                                Violation::SplitSession
-                            })
+                            self.same_backend(tcp.session(service), backend, &mut note)
                         }
                     },
-                }
-            }
-            other => Some(Violation::Verdict(other)),
+                    other => Some(Violation::Verdict(other)),
+                },
+            },
         };
         if let Some(violation) = violation {
             let tally = self.violations.entry(violation).or_default();
@@ -435,19 +618,220 @@ impl Run {
         }
     }
 
+    /// Invariant 4: `session` forwarded to `backend` (an index into its service's backends)
+    /// must have gone there every time before.
+    fn same_backend(
+        &mut self,
+        session: Session,
+        backend: usize,
+        note: &mut String,
+    ) -> Option<Violation> {
+        let entry = self.sessions.entry(session).or_insert((backend, 0));
+        entry.1 += 1;
+        let first = entry.0;
+        (first != backend).then(|| {
+            let names = self.backends(session.0);
+            *note = format!(
+                "client {} of {:?} went to {}, now to {}",
+                session.1, session.0, names[first], names[backend]
+            );
+            Violation::SplitSession
+        })
+    }
+
+    /// A segment to a NAT service: dropped if it has no connection to be translated in (or
+    /// cannot be translated), else translated for its connection (a new one for a SYN); the
+    /// model follows what the program must have done.
+    fn nat_segment(
+        &mut self,
+        service: Target,
+        tcp: &Tcp,
+        verdict: u32,
+        input: &[u8],
+        output: &[u8],
+        note: &mut String,
+    ) -> Option<Violation> {
+        let key = (service, tcp.src, tcp.sport);
+        let opens = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let existing = self.conns.get(&key).copied();
+        // Some(connection to keep, or None for a new one), or None: must be dropped.
+        let expected = match existing {
+            _ if tcp.ext => None,
+            Some(conn) if !(opens && conn.closing) => Some(Some(conn)),
+            _ if opens => Some(None),
+            _ => None,
+        };
+        let Some(kept) = expected else {
+            return match verdict {
+                XDP_DROP => {
+                    self.nat_dropped += 1;
+                    None
+                }
+                XDP_PASS if output != input => Some(Violation::PassAltered),
+                XDP_PASS | XDP_TX => Some(Violation::NatNotDropped(verdict)),
+                other => Some(Violation::Verdict(other)),
+            };
+        };
+        match verdict {
+            XDP_TX => {}
+            XDP_PASS if output != input => return Some(Violation::PassAltered),
+            XDP_PASS | XDP_DROP => return Some(Violation::SegmentNotForwarded(verdict)),
+            other => return Some(Violation::Verdict(other)),
+        }
+        let backends = &self.nat_backends[service.nat_index()];
+        let backend = match kept {
+            Some(conn) => conn.backend,
+            None => match backends.iter().position(|b| output.starts_with(&b.1)) {
+                Some(b) => b,
+                None => return Some(Violation::BadNatTranslation),
+            },
+        };
+        let (_, mac, address, port) = backends[backend];
+        let source_nat = service.kind == Kind::SourceNat;
+        let nat_port = match (kept, source_nat) {
+            (_, false) => 0,
+            (Some(conn), true) => conn.nat_port,
+            (None, true) => {
+                let sport = nat::endpoints(output, tcp.l3).0.1;
+                // A port the connection replaced by this SYN held is free again.
+                let freed = existing
+                    .filter(|c| c.backend == backend)
+                    .map(|c| c.nat_port);
+                let range = SNAT_FIRST as u32..SNAT_FIRST as u32 + SNAT_COUNT;
+                if !range.contains(&(sport as u32))
+                    || (self.held.contains(&(service, backend, sport)) && freed != Some(sport))
+                {
+                    *note = format!("port {sport}");
+                    return Some(Violation::BadNatPort);
+                }
+                sport
+            }
+        };
+        let src = source_nat.then(|| (snat_addr(service.family), nat_port));
+        let expected = nat::translated(input, tcp.l3, src, Some((address, port)), mac, OUR_MAC);
+        if output != expected {
+            return Some(Violation::BadNatTranslation);
+        }
+        if let Some(v) = checksums_carried(input, output, tcp.l3) {
+            return Some(v);
+        }
+        self.nat_forwarded += 1;
+        match kept {
+            Some(_) => {
+                if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+                    self.conns.get_mut(&key).unwrap().closing = true;
+                }
+            }
+            None => {
+                let mut client_mac = [0; 6];
+                client_mac.copy_from_slice(&input[6..12]);
+                self.open(
+                    key,
+                    Conn {
+                        backend,
+                        nat_port,
+                        client_mac,
+                        closing: false,
+                    },
+                );
+            }
+        }
+        self.same_backend(tcp.session(service), backend, note)
+    }
+
+    /// Records connection `key` (replacing the one it had, with its reply address and port).
+    fn open(&mut self, key: ConnKey, conn: Conn) {
+        let service = key.0;
+        if let Some(old) = self.conns.insert(key, conn) {
+            self.replies.remove(&self.reply_key(key, &old));
+            self.held.remove(&(service, old.backend, old.nat_port));
+        } else {
+            self.conn_keys.push(key);
+        }
+        self.replies.insert(self.reply_key(key, &conn), key);
+        if service.kind == Kind::SourceNat {
+            self.held.insert((service, conn.backend, conn.nat_port));
+        }
+    }
+
+    /// How the backend's replies on connection `key` are addressed.
+    fn reply_key(&self, (service, client, port): ConnKey, conn: &Conn) -> ReplyKey {
+        let (_, _, address, backend_port) = self.nat_backends[service.nat_index()][conn.backend];
+        match service.kind {
+            Kind::SourceNat => (
+                address,
+                backend_port,
+                snat_addr(service.family),
+                conn.nat_port,
+            ),
+            _ => (address, backend_port, client, port),
+        }
+    }
+
+    /// A backend's reply on connection `key` of the model: translated back to its client
+    /// (dropped only if it cannot be, IPv6 with extension headers).
+    fn nat_reply(
+        &mut self,
+        key: ConnKey,
+        tcp: &Tcp,
+        verdict: u32,
+        input: &[u8],
+        output: &[u8],
+    ) -> Option<Violation> {
+        let (service, client, client_port) = key;
+        if tcp.ext {
+            return match verdict {
+                XDP_DROP => {
+                    self.nat_dropped += 1;
+                    None
+                }
+                XDP_PASS if output != input => Some(Violation::PassAltered),
+                _ => Some(Violation::NatNotDropped(verdict)),
+            };
+        }
+        match verdict {
+            XDP_TX => {}
+            XDP_PASS if output != input => return Some(Violation::PassAltered),
+            XDP_PASS | XDP_DROP => return Some(Violation::SegmentNotForwarded(verdict)),
+            other => return Some(Violation::Verdict(other)),
+        }
+        let conn = self.conns[&key];
+        let vip = match service.family {
+            Family::Ipv4 => IpAddr::from(VIP),
+            Family::Ipv6 => VIP6.into(),
+        };
+        let dst = (service.kind == Kind::SourceNat).then_some((client, client_port));
+        let src = Some((vip, service.port()));
+        let expected = nat::translated(input, tcp.l3, src, dst, conn.client_mac, OUR_MAC);
+        if output != expected {
+            return Some(Violation::BadNatTranslation);
+        }
+        if let Some(v) = checksums_carried(input, output, tcp.l3) {
+            return Some(v);
+        }
+        self.nat_replies += 1;
+        if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+            self.conns.get_mut(&key).unwrap().closing = true;
+        }
+        None
+    }
+
     /// The names of the backends of `service`.
     fn backends(&self, service: Target) -> Vec<&str> {
-        if service.tunnel {
-            let i = service.family as usize;
-            self.tunnel_backends[i]
+        match service.kind {
+            Kind::Tunnel => self.tunnel_backends[service.family as usize]
                 .iter()
                 .map(|b| b.1.as_str())
-                .collect()
-        } else {
-            self.dsr_backends(service.family)
+                .collect(),
+            Kind::Nat | Kind::SourceNat => self.nat_backends[service.nat_index()]
+                .iter()
+                .map(|b| b.0.as_str())
+                .collect(),
+            Kind::Dsr => self
+                .dsr_backends(service.family)
                 .iter()
                 .map(|b| b.1.as_str())
-                .collect()
+                .collect(),
         }
     }
 
@@ -469,7 +853,7 @@ impl Run {
     /// What the transmitted `output` of segment `input` to `service` is, if it is what that
     /// service may send (see invariant 2).
     fn sent(&mut self, service: Target, input: &[u8], output: &[u8]) -> Result<Sent, Violation> {
-        if !service.tunnel {
+        if service.kind != Kind::Tunnel {
             return self
                 .dsr_backend(service.family, input, output)
                 .map(Sent::Backend)
@@ -526,18 +910,49 @@ impl Run {
         }
         writeln!(
             out,
-            "fuzz: {} frames, {} passed, {} dropped, {} forwarded ({} tunnelled, {} answered too \
-             big), {} violations",
+            "fuzz: {} frames, {} passed, {} dropped ({} by NAT), {} forwarded ({} tunnelled, {} \
+             answered too big, {} translated by NAT, {} NAT replies translated back; {} NAT \
+             connections), {} violations",
             self.frames,
             self.passed,
             self.dropped,
+            self.nat_dropped,
             self.forwarded,
             self.tunnelled,
             self.too_big,
+            self.nat_forwarded,
+            self.nat_replies,
+            self.conn_keys.len(),
             self.violation_count()
         )
         .unwrap();
         out
+    }
+}
+
+/// Invariants 2 and 3 for a frame that must not be transmitted.
+fn unfit_verdict(unfit: Unfit, verdict: u32, input: &[u8], output: &[u8]) -> Option<Violation> {
+    match verdict {
+        XDP_PASS => (output != input).then_some(Violation::PassAltered),
+        XDP_DROP => None,
+        XDP_TX => Some(Violation::ForwardedUnfit(unfit)),
+        other => Some(Violation::Verdict(other)),
+    }
+}
+
+/// A translation's checksums: valid whenever the input's were (the translation itself was
+/// compared byte for byte already; this says so from a computation from scratch).
+fn checksums_carried(input: &[u8], output: &[u8], l3: usize) -> Option<Violation> {
+    let at = nat::layout(input, l3);
+    (nat::checksums_valid(input, &at) && !nat::checksums_valid(output, &at))
+        .then_some(Violation::BadNatChecksum)
+}
+
+/// The source-NAT service's address of `family`.
+fn snat_addr(family: Family) -> IpAddr {
+    match family {
+        Family::Ipv4 => SNAT4.into(),
+        Family::Ipv6 => SNAT6.into(),
     }
 }
 
@@ -607,7 +1022,12 @@ struct Segment {
 
 impl Segment {
     fn build(frame: &Frame, flags: u8) -> Segment {
-        let mut bytes = frame.build();
+        // Built with its flags, so its checksums are valid until a mutation changes a byte.
+        let bytes = Frame {
+            tcp_flags: flags,
+            ..frame.clone()
+        }
+        .build();
         let l3 = frame.ip_offset();
         let family = Family::of(&frame.src);
         let (payload, l4, next_at, first_ext) = match family {
@@ -626,8 +1046,6 @@ impl Segment {
                 (payload, at, next_at, first_ext)
             }
         };
-        // Frame builds a SYN; the checksum is left as is (XDP never checks it).
-        bytes[l4 + 13] = flags;
         Segment {
             bytes,
             family,
@@ -726,9 +1144,51 @@ impl Generator {
         bytes
     }
 
-    /// A segment to a service from one of the clients, IPv4 or IPv6, DSR or tunnel (half each),
-    /// in one of the shapes real traffic has: any flags, optionally VLAN-tagged, with IPv4 options or IPv6 extension
-    /// headers, TCP options, payload. Well formed, except that one IPv6 segment in 20 carries
+    /// A backend's reply on one of `run`'s NAT connections, one frame in [`REPLY_ONE_IN`] (if
+    /// there is a connection): any flags a server sends, a payload, optionally tagged, padded,
+    /// with a wrong checksum, or (IPv6) with a hop-by-hop header, which must not be translated.
+    fn reply(&mut self, run: &Run) -> Option<(Vec<u8>, Vec<&'static str>)> {
+        let rng = &mut self.rng;
+        if run.conn_keys.is_empty() || rng.random_range(0..REPLY_ONE_IN) != 0 {
+            return None;
+        }
+        let key = run.conn_keys[rng.random_range(0..run.conn_keys.len())];
+        let conn = &run.conns[&key];
+        let (backend, backend_port, peer, peer_port) = run.reply_key(key, conn);
+        let mut frame = Frame::tcp_syn(backend, peer, peer_port);
+        frame.src_port = backend_port;
+        frame.src_mac = run.nat_backends[key.0.nat_index()][conn.backend].1;
+        frame.dst_mac = OUR_MAC;
+        frame.tcp_flags =
+            [SYN_ACK, ACK, ACK, PSH_ACK, PSH_ACK, FIN_ACK, RST][rng.random_range(0..7)];
+        frame.payload = vec![0u8; rng.random_range(0..=64)];
+        rng.fill(&mut frame.payload[..]);
+        let mut origin = vec!["reply"];
+        if rng.random_bool(0.25) {
+            frame.vlan = Some(rng.random_range(1..4095));
+        }
+        if key.0.family == Family::Ipv6 && rng.random_bool(0.05) {
+            frame.ipv6_ext = vec![(HOPOPTS, vec![1, 4, 0, 0, 0, 0])];
+            origin.push("hop-by-hop header");
+        }
+        let mut bytes = frame.build();
+        if rng.random_bool(0.1) {
+            // A corrupted payload byte: the checksum no longer matches.
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x40;
+            origin.push("wrong checksum");
+        }
+        if rng.random_bool(0.1) {
+            bytes.resize(bytes.len().max(ETH_MIN_FRAME) + rng.random_range(0..8), 0);
+            origin.push("padding");
+        }
+        Some((bytes, origin))
+    }
+
+    /// A segment to a service from one of the clients, IPv4 or IPv6, DSR, tunnel, NAT or
+    /// source NAT (a quarter each), in one of the shapes real traffic has: any flags,
+    /// optionally VLAN-tagged, with IPv4 options or IPv6 extension headers, TCP options,
+    /// payload; its checksums valid. Well formed, except that one IPv6 segment in 20 carries
     /// one extension header more than the data path follows.
     fn segment(&mut self) -> Segment {
         let rng = &mut self.rng;
@@ -755,10 +1215,13 @@ impl Generator {
                 .collect();
             frame
         };
-        frame.src_port = rng.random_range(1024..=u16::MAX);
-        if rng.random_bool(0.5) {
-            frame.dst_port = TUNNEL_PORT;
-        }
+        // A quarter each to DSR, tunnel, NAT and source NAT; a NAT service's segments come
+        // from a few ports of each client, so its connections see several segments.
+        frame.dst_port = [PORT, TUNNEL_PORT, NAT_PORT, SNAT_PORT][rng.random_range(0..4)];
+        frame.src_port = match frame.dst_port {
+            NAT_PORT | SNAT_PORT => 40000 + rng.random_range(0..NAT_CLIENT_PORTS),
+            _ => rng.random_range(1024..=u16::MAX),
+        };
         if rng.random_bool(0.25) {
             frame.vlan = Some(rng.random_range(1..4095));
         }
@@ -1097,7 +1560,10 @@ fn random_and_malformed_frames_keep_every_invariant() {
     }
     let mut generator = Generator::new(seed);
     while run.frames < frames {
-        let (frame, origin) = generator.next();
+        let (frame, origin) = match generator.reply(&run) {
+            Some(reply) => reply,
+            None => generator.next(),
+        };
         run.check(&|| origin.join(" + "), &frame);
     }
     let elapsed = started.elapsed();
