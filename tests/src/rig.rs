@@ -137,6 +137,10 @@ const LB_BRIDGE_PORT: &str = "p-lb";
 /// Client and backend interface name (each lives in its own namespace).
 const HOST_DEV: &str = "eth0";
 const CLIENT_BRIDGE_PORT: &str = "p-cl";
+/// A NAT backend's routes back to the clients via the balancer (see
+/// [`Rig::make_nat_backend`]): every client address of the rig, nothing else.
+const NAT_ROUTE_BACK: [&str; 3] = ["198.18.1.0/24", "198.18.2.0/23", "198.18.4.0/24"];
+const NAT_ROUTE_BACK6: &str = "2001:db8:1::/48";
 /// The second bridge, for the remote backends, in the bridge namespace.
 const REMOTE_BRIDGE_DEV: &str = "br1";
 /// The router's interfaces on br0 and br1, and their bridge ports.
@@ -634,7 +638,7 @@ impl Rig {
             &["-6", "addr", "del", &format!("{VIP6}/128"), "dev", "lo"],
         )?;
         if route_back {
-            for prefix in ["198.18.1.0/24", "198.18.2.0/23", "198.18.4.0/24"] {
+            for prefix in NAT_ROUTE_BACK {
                 self.ip(
                     &role,
                     &["route", "add", prefix, "via", &LB_ADDR.to_string()],
@@ -646,12 +650,41 @@ impl Rig {
                     "-6",
                     "route",
                     "add",
-                    "2001:db8:1::/48",
+                    NAT_ROUTE_BACK6,
                     "via",
                     &LB_ADDR6.to_string(),
                 ],
             )?;
         }
+        Ok(())
+    }
+
+    /// Undoes [`Rig::make_nat_backend`] (called with the same `route_back`): the VIPs back on
+    /// backend k's loopback as the rig first put them there, the routes back removed. For a
+    /// benchmark that runs DSR and NAT balancers in turn on one rig.
+    pub fn restore_dsr_backend(&self, k: usize, route_back: bool) -> anyhow::Result<()> {
+        let role = format!("b{k}");
+        if route_back {
+            for prefix in NAT_ROUTE_BACK {
+                self.ip(&role, &["route", "del", prefix])?;
+            }
+            self.ip(&role, &["-6", "route", "del", NAT_ROUTE_BACK6])?;
+        }
+        self.ip(&role, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        self.ip(
+            &role,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{VIP6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+        )?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! End-to-end benchmark: short TCP connections per second, keep-alive requests per second, p50
 //! and p99 latency, and whole-machine CPU-seconds per 1,000 connections (or requests), through
-//! sticky-lb (native and generic XDP), nftables DNAT, nftables netdev L2 DSR, HAProxy, and no
-//! balancer at all, in one rig and one run.
+//! sticky-lb (DSR in native and generic XDP, NAT and full NAT in native XDP), nftables DNAT
+//! (with SNAT, and alone with the backends' route back via the balancer), nftables netdev L2
+//! DSR, HAProxy, and no balancer at all, in one rig and one run. A section of its own puts
+//! sticky-lb's NAT and full NAT next to the nftables set-ups that translate the same way.
 //!
 //! One rig (3 backends, 256 client addresses) and one set of backend HTTP servers serve every
 //! balancer. A round starts each balancer in turn (the order rotates from round to round, so a
@@ -16,11 +18,14 @@
 //!
 //! Environment: `SLB_BENCH_RUNS` (rounds, default 5), `SLB_BENCH_SECONDS` (measured seconds per
 //! mode, default 3), `SLB_BENCH_THREADS` (client threads, default 32), `SLB_BENCH_PPS` (0 skips
-//! the packet-rate run), `SLB_BENCH_E2E` (0 skips the end-to-end part), `STICKY_LB_BIN` (the sticky-lb binary; default: next to this one).
+//! the packet-rate run), `SLB_BENCH_E2E` (0 skips the end-to-end part), `SLB_BENCH_KINDS`
+//! (comma-separated keys of the balancers to measure, e.g. `sticky-lb-nat,nft-nat`; `none`, the
+//! ceiling, is always measured; default all), `STICKY_LB_BIN` (the sticky-lb binary; default:
+//! next to this one).
 //! Markdown to stdout, progress to stderr, JSON to target/bench/e2e.json.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -31,7 +36,7 @@ use serde_json::{Value, json};
 use sticky_lb_tests::{
     balancer::{ScratchDir, binary},
     loadgen::{
-        balancers::{self, Kind, PORT},
+        balancers::{self, BackendRole, Backends, Kind, PORT},
         client::{self, LoadResult, LoadSpec, Mode, ThreadPlan},
         command::{self, in_ns},
         live_frames, median,
@@ -73,6 +78,8 @@ struct Settings {
     threads: usize,
     pps: bool,
     e2e: bool,
+    /// The balancers measured, in [`Kind::ALL`]'s order; `none` always among them.
+    kinds: Vec<Kind>,
 }
 
 impl Settings {
@@ -92,6 +99,7 @@ impl Settings {
             threads: var("SLB_BENCH_THREADS", 32usize)?,
             pps: var("SLB_BENCH_PPS", 1u8)? != 0,
             e2e: var("SLB_BENCH_E2E", 1u8)? != 0,
+            kinds: kinds_from_env()?,
         };
         if settings.runs == 0 || !(0.1..=600.0).contains(&settings.seconds) {
             bail!("SLB_BENCH_RUNS must be at least 1 and SLB_BENCH_SECONDS within 0.1..=600");
@@ -105,6 +113,28 @@ impl Settings {
     fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.seconds)
     }
+}
+
+/// `SLB_BENCH_KINDS`: the balancers asked for, plus `none` (every ratio needs it).
+fn kinds_from_env() -> Result<Vec<Kind>> {
+    let Ok(text) = std::env::var("SLB_BENCH_KINDS") else {
+        return Ok(Kind::ALL.to_vec());
+    };
+    let mut asked = vec![Kind::Direct];
+    for key in text.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let Some(kind) = Kind::from_key(key) else {
+            let known: Vec<&str> = Kind::ALL.iter().map(|k| k.key()).collect();
+            bail!(
+                "SLB_BENCH_KINDS: unknown balancer {key:?} (known: {})",
+                known.join(", ")
+            );
+        };
+        asked.push(kind);
+    }
+    Ok(Kind::ALL
+        .into_iter()
+        .filter(|kind| asked.contains(kind))
+        .collect())
 }
 
 /// One mode's figures from one measurement.
@@ -222,11 +252,17 @@ fn run() -> Result<()> {
     let sticky_lb = locate_sticky_lb()?;
     let machine = machine();
     eprintln!(
-        "slb-bench-e2e: {} rounds x {} s per mode, {} client threads, sticky-lb {}",
+        "slb-bench-e2e: {} rounds x {} s per mode, {} client threads, sticky-lb {}, balancers {}",
         settings.runs,
         settings.seconds,
         settings.threads,
-        sticky_lb.display()
+        sticky_lb.display(),
+        settings
+            .kinds
+            .iter()
+            .map(|k| k.key())
+            .collect::<Vec<_>>()
+            .join(",")
     );
 
     let tag = unique_tag("e2e");
@@ -251,7 +287,10 @@ fn run() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     eprintln!("slb-bench-e2e: rig {} ready", rig.tag());
 
-    let mut rows: Vec<Row> = Kind::ALL
+    // The backends' state for the balancer being measured (DSR as the rig built them, or NAT).
+    let mut backends = Backends::new();
+    let mut rows: Vec<Row> = settings
+        .kinds
         .iter()
         .map(|&kind| Row {
             kind,
@@ -264,8 +303,13 @@ fn run() -> Result<()> {
     for round in 0..rounds {
         for i in 0..rows.len() {
             // Rotate the order so each balancer runs early in some rounds and late in others.
-            let row = &mut rows[(i + round) % Kind::ALL.len()];
+            let count = rows.len();
+            let row = &mut rows[(i + round) % count];
             interrupted()?;
+            // Fatal if it fails: the backends would be in no known state for anything else.
+            backends
+                .prepare(&rig, row.kind.backend_role())
+                .with_context(|| format!("preparing the backends for {}", row.kind.key()))?;
             eprintln!(
                 "[round {}/{}] {}: starting",
                 round + 1,
@@ -315,6 +359,8 @@ fn run() -> Result<()> {
 
     let pps = if settings.pps {
         interrupted()?;
+        // The packet-rate run forwards by DSR.
+        backends.prepare(&rig, BackendRole::Dsr)?;
         match packet_rate(&rig, scratch.path(), settings.runs) {
             Ok(report) => Some(Ok(report)),
             Err(err) => {
@@ -339,7 +385,7 @@ fn run() -> Result<()> {
             "backends": BACKENDS,
             "server_workers_per_backend": SERVER_WORKERS,
         },
-        "balancers": rows.iter().map(|row| row_json(row, &rows[0])).collect::<Vec<_>>(),
+        "balancers": rows.iter().map(|row| row_json(row, &rows)).collect::<Vec<_>>(),
         "backend_servers": served.iter().map(|(name, conns, reqs)| json!({"name": name, "connections": conns, "requests": reqs})).collect::<Vec<_>>(),
         "end_to_end_seconds": e2e_seconds,
         "packet_rate": match &pps {
@@ -411,7 +457,7 @@ fn load_spec(kind: Kind, mode: Mode, rig: &Rig, settings: &Settings) -> LoadSpec
                 .iter()
                 .skip(t)
                 .step_by(settings.threads)
-                .copied()
+                .map(|&a| IpAddr::from(a))
                 .collect(),
             target: kind.target(rig, t),
         })
@@ -669,9 +715,10 @@ fn backend_rx_packets(rig: &Rig) -> Result<u64> {
 // Report
 // ---------------------------------------------------------------------------------------------
 
-/// Per-round ratio `kind / none` of `value`, then the median over the rounds both have.
-fn ratio_to_none(row: &Row, none: &Row, value: impl Fn(&Measurement) -> f64) -> Option<f64> {
-    let base: BTreeMap<usize, f64> = none
+/// Per-round ratio `row / base` of `value` (base: "none", or an nftables peer), then the
+/// median over the rounds both have.
+fn ratio_to(row: &Row, base: &Row, value: impl Fn(&Measurement) -> f64) -> Option<f64> {
+    let base: BTreeMap<usize, f64> = base
         .measurements
         .iter()
         .map(|m| (m.round, value(m)))
@@ -700,10 +747,7 @@ fn print_report(
     machine: &Value,
     settings: &Settings,
 ) {
-    let none = rows
-        .iter()
-        .find(|r| r.kind == Kind::Direct)
-        .expect("the none row");
+    let none = find_row(rows, Kind::Direct).expect("the none row");
     if settings.e2e {
         println!(
             "## End to end: {} client threads over {} client addresses, {} backends, median of {} rounds of {} s per mode\n",
@@ -731,12 +775,12 @@ fn print_report(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.kind.label(),
                 fmt(med(row, |m| m.short.rate), 0),
-                fmt(ratio_to_none(row, none, |m| m.short.rate), 2),
+                fmt(ratio_to(row, none, |m| m.short.rate), 2),
                 fmt(med(row, |m| m.short.p50_ms), 2),
                 fmt(med(row, |m| m.short.p99_ms), 2),
                 fmt(med(row, |m| m.short.cpu_per_1k), 3),
                 fmt(med(row, |m| m.keepalive.rate), 0),
-                fmt(ratio_to_none(row, none, |m| m.keepalive.rate), 2),
+                fmt(ratio_to(row, none, |m| m.keepalive.rate), 2),
                 fmt(med(row, |m| m.keepalive.p50_ms), 3),
                 fmt(med(row, |m| m.keepalive.p99_ms), 3),
                 fmt(med(row, |m| m.keepalive.cpu_per_1k), 3),
@@ -785,6 +829,7 @@ fn print_report(
                 println!("- {note}");
             }
         }
+        print_nat_section(rows, none, settings);
     } else {
         println!("## End to end: skipped (SLB_BENCH_E2E=0)");
     }
@@ -830,12 +875,102 @@ fn print_report(
     );
 }
 
-fn row_json(row: &Row, none: &Row) -> Value {
+fn find_row(rows: &[Row], kind: Kind) -> Option<&Row> {
+    rows.iter().find(|r| r.kind == kind)
+}
+
+/// NAT side by side: the ceiling, then each of sticky-lb's NAT modes next to the nftables
+/// set-up that translates the same way, on the same backends (in the same state), clients and
+/// windows. The ratios are taken within each round, then the median over rounds.
+fn print_nat_section(rows: &[Row], none: &Row, settings: &Settings) {
+    let pairs: Vec<(&Row, Option<&Row>)> = [Kind::StickyNat, Kind::StickyFullNat]
+        .into_iter()
+        .filter_map(|kind| find_row(rows, kind))
+        .map(|row| (row, row.kind.nft_peer().and_then(|p| find_row(rows, p))))
+        .collect();
+    let lone_peers: Vec<&Row> = [Kind::NftNat, Kind::NftDnat]
+        .into_iter()
+        .filter_map(|kind| find_row(rows, kind))
+        .filter(|peer| {
+            !pairs
+                .iter()
+                .any(|(_, p)| p.is_some_and(|p| p.kind == peer.kind))
+        })
+        .collect();
+    if pairs.is_empty() && lone_peers.is_empty() {
+        return;
+    }
+    println!(
+        "\n## NAT side by side: sticky-lb (native XDP) and nftables, unmodified backends, median of {} rounds of {} s per mode\n",
+        settings.runs, settings.seconds
+    );
+    println!(
+        "| balancer | backends | short conn/s | × none | × nft | CPU-ms / conn | × none | × nft | p99 ms | keep-alive req/s | × none | × nft | CPU-ms / req |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let line = |row: &Row, peer: Option<&Row>| {
+        if row.measurements.is_empty() {
+            let why = row
+                .failures
+                .first()
+                .map(|(_, e)| e.as_str())
+                .unwrap_or("not run");
+            println!(
+                "| {} | | failed: {} | | | | | | | | | | |",
+                row.kind.label(),
+                why.replace('|', "/").replace('\n', " ")
+            );
+            return;
+        }
+        let to_peer = |value: fn(&Measurement) -> f64, decimals| {
+            peer.map_or("".to_owned(), |p| fmt(ratio_to(row, p, value), decimals))
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.kind.label(),
+            match row.kind.backend_role() {
+                BackendRole::Dsr => "VIP on lo",
+                BackendRole::Nat => "route back via the balancer",
+                BackendRole::FullNat => "unmodified",
+            },
+            fmt(med(row, |m| m.short.rate), 0),
+            fmt(ratio_to(row, none, |m| m.short.rate), 2),
+            to_peer(|m| m.short.rate, 2),
+            fmt(med(row, |m| m.short.cpu_per_1k), 3),
+            fmt(ratio_to(row, none, |m| m.short.cpu_per_1k), 2),
+            to_peer(|m| m.short.cpu_per_1k, 2),
+            fmt(med(row, |m| m.short.p99_ms), 2),
+            fmt(med(row, |m| m.keepalive.rate), 0),
+            fmt(ratio_to(row, none, |m| m.keepalive.rate), 2),
+            to_peer(|m| m.keepalive.rate, 2),
+            fmt(med(row, |m| m.keepalive.cpu_per_1k), 3),
+        );
+    };
+    line(none, None);
+    for (row, peer) in &pairs {
+        line(row, *peer);
+        if let Some(peer) = peer {
+            line(peer, None);
+        }
+    }
+    for peer in lone_peers {
+        line(peer, None);
+    }
+    println!(
+        "\nNAT: the balancer rewrites the destination (VIP:80 to a backend), the backends route their answers to the clients via the balancer, which translates them back (sticky-lb in XDP, nftables in conntrack). Full NAT: the source becomes the balancer's address too (sticky-lb: a port of its own per backend; nftables: SNAT), so the backends need no route. Backends in both: no VIP on lo. × nft is sticky-lb over the nftables set-up of the same kind (DNAT for NAT, DNAT + SNAT for full NAT), within each round, median over rounds. CPU-ms per connection (= CPU-s per 1k) is the whole machine's busy time over the window (load generator and backends included); with all CPUs busy it mostly mirrors the rate, so compare it between rows rather than read it as the balancer's own cost."
+    );
+}
+
+fn row_json(row: &Row, rows: &[Row]) -> Value {
+    let none = find_row(rows, Kind::Direct).expect("the none row");
+    let peer = row.kind.nft_peer().and_then(|kind| find_row(rows, kind));
     let mode = |figures: fn(&Measurement) -> &Figures| {
         json!({
             "rate_per_s": med(row, |m| figures(m).rate),
-            "rate_ratio_to_none": ratio_to_none(row, none, |m| figures(m).rate),
-            "cpu_per_1k_ratio_to_none": ratio_to_none(row, none, |m| figures(m).cpu_per_1k),
+            "rate_ratio_to_nft_peer": peer.and_then(|p| ratio_to(row, p, |m| figures(m).rate)),
+            "cpu_per_1k_ratio_to_nft_peer": peer.and_then(|p| ratio_to(row, p, |m| figures(m).cpu_per_1k)),
+            "rate_ratio_to_none": ratio_to(row, none, |m| figures(m).rate),
+            "cpu_per_1k_ratio_to_none": ratio_to(row, none, |m| figures(m).cpu_per_1k),
             "p50_ms": med(row, |m| figures(m).p50_ms),
             "p99_ms": med(row, |m| figures(m).p99_ms),
             "cpu_s_per_1k": med(row, |m| figures(m).cpu_per_1k),
@@ -845,6 +980,8 @@ fn row_json(row: &Row, none: &Row) -> Value {
     json!({
         "key": row.kind.key(),
         "label": row.kind.label(),
+        "nft_peer": row.kind.nft_peer().map(|k| k.key()),
+        "backends": format!("{:?}", row.kind.backend_role()),
         "rounds_ok": row.measurements.len(),
         "failures": row.failures.iter().map(|(round, e)| json!({"round": round + 1, "error": e})).collect::<Vec<_>>(),
         "short": mode(|m| &m.short),

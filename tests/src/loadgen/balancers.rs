@@ -1,13 +1,19 @@
 //! The balancers the end-to-end benchmark compares, each set up inside a rig's balancer
 //! namespace and torn down completely before the next one starts: sticky-lb (native and generic
-//! XDP), nftables DNAT, nftables netdev-ingress L2 DSR, HAProxy, and no balancer at all.
+//! XDP DSR, native NAT and full NAT), nftables DNAT (with SNAT, and alone with the backends'
+//! route back via the balancer), nftables netdev-ingress L2 DSR, HAProxy, and no balancer at all.
+//!
+//! The backends are the same for all, in the state each forwarding needs ([`BackendRole`]):
+//! DSR ones hold the VIP on loopback; NAT ones are unmodified (no VIP), with a route back to the
+//! clients via the balancer for plain NAT and none for full NAT. [`Backends::prepare`] switches
+//! them between balancers.
 //!
 //! Every set-up lives in the rig's namespaces (nft tables, sysctls and the HAProxy process go
 //! with the namespace at the latest); [`Running::stop`] removes each explicitly and checks that
 //! it is gone, and `Drop` does the same on any error path.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,6 +30,7 @@ use crate::rig::Rig;
 pub const PORT: u16 = 80;
 /// nft tables this module creates (and only these are ever deleted).
 const NFT_DNAT_TABLE: &str = "slb_bench_dnat";
+const NFT_NAT_TABLE: &str = "slb_bench_nat";
 const NFT_DSR_TABLE: &str = "slb_bench_dsr";
 /// How long a balancer may take to forward its first requests after it was started.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -35,19 +42,41 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Kind {
     /// Clients talk straight to the backends: the ceiling of the rig.
     Direct,
+    /// sticky-lb DSR (the default forwarding).
     StickyNative,
     StickyGeneric,
+    /// sticky-lb `forwarding: nat`, native XDP.
+    StickyNat,
+    /// sticky-lb `forwarding: nat` with `source_nat: true`, native XDP.
+    StickyFullNat,
+    /// DNAT and SNAT to the balancer's address: nftables' full NAT.
     NftDnat,
+    /// DNAT alone, the backends routing their answers back via the balancer: nftables' NAT.
+    NftNat,
     NftL2Dsr,
     Haproxy,
 }
 
+/// What the backends need for a balancer (see [`Backends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendRole {
+    /// The VIP on loopback (as the rig builds them): direct server return.
+    Dsr,
+    /// Unmodified but for a route back to the clients via the balancer: plain NAT.
+    Nat,
+    /// Unmodified: full NAT (they answer the balancer's own address).
+    FullNat,
+}
+
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::StickyNative,
         Kind::StickyGeneric,
+        Kind::StickyNat,
+        Kind::StickyFullNat,
         Kind::NftDnat,
+        Kind::NftNat,
         Kind::NftL2Dsr,
         Kind::Haproxy,
     ];
@@ -58,7 +87,10 @@ impl Kind {
             Kind::Direct => "none (direct to backends)",
             Kind::StickyNative => "sticky-lb, native XDP",
             Kind::StickyGeneric => "sticky-lb, generic XDP",
-            Kind::NftDnat => "nftables DNAT (jhash saddr)",
+            Kind::StickyNat => "sticky-lb NAT, native XDP",
+            Kind::StickyFullNat => "sticky-lb full NAT, native XDP",
+            Kind::NftDnat => "nftables DNAT + SNAT (jhash saddr)",
+            Kind::NftNat => "nftables DNAT, route back via the balancer (jhash saddr)",
             Kind::NftL2Dsr => "nftables netdev L2 DSR (jhash saddr, fwd)",
             Kind::Haproxy => "HAProxy mode tcp, balance source",
         }
@@ -70,21 +102,104 @@ impl Kind {
             Kind::Direct => "none",
             Kind::StickyNative => "sticky-lb-native",
             Kind::StickyGeneric => "sticky-lb-generic",
+            Kind::StickyNat => "sticky-lb-nat",
+            Kind::StickyFullNat => "sticky-lb-fullnat",
             Kind::NftDnat => "nft-dnat",
+            Kind::NftNat => "nft-nat",
             Kind::NftL2Dsr => "nft-l2dsr",
             Kind::Haproxy => "haproxy",
         }
     }
 
+    /// The kind whose key is `key`.
+    pub fn from_key(key: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.key() == key)
+    }
+
+    /// The state the backends must be in for this balancer. Balancers that reach the backends
+    /// at their own addresses and get the answers back by themselves (no balancer, HAProxy)
+    /// keep the rig's.
+    pub fn backend_role(self) -> BackendRole {
+        match self {
+            Kind::StickyNat | Kind::NftNat => BackendRole::Nat,
+            Kind::StickyFullNat | Kind::NftDnat => BackendRole::FullNat,
+            Kind::Direct
+            | Kind::StickyNative
+            | Kind::StickyGeneric
+            | Kind::NftL2Dsr
+            | Kind::Haproxy => BackendRole::Dsr,
+        }
+    }
+
+    /// The nftables set-up measured against this one, if any: the same translation done by
+    /// the kernel's NAT.
+    pub fn nft_peer(self) -> Option<Kind> {
+        match self {
+            Kind::StickyNat => Some(Kind::NftNat),
+            Kind::StickyFullNat => Some(Kind::NftDnat),
+            _ => None,
+        }
+    }
+
     /// Where load thread `thread` connects: the VIP, or without a balancer one backend per
     /// thread, round-robin.
-    pub fn target(self, rig: &Rig, thread: usize) -> SocketAddrV4 {
+    pub fn target(self, rig: &Rig, thread: usize) -> SocketAddr {
         match self {
-            Kind::Direct => {
-                SocketAddrV4::new(rig.backend_addr(thread % rig.backend_count() + 1), PORT)
-            }
-            _ => SocketAddrV4::new(rig.vip(), PORT),
+            Kind::Direct => SocketAddr::new(
+                rig.backend_addr(thread % rig.backend_count() + 1).into(),
+                PORT,
+            ),
+            _ => SocketAddr::new(rig.vip().into(), PORT),
         }
+    }
+}
+
+/// The rig's backends and the role they are in now.
+pub struct Backends {
+    role: BackendRole,
+}
+
+impl Backends {
+    /// The backends as the rig built them (DSR).
+    pub fn new() -> Backends {
+        Backends {
+            role: BackendRole::Dsr,
+        }
+    }
+
+    pub fn role(&self) -> BackendRole {
+        self.role
+    }
+
+    /// Puts every backend of `rig` in `role` (through DSR, the rig's own state). A failure
+    /// leaves the role unknown, which the caller must treat as fatal.
+    pub fn prepare(&mut self, rig: &Rig, role: BackendRole) -> Result<()> {
+        if self.role == role {
+            return Ok(());
+        }
+        for k in 1..=rig.backend_count() {
+            match self.role {
+                BackendRole::Dsr => {}
+                BackendRole::Nat => rig.restore_dsr_backend(k, true)?,
+                BackendRole::FullNat => rig.restore_dsr_backend(k, false)?,
+            }
+        }
+        self.role = BackendRole::Dsr;
+        for k in 1..=rig.backend_count() {
+            match role {
+                BackendRole::Dsr => {}
+                BackendRole::Nat => rig.make_nat_backend(k, true)?,
+                BackendRole::FullNat => rig.make_nat_backend(k, false)?,
+            }
+        }
+        self.role = role;
+        Ok(())
+    }
+}
+
+impl Default for Backends {
+    fn default() -> Backends {
+        Backends::new()
     }
 }
 
@@ -126,14 +241,17 @@ pub fn start(kind: Kind, rig: &Rig, scratch: &Path) -> Result<Running> {
     // On any error below, dropping `running` removes whatever was already set up.
     match kind {
         Kind::Direct => {}
-        Kind::StickyNative | Kind::StickyGeneric => start_sticky(
-            &mut running,
-            rig,
-            scratch,
-            kind == Kind::StickyNative,
-            &[PORT],
-        )?,
+        Kind::StickyNative | Kind::StickyGeneric | Kind::StickyNat | Kind::StickyFullNat => {
+            start_sticky(
+                &mut running,
+                rig,
+                scratch,
+                kind != Kind::StickyGeneric,
+                &[PORT],
+            )?
+        }
         Kind::NftDnat => start_nft_dnat(&mut running, rig)?,
+        Kind::NftNat => start_nft_nat(&mut running, rig)?,
         Kind::NftL2Dsr => start_nft_dsr(&mut running, rig)?,
         Kind::Haproxy => start_haproxy(&mut running, rig, scratch)?,
     }
@@ -236,7 +354,10 @@ impl Running {
             );
         }
         let tables = in_ns(&self.lb_ns, &["nft", "list", "tables"], None)?;
-        if tables.contains(NFT_DNAT_TABLE) || tables.contains(NFT_DSR_TABLE) {
+        if [NFT_DNAT_TABLE, NFT_NAT_TABLE, NFT_DSR_TABLE]
+            .iter()
+            .any(|table| tables.contains(table))
+        {
             bail!("nft tables left: {}", tables.trim());
         }
         let listeners = in_ns(
@@ -268,9 +389,14 @@ impl Drop for Running {
 }
 
 /// A sticky-lb config for `rig`: one service per port on the VIP with every backend, no health
-/// checks (no extra traffic that other balancers would not see).
-fn sticky_config(rig: &Rig, native: bool, ports: &[u16]) -> String {
+/// checks (no extra traffic that other balancers would not see), forwarded as `kind` says.
+fn sticky_config(rig: &Rig, kind: Kind, native: bool, ports: &[u16]) -> String {
     let mode = if native { "native" } else { "generic" };
+    let forwarding = match kind {
+        Kind::StickyNat => "    forwarding: nat\n",
+        Kind::StickyFullNat => "    forwarding: nat\n    source_nat: true\n",
+        _ => "",
+    };
     // Detach on exit: stopping checks that sticky-lb itself leaves nothing attached.
     let mut yaml = format!(
         "interface: {}\nxdp_mode: {mode}\non_exit: detach\nservices:\n",
@@ -278,7 +404,7 @@ fn sticky_config(rig: &Rig, native: bool, ports: &[u16]) -> String {
     );
     for port in ports {
         yaml += &format!(
-            "  - name: web-{port}\n    vip: {}\n    port: {port}\n    health_check:\n      type: none\n    backends:\n",
+            "  - name: web-{port}\n    vip: {}\n    port: {port}\n{forwarding}    health_check:\n      type: none\n    backends:\n",
             rig.vip()
         );
         for k in 1..=rig.backend_count() {
@@ -309,7 +435,7 @@ fn start_sticky(
         rig.lb_ns(),
         rig.lb_dev(),
         &dir,
-        &sticky_config(rig, native, ports),
+        &sticky_config(rig, running.kind, native, ports),
     )?);
     // The mode asked for must be the mode the kernel reports (iproute2: 1 driver, 2 generic).
     let link = in_ns(
@@ -383,6 +509,34 @@ fn start_nft_dnat(running: &mut Running, rig: &Rig) -> Result<()> {
     // Registered before it exists, so a partly failed `nft -f` is cleaned up too.
     running.nft_tables.push(("ip", NFT_DNAT_TABLE));
     in_ns(&running.lb_ns, &["nft", "-f", "-"], Some(&script)).context("loading the DNAT table")?;
+    Ok(())
+}
+
+/// Plain NAT, as IPVS `-m` does it: DNAT to `jhash ip saddr mod N`, nothing else. The
+/// backends route their answers to the clients via the balancer ([`BackendRole::Nat`]), where
+/// conntrack translates them back and forwards them to the client.
+fn start_nft_nat(running: &mut Running, rig: &Rig) -> Result<()> {
+    set_sysctl(running, "net.ipv4.ip_forward", "1")?;
+    // Packets leave through the interface they came in on: no ICMP redirects for that.
+    set_sysctl(running, "net.ipv4.conf.all.send_redirects", "0")?;
+    set_sysctl(
+        running,
+        &format!("net.ipv4.conf.{}.send_redirects", rig.lb_dev()),
+        "0",
+    )?;
+    let n = rig.backend_count();
+    let script = format!(
+        "table ip {NFT_NAT_TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tip daddr {vip} tcp dport {PORT} dnat to jhash ip saddr mod {n} map {{ {map} }}\n\
+         \t}}\n\
+         }}\n",
+        vip = rig.vip(),
+        map = backend_map(rig, |k| rig.backend_addr(k)),
+    );
+    running.nft_tables.push(("ip", NFT_NAT_TABLE));
+    in_ns(&running.lb_ns, &["nft", "-f", "-"], Some(&script)).context("loading the NAT table")?;
     Ok(())
 }
 
@@ -523,10 +677,10 @@ pub type Spread = BTreeMap<String, usize>;
 /// freshly started balancer may need a moment (ARP, listeners).
 pub fn sanity(kind: Kind, rig: &Rig, probes: usize) -> Result<Spread> {
     let clients = rig.client_addrs();
-    let requests: Vec<(Ipv4Addr, SocketAddrV4)> = (0..probes)
+    let requests: Vec<(IpAddr, SocketAddr)> = (0..probes)
         .map(|i| {
             // Spread over the whole client range, so hashing has something to spread.
-            let source = clients[i * clients.len() / probes];
+            let source = clients[i * clients.len() / probes].into();
             (source, kind.target(rig, i))
         })
         .collect();
@@ -558,7 +712,7 @@ pub fn sanity(kind: Kind, rig: &Rig, probes: usize) -> Result<Spread> {
     }
     let names = probe_keepalive(
         rig.client_ns(),
-        clients[0],
+        clients[0].into(),
         kind.target(rig, 0),
         3,
         PROBE_TIMEOUT,

@@ -2,11 +2,13 @@
 //! addresses (so balancers that hash the client address spread the load), issuing HTTP/1.1
 //! requests either on a fresh connection each (`Short`) or back to back on one connection
 //! (`KeepAlive`). A run is a warm-up followed by a measured window of fixed length; every thread
-//! stops at the window's end or after a maximum number of requests, whichever comes first, and
-//! every socket operation has a timeout, so a run can never hang.
+//! stops at the window's end or after a maximum number of requests, whichever comes first (the
+//! run ends when every thread has stopped), and every socket operation has a timeout, so a run
+//! can never hang. Both address families: a thread's sources are of its target's family.
 
+use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -45,8 +47,9 @@ pub enum Mode {
 /// per connection).
 #[derive(Clone, Debug)]
 pub struct ThreadPlan {
-    pub sources: Vec<Ipv4Addr>,
-    pub target: SocketAddrV4,
+    /// Of the target's family.
+    pub sources: Vec<IpAddr>,
+    pub target: SocketAddr,
 }
 
 /// A whole run.
@@ -62,7 +65,9 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Bound on each socket operation (connect, write, each read).
     pub op_timeout: Duration,
-    /// Bound on the requests one thread makes in the whole run, warm-up included.
+    /// Bound on the requests one thread makes in the whole run, warm-up included. Once every
+    /// thread has made its share the run ends, before the window's end if need be (then the
+    /// window is the time it took): a run of a fixed count of requests within a deadline.
     pub max_requests_per_thread: u64,
 }
 
@@ -75,7 +80,10 @@ pub struct LoadResult {
     pub errors: u64,
     /// The first failure, for the report.
     pub first_error: Option<String>,
-    /// Length of the measured window.
+    /// Failures by kind (the step that failed and the kernel's error, see [`error_kind`]).
+    pub error_kinds: BTreeMap<String, u64>,
+    /// Length of the measured window (shorter than asked if every thread finished its share
+    /// of requests before its end).
     pub window: Duration,
     /// Latency of every request completed inside the window, microseconds, ascending.
     pub latencies_us: Vec<u32>,
@@ -117,6 +125,7 @@ struct ThreadOutcome {
     completed: u64,
     errors: u64,
     first_error: Option<String>,
+    error_kinds: BTreeMap<String, u64>,
     latencies_us: Vec<u32>,
 }
 
@@ -134,6 +143,7 @@ impl ThreadOutcome {
             }
             Err(err) => {
                 self.errors += 1;
+                *self.error_kinds.entry(error_kind(&err)).or_default() += 1;
                 if self.first_error.is_none() {
                     self.first_error = Some(format!("{err:#}"));
                 }
@@ -149,11 +159,13 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         bail!("a load run needs threads, each with at least one source address");
     }
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    // Each thread reports here when it stops (its share done, the window over, or stopped).
+    let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut starts = Vec::with_capacity(spec.threads.len());
     let mut handles = Vec::with_capacity(spec.threads.len());
     for plan in &spec.threads {
         let (start_tx, start_rx) = mpsc::channel::<Window>();
-        let (ready_tx, plan) = (ready_tx.clone(), plan.clone());
+        let (ready_tx, done_tx, plan) = (ready_tx.clone(), done_tx.clone(), plan.clone());
         let (mode, timeout, max) = (spec.mode, spec.op_timeout, spec.max_requests_per_thread);
         handles.push(spawn_in_netns(spec.ns.clone(), move || {
             // In the namespace now: report, then wait for the common window.
@@ -162,14 +174,17 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
             let Ok(window) = start_rx.recv_timeout(START_TIMEOUT) else {
                 return ThreadOutcome::default();
             };
-            match mode {
+            let outcome = match mode {
                 Mode::Short => short_loop(&plan, window, timeout, max),
                 Mode::KeepAlive => keepalive_loop(&plan, window, timeout, max),
-            }
+            };
+            let _ = done_tx.send(());
+            outcome
         }));
         starts.push(start_tx);
     }
     drop(ready_tx);
+    drop(done_tx);
 
     // Bounded wait for every thread; a thread that could not enter the namespace panicked and
     // never reports, so this ends by the deadline at the latest.
@@ -195,11 +210,29 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
     }
     sleep_until(window.start);
     let cpu_before = CpuTimes::now()?;
-    sleep_until(window.end);
+    // Until the window's end, or until every thread has stopped early (each made its share of
+    // requests). A thread that panicked never reports: the wait then lasts the whole window.
+    let mut stopped = 0;
+    while stopped < handles.len() {
+        let left = window.end.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(()) => stopped += 1,
+            Err(_) => break,
+        }
+    }
     let cpu_after = CpuTimes::now()?;
+    let measured = Instant::now()
+        .min(window.end)
+        .saturating_duration_since(window.start);
 
     let mut result = LoadResult {
-        window: spec.duration,
+        // Requests that end after the window are not counted, so a run cut short by the
+        // threads finishing early has measured exactly the time until then.
+        window: if stopped == handles.len() {
+            measured
+        } else {
+            spec.duration
+        },
         cpu: CpuDelta::between(cpu_before, cpu_after),
         ..LoadResult::default()
     };
@@ -209,6 +242,9 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
             Ok(outcome) => {
                 result.completed += outcome.completed;
                 result.errors += outcome.errors;
+                for (kind, count) in outcome.error_kinds {
+                    *result.error_kinds.entry(kind).or_default() += count;
+                }
                 if result.first_error.is_none() {
                     result.first_error = outcome.first_error;
                 }
@@ -284,9 +320,22 @@ fn keepalive_loop(plan: &ThreadPlan, window: Window, timeout: Duration, max: u64
     outcome
 }
 
+/// A failure's kind for counting: the step that failed (the outermost context's first word:
+/// `connect`, `request`, `waiting` for the close, ...) and the kernel's error (the root cause),
+/// without the addresses.
+pub fn error_kind(err: &anyhow::Error) -> String {
+    let step = err
+        .to_string()
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    format!("{step}: {}", err.root_cause())
+}
+
 /// One short connection: connect from `source`, ask with `Connection: close`, read the answer
 /// and the server's FIN, close. Returns the body (the backend's name).
-pub fn short_request(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Result<String> {
+pub fn short_request(source: IpAddr, target: SocketAddr, timeout: Duration) -> Result<String> {
     let stream = connect_from(source, target, timeout)
         .with_context(|| format!("connect {source} -> {target}"))?;
     let mut conn = HttpConn::new(stream);
@@ -303,7 +352,7 @@ pub fn short_request(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) 
 /// bodies (backend names) or errors, in order. For sanity checks, not for load.
 pub fn probe_short(
     ns: &str,
-    requests: &[(Ipv4Addr, SocketAddrV4)],
+    requests: &[(IpAddr, SocketAddr)],
     timeout: Duration,
 ) -> Vec<Result<String>> {
     let owned = requests.to_vec();
@@ -324,8 +373,8 @@ pub fn probe_short(
 /// `count` requests on one kept-alive connection from `source` inside `ns`; the bodies.
 pub fn probe_keepalive(
     ns: &str,
-    source: Ipv4Addr,
-    target: SocketAddrV4,
+    source: IpAddr,
+    target: SocketAddr,
     count: usize,
     timeout: Duration,
 ) -> Result<Vec<String>> {
@@ -456,12 +505,12 @@ fn parse_head(head: &[u8]) -> io::Result<usize> {
 /// A blocking TCP connection from `source` (any port) to `target`; `timeout` bounds the connect
 /// and every later read and write.
 pub fn connect_from(
-    source: Ipv4Addr,
-    target: SocketAddrV4,
+    source: IpAddr,
+    target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     // Leaves `timeout` on as the write timeout (SO_SNDTIMEO, which also bounded the connect).
-    let stream = socket::connect_from(source.into(), target.into(), timeout)?;
+    let stream = socket::connect_from(source, target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     // Requests are single small writes each waiting for an answer: no reason to let Nagle
     // hold any of them back.

@@ -10,7 +10,7 @@
 //! connection, which would cost more CPU than the balancers under test.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,7 +52,13 @@ pub struct HttpBackend {
 impl HttpBackend {
     /// Listens on `bind` inside namespace `ns` and starts `workers` threads. `workers` bounds the
     /// keep-alive connections served at once: give it more than the client's concurrency.
-    pub fn start(ns: &str, bind: SocketAddrV4, name: &str, workers: usize) -> Result<HttpBackend> {
+    pub fn start(
+        ns: &str,
+        bind: impl Into<SocketAddr>,
+        name: &str,
+        workers: usize,
+    ) -> Result<HttpBackend> {
+        let bind = bind.into();
         // The socket keeps the namespace it was created in, so only the bind happens there; the
         // workers accept from wherever they run.
         let listener = in_netns(ns, || TcpListener::bind(bind))
