@@ -182,8 +182,20 @@ pub const FEATURE_NAT: u32 = 1;
 /// (net.ipv4.ip_local_port_range 32768-60999), so the balancer's own connections (health
 /// checks) from the same address never take a port a translated connection holds.
 pub const DEFAULT_NAT_PORTS: (u16, u16) = (1024, 32767);
-/// Ports a new source-NAT connection tries (from a hash of the client) before it is refused.
+/// Ports a new source-NAT connection tries before it is refused (`drop_nat_ports_exhausted`;
+/// the client's retransmitted SYN, a second later, tries other ports): a stride apart from a
+/// hash of the client's address, port and the time.
 pub const NAT_PORT_PROBES: u32 = 8;
+/// How long a source-NAT port stays held after its connection ended (ns). The side that closes
+/// first keeps the connection's addresses and ports in TIME_WAIT for 60 s on Linux
+/// (TCP_TIMEWAIT_LEN; the backend, when it closes first); a new connection from the same
+/// balancer address and port to the same backend before that lands on it, and unless its
+/// timestamps happen to be newer the backend answers with an ACK for the old connection, the
+/// client resets, and connecting takes a second more. Five seconds more for segments in flight.
+/// A busy backend can therefore take at most (ports in the range) / 65 s new full-NAT
+/// connections a second from one balancer address: 488/s with the default range, 992/s with
+/// 1024-65535.
+pub const NAT_PORT_REUSE_NS: u64 = 65_000_000_000;
 
 /// A service's parameters (the services array holds two copies per service, indexed
 /// `id * 2 + generation`; the service index points at the current one).

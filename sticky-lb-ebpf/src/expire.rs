@@ -39,7 +39,7 @@ pub fn expire_flow(ctx: XdpContext) -> u32 {
         return ExpireOutcome::Kept as u32;
     }
     let uncounted = conntrack::finish(flow, &request.key);
-    forget_nat_reply(&request, backend, unsafe { (*flow).nat_port });
+    end_nat_connection(&request, backend);
     let deleted = conntrack::remove(&request.key);
     match (uncounted, deleted) {
         (true, _) => ExpireOutcome::Uncounted as u32,
@@ -48,12 +48,13 @@ pub fn expire_flow(ctx: XdpContext) -> u32 {
     }
 }
 
-/// A NAT connection's reply-table entry goes with it. The service's parameters are found by id
-/// in both copies of the services array (the program does not know which one is current; both
-/// name the same source NAT unless it is being changed right now, and deleting an entry that is
-/// not there is harmless).
+/// A NAT connection ends: its reply-table entry goes or holds its port (see
+/// `nat::end_connection`). The service's parameters are found by id in both copies of the
+/// services array (the program does not know which one is current; both name the same source
+/// NAT unless it is being changed right now, and deleting an entry that is not there is
+/// harmless).
 #[inline(always)]
-fn forget_nat_reply(request: &ExpireRequest, backend: BackendId, nat_port: u16) {
+fn end_nat_connection(request: &ExpireRequest, backend: BackendId) {
     let service = request.key.service;
     let Some(b) = BACKENDS.get(backend) else {
         return;
@@ -71,7 +72,7 @@ fn forget_nat_reply(request: &ExpireRequest, backend: BackendId, nat_port: u16) 
             && params.id == service
             && params.forwarding == Forwarding::Nat as u8
         {
-            nat::forget_reply(params, b, &client, nat_port);
+            nat::end_connection(params, b, &client);
         }
         generation += 1;
     }

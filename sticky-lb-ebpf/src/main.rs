@@ -347,7 +347,7 @@ fn open_nat(
     };
     let source_nat = service.flags & SERVICE_SOURCE_NAT != 0;
     let nat_port = if source_nat {
-        match nat::allocate_port(service, backend, &client, &entry) {
+        match nat::allocate_port(service, backend, &client, &entry, now) {
             Some(port) => port,
             None => return Err(drop(Counter::DropNatPortsExhausted)),
         }

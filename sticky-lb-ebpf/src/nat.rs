@@ -22,7 +22,9 @@ use network_types::{
     tcp::TcpHdr,
     vlan::VlanHdr,
 };
-use sticky_lb_common::{Backend, Family, NAT_PORT_PROBES, NatEntry, NatKey, Service, hash::fmix32};
+use sticky_lb_common::{
+    Backend, Family, NAT_PORT_PROBES, NatEntry, NatKey, SERVICE_SOURCE_NAT, Service, hash::fmix32,
+};
 
 /// Why a segment could not be translated.
 pub enum NotTranslated {
@@ -279,6 +281,9 @@ fn swap_address(
     Ok(delta)
 }
 
+/// Distance between two source-NAT probes (a prime: ports of most ranges all get visited).
+const PROBE_STRIDE: u32 = 40_009;
+
 /// Picks a free source-NAT port for a new connection of the client at `client` towards
 /// `backend`, and records the reply-table entry `entry` under it: up to [`NAT_PORT_PROBES`]
 /// ports of the service's range, starting from a hash of the client's address and port, each
@@ -290,9 +295,12 @@ pub fn allocate_port(
     backend: &Backend,
     client: &Endpoint,
     entry: &NatEntry,
+    now: u64,
 ) -> Option<u16> {
     let c = &client.addr;
-    let start = fmix32(c[0] ^ c[1] ^ c[2] ^ c[3] ^ (client.port as u32) << 16);
+    // Address, port and time each mixed in whole: clients of one network do not share starts,
+    // and a retransmitted SYN (a second later) probes other ports.
+    let start = fmix32(c[0] ^ c[1] ^ c[2] ^ c[3] ^ fmix32(client.port as u32 ^ now as u32));
     let count = if service.nat_port_count == 0 {
         1
     } else {
@@ -300,7 +308,10 @@ pub fn allocate_port(
     };
     let mut probe = 0;
     while probe < NAT_PORT_PROBES {
-        let port = (service.nat_port_first as u32 + (start.wrapping_add(probe) % count)) as u16;
+        // Probes a stride apart (a large prime, so a crowded stretch of the range does not fail
+        // them all).
+        let offset = start.wrapping_add(probe.wrapping_mul(PROBE_STRIDE)) % count;
+        let port = (service.nat_port_first as u32 + offset) as u16;
         let key = NatKey {
             backend: backend.addr,
             peer: service.nat_source,
@@ -314,6 +325,19 @@ pub fn allocate_port(
         probe += 1;
     }
     None
+}
+
+/// What becomes of a connection's reply-table entry when the controller's sweep ends the
+/// connection (closed or idle past its timeout, or its backend gone): plain NAT's is deleted
+/// (the client's next connection from that port records its own); full NAT's stays, holding its
+/// port for the backend's TIME_WAIT until the sweep frees it (`NAT_PORT_REUSE_NS` after the
+/// connection ended). Either way it translates nothing more: replies are checked against the
+/// connection table.
+#[inline(always)]
+pub fn end_connection(service: &Service, backend: &Backend, client: &Endpoint) {
+    if service.flags & SERVICE_SOURCE_NAT == 0 {
+        forget_reply(service, backend, client, 0);
+    }
 }
 
 /// Records the reply-table entry of a plain-NAT connection (replies go to the client itself).

@@ -23,7 +23,8 @@ use std::{
     os::fd::AsFd,
 };
 use sticky_lb_common::{
-    BackendId, ExpireOutcome, ExpireRequest, FlowEntry, FlowKey, FlowState, ServiceId, idle_ns,
+    BackendId, ExpireOutcome, ExpireRequest, FlowEntry, FlowKey, FlowState, NAT_PORT_REUSE_NS,
+    NatEntry, NatKey, ServiceId, idle_ns,
 };
 
 /// Runs the data path's `expire_flow` program on one connection at a time.
@@ -206,4 +207,59 @@ mod tests {
             Some(u64::MAX)
         );
     }
+}
+
+/// Source-NAT reply-table entries whose connection is over, by when a sweep first found them
+/// so (ns, the sweep's clock): an entry holds its port until it has been over for
+/// [`NAT_PORT_REUSE_NS`] (the backend's TIME_WAIT), then the sweep deletes it.
+#[derive(Debug, Default)]
+pub struct NatOrphans(std::collections::HashMap<NatKey, u64>);
+
+/// One pass over the NAT reply table: frees the source-NAT ports of connections over for
+/// [`NAT_PORT_REUSE_NS`]. Returns how many were freed.
+///
+/// Only source-NAT entries are freed here. Their key holds the port, which the data path takes
+/// only for a key no entry holds (BPF_NOEXIST), so an entry found over stays over until it is
+/// deleted: no new connection can be in it. Plain NAT's entries are deleted by the data path
+/// when their connection ends (a client's next connection from the same port would take the
+/// same key); one left behind by a backend removed meanwhile ages out of the LRU.
+pub fn free_nat_ports(
+    nat: &mut HashMap<MapData, NatKey, NatEntry>,
+    flows: &HashMap<MapData, FlowKey, FlowEntry>,
+    orphans: &mut NatOrphans,
+    now: u64,
+) -> Result<u64> {
+    let mut freed = 0;
+    let mut seen = std::collections::HashSet::new();
+    for (key, entry) in crate::batch::lookup_all(nat, 8192)? {
+        let source_nat = key.peer != entry.client || key.peer_port != entry.client_port;
+        if !source_nat {
+            continue;
+        }
+        let flow_key = FlowKey {
+            service: entry.service,
+            client: entry.client,
+            client_port: entry.client_port,
+            _pad: 0,
+        };
+        let open = flows
+            .get(&flow_key, 0)
+            .is_ok_and(|f| f.backend == entry.backend && f.nat_port == key.peer_port);
+        if open {
+            continue;
+        }
+        seen.insert(key);
+        let since = *orphans.0.entry(key).or_insert(now);
+        if idle_ns(now, since) >= NAT_PORT_REUSE_NS {
+            match nat.remove(&key) {
+                Ok(()) => freed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting a NAT reply entry"),
+            }
+            seen.remove(&key);
+        }
+    }
+    // Entries gone meanwhile (evicted, or freed above) are forgotten.
+    orphans.0.retain(|key, _| seen.contains(key));
+    Ok(freed)
 }

@@ -245,7 +245,7 @@ mod tests {
         let residue = tcp_residue(&bad, &at);
         assert_ne!(residue, 0xffff);
         let to = Some(("198.18.0.16".parse().unwrap(), 8080));
-        let from = Some(("198.51.100.1".parse().unwrap(), 1024));
+        let from = Some(("198.19.100.1".parse().unwrap(), 1024));
         let out = translated(&bad, 14, from, to, [1; 6], [2; 6]);
         assert_eq!(tcp_residue(&out, &at), residue);
         assert_eq!(ipv4_residue(&out, &at), 0xffff);

@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn host_bits_come_from_the_hash_and_the_prefix_stays() {
         let tunnel = TunnelParams {
-            source: "198.51.100.0".parse().unwrap(),
+            source: "198.19.100.0".parse().unwrap(),
             prefix: 28,
             mtu: 1500,
         };
@@ -235,6 +235,6 @@ mod tests {
             unreachable!()
         };
         let hash = fmix32(client_fold(client)).to_ne_bytes();
-        assert_eq!(source.octets(), [198, 51, 100, hash[3] & 0x0f]);
+        assert_eq!(source.octets(), [198, 19, 100, hash[3] & 0x0f]);
     }
 }

@@ -15,10 +15,14 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
-use sticky_lb::{dataplane::monotonic_ns, maglev};
+use sticky_lb::{
+    conntrack::{NatOrphans, free_nat_ports},
+    dataplane::monotonic_ns,
+    maglev,
+};
 use sticky_lb_common::{
     Backend, BackendState, Counter, ExpireOutcome, FEATURE_NAT, FlowEntry, FlowKey, FlowState,
-    NatEntry, NatKey, addr, addr::Family,
+    NAT_PORT_REUSE_NS, NatEntry, NatKey, addr, addr::Family,
 };
 use sticky_lb_tests::{
     fixture::*,
@@ -28,7 +32,7 @@ use sticky_lb_tests::{
 };
 
 /// The source-NAT addresses and the range the tests use unless they say otherwise.
-const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 7);
 const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0x5b, 7);
 const FIRST: u16 = 20000;
 const COUNT: u32 = 1000;
@@ -607,13 +611,38 @@ fn a_range_of_four_ports_holds_four_connections_per_backend() {
         let result = f.run(&seg(other, 50001, SYN, 0, None));
         assert_eq!(result.0, XDP_TX);
         assert!((FIRST..FIRST + 4).contains(&source_port(&result.1)));
-        // One connection ends (the controller expires it): its port serves the fifth.
+        // One connection ends (the controller expires it): its port stays held for the
+        // backend's TIME_WAIT, then the sweep frees it and it serves the fifth.
         let expirer = f.dataplane.expirer().unwrap();
         let freed = u16::from_be(flow(&f, client, 50002).unwrap().nat_port);
         let key = flow_key(&f, client, 50002);
         assert_eq!(
             expirer.expire(&key, later()).unwrap(),
             ExpireOutcome::Uncounted
+        );
+        assert_dropped_untouched("fifth SYN, port held", &fifth, &f.run(&fifth));
+        let mut orphans = NatOrphans::default();
+        let now = monotonic_ns();
+        let flows = f.flows_handle();
+        assert_eq!(
+            free_nat_ports(&mut f.nat, &flows, &mut orphans, now).unwrap(),
+            0
+        );
+        assert_eq!(
+            free_nat_ports(
+                &mut f.nat,
+                &flows,
+                &mut orphans,
+                now + NAT_PORT_REUSE_NS - 1
+            )
+            .unwrap(),
+            0,
+            "{family}: held until the backend's TIME_WAIT is over"
+        );
+        assert_eq!(
+            free_nat_ports(&mut f.nat, &flows, &mut orphans, now + NAT_PORT_REUSE_NS).unwrap(),
+            1,
+            "{family}: then freed, and only that one"
         );
         let result = f.run(&fifth);
         assert_sent(
@@ -974,7 +1003,7 @@ fn a_syn_on_a_closing_connection_replaces_it_and_its_reply_entry() {
 }
 
 #[test]
-fn expiring_a_connection_deletes_its_reply_entry() {
+fn expiring_a_connection_ends_its_reply_entry() {
     for family in [Family::Ipv4, Family::Ipv6] {
         for snat in [false, true] {
             let what = format!("{family} snat {snat}");
@@ -997,11 +1026,35 @@ fn expiring_a_connection_deletes_its_reply_entry() {
                 assert_eq!(flow(&f, client_of(family, n), 50000), None);
             }
             let left: BTreeSet<_> = f.nat_entries().iter().map(|(_, e)| e.client).collect();
-            let expected: BTreeSet<_> = [3, 4].map(|n| addr::words(&client_of(family, n))).into();
-            assert_eq!(
-                left, expected,
-                "{what}: the ended connections' entries are gone"
-            );
+            // Plain NAT's entries go with their connections; full NAT's hold their ports for
+            // the backends' TIME_WAIT (NAT_PORT_REUSE_NS), translating nothing, until the sweep
+            // frees them.
+            let mut orphans = NatOrphans::default();
+            let now = monotonic_ns();
+            let flows = f.flows_handle();
+            let kept = if snat { 1..=4 } else { 3..=4 };
+            let expected: BTreeSet<_> = kept.map(|n| addr::words(&client_of(family, n))).collect();
+            assert_eq!(left, expected, "{what}: the reply entries left");
+            if snat {
+                for r in &replies[..2] {
+                    let before = f.counter(Counter::DropNatStaleReply);
+                    assert_dropped_untouched(&what, r, &f.run(r));
+                    assert_eq!(f.counter(Counter::DropNatStaleReply), before + 1);
+                }
+                assert_eq!(
+                    free_nat_ports(&mut f.nat, &flows, &mut orphans, now).unwrap(),
+                    0
+                );
+                assert_eq!(
+                    free_nat_ports(&mut f.nat, &flows, &mut orphans, now + NAT_PORT_REUSE_NS)
+                        .unwrap(),
+                    2,
+                    "{what}: the ended connections' ports freed"
+                );
+                let left: BTreeSet<_> = f.nat_entries().iter().map(|(_, e)| e.client).collect();
+                let open: BTreeSet<_> = [3, 4].map(|n| addr::words(&client_of(family, n))).into();
+                assert_eq!(left, open, "{what}: the open connections' entries stay");
+            }
             // Their replies are no longer ours; the others' still are.
             assert_passed_untouched(&replies[0], f.run(&replies[0]));
             assert_passed_untouched(&replies[1], f.run(&replies[1]));
@@ -1176,7 +1229,7 @@ fn dsr_and_tunnel_services_beside_a_nat_service_are_unchanged() {
         let dsr = f.add_service(family, 81, 2, mask, None);
         let tunnel = match family {
             Family::Ipv4 => TunnelParams {
-                source: Ipv4Addr::new(198, 51, 100, 0).into(),
+                source: Ipv4Addr::new(198, 19, 100, 0).into(),
                 prefix: 24,
                 mtu: 1500,
             },

@@ -26,7 +26,7 @@ use sticky_lb_tests::{
 };
 
 /// The outer source prefixes: a /24 and a /112 (8 and 16 host bits), and single addresses.
-const SOURCE4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+const SOURCE4: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 0);
 const SOURCE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0x5b, 0);
 const MTU: u16 = 1500;
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
@@ -405,7 +405,7 @@ fn a_single_source_address_is_every_clients_source() {
     for (family, source, prefix) in [
         (
             Family::Ipv4,
-            IpAddr::from(Ipv4Addr::new(198, 51, 100, 7)),
+            IpAddr::from(Ipv4Addr::new(198, 19, 100, 7)),
             32,
         ),
         (Family::Ipv6, IpAddr::from(SOURCE6), 128),

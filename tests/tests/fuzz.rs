@@ -96,7 +96,7 @@ const ETH_MIN_FRAME: usize = 60;
 /// without options and with up to 40 bytes of payload), an IPv6 one up to 120.
 const TUNNEL_PORT: u16 = 8443;
 const TUNNEL4: TunnelParams = TunnelParams {
-    source: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 0)),
+    source: IpAddr::V4(Ipv4Addr::new(198, 19, 100, 0)),
     prefix: 24,
     mtu: 100,
 };
@@ -110,7 +110,7 @@ const TUNNEL6: TunnelParams = TunnelParams {
 /// [`SNAT4`] / [`SNAT6`], ports [`SNAT_FIRST`] on (Linux's default, below the ephemeral range).
 const NAT_PORT: u16 = 8080;
 const SNAT_PORT: u16 = 8081;
-const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 9);
 const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0x5b, 9);
 const SNAT_FIRST: u16 = 1024;
 const SNAT_COUNT: u32 = 31744;

@@ -86,6 +86,9 @@ pub struct Controller {
     /// Service ids the last sweep found orphaned entries of: deleted only if the next sweep
     /// finds them orphaned again (a service added by a reload during a sweep is not an orphan).
     orphans_seen: BTreeSet<ServiceId>,
+    /// Source-NAT reply entries whose connection is over, held for the backends' TIME_WAIT
+    /// (the sweep's state from one pass to the next).
+    nat_orphans: std::sync::Arc<std::sync::Mutex<crate::conntrack::NatOrphans>>,
     /// Set while the state file is behind (its last write failed); written again on the next
     /// change or sweep.
     state_behind: bool,

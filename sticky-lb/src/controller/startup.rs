@@ -122,6 +122,7 @@ impl Controller {
             latencies: latencies.clone(),
             metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
             orphans_seen: BTreeSet::new(),
+            nat_orphans: Default::default(),
             state_behind: false,
             observations_behind: false,
             serving: false,

@@ -104,6 +104,7 @@ impl Controller {
             .copied()
             .collect();
         let expirer = self.dataplane.expirer();
+        let nat_orphans = self.nat_orphans.clone();
         let config = self.config();
         let expiry = conntrack::Expiry {
             opening_timeout_ns: config.flow_opening_timeout.as_nanos() as u64,
@@ -145,6 +146,21 @@ impl Controller {
                     None
                 }
             };
+            // Ports of full-NAT connections over for the backends' TIME_WAIT are free again.
+            let freed = dataplane::open_pinned(&pins, map_names::NAT).and_then(|mut nat| {
+                let flows = dataplane::open_pinned(&pins, map_names::FLOWS)?;
+                let mut orphans = nat_orphans
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                conntrack::free_nat_ports(&mut nat, &flows, &mut orphans, monotonic_ns())
+            });
+            match freed {
+                Ok(0) => {}
+                Ok(n) => debug!(
+                    "NAT sweep: {n} source-NAT ports free again (their connections ended over 65 s ago)"
+                ),
+                Err(e) => warn!("NAT sweep failed: {e:#}"),
+            }
             let _ = reports.blocking_send(Swept {
                 started_ns,
                 stick,
