@@ -12,8 +12,8 @@ use sticky_lb::{
     dataplane::{Dataplane, LoadOptions},
 };
 use sticky_lb_common::{
-    BackendCounters, FlowEntry, FlowKey, InsertBudget, ServiceCounters, StickEntry, StickKey,
-    map_names,
+    BackendCounters, FlowEntry, FlowKey, InsertBudget, NatEntry, NatKey, ServiceCounters,
+    StickEntry, StickKey, map_names,
 };
 use sticky_lb_tests::netns::require_root;
 
@@ -173,6 +173,8 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
     let budget: PerCpuArray<MapData, InsertBudget> = dp.take_map(map_names::INSERT_BUDGET).unwrap();
     let active: Array<MapData, i64> = dp.take_map(map_names::ACTIVE).unwrap();
     let meta: Array<MapData, u32> = dp.take_map(map_names::META).unwrap();
+    let nat: HashMap<MapData, NatKey, NatEntry> = dp.take_map(map_names::NAT).unwrap();
+    let features: Array<MapData, u32> = dp.take_map(map_names::FEATURES).unwrap();
     let ids = [
         (map_names::SERVICE_INDEX, map_id(&dp.service_index)),
         (map_names::SERVICES, map_id(&dp.services)),
@@ -186,6 +188,8 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
         (map_names::ACTIVE, map_id(&active)),
         (map_names::META, map_id(&meta)),
         (map_names::INSERT_BUDGET, map_id(&budget)),
+        (map_names::NAT, map_id(&nat)),
+        (map_names::FEATURES, map_id(&features)),
     ];
     assert_eq!(ids.len(), map_names::ALL.len());
     for (name, id) in ids {
@@ -198,7 +202,8 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
         // The sizes the controller sets at load time win over the definitions' defaults.
         let sized = match name {
             map_names::STICK => Some(1024),
-            map_names::FLOWS => Some(64),
+            // The NAT reply table is sized like the connection table.
+            map_names::FLOWS | map_names::NAT => Some(64),
             map_names::MAGLEV => Some(2 * 65537),
             _ => None,
         };
