@@ -210,12 +210,32 @@ unsafe fn ipv6_header(
         (label >> 8) as u8,
         label as u8,
     ]);
-    let [len_hi, len_lo] = (inner_len as u16).to_be_bytes();
-    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_IPV6, DEFAULT_TTL]);
-    // SAFETY: the caller's promise (see ipv4_header on the alignment).
+    // SAFETY: the caller's promise.
+    unsafe { write_ipv6(ip, w0, inner_len as u16, IPPROTO_IPV6, source, dest) };
+}
+
+/// Writes an IPv6 header without extension headers at `ip`: `first` is its first word (version,
+/// traffic class, flow label) as it sits in memory; hop limit [`DEFAULT_TTL`]; addresses as map
+/// words (network order).
+///
+/// # Safety
+/// `ip` must point at 40 writable packet bytes.
+#[inline(always)]
+pub unsafe fn write_ipv6(
+    ip: *mut u8,
+    first: u32,
+    payload_len: u16,
+    next_header: u8,
+    source: &[u32; 4],
+    dest: &[u32; 4],
+) {
+    let [len_hi, len_lo] = payload_len.to_be_bytes();
+    let w1 = u32::from_ne_bytes([len_hi, len_lo, next_header, DEFAULT_TTL]);
+    // SAFETY: the caller's promise; 32-bit stores at 2 bytes off alignment are fine for packet
+    // memory on the architectures sticky-lb runs on (see frame::read_word).
     unsafe {
         let words = ip as *mut u32;
-        core::ptr::write_volatile(words, w0);
+        core::ptr::write_volatile(words, first);
         core::ptr::write_volatile(words.add(1), w1);
         let mut i = 0;
         while i < 4 {

@@ -12,7 +12,7 @@
 use crate::{
     consts::*,
     csum,
-    forward::{Ipv4Fields, write_ipv4},
+    forward::{Ipv4Fields, write_ipv4, write_ipv6},
     parse::Outbound,
 };
 use aya_ebpf::{
@@ -153,7 +153,6 @@ unsafe fn ipv6(ip: *mut u8, inner: &Outbound, mtu: u32) {
     let payload = (ICMP_HEADER_LEN + QUOTE_LEN) as u16;
     let [len_hi, len_lo] = payload.to_be_bytes();
     let w0 = u32::from_ne_bytes([0x60, 0, 0, 0]);
-    let w1 = u32::from_ne_bytes([len_hi, len_lo, IPPROTO_ICMPV6, DEFAULT_TTL]);
     let i0 = u32::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, 0, 0]);
     let i1 = u32::from_ne_bytes(mtu.to_be_bytes());
     // The checksum covers a pseudo-header (RFC 8200 8.1): both addresses, the upper-layer length
@@ -168,16 +167,8 @@ unsafe fn ipv6(ip: *mut u8, inner: &Outbound, mtu: u32) {
     }
     // SAFETY: the caller's promise (unaligned 32-bit packet stores: see frame::read_word).
     unsafe {
-        let words = ip as *mut u32;
-        core::ptr::write_volatile(words, w0);
-        core::ptr::write_volatile(words.add(1), w1);
-        let mut i = 0;
-        while i < 4 {
-            core::ptr::write_volatile(words.add(2 + i), inner.daddr[i]);
-            core::ptr::write_volatile(words.add(6 + i), inner.saddr[i]);
-            i += 1;
-        }
-        let icmp = words.add(10);
+        write_ipv6(ip, w0, payload, IPPROTO_ICMPV6, &inner.daddr, &inner.saddr);
+        let icmp = (ip as *mut u32).add(10);
         core::ptr::write_volatile(icmp, i0);
         core::ptr::write_volatile(icmp.add(1), i1);
         let body = bpf_csum_diff(

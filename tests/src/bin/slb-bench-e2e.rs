@@ -759,15 +759,10 @@ fn print_report(
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             if row.measurements.is_empty() {
-                let why = row
-                    .failures
-                    .first()
-                    .map(|(_, e)| e.as_str())
-                    .unwrap_or("not run");
                 println!(
                     "| {} | failed: {} | | | | | | | | | |",
                     row.kind.label(),
-                    why.replace('|', "/").replace('\n', " ")
+                    failure_cell(row)
                 );
                 continue;
             }
@@ -910,15 +905,10 @@ fn print_nat_section(rows: &[Row], none: &Row, settings: &Settings) {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |row: &Row, peer: Option<&Row>| {
         if row.measurements.is_empty() {
-            let why = row
-                .failures
-                .first()
-                .map(|(_, e)| e.as_str())
-                .unwrap_or("not run");
             println!(
                 "| {} | | failed: {} | | | | | | | | | | |",
                 row.kind.label(),
-                why.replace('|', "/").replace('\n', " ")
+                failure_cell(row)
             );
             return;
         }
@@ -1021,4 +1011,14 @@ fn machine() -> Value {
         "haproxy": first_line("haproxy", "-v"),
         "nft": first_line("nft", "--version"),
     })
+}
+
+/// Why a row has no measurements, fit for a markdown table cell.
+fn failure_cell(row: &Row) -> String {
+    let why = row
+        .failures
+        .first()
+        .map(|(_, e)| e.as_str())
+        .unwrap_or("not run");
+    why.replace('|', "/").replace('\n', " ")
 }
