@@ -877,11 +877,11 @@ impl Rig {
     }
 }
 
-fn ns_name(tag: &str, role: &str) -> String {
+pub(crate) fn ns_name(tag: &str, role: &str) -> String {
     format!("{}{tag}-{role}", netns::NS_PREFIX)
 }
 
-fn backend_addr_of(k: usize) -> Ipv4Addr {
+pub(crate) fn backend_addr_of(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + k as u8)
 }
 
@@ -953,7 +953,7 @@ fn create_lb_dev(bridge: &NetNs, lb: &NetNs, mac: Option<[u8; 6]>) -> anyhow::Re
 /// `inner_dev` directly inside `ns`, enslaves the bridge end to
 /// `bridge_dev` (br0 or br1) and brings it up, and turns TX checksum offload
 /// off on both ends.
-fn plug_into_bridge(
+pub(crate) fn plug_into_bridge(
     bridge: &NetNs,
     bridge_dev: &str,
     bridge_port: &str,
@@ -993,7 +993,7 @@ fn plug_into_bridge_with_mac(
 /// Sets up `ns` (with its `eth0` plugged in) as a direct-server-return
 /// backend: the VIPs on `lo` and the sysctls that go with them, then runs
 /// `script` (`ip -batch` lines: its own addresses, routes, link up).
-fn set_up_dsr_backend(ns: &NetNs, script: &str) -> anyhow::Result<()> {
+pub(crate) fn set_up_dsr_backend(ns: &NetNs, script: &str) -> anyhow::Result<()> {
     // Direct server return: the VIP sits on lo, so the backend accepts
     // forwarded packets but never claims the VIP in ARP (arp_ignore=1:
     // answer only for addresses on the asking interface; arp_announce=2:
@@ -1045,7 +1045,7 @@ fn route_remote_subnet(ns: &NetNs, dev: &str) -> anyhow::Result<()> {
 /// with, so call this before creating any; `lo` exists from the start but is
 /// exempt from DAD and router solicitations anyway. (MLD reports for the
 /// solicited-node groups remain: a few frames when an interface comes up.)
-fn quiet_namespace(ns: &NetNs, ipv6: bool) -> anyhow::Result<()> {
+pub(crate) fn quiet_namespace(ns: &NetNs, ipv6: bool) -> anyhow::Result<()> {
     ns.ip(&["link", "set", "lo", "up"])?;
     let mut settings: Vec<String> = Vec::new();
     for scope in ["all", "default"] {
@@ -1069,7 +1069,7 @@ fn quiet_namespace(ns: &NetNs, ipv6: bool) -> anyhow::Result<()> {
 
 /// Sets sysctls (`key=value`) in `ns`. Keys the kernel does not have (e.g.
 /// IPv6 ones on a kernel without IPv6) are skipped.
-fn sysctls(ns: &NetNs, settings: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn sysctls(ns: &NetNs, settings: &[&str]) -> anyhow::Result<()> {
     let mut args = vec!["sysctl", "-q", "-e", "-w"];
     args.extend_from_slice(settings);
     ns.exec(&args)?;
@@ -1083,7 +1083,7 @@ fn sysctls(ns: &NetNs, settings: &[&str]) -> anyhow::Result<()> {
 /// by default) are shared by all namespaces: a backend answering 1000 clients
 /// would learn 1000 dynamic entries and, with a second backend, overflow the
 /// table and drop replies. Permanent entries are exempt from that count.
-fn pin_client_neighbours(
+pub(crate) fn pin_client_neighbours(
     ns: &NetNs,
     dev: &str,
     client_addrs: &[Ipv4Addr],
@@ -1106,7 +1106,7 @@ fn pin_client_neighbours(
 }
 
 /// Reads the MAC of `dev` in `ns` from `ip -j link show`.
-fn read_mac(ns: &NetNs, dev: &str) -> anyhow::Result<[u8; 6]> {
+pub(crate) fn read_mac(ns: &NetNs, dev: &str) -> anyhow::Result<[u8; 6]> {
     let json = ns.ip(&["-j", "link", "show", "dev", dev])?;
     let links: serde_json::Value = serde_json::from_str(&json)
         .with_context(|| format!("parsing `ip -j link show {dev}` in {}", ns.name()))?;
@@ -1274,30 +1274,50 @@ where
     S: Into<IpAddr> + Copy + Sync,
     D: Into<SocketAddr> + Copy + Sync,
 {
-    for_each_in_netns(ns, requests, |src, dst| fetch_name_here(src, dst, timeout))
+    for_each_in_netns(ns, requests, |&(src, dst)| {
+        fetch_name_here(src.into(), dst.into(), timeout)
+    })
 }
 
-/// Runs `one(src, dst)` for every request, sequentially and in order, on a
-/// helper thread that enters `ns` once (much cheaper than a setns each).
-/// If the namespace cannot be entered, every request gets that error.
-fn for_each_in_netns<T: Send, S, D>(
+/// [`fetch_names_many`] with a fixed source port for each request: requests
+/// are `(source address and port, target)`. The socket is bound with
+/// SO_REUSEADDR, so a port whose last connection has just ended can be taken
+/// again: the same connection 4-tuple, e.g. to show that a router keeps
+/// sending one flow the same way. (A port still held by an open connection to
+/// the same target fails with EADDRNOTAVAIL.)
+pub fn fetch_names_many_from_ports<S, D>(
     ns: &str,
     requests: &[(S, D)],
-    one: impl Fn(IpAddr, SocketAddr) -> anyhow::Result<T> + Sync,
-) -> Vec<anyhow::Result<T>>
+    timeout: Duration,
+) -> Vec<anyhow::Result<String>>
 where
-    S: Into<IpAddr> + Copy + Sync,
+    S: Into<SocketAddr> + Copy + Sync,
     D: Into<SocketAddr> + Copy + Sync,
 {
+    for_each_in_netns(ns, requests, |&(src, dst)| {
+        let (src, dst) = (src.into(), dst.into());
+        let deadline = Instant::now() + timeout;
+        let stream = socket::connect_from_port(src, dst, timeout)
+            .with_context(|| format!("connect {src} -> {dst}"))?;
+        stream.set_write_timeout(None)?;
+        read_answer(stream, deadline).with_context(|| format!("read answer {src} -> {dst}"))
+    })
+}
+
+/// Runs `one(request)` for every request, sequentially and in order, on a
+/// helper thread that enters `ns` once (much cheaper than a setns each).
+/// If the namespace cannot be entered, every request gets that error.
+fn for_each_in_netns<T: Send, R: Sync>(
+    ns: &str,
+    requests: &[R],
+    one: impl Fn(&R) -> anyhow::Result<T> + Sync,
+) -> Vec<anyhow::Result<T>> {
     let outcome = std::thread::scope(|scope| {
         scope
             .spawn(|| -> anyhow::Result<Vec<anyhow::Result<T>>> {
                 // This thread ends with the scope, so it never needs to leave.
                 netns::enter_netns(ns)?;
-                Ok(requests
-                    .iter()
-                    .map(|&(src, dst)| one(src.into(), dst.into()))
-                    .collect())
+                Ok(requests.iter().map(&one).collect())
             })
             .join()
     });
@@ -1797,7 +1817,9 @@ where
     D: Into<SocketAddr> + Copy + Sync,
 {
     raise_fd_limit();
-    for_each_in_netns(ns, requests, |src, dst| open_held_here(src, dst, timeout))
+    for_each_in_netns(ns, requests, |&(src, dst)| {
+        open_held_here(src.into(), dst.into(), timeout)
+    })
 }
 
 /// The client side of [`open_held`], in whatever namespace the calling thread is in.

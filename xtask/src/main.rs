@@ -13,13 +13,18 @@ use std::{
 const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the rig and the tests use: `ip` (netns, veth, bridge), `ethtool`, `curl`
-/// (the metrics test scrapes with a real HTTP client) and `bpftool` (the maps test dumps the
-/// stick table the way an operator would, with field names from the maps' BTF).
+/// (the metrics test scrapes with a real HTTP client), `bpftool` (the maps test dumps the
+/// stick table the way an operator would, with field names from the maps' BTF) and
+/// `redis-server` (the shared stick table's store in the multi-balancer rig; it brings
+/// `redis-cli`). The tests start their own `redis-server` processes inside the rig's
+/// namespaces and never use the package's own service (on 127.0.0.1:6379 of the host, if the
+/// package manager started it at all).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
+    ("redis-server", "redis-server"),
 ];
 /// What the end-to-end benchmark compares sticky-lb with.
 const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables"), ("haproxy", "haproxy")];
