@@ -21,7 +21,7 @@ pub type ServiceId = u32;
 /// Bump when any map layout below changes; pinned maps of another version are not reused. The
 /// layout is the maps' types, sizes and key and value bytes, not the BTF the maps carry for
 /// `bpftool` (adoption ignores it; see sticky-lb-ebpf/src/maps.rs).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Virtual services per interface.
 pub const MAX_SERVICES: u32 = 64;
@@ -91,7 +91,8 @@ pub mod map_names {
     pub const INSERT_BUDGET: &str = "slb_ins_budget";
     pub const NAT: &str = "slb_nat";
     pub const FEATURES: &str = "slb_features";
-    pub const ALL: [&str; 14] = [
+    pub const EVENTS: &str = "slb_events";
+    pub const ALL: [&str; 15] = [
         SERVICE_INDEX,
         SERVICES,
         BACKENDS,
@@ -106,6 +107,7 @@ pub mod map_names {
         INSERT_BUDGET,
         NAT,
         FEATURES,
+        EVENTS,
     ];
 }
 
@@ -173,6 +175,14 @@ impl Forwarding {
 
 /// [`Service::flags`] bit: NAT with source NAT (IPVS FNAT, LoxiLB fullnat).
 pub const SERVICE_SOURCE_NAT: u8 = 1;
+
+/// [`Service::flags`] bit: the service's stick table is shared with other balancer nodes, so
+/// every new or re-placed stick entry leaves the data path as a [`StickEvent`].
+pub const SERVICE_SHARED: u8 = 2;
+/// [`Service::flags`] bit: `stick: {mode: none}`. No stick entry is read or written: every new
+/// connection is placed by the policy alone (the application keeps its sessions in a shared
+/// store); the connection table still keeps each connection on its backend.
+pub const SERVICE_NO_STICK: u8 = 4;
 
 /// [`FEATURES`](map_names::FEATURES) slot 0 bit: some service uses NAT, so TCP segments that
 /// are not for a service are looked up as possible backend replies. Without it pass-through
@@ -315,6 +325,31 @@ impl StickEntry {
     pub const fn placement_version(word: u64) -> u32 {
         (word >> 32) as u32
     }
+}
+
+/// Bytes of the stick-event ring buffer ([`map_names::EVENTS`]): a power of two and a multiple
+/// of the page size, as the kernel requires. Each event takes 48 bytes with the ring's 8-byte
+/// header, so it holds 21,845 events: a second of new clients at 20,000/s while the controller
+/// is busy elsewhere.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
+
+/// What the data path reports when it writes a stick entry of a shared service
+/// ([`SERVICE_SHARED`]): once per insert or re-placement, never per packet. The controller
+/// publishes it to the other balancer nodes (by service and backend *name*: ids are local).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StickEvent {
+    pub service: ServiceId,
+    /// The backend the client is placed on now.
+    pub backend: BackendId,
+    /// A redispatch: the live entry's backend the client was moved off (down, disabled or
+    /// gone). [`NO_BACKEND`] for a new entry or one that had expired.
+    pub previous: BackendId,
+    pub _pad: u32,
+    /// The client address as it keys the stick table (masked), network order.
+    pub client: [u32; 4],
+    /// `bpf_ktime_get_coarse_ns` when the entry was written (CLOCK_MONOTONIC_COARSE).
+    pub created_ns: u64,
 }
 
 /// Key of the connection table: one TCP connection of a service (the VIP and port are the
@@ -616,11 +651,15 @@ pub enum Counter {
     /// Dropped: an IPv6 segment to a NAT service with extension headers before TCP (the
     /// translation rewrites the TCP header right after the fixed header only).
     DropNatExtHeaders = 19,
+    /// Not a packet verdict: a stick event of a shared service was lost because the event ring
+    /// was full (the controller fell behind); the entry itself was written and serves locally,
+    /// other nodes learn it at the next resync.
+    StickEventsLost = 20,
 }
 
 /// Number of [`Counter`]s. Forwarded packets are not counted here but per backend
 /// ([`BackendCounters`]), so the forwarding path touches one counter map fewer.
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 21;
 /// Slots of the counters map: room for counters to come without a layout change.
 pub const COUNTER_SLOTS: u32 = 32;
 /// IPv6 extension headers the data path skips to reach TCP (RFC 8200 4.1 recommends at most one
@@ -649,6 +688,7 @@ impl Counter {
         Counter::DropNatPortsExhausted,
         Counter::DropNatUntracked,
         Counter::DropNatExtHeaders,
+        Counter::StickEventsLost,
     ];
 
     /// Name used by `status` and in metrics.
@@ -674,6 +714,7 @@ impl Counter {
             Counter::DropNatPortsExhausted => "drop_nat_ports_exhausted",
             Counter::DropNatUntracked => "drop_nat_untracked",
             Counter::DropNatExtHeaders => "drop_nat_ext_headers",
+            Counter::StickEventsLost => "stick_events_lost",
         }
     }
 }
@@ -747,6 +788,7 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for StickKey {}
     unsafe impl aya::Pod for StickEntry {}
+    unsafe impl aya::Pod for StickEvent {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for ServiceCounters {}

@@ -17,6 +17,7 @@ mod bench;
 mod conntrack;
 mod consts;
 mod csum;
+mod events;
 mod expire;
 mod forward;
 mod frame;

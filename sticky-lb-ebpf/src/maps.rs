@@ -12,14 +12,14 @@
 //! without it (by an earlier build) are adopted as they are and keep dumping as raw bytes.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use sticky_lb_common::{
     Backend, BackendCounters, BackendId, COUNTER_SLOTS, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, FlowEntry, FlowKey, InsertBudget,
-    MAX_BACKENDS, MAX_SERVICES, NatEntry, NatKey, SERVICE_INDEX_SLOTS, Service, ServiceCounters,
-    StickEntry, StickKey,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_STICK_TABLE_SIZE, EVENT_RING_BYTES, FlowEntry, FlowKey,
+    InsertBudget, MAX_BACKENDS, MAX_SERVICES, NatEntry, NatKey, SERVICE_INDEX_SLOTS, Service,
+    ServiceCounters, StickEntry, StickEvent, StickKey,
 };
 
 /// Where to find a service: slot `hash::service_slot(VIP, port)` (or one of the next few) holds
@@ -103,3 +103,9 @@ pub static NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_FLOW_TABLE_SIZE as usize 
 /// the controller; pass-through traffic costs one array read to learn there is nothing more.
 #[btf_map(name = "slb_features")]
 pub static FEATURES: Array<u32, 4> = Array::new();
+
+/// Stick events of shared services (`SERVICE_SHARED`): one per entry inserted or re-placed,
+/// read by the controller, which publishes them to the other balancer nodes. Full: the event is
+/// lost and counted (`stick_events_lost`); forwarding never waits for the controller.
+#[btf_map(name = "slb_events")]
+pub static EVENTS: RingBuf<StickEvent, { EVENT_RING_BYTES as usize }> = RingBuf::new();

@@ -9,14 +9,14 @@
 use crate::{
     atomic, conntrack,
     consts::{BPF_NOEXIST, EEXIST},
-    guard,
+    events, guard,
     maps::{BACKENDS, MAGLEV, STICK},
     stats::count_service,
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, MAX_LEAST_CONN_BACKENDS, NO_BACKEND, Policy, Service,
-    StickEntry, StickKey, hash::client_hash, idle_ns,
+    Backend, BackendId, BackendState, MAX_LEAST_CONN_BACKENDS, NO_BACKEND, Policy,
+    SERVICE_NO_STICK, Service, StickEntry, StickKey, hash::client_hash, idle_ns,
 };
 
 /// Why no backend could be chosen.
@@ -127,9 +127,11 @@ pub fn backend_for(
                 }
                 if live {
                     count_service(service.id, |c| &mut c.redispatches);
+                    events::placed(service, client, id, stuck, now);
                 } else {
                     count_service(service.id, |c| &mut c.stick_misses);
                     count_service(service.id, |c| &mut c.stick_inserts);
+                    events::placed(service, client, id, NO_BACKEND, now);
                 }
                 return Ok(Choice {
                     id,
@@ -149,11 +151,21 @@ pub fn backend_for(
     if !opens {
         return unrecorded(service, client);
     }
-    if !guard::admits(service, now) {
+    if !no_stick(service) && !guard::admits(service, now) {
         count_service(service.id, |c| &mut c.inserts_skipped);
         return unrecorded(service, client);
     }
     let (id, backend) = pick(service, client)?;
+    if no_stick(service) {
+        // `stick: {mode: none}`: the policy alone places a new connection, which the connection
+        // table then keeps on its backend. (Nothing writes such a service's entries; the sweep
+        // deletes any left from before it was configured so.)
+        return Ok(Choice {
+            id,
+            backend,
+            recorded: true,
+        });
+    }
     // A random even version: a CPU still holding a pointer to an entry deleted meanwhile (the
     // sweep) and reused for this one cannot mistake it for the one it read (ABA).
     let entry = StickEntry {
@@ -163,6 +175,7 @@ pub fn backend_for(
     match STICK.insert(&key, &entry, BPF_NOEXIST) {
         Ok(()) => {
             count_service(service.id, |c| &mut c.stick_inserts);
+            events::placed(service, client, id, NO_BACKEND, now);
             Ok(Choice {
                 id,
                 backend,
@@ -190,6 +203,15 @@ pub fn backend_for(
             })
         }
     }
+}
+
+/// `stick: {mode: none}` ([`SERVICE_NO_STICK`]). Read from the service each time it is asked
+/// (volatile), so the flag is not carried in a register across the policy's pick: the verifier
+/// then finds the states after the pick equal whatever the flag was, and walks the pick once.
+#[inline(always)]
+fn no_stick(service: &Service) -> bool {
+    // SAFETY: a reference to a live map value.
+    unsafe { core::ptr::read_volatile(&service.flags) & SERVICE_NO_STICK != 0 }
 }
 
 /// Refreshes the last-seen time of `client`'s entry if it still places the client on `backend`:

@@ -45,6 +45,9 @@ pub enum Request {
     },
     /// Remove a backend as `backend_removal` says (drain, or at once).
     BackendRemove { service: String, backend: String },
+    /// A backend change (`backend`, `backend-add`, `backend-remove`) for every node sharing
+    /// the stick table: applied here, and published through the shared table to the others.
+    AllNodes { request: Box<Request> },
     /// The stick entries of one client address (in every service, or one).
     TableGet {
         client: std::net::IpAddr,

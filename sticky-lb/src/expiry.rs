@@ -35,6 +35,9 @@ pub struct SweepReport {
     pub named_by_orphans: std::collections::BTreeSet<BackendId>,
     /// Entries that looked expired but were refreshed before we deleted them.
     pub refreshed: u64,
+    /// Live entries of the services in `used_since` (see [`sweep_noting_use`]) used since the
+    /// time given for their service.
+    pub used: Vec<(StickKey, StickEntry)>,
     pub duration_ms: u64,
 }
 
@@ -52,6 +55,18 @@ pub fn sweep(
     timeouts: &BTreeMap<ServiceId, u64>,
     confirmed_orphans: &std::collections::BTreeSet<ServiceId>,
 ) -> Result<SweepReport> {
+    sweep_noting_use(stick, timeouts, confirmed_orphans, &BTreeMap::new())
+}
+
+/// [`sweep`], also listing in [`SweepReport::used`] the live entries of each service in
+/// `used_since` last seen at or after its time (CLOCK_MONOTONIC_COARSE, ns): the shared
+/// table refreshes their keys in Redis from the same walk.
+pub fn sweep_noting_use(
+    stick: &mut HashMap<MapData, StickKey, StickEntry>,
+    timeouts: &BTreeMap<ServiceId, u64>,
+    confirmed_orphans: &std::collections::BTreeSet<ServiceId>,
+    used_since: &BTreeMap<ServiceId, u64>,
+) -> Result<SweepReport> {
     let started = Instant::now();
     let mut report = SweepReport::default();
     // Collect first, delete after: deleting while walking with get_next_key can restart the walk.
@@ -65,6 +80,12 @@ pub fn sweep(
             Some(&timeout) if !is_idle(&entry, now, timeout) => {
                 *report.live_by_backend.entry(entry.backend).or_default() += 1;
                 *report.live_by_service.entry(key.service).or_default() += 1;
+                if used_since
+                    .get(&key.service)
+                    .is_some_and(|&since| entry.last_seen_ns >= since)
+                {
+                    report.used.push((key, entry));
+                }
             }
             Some(_) => candidates.push((key, false)),
             None => {

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod offload;
 pub mod prog_run;
 pub mod service_index;
+pub mod shared;
 pub mod state;
 pub mod view;
 pub mod vip_address;

@@ -96,6 +96,10 @@ enum Command {
     },
     /// Backends of the running controller: list, add, remove, drain, enable, disable, weight.
     Backend {
+        /// Apply the change on every balancer node sharing the stick table (`shared_table`),
+        /// not only this one.
+        #[arg(long, global = true)]
+        all_nodes: bool,
         #[command(subcommand)]
         command: BackendCommand,
     },
@@ -374,9 +378,22 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Backend { command } => {
+        Command::Backend { all_nodes, command } => {
             let target = target()?;
+            // With --all-nodes, the change goes to every node through this node's controller.
+            let scope = |request: Request| {
+                if all_nodes {
+                    Request::AllNodes {
+                        request: Box::new(request),
+                    }
+                } else {
+                    request
+                }
+            };
             let (name, action) = match command {
+                BackendCommand::List { .. } if all_nodes => {
+                    anyhow::bail!("--all-nodes applies to changes; `backend list` shows this node")
+                }
                 BackendCommand::List { json } => {
                     let status = view::status(&target)?;
                     if json {
@@ -402,12 +419,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                         mac,
                         port,
                     };
-                    return print_reply(&call(&target, request)?, false);
+                    return print_reply(&call(&target, scope(request))?, false);
                 }
                 BackendCommand::Remove { backend } => {
                     let (service, backend) = service_backend(&backend)?;
                     return print_reply(
-                        &call(&target, Request::BackendRemove { service, backend })?,
+                        &call(&target, scope(Request::BackendRemove { service, backend }))?,
                         false,
                     );
                 }
@@ -422,11 +439,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             print_reply(
                 &call(
                     &target,
-                    Request::Backend {
+                    scope(Request::Backend {
                         service,
                         backend,
                         action,
-                    },
+                    }),
                 )?,
                 false,
             )

@@ -33,7 +33,7 @@ use hyper_util::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 use std::{
@@ -67,6 +67,8 @@ pub struct Snapshot {
     pub expired_total: BTreeMap<ServiceId, u64>,
     pub sweep_seconds: f64,
     pub sweeps: u64,
+    /// The shared stick table's counters, while it runs.
+    pub shared: Option<Arc<crate::shared::Stats>>,
 }
 
 impl Snapshot {
@@ -79,6 +81,7 @@ impl Snapshot {
             expired_total: BTreeMap::new(),
             sweep_seconds: 0.0,
             sweeps: 0,
+            shared: None,
         }
     }
 
@@ -361,6 +364,8 @@ enum AnyFamily {
     Counter(Family<u64>),
     Gauge(Family<i64>),
     FloatGauge(Family<f64>),
+    /// A histogram without labels: (name, help, unit, the live histogram).
+    Histogram(&'static str, &'static str, Unit, Histogram),
 }
 
 impl From<Family<u64>> for AnyFamily {
@@ -402,6 +407,11 @@ impl Collector for Scrape {
                 }
                 AnyFamily::FloatGauge(f) => {
                     f.encode(&mut encoder, MetricType::Gauge, ConstGauge::new)?
+                }
+                AnyFamily::Histogram(name, help, unit, histogram) => {
+                    let metric =
+                        encoder.encode_descriptor(name, help, Some(unit), MetricType::Histogram)?;
+                    histogram.encode(metric)?;
                 }
             }
         }
@@ -536,8 +546,31 @@ fn read(counts: &impl Counts, snap: &Snapshot, stick_capacity: u32) -> Result<Sc
     sweep_seconds.add(&Vec::new(), snap.sweep_seconds);
     let mut sweeps = Family::counter("sweeps", "Expiry sweeps completed.");
     sweeps.add(&Vec::new(), snap.sweeps);
+    let mut shared: Vec<AnyFamily> = Vec::new();
+    if let Some(stats) = &snap.shared {
+        for (name, help, value) in stats.counters() {
+            let mut family = Family::counter(name, help);
+            family.add(&Vec::new(), value);
+            shared.push(family.into());
+        }
+        let mut connected = Family::gauge(
+            "shared_redis_connected",
+            "1 while the shared table's command connection to Redis is up.",
+        );
+        connected.add(
+            &Vec::new(),
+            i64::from(stats.connected.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+        shared.push(connected.into());
+        shared.push(AnyFamily::Histogram(
+            "shared_replication_lag",
+            "Time from a placement on another node to its write in this node's stick table (the two nodes' wall clocks).",
+            Unit::Seconds,
+            stats.lag.clone(),
+        ));
+    }
 
-    Ok(Scrape(vec![
+    let mut families: Vec<AnyFamily> = vec![
         packets.into(),
         bytes.into(),
         active.into(),
@@ -559,7 +592,9 @@ fn read(counts: &impl Counts, snap: &Snapshot, stick_capacity: u32) -> Result<Sc
         reasons.into(),
         sweep_seconds.into(),
         sweeps.into(),
-    ]))
+    ];
+    families.extend(shared);
+    Ok(Scrape(families))
 }
 
 /// `scrape` in the Prometheus text format 0.0.4.

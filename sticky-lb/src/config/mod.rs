@@ -69,7 +69,35 @@ pub struct Config {
     /// Prometheus metrics over HTTP; off unless configured.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// This balancer's name among the nodes sharing a stick table (default: the host name).
+    /// Required to differ between nodes: a node ignores what it published itself.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Share the stick table with the other balancer nodes through Redis (several balancers
+    /// behind ECMP or anycast); off unless configured.
+    #[serde(default)]
+    pub shared_table: Option<SharedTableConfig>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `shared_table:` the store the balancer nodes share their stick entries through.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedTableConfig {
+    /// `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS).
+    pub redis: String,
+    /// Prefix of every Redis key and channel, so several balancer clusters can share one
+    /// Redis: keys are `PREFIX:stick:SERVICE:CLIENT`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Updates held in memory while Redis is unreachable or slow (entries); beyond it they are
+    /// dropped (counted) and the resync after the reconnect brings them over.
+    #[serde(default = "default_shared_queue")]
+    pub queue: usize,
+    /// At start, how long the node loads entries from Redis before it attaches anyway (and
+    /// catches up once attached).
+    #[serde(default = "default_load_timeout", deserialize_with = "duration")]
+    pub load_timeout: Duration,
 }
 
 /// Where XDP runs: the config's `xdp_mode`, and `sticky-lb decap --mode`.
@@ -335,9 +363,35 @@ impl TunnelConfig {
     }
 }
 
+/// `stick.mode`: what a new connection's client is stuck by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StickMode {
+    /// The client's (masked) address keys the stick table (IPVS persistence, HAProxy
+    /// `stick on src`).
+    #[default]
+    ClientAddress,
+    /// No stickiness: every new connection is placed by the policy alone, and no entry is kept
+    /// (applications that keep their sessions in a shared store). Each connection still stays
+    /// on its backend; health checks, drain and weights work as usual.
+    None,
+}
+
+impl StickMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            StickMode::ClientAddress => "client-address",
+            StickMode::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StickConfig {
+    /// `client-address` (the default) or `none`.
+    #[serde(default)]
+    pub mode: StickMode,
     /// Idle time after which a client's entry expires (`30m`, `2s`, `1h30m`, or bare seconds);
     /// at least [`MIN_STICK_TIMEOUT`].
     #[serde(default = "default_stick_timeout", deserialize_with = "duration")]
@@ -359,6 +413,7 @@ pub struct StickConfig {
 impl Default for StickConfig {
     fn default() -> Self {
         StickConfig {
+            mode: StickMode::default(),
             timeout: default_stick_timeout(),
             client_mask: None,
             insert_rate_limit: default_insert_rate_limit(),
@@ -536,6 +591,18 @@ pub fn status_matches(expect: &str, status: u16) -> bool {
             .iter()
             .zip(code.as_bytes())
             .all(|(e, c)| *e == b'x' || e == c)
+}
+
+fn default_key_prefix() -> String {
+    "sticky-lb".into()
+}
+
+fn default_shared_queue() -> usize {
+    65_536
+}
+
+fn default_load_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_stick_table_size() -> u32 {

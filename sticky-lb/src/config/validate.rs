@@ -69,6 +69,63 @@ impl Config {
                 ));
             }
         }
+        if let Some(node) = &self.node
+            && (node.is_empty() || node.len() > 64 || node.chars().any(|c| c.is_whitespace()))
+        {
+            return Err(err(
+                &[K("node")],
+                "must be a name of 1 to 64 characters without spaces".into(),
+            ));
+        }
+        if let Some(shared) = &self.shared_table {
+            let at = |field: &'static str| [K("shared_table"), K(field)];
+            if let Err(e) = redis::Client::open(shared.redis.as_str()) {
+                return Err(err(
+                    &at("redis"),
+                    format!(
+                        "'{}' is not a Redis URL: {e}",
+                        crate::shared::redact(&shared.redis)
+                    ),
+                ));
+            }
+            if shared.key_prefix.is_empty()
+                || shared
+                    .key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '*' | '?' | '[' | ']' | '\\'))
+            {
+                return Err(err(
+                    &at("key_prefix"),
+                    "must be a non-empty prefix without spaces or glob characters".into(),
+                ));
+            }
+            if shared.queue == 0 {
+                return Err(err(&at("queue"), "must be at least 1".into()));
+            }
+            if shared.load_timeout > Duration::from_secs(60) {
+                return Err(err(
+                    &at("load_timeout"),
+                    "must be at most 60s (the node attaches only after it)".into(),
+                ));
+            }
+            // Names travel between nodes in tab-separated messages.
+            for (i, service) in self.services.iter().enumerate() {
+                if service.name.contains(['\t', '\n', '\r']) {
+                    return Err(err(
+                        &[K("services"), I(i), K("name")],
+                        "must not hold a tab or line break with shared_table".into(),
+                    ));
+                }
+                for (k, backend) in service.backends.iter().enumerate() {
+                    if backend.name.contains(['\t', '\n', '\r']) {
+                        return Err(err(
+                            &[K("services"), I(i), K("backends"), I(k), K("name")],
+                            "must not hold a tab or line break with shared_table".into(),
+                        ));
+                    }
+                }
+            }
+        }
         if self.sweep_interval.is_zero() {
             return Err(err(&[K("sweep_interval")], "must be longer than 0".into()));
         }

@@ -17,6 +17,7 @@ mod model;
 mod plan;
 mod reload;
 mod requests;
+mod shared;
 mod startup;
 mod sweep;
 mod table;
@@ -100,6 +101,13 @@ pub struct Controller {
     /// Reloads started and the last one applied (see [`requests::Pending::Reload`]).
     reloads_started: u64,
     reloads_applied: u64,
+    /// The shared stick table's tasks, while `shared_table` is configured and the data path is
+    /// attached.
+    shared: Option<crate::shared::SharedTable>,
+    /// Operator commands other nodes publish (`--all-nodes`), for the main loop.
+    operator_tx: mpsc::Sender<Request>,
+    /// When each shared service's keys were last refreshed (CLOCK_MONOTONIC_COARSE, ns).
+    refresh_rounds: std::collections::BTreeMap<ServiceId, u64>,
     _lock: instance::Lock,
 }
 
@@ -115,12 +123,14 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let (health_tx, mut health_rx) = mpsc::channel::<health::Transition>(256);
     let (neighbour_tx, mut neighbour_rx) = mpsc::channel::<NeighbourAnswer>(1024);
     let (pending_tx, mut pending_rx) = mpsc::channel::<requests::Pending>(16);
+    let (operator_tx, mut operator_rx) = mpsc::channel::<Request>(64);
     let (neighbour_table, mut neighbour_events) = neighbour::Neighbours::watch(&config.interface)?;
     let channels = startup::Channels {
         neighbour_table: Arc::new(neighbour_table),
         health: health_tx,
         neighbours: neighbour_tx,
         pending: pending_tx,
+        operator: operator_tx,
     };
     // The control socket before anything is attached: if it cannot be bound, nothing is.
     // Requests wait in the channel until the main loop runs.
@@ -176,6 +186,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 }
             }
             Some(report) = sweep_rx.recv() => controller.after_sweep(report),
+            Some(request) = operator_rx.recv() => controller.handle_remote(request),
             _ = sweep_tick.tick() => {
                 if let Some(handle) = &sweeping && !handle.is_finished() {
                     continue; // the last sweep is still walking a large table
@@ -212,6 +223,9 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     }
     if let Some(handle) = sweeping.take() {
         let _ = handle.await;
+    }
+    if let Some(shared) = controller.shared.take() {
+        shared.stop();
     }
     controller.stop(detach)
 }
@@ -299,6 +313,7 @@ impl Controller {
             }
         }
         self.sync_checkers();
+        self.sync_shared();
         for s in &self.services {
             if !s.backends.iter().any(|b| b.is_up()) {
                 warn!(

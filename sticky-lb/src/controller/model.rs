@@ -1,11 +1,11 @@
 //! The controller's model of the data path: services and backends with their ids and the state
 //! the maps were last given. Plans produce the next model; apply writes it.
 
-use crate::config::{self, HealthCheck, ServiceConfig};
+use crate::config::{self, HealthCheck, ServiceConfig, StickMode};
 use std::net::IpAddr;
 use sticky_lb_common::{
-    Backend, BackendId, BackendState, Family, Forwarding, PROTO_TCP, Policy, SERVICE_SOURCE_NAT,
-    Service, ServiceId, ServiceKey, StickKey, addr,
+    Backend, BackendId, BackendState, Family, Forwarding, PROTO_TCP, Policy, SERVICE_NO_STICK,
+    SERVICE_SHARED, SERVICE_SOURCE_NAT, Service, ServiceId, ServiceKey, StickKey, addr,
 };
 
 /// What the operator has said about a backend (the control socket); health is separate.
@@ -190,12 +190,14 @@ pub(super) struct Link {
     pub addresses: Vec<IpAddr>,
 }
 
-/// The service key and parameters a service config gives on interface `link`. Address, ring
-/// base and size are filled in when the service is published.
+/// The service key and parameters a service config gives on interface `link`, its stick
+/// entries shared with other nodes when `shared_table` is configured. Address, ring base and
+/// size are filled in when the service is published.
 pub(super) fn service_entry(
     service: &ServiceConfig,
     id: ServiceId,
     link: &Link,
+    shared_table: bool,
 ) -> (ServiceKey, Service) {
     let family = service.family();
     let key = ServiceKey {
@@ -232,6 +234,11 @@ pub(super) fn service_entry(
         let last = if family == Family::Ipv6 { 3 } else { 0 };
         params.tunnel_host_bits = !addr::prefix_mask(family, len)[last];
         params.mtu = link.mtu;
+    }
+    match service.stick.mode {
+        StickMode::None => params.flags |= SERVICE_NO_STICK,
+        StickMode::ClientAddress if shared_table => params.flags |= SERVICE_SHARED,
+        StickMode::ClientAddress => {}
     }
     if let Some(nat) = service.source_nat() {
         params.flags |= SERVICE_SOURCE_NAT;

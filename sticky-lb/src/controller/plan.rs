@@ -242,7 +242,8 @@ pub(super) fn plan(
                 }
             }
         }
-        let (key, mut params) = service_entry(service, sid, &link);
+        let (key, mut params) =
+            service_entry(service, sid, &link, desired.config.shared_table.is_some());
         if let Some(old) = old
             && old.key == key
         {

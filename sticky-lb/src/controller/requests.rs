@@ -65,6 +65,10 @@ impl Controller {
                 Err(reply) => reply,
             },
             Request::BackendRemove { service, backend } => self.remove_backend(&service, &backend),
+            Request::AllNodes { request } => {
+                self.all_nodes(*request, reply);
+                return;
+            }
             Request::TableGet { client, service } => self
                 .table_get(client, service.as_deref())
                 .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),

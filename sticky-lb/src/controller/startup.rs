@@ -10,6 +10,7 @@ use super::{
     instance,
     model::{Admin, BackendSlot, Link, ServiceSlot, service_entry, state_name},
 };
+use crate::shared::SharedTable;
 use crate::{
     config::{Config, Forwarding, ServiceConfig},
     dataplane::{self, Attached, Dataplane, LoadOptions, PinDir, monotonic_ns},
@@ -36,6 +37,7 @@ pub(super) struct Channels {
     pub health: mpsc::Sender<health::Transition>,
     pub neighbours: mpsc::Sender<NeighbourAnswer>,
     pub pending: mpsc::Sender<super::requests::Pending>,
+    pub operator: mpsc::Sender<crate::control::Request>,
 }
 
 impl Controller {
@@ -128,6 +130,9 @@ impl Controller {
             serving: false,
             reloads_started: 0,
             reloads_applied: 0,
+            shared: None,
+            operator_tx: channels.operator,
+            refresh_rounds: Default::default(),
             _lock: lock,
         };
         if let Err(e) = controller.take_over_leftovers() {
@@ -145,6 +150,20 @@ impl Controller {
         controller.dataplane.write_layout(LAYOUT_VERSION)?;
         if let Some(logger) = controller.dataplane.take_logger() {
             spawn_logger(logger);
+        }
+        if let Some(shared) = &controller.config().shared_table {
+            // What the other nodes decided, before the first packet: bounded, then attach anyway
+            // (the resync once attached catches up).
+            let started = std::time::Instant::now();
+            match SharedTable::preload(shared, &pins, &controller.directory()).await {
+                Ok(n) => info!(
+                    "shared table: {n} entries loaded from Redis in {} ms",
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => warn!(
+                    "shared table: loading from Redis: {e:#}; attaching with what this node has"
+                ),
+            }
         }
         let interface = controller.config().interface.clone();
         let attached = controller
@@ -185,6 +204,7 @@ impl Controller {
         }
         crate::offload::warn_if_rx_vlan_offload(&interface);
         controller.warn_about_preferred_vips();
+        controller.sync_shared();
         Ok(controller)
     }
 
@@ -343,7 +363,12 @@ fn adopted_model(previous: &RuntimeState, desired: &Desired) -> Vec<ServiceSlot>
                 .find(|s| s.name == record.name)
                 .cloned()
                 .unwrap_or_else(|| departed_service(record));
-            let (mut key, mut params) = service_entry(&config, record.id, &Link::default());
+            let (mut key, mut params) = service_entry(
+                &config,
+                record.id,
+                &Link::default(),
+                desired.config.shared_table.is_some(),
+            );
             // The key the index holds is the recorded one (the config's VIP may have changed).
             key.vip = addr::words(&record.vip);
             key.port = record.port.to_be();

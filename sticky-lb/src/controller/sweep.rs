@@ -5,7 +5,7 @@
 use super::Controller;
 use crate::{conntrack, dataplane, dataplane::monotonic_ns, expiry};
 use std::collections::{BTreeMap, BTreeSet};
-use sticky_lb_common::{BackendId, ServiceId, map_names};
+use sticky_lb_common::{BackendId, SERVICE_NO_STICK, ServiceId, map_names};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -26,6 +26,7 @@ impl Controller {
         if let Ok(mut m) = self.metrics.lock() {
             m.record_sweep(&swept.stick);
         }
+        self.refresh_shared(&swept.stick.used);
         self.orphans_seen = swept.stick.orphan_services.clone();
         let Some(connections) = &swept.connections else {
             return; // without the connection table nothing can be judged drained or unnamed
@@ -90,12 +91,25 @@ impl Controller {
 
     /// The expiry sweep as a blocking job: stick entries, then the connection table. Its report
     /// goes back to the main loop.
-    pub(super) fn sweep_job(&self, reports: mpsc::Sender<Swept>) -> impl FnOnce() + Send + 'static {
+    pub(super) fn sweep_job(
+        &mut self,
+        reports: mpsc::Sender<Swept>,
+    ) -> impl FnOnce() + Send + 'static {
         let pins = self.pins.clone();
+        let used_since = self.refresh_due();
+        // A service with `stick: {mode: none}` keeps no entries: any left from before it was
+        // configured so are deleted (timeout 0), so none places a client.
         let timeouts: BTreeMap<ServiceId, u64> = self
             .services
             .iter()
-            .map(|s| (s.id(), s.params.stick_timeout_ns))
+            .map(|s| {
+                let timeout = if s.params.flags & SERVICE_NO_STICK != 0 {
+                    0
+                } else {
+                    s.params.stick_timeout_ns
+                };
+                (s.id(), timeout)
+            })
             .collect();
         let confirmed_orphans: BTreeSet<ServiceId> = self
             .orphans_seen
@@ -121,8 +135,9 @@ impl Controller {
         };
         move || {
             let started_ns = monotonic_ns();
-            let stick = dataplane::open_pinned(&pins, map_names::STICK)
-                .and_then(|mut stick| expiry::sweep(&mut stick, &timeouts, &confirmed_orphans));
+            let stick = dataplane::open_pinned(&pins, map_names::STICK).and_then(|mut stick| {
+                expiry::sweep_noting_use(&mut stick, &timeouts, &confirmed_orphans, &used_since)
+            });
             log_sweep(&stick);
             let Ok(stick) = stick else {
                 return;

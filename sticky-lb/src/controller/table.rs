@@ -6,12 +6,13 @@ use super::{
     Controller,
     model::{ServiceSlot, state_name},
 };
+use crate::config::StickMode;
 use crate::{
     control::Reply,
     dataplane::{PinnedMaps, monotonic_ns},
 };
 use std::net::IpAddr;
-use sticky_lb_common::{ServiceId, StickEntry, StickKey};
+use sticky_lb_common::{ServiceId, StickEntry, StickKey, addr};
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -94,6 +95,11 @@ impl Controller {
             Ok(key) => key,
             Err(message) => return Ok(Reply::error(message)),
         };
+        if s.config.stick.mode == StickMode::None {
+            return Ok(Reply::error(format!(
+                "service {service} has stick mode none: it keeps no entries"
+            )));
+        }
         if !b.state.keeps_stuck_clients() {
             return Ok(Reply::error(format!(
                 "{service}/{backend} is {}: it would not keep the client",
@@ -102,10 +108,13 @@ impl Controller {
         }
         let mut maps = PinnedMaps::open(&self.pins)?;
         let now = monotonic_ns();
-        maps.stick.insert(&key, &StickEntry::placed(b.id, now), 0)?;
+        let entry = StickEntry::placed(b.id, now);
+        maps.stick.insert(&key, &entry, 0)?;
         // The entry is the client's prefix: every address in it now goes there.
         let message = format!("{service} {} -> {backend}", s.client_prefix(&key));
         info!("operator: table set {message}");
+        let masked = addr::from_words(s.family(), key.client);
+        self.share_set(service, masked, backend, &entry);
         Ok(Reply::ok(message))
     }
 
@@ -124,6 +133,10 @@ impl Controller {
             .iter()
             .filter(|(_, key)| maps.stick.remove(key).is_ok())
             .count();
+        // Every node forgets the client, whether this one had an entry or not.
+        for (s, key) in &keys {
+            self.share_delete(s.name(), addr::from_words(s.family(), key.client));
+        }
         let message = format!(
             "{deleted} stick entr{} deleted",
             if deleted == 1 { "y" } else { "ies" }
@@ -147,6 +160,13 @@ impl Controller {
             .filter(|s| service.is_none_or(|name| s.name() == name))
             .map(|s| s.id())
             .collect();
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|name| s.name() == name))
+            .map(|s| s.name().to_string())
+            .collect();
+        self.share_flush(&names);
         let pins = self.pins.clone();
         tokio::task::spawn_blocking(move || {
             let flush = || -> anyhow::Result<u64> {
