@@ -175,6 +175,20 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
     let meta: Array<MapData, u32> = dp.take_map(map_names::META).unwrap();
     let nat: HashMap<MapData, NatKey, NatEntry> = dp.take_map(map_names::NAT).unwrap();
     let features: Array<MapData, u32> = dp.take_map(map_names::FEATURES).unwrap();
+    // The ring buffer is not an iterable map: its id comes from the program's list of maps.
+    let events_id = dp
+        .program()
+        .info()
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|&id| {
+            aya::maps::MapInfo::from_id(id)
+                .is_ok_and(|info| info.name_as_str() == Some(map_names::EVENTS))
+        })
+        .expect("the program uses the event ring");
     let ids = [
         (map_names::SERVICE_INDEX, map_id(&dp.service_index)),
         (map_names::SERVICES, map_id(&dp.services)),
@@ -190,13 +204,15 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
         (map_names::INSERT_BUDGET, map_id(&budget)),
         (map_names::NAT, map_id(&nat)),
         (map_names::FEATURES, map_id(&features)),
+        (map_names::EVENTS, events_id),
     ];
     assert_eq!(ids.len(), map_names::ALL.len());
     for (name, id) in ids {
         let show = bpftool(&["map", "show", "id", &id.to_string()]);
         assert_eq!(show["name"], name);
+        // A ring buffer has no key or value for BTF to describe.
         assert!(
-            show["btf_id"].as_u64().is_some_and(|btf| btf != 0),
+            show["btf_id"].as_u64().is_some_and(|btf| btf != 0) || show["type"] == "ringbuf",
             "map {name} was created without BTF: {show}"
         );
         // The sizes the controller sets at load time win over the definitions' defaults.
@@ -205,6 +221,8 @@ fn every_map_carries_btf_and_bpftool_prints_field_names() {
             // The NAT reply table is sized like the connection table.
             map_names::FLOWS | map_names::NAT => Some(64),
             map_names::MAGLEV => Some(2 * 65537),
+            // A ring buffer's size is in bytes.
+            map_names::EVENTS => Some(sticky_lb_common::EVENT_RING_BYTES),
             _ => None,
         };
         if let Some(max_entries) = sized {
