@@ -421,9 +421,41 @@ impl Controller {
                 s["connections_untracked"]
             ));
         }
+        let shared = self.shared.as_ref().map(|shared| {
+            let stats = shared.stats();
+            let counters: serde_json::Map<String, serde_json::Value> = stats
+                .counters()
+                .into_iter()
+                .map(|(name, _, value)| {
+                    (name.trim_start_matches("shared_").to_string(), value.into())
+                })
+                .collect();
+            let connected = stats.connected.load(std::sync::atomic::Ordering::Relaxed);
+            lines.push(format!(
+                "shared table: node {} Redis {} {}  {}",
+                shared.node(),
+                crate::shared::redact(&shared.config().redis),
+                if connected {
+                    "connected"
+                } else {
+                    "unreachable"
+                },
+                counters
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            ));
+            serde_json::json!({
+                "node": shared.node(),
+                "redis": crate::shared::redact(&shared.config().redis),
+                "connected": connected,
+                "counters": counters,
+            })
+        });
         Ok(Reply::with_data(
             lines.join("\n"),
-            serde_json::json!({"counters": global, "services": services}),
+            serde_json::json!({"counters": global, "services": services, "shared_table": shared}),
         ))
     }
 }

@@ -272,6 +272,29 @@ async fn send(
                     expect.push(Expect::Refresh(placed.clone()));
                     commands += 1;
                 }
+                // The other nodes keep their entries of these clients alive as long: one
+                // message per service of the batch.
+                let mut by_service: std::collections::BTreeMap<&str, Vec<&Placed>> =
+                    Default::default();
+                for placed in entries {
+                    by_service.entry(&placed.service).or_default().push(placed);
+                }
+                for (service, placed) in by_service {
+                    let message = Message::Refreshed {
+                        node: node.to_string(),
+                        service: service.to_string(),
+                        ttl_ms: placed[0].ttl_ms,
+                        entries: placed
+                            .iter()
+                            .map(|p| (p.client, p.backend.clone(), p.created_ms))
+                            .collect(),
+                    };
+                    pipe.cmd("PUBLISH")
+                        .arg(keys.channel())
+                        .arg(message.encode())
+                        .ignore();
+                    commands += 1;
+                }
             }
             Update::Operator(request) => {
                 let message = Message::Operator {
@@ -621,6 +644,16 @@ fn receive(inner: &Arc<Inner>, table: &mut LocalTable, message: Message) {
                 Stats::add(&inner.stats.entries_written, 1);
                 let lag_ms = local::unix_ms().saturating_sub(placement.created_ms);
                 inner.stats.lag.observe(lag_ms as f64 / 1000.0);
+            }
+        }
+        Message::Refreshed {
+            service,
+            ttl_ms,
+            entries,
+            ..
+        } => {
+            for (client, backend, created_ms) in entries {
+                table.keep_alive(&directory, &service, client, &backend, created_ms, ttl_ms);
             }
         }
         Message::Deleted {

@@ -194,6 +194,48 @@ impl LocalTable {
         }
     }
 
+    /// Another node uses `client`'s placement on `backend` and renewed its key for `ttl_ms`:
+    /// this node's entry, if it names the same backend, lives as long (its last-seen time moves
+    /// forward, never back); an absent entry is written as learned. An entry naming another
+    /// backend is left alone (the claims settle that). Returns whether the table changed.
+    pub fn keep_alive(
+        &mut self,
+        directory: &Directory,
+        service: &str,
+        client: IpAddr,
+        backend: &str,
+        created_ms: u64,
+        ttl_ms: u64,
+    ) -> bool {
+        let Some(view) = directory.by_name(service) else {
+            return false;
+        };
+        let (Some(key), Some(target)) = (view.key(client), view.backend_named(backend)) else {
+            return false;
+        };
+        match self.stick.get(&key, 0) {
+            Ok(current) if current.backend == target.id => {
+                let idle_ns = view
+                    .timeout_ns
+                    .saturating_sub(ttl_ms.saturating_mul(1_000_000));
+                let last_seen = monotonic_ns().saturating_sub(idle_ns);
+                if last_seen <= current.last_seen_ns {
+                    return false;
+                }
+                let entry = StickEntry {
+                    last_seen_ns: last_seen,
+                    ..current
+                };
+                self.stick.insert(&key, &entry, 0).is_ok()
+            }
+            Ok(_) => false,
+            Err(_) => {
+                self.learn(directory, service, client, backend, created_ms, ttl_ms)
+                    == Learned::Written
+            }
+        }
+    }
+
     /// Deletes `client`'s entry of `service`; whether there was one.
     pub fn forget(&mut self, directory: &Directory, service: &str, client: IpAddr) -> bool {
         directory

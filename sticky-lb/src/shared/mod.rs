@@ -17,7 +17,9 @@
 //! - A redispatch (the client's backend failed) replaces the key only if it still names the
 //!   failed backend, so concurrent redispatches on several nodes agree on the first.
 //! - The sweep refreshes the keys of entries in use, at most once per quarter timeout each, so
-//!   Redis expires a key no earlier than the nodes expire the entry.
+//!   Redis expires a key no earlier than the nodes expire the entry, and tells the other nodes
+//!   (one message per batch), which keep their own entries of those clients alive as long: a
+//!   client whose connections all reach one node does not expire on the others.
 //! - Operator changes to the table (`table set/delete/flush`) and, with `--all-nodes`, to
 //!   backends are published to every node.
 //! - Redis down or slow: forwarding never waits for it (the data path knows nothing of Redis).

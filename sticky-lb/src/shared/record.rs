@@ -91,6 +91,15 @@ pub enum Message {
         placement: Placement,
         ttl_ms: u64,
     },
+    /// Entries in use on the sender, whose keys it just refreshed: (client, backend, placed at
+    /// Unix ms). Every node keeps its own entries of them alive as long (a client whose
+    /// connections all reach one node must not expire on the others).
+    Refreshed {
+        node: String,
+        service: String,
+        ttl_ms: u64,
+        entries: Vec<(IpAddr, String, u64)>,
+    },
     /// An operator deleted the client's entry (`table delete`).
     Deleted {
         node: String,
@@ -107,6 +116,7 @@ impl Message {
     pub fn node(&self) -> &str {
         match self {
             Message::Placed { node, .. }
+            | Message::Refreshed { node, .. }
             | Message::Deleted { node, .. }
             | Message::Flushed { node, .. }
             | Message::Operator { node, .. } => node,
@@ -126,6 +136,18 @@ impl Message {
                 placed_head(node, service, *client),
                 placement.encode()
             ),
+            Message::Refreshed {
+                node,
+                service,
+                ttl_ms,
+                entries,
+            } => {
+                let mut text = format!("refreshed\t{node}\t{service}\t{ttl_ms}");
+                for (client, backend, created_ms) in entries {
+                    text += &format!("\t{client}\t{backend}\t{created_ms}");
+                }
+                text
+            }
             Message::Deleted {
                 node,
                 service,
@@ -156,6 +178,25 @@ impl Message {
                         node: placed_by.to_string(),
                     },
                     ttl_ms: ttl_ms.parse().ok()?,
+                })
+            }
+            "refreshed" => {
+                let mut fields = rest.split('\t');
+                let service = fields.next()?.to_string();
+                let ttl_ms = fields.next()?.parse().ok()?;
+                let rest: Vec<&str> = fields.collect();
+                if rest.len() % 3 != 0 {
+                    return None;
+                }
+                let entries = rest
+                    .chunks(3)
+                    .map(|e| Some((e[0].parse().ok()?, e[1].to_string(), e[2].parse().ok()?)))
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Message::Refreshed {
+                    node,
+                    service,
+                    ttl_ms,
+                    entries,
                 })
             }
             "deleted" => {
@@ -236,6 +277,15 @@ mod tests {
             Message::Flushed {
                 node: "lb3".into(),
                 service: "shop".into(),
+            },
+            Message::Refreshed {
+                node: "lb2".into(),
+                service: "shop".into(),
+                ttl_ms: 1_800_000,
+                entries: vec![
+                    ("198.18.1.7".parse().unwrap(), "b1".into(), 17),
+                    ("198.18.1.9".parse().unwrap(), "b3".into(), 19),
+                ],
             },
             Message::Operator {
                 node: "lb1".into(),
