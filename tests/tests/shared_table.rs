@@ -50,6 +50,18 @@ fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Dur
 /// A node's config: service `web` with backends `names` (of the rig's b1..bK), shared through
 /// the rig's Redis as node `lbI` when `shared`.
 fn config(rig: &EcmpRig, i: usize, shared: bool, policy: &str, names: &[usize]) -> String {
+    config_with_timeout(rig, i, shared, policy, names, "5m")
+}
+
+/// [`config`] with the stick timeout `timeout`.
+fn config_with_timeout(
+    rig: &EcmpRig,
+    i: usize,
+    shared: bool,
+    policy: &str,
+    names: &[usize],
+    timeout: &str,
+) -> String {
     let top = if shared {
         format!(
             "node: lb{i}\nshared_table:\n  redis: {}\n  load_timeout: 2s\n",
@@ -59,7 +71,7 @@ fn config(rig: &EcmpRig, i: usize, shared: bool, policy: &str, names: &[usize]) 
         String::new()
     };
     let mut yaml = format!(
-        "interface: {}\nxdp_mode: generic\nsweep_interval: 500ms\n{top}services:\n  - name: web\n    vip: {}\n    port: {}\n    policy: {policy}\n    stick:\n      timeout: 5m\n    backends:\n",
+        "interface: {}\nxdp_mode: generic\nsweep_interval: 500ms\n{top}services:\n  - name: web\n    vip: {}\n    port: {}\n    policy: {policy}\n    stick:\n      timeout: {timeout}\n    backends:\n",
         rig.lb_dev(),
         rig.vip(),
         rig.service().port(),
@@ -167,4 +179,81 @@ fn clients_keep_their_backend_across_nodes_when_the_pool_and_the_ecmp_set_change
         control > 0,
         "without sharing no client moved: the test proves nothing"
     );
+}
+
+/// A client whose connections all reach node 1 for longer than the stick timeout does not
+/// expire on node 2: node 1's refreshes keep node 2's entry alive, so when the ECMP set sends
+/// the client to node 2 after a pool change, it still reaches its backend.
+#[test]
+fn a_client_busy_on_one_node_does_not_expire_on_the_others() {
+    require_root();
+    let rig = EcmpRig::build(
+        EcmpRigOptions::new("shared_alive")
+            .balancers(2)
+            .backends(3)
+            .clients(30),
+    )
+    .expect("building the ECMP rig");
+    let prefix = format!("slb-{}-", rig.tag());
+    let scratch = ScratchDir::new(rig.tag());
+    let store = rig.start_store().expect("redis-server");
+    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
+    let servers = rig.start_backend_servers().expect("backend servers");
+    const TIMEOUT_S: u64 = 4;
+    let timeout = format!("{TIMEOUT_S}s");
+    let balancers: Vec<Balancer> = (1..=2)
+        .map(|i| {
+            let yaml = config_with_timeout(&rig, i, true, "ip-hash", &[1, 2], &timeout);
+            rig.start_balancer(i, scratch.path(), &yaml)
+                .expect("starting sticky-lb")
+        })
+        .collect();
+    rig.set_ecmp(&[1]).unwrap();
+    let clients = rig.client_addrs().to_vec();
+    let before = backends_of(&rig, &clients);
+    wait_for(
+        "node 2 learning node 1's clients",
+        Duration::from_secs(10),
+        || table(&rig, 2).len() == clients.len(),
+    );
+    let (code, out, err) = cli(
+        rig.lb_ns(1),
+        &[
+            "backend",
+            "add",
+            "web/b3",
+            &rig.backend_addr(3).to_string(),
+            "--all-nodes",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // Twice the timeout of traffic through node 1 only (bounded: at most 100 rounds).
+    let busy = Instant::now();
+    let mut rounds = 0;
+    while busy.elapsed() < Duration::from_secs(2 * TIMEOUT_S) && rounds < 100 {
+        assert_eq!(backends_of(&rig, &clients), before);
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        table(&rig, 2).len(),
+        clients.len(),
+        "node 2 let clients expire"
+    );
+    rig.set_ecmp(&[2]).unwrap();
+    let after = backends_of(&rig, &clients);
+    let moved = clients.iter().filter(|c| before[c] != after[c]).count();
+    eprintln!(
+        "{rounds} rounds through node 1 over {:?}; then {moved} of {} clients moved through node 2",
+        busy.elapsed(),
+        clients.len()
+    );
+    assert_eq!(moved, 0);
+    drop(balancers);
+    drop(guards);
+    drop(servers);
+    drop(store);
+    drop(scratch);
+    drop(rig);
+    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
 }
