@@ -84,7 +84,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedTableConfig {
-    /// `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS).
+    /// `redis://[user:password@]host[:port][/db]` (plain TCP: TLS is not supported yet).
     pub redis: String,
     /// Prefix of every Redis key and channel, so several balancer clusters can share one
     /// Redis: keys are `PREFIX:stick:SERVICE:CLIENT`.
