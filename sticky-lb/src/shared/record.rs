@@ -185,7 +185,7 @@ impl Message {
                 let service = fields.next()?.to_string();
                 let ttl_ms = fields.next()?.parse().ok()?;
                 let rest: Vec<&str> = fields.collect();
-                if rest.len() % 3 != 0 {
+                if !rest.len().is_multiple_of(3) {
                     return None;
                 }
                 let entries = rest
