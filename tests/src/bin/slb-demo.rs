@@ -3,7 +3,10 @@
 //! Builds clients, a balancer and three backends joined by a bridge (198.18.0.0/15 and
 //! 2001:db8::/32 only), starts `sticky-lb run` with the embedded config/demo.yaml, sends real TCP
 //! connections from many IPv4 and IPv6 clients, shows who reached whom and the stick table, adds a
-//! backend without moving a stuck client, then removes everything it made.
+//! backend without moving a stuck client, then removes everything it made. Then a second
+//! sandbox: two balancer nodes behind a router's ECMP route sharing one stick table through a
+//! real Redis (config/demo-cluster.yaml): a backend joins on every node, the ECMP set changes,
+//! and no client moves.
 
 use std::{
     collections::BTreeMap,
@@ -14,11 +17,15 @@ use std::{
 };
 use sticky_lb_tests::{
     balancer::{Balancer, DataPathGuard, PeerXdp, ScratchDir, binary},
+    ecmp::{EcmpRig, EcmpRigOptions},
     netns::{require_root, unique_tag},
     rig::{NameServer, Rig, RigOptions, fetch_names_many},
 };
 
 const CONFIG: &str = include_str!("../../../config/demo.yaml");
+const CLUSTER_CONFIG: &str = include_str!("../../../config/demo-cluster.yaml");
+/// Clients of the cluster part, each opening [`CONNECTIONS`] connections.
+const CLUSTER_CLIENTS: usize = 24;
 const CLIENTS: usize = 48;
 const CONNECTIONS: usize = 5;
 /// IPv6 clients: four /64s of four addresses each.
@@ -37,7 +44,7 @@ fn main() {
     // Ctrl-C ends the demo between steps, through the normal clean-up.
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    if let Err(e) = demo() {
+    if let Err(e) = demo().and_then(|()| cluster()) {
         eprintln!("demo failed: {e:#}");
         std::process::exit(1);
     }
@@ -234,6 +241,90 @@ fn demo() -> anyhow::Result<()> {
     drop(balancer);
     drop(guard);
     drop(servers);
+    drop(rig);
+    Ok(())
+}
+
+/// The second sandbox: two nodes, one stick table through Redis.
+fn cluster() -> anyhow::Result<()> {
+    step(
+        "Two balancer nodes behind a router's ECMP route, sharing one stick table through Redis: 24 clients behind the router, 3 backends, redis-server",
+    )?;
+    let tag = unique_tag("demo-ecmp");
+    let rig = EcmpRig::build(
+        EcmpRigOptions::new(&tag)
+            .balancers(2)
+            .backends(3)
+            .clients(CLUSTER_CLIENTS),
+    )?;
+    let scratch = ScratchDir::new(rig.tag());
+    let store = rig.start_store()?;
+    let guards: Vec<DataPathGuard> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
+    let servers = rig.start_backend_servers()?;
+    let balancers: Vec<Balancer> = (1..=2)
+        .map(|i| rig.start_balancer(i, scratch.path(), &format!("node: lb{i}\n{CLUSTER_CONFIG}")))
+        .collect::<anyhow::Result<_>>()?;
+    let clients: Vec<Ipv4Addr> = rig.client_addrs().to_vec();
+    let each: Vec<Ipv4Addr> = clients
+        .iter()
+        .flat_map(|c| std::iter::repeat_n(*c, CONNECTIONS))
+        .collect();
+    let backends_per_client = |names: &[String]| {
+        let mut per: BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (c, name) in each.iter().zip(names) {
+            per.entry(*c).or_default().insert(name.clone());
+        }
+        per
+    };
+    step(
+        "5 connections from each client; the router spreads them over both nodes (ECMP lb1, lb2)",
+    )?;
+    let first = backends_per_client(&rig.round(&each, Duration::from_secs(3)));
+    let one = first.values().filter(|names| names.len() == 1).count();
+    println!("{one} of {CLUSTER_CLIENTS} clients reached one backend through both nodes");
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..=2 {
+        let table = sticky_lb(rig.lb_ns(i), &["table", "show", "--json"])?;
+        let rows = serde_json::from_str::<serde_json::Value>(&table)?;
+        println!(
+            "lb{i}'s stick table: {} clients",
+            rows.as_array().map_or(0, Vec::len)
+        );
+    }
+    step("b3 joins on every node (`sticky-lb backend add web/b3 198.18.0.13 --all-nodes` on lb1)")?;
+    print!(
+        "{}",
+        sticky_lb(
+            rig.lb_ns(1),
+            &[
+                "backend",
+                "add",
+                "web/b3",
+                &rig.backend_addr(3).to_string(),
+                "--all-nodes"
+            ]
+        )?
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    step("lb1 leaves the ECMP set: every client now reaches lb2 only")?;
+    rig.set_ecmp(&[2])?;
+    let again = backends_per_client(&rig.round(&each, Duration::from_secs(3)));
+    let moved = clients
+        .iter()
+        .filter(|c| first[*c].len() == 1 && again[*c] != first[*c])
+        .count();
+    println!("{moved} of {one} stuck clients moved (each node learned what the other decided)");
+    step("`sticky-lb stats` on lb2 (its last line is the shared table)")?;
+    let stats = sticky_lb(rig.lb_ns(2), &["stats"])?;
+    if let Some(line) = stats.lines().find(|l| l.starts_with("shared table")) {
+        println!("{line}");
+    }
+    step("Tearing down: controllers stopped, Redis stopped, namespaces removed")?;
+    drop(balancers);
+    drop(guards);
+    drop(servers);
+    drop(store);
+    drop(scratch);
     drop(rig);
     println!("done. Try `./x test` for the test suite; README.md for running it on a real NIC.");
     Ok(())
