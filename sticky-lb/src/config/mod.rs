@@ -849,6 +849,10 @@ mod example_configs {
                 include_str!("../../../config/sticky-lb.yaml"),
             ),
             ("demo.yaml", include_str!("../../../config/demo.yaml")),
+            (
+                "demo-cluster.yaml",
+                include_str!("../../../config/demo-cluster.yaml"),
+            ),
         ] {
             Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));
         }
