@@ -828,6 +828,41 @@ services:
     }
 
     #[test]
+    fn shared_table_parses_with_defaults() {
+        let text = GOOD.replace(
+            "xdp_mode: generic\n",
+            "xdp_mode: generic\nnode: lb-1\nshared_table:\n  redis: redis://198.18.0.250:6379/\n",
+        );
+        let config = Config::parse(&text, false).unwrap();
+        assert_eq!(config.node.as_deref(), Some("lb-1"));
+        assert_eq!(
+            config.shared_table,
+            Some(SharedTableConfig {
+                redis: "redis://198.18.0.250:6379/".into(),
+                key_prefix: "sticky-lb".into(),
+                queue: 65_536,
+                load_timeout: Duration::from_secs(2),
+            })
+        );
+        let plain = Config::parse(GOOD, false).unwrap();
+        assert!(plain.node.is_none() && plain.shared_table.is_none());
+    }
+
+    #[test]
+    fn stick_mode_none_parses_and_an_unknown_mode_is_named() {
+        let config = Config::parse(GOOD, false).unwrap();
+        assert_eq!(config.services[0].stick.mode, StickMode::ClientAddress);
+        let text = GOOD.replace("    stick:\n", "    stick:\n      mode: none\n");
+        let config = Config::parse(&text, false).unwrap();
+        assert_eq!(config.services[0].stick.mode, StickMode::None);
+        let e = error(&GOOD.replace("    stick:\n", "    stick:\n      mode: sometimes\n"));
+        assert!(
+            e.starts_with("services[0].stick.mode (line 8): unknown variant `sometimes`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn status_classes() {
         assert!(status_matches("2xx", 204));
         assert!(status_matches("204", 204));

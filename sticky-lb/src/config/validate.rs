@@ -866,4 +866,68 @@ mod tests {
             "{e}"
         );
     }
+
+    /// [`GOOD`] as node `node` sharing its table through `redis`, with `extra` lines in
+    /// `shared_table`: `node` is line 3, `redis` line 5, the first extra line 6.
+    fn shared(node: &str, redis: &str, extra: &str) -> String {
+        GOOD.replace(
+            "xdp_mode: generic\n",
+            &format!("xdp_mode: generic\nnode: {node}\nshared_table:\n  redis: {redis}\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn shared_table_settings_are_refused_with_their_field_and_line() {
+        const URL: &str = "redis://198.18.0.250:6379/";
+        const PREFIX: &str = "must be a non-empty prefix without spaces or glob characters";
+        for (text, expected) in [
+            (
+                shared("lb-1", "http://198.18.0.250/", ""),
+                "shared_table.redis (line 5): 'http://198.18.0.250/' is not a Redis URL".into(),
+            ),
+            (
+                shared("lb-1", URL, "  key_prefix: \"\"\n"),
+                format!("shared_table.key_prefix (line 6): {PREFIX}"),
+            ),
+            (
+                shared("lb-1", URL, "  key_prefix: \"slb*\"\n"),
+                format!("shared_table.key_prefix (line 6): {PREFIX}"),
+            ),
+            (
+                shared("lb-1", URL, "  queue: 0\n"),
+                "shared_table.queue (line 6): must be at least 1".into(),
+            ),
+            (
+                shared("lb-1", URL, "  load_timeout: 61s\n"),
+                "shared_table.load_timeout (line 6): must be at most 60s".into(),
+            ),
+            (
+                shared("\"lb 1\"", URL, ""),
+                "node (line 3): must be a name of 1 to 64 characters without spaces".into(),
+            ),
+        ] {
+            let e = error(&text);
+            assert!(e.starts_with(&expected), "{e}\nexpected: {expected}");
+        }
+        // The limits themselves pass.
+        Config::parse(
+            &shared("lb-1", URL, "  queue: 1\n  load_timeout: 60s\n"),
+            false,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_backend_name_with_a_tab_is_refused_with_shared_table_only() {
+        let tab = |text: &str| text.replace("name: web-1", "name: \"web\\t1\"");
+        let alone = Config::parse(&tab(GOOD), false).unwrap();
+        assert_eq!(alone.services[0].backends[0].name, "web\t1");
+        let e = error(&tab(&shared("lb-1", "redis://198.18.0.250:6379/", "")));
+        assert!(
+            e.starts_with(
+                "services[0].backends[0].name (line 14): must not hold a tab or line break with shared_table"
+            ),
+            "{e}"
+        );
+    }
 }
