@@ -387,7 +387,9 @@ fn settle_claim(
                 placed.service, placed.client, winner.backend, winner.node, placed.backend
             );
         }
-        Learned::Same => {}
+        // The winner's message usually arrives before this answer and has already rewritten
+        // the entry: the claim was lost all the same.
+        Learned::Same => Stats::add(&inner.stats.claims_lost, 1),
         Learned::Ignored => {
             // The winner's backend does not take clients here (down or disabled on this node):
             // this node's choice replaces it, as a redispatch off that backend.

@@ -19,7 +19,8 @@ pub struct Stats {
     pub events_received: AtomicU64,
     /// Updates dropped because the outgoing queue was full (the next resync carries them).
     pub events_dropped: AtomicU64,
-    /// Claims another node won first: this node's entry was rewritten to the winner.
+    /// Claims another node won first: this node's entry was rewritten to the winner (here, or
+    /// already by the winner's message).
     pub claims_lost: AtomicU64,
     /// Received placements that changed this node's table.
     pub entries_written: AtomicU64,
