@@ -396,7 +396,11 @@ fn bench() -> Result<()> {
         "sticky-lb-tests",
         "--bins",
     ]))?;
-    for (binary, report) in [("slb-bench", "datapath.md"), ("slb-bench-e2e", "e2e.md")] {
+    for (binary, report) in [
+        ("slb-bench", "datapath.md"),
+        ("slb-bench-e2e", "e2e.md"),
+        ("slb-bench-shared", "shared.md"),
+    ] {
         eprintln!("xtask: running {binary}");
         let out = Command::new(root.join("target/release").join(binary))
             .env("STICKY_LB_BIN", root.join("target/release/sticky-lb"))
