@@ -363,6 +363,19 @@ impl TunnelConfig {
     }
 }
 
+impl SharedTableConfig {
+    /// The Redis URL without its password, for logs and messages.
+    pub fn redis_for_logs(&self) -> String {
+        let url = self.redis.as_str();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => url.to_string(),
+        }
+    }
+}
+
 /// `stick.mode`: what a new connection's client is stuck by.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -891,5 +904,23 @@ mod example_configs {
         ] {
             Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn redis_passwords_stay_out_of_logs() {
+        let shared = |redis: &str| SharedTableConfig {
+            redis: redis.into(),
+            key_prefix: default_key_prefix(),
+            queue: default_shared_queue(),
+            load_timeout: default_load_timeout(),
+        };
+        assert_eq!(
+            shared("redis://user:secret@198.18.0.250:6379/0").redis_for_logs(),
+            "redis://***@198.18.0.250:6379/0"
+        );
+        assert_eq!(
+            shared("redis://198.18.0.250/").redis_for_logs(),
+            "redis://198.18.0.250/"
+        );
     }
 }

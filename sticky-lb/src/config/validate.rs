@@ -82,10 +82,7 @@ impl Config {
             if let Err(e) = redis::Client::open(shared.redis.as_str()) {
                 return Err(err(
                     &at("redis"),
-                    format!(
-                        "'{}' is not a Redis URL: {e}",
-                        crate::shared::redact(&shared.redis)
-                    ),
+                    format!("'{}' is not a Redis URL: {e}", shared.redis_for_logs()),
                 ));
             }
             if shared.key_prefix.is_empty()

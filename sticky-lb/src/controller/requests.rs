@@ -434,7 +434,7 @@ impl Controller {
             lines.push(format!(
                 "shared table: node {} Redis {} {}  {}",
                 shared.node(),
-                crate::shared::redact(&shared.config().redis),
+                shared.config().redis_for_logs(),
                 if connected {
                     "connected"
                 } else {
@@ -448,7 +448,7 @@ impl Controller {
             ));
             serde_json::json!({
                 "node": shared.node(),
-                "redis": crate::shared::redact(&shared.config().redis),
+                "redis": shared.config().redis_for_logs(),
                 "connected": connected,
                 "counters": counters,
             })

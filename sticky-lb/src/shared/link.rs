@@ -10,7 +10,7 @@ use crate::dataplane::{PinDir, open_pinned};
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use futures_util::StreamExt;
-use redis::{AsyncConnectionConfig, Value, aio::MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ErrorKind, ServerErrorKind, Value, aio::MultiplexedConnection};
 use std::{
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
@@ -160,7 +160,6 @@ async fn serve(inner: &Arc<Inner>, con: &mut MultiplexedConnection) -> Result<()
 enum Expect {
     Claim(Placed),
     Refresh(Placed),
-    Nothing,
 }
 
 fn claim_cmd(
@@ -305,15 +304,34 @@ async fn send(
                     .arg(keys.channel())
                     .arg(message.encode())
                     .ignore();
-                expect.push(Expect::Nothing);
                 commands += 1;
             }
         }
     }
-    // `Operator` publishes are ignored like the others; drop their placeholders.
-    expect.retain(|e| !matches!(e, Expect::Nothing));
+    // Only claims and refreshes answer; every other command is `ignore`d in the pipeline.
     Stats::add(&inner.stats.redis_commands, commands);
-    let answers: Vec<Value> = pipe.query_async(con).await.context("pipeline")?;
+    let answers: Vec<Value> = match pipe.query_async(con).await {
+        Ok(answers) => answers,
+        // The connection failed, or Redis lost the script (restarted, SCRIPT FLUSH): the batch
+        // goes back to the queue and is sent again on the next connection.
+        Err(e)
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+        {
+            return Err(anyhow::Error::new(e).context("pipeline"));
+        }
+        // Redis refused the batch itself (a key of another type under our prefix, say):
+        // sending it again would fail again, so it is dropped (counted); the entries still
+        // serve locally.
+        Err(e) => {
+            Stats::add(&inner.stats.redis_errors, 1);
+            Stats::add(&inner.stats.events_dropped, batch.len() as u64);
+            warn!("shared table: Redis refused {} updates: {e}", batch.len());
+            return Ok(());
+        }
+    };
     if answers.len() != expect.len() {
         bail!(
             "pipeline: {} answers for {} commands",
@@ -334,7 +352,6 @@ async fn send(
                     ..placed
                 })),
             },
-            Expect::Nothing => {}
         }
     }
     Ok(())

@@ -175,7 +175,7 @@ impl SharedTable {
         ];
         info!(
             "shared table: node {node}, Redis {} (keys {}:stick:*)",
-            redact(&config.redis),
+            config.redis_for_logs(),
             config.key_prefix
         );
         Ok(SharedTable {
@@ -255,30 +255,5 @@ impl Drop for SharedTable {
     }
 }
 
-/// A Redis URL without its password, for logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// How long one Redis command (or pipeline) may take before the connection counts as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_stay_out_of_logs() {
-        assert_eq!(
-            super::redact("redis://user:secret@198.18.0.250:6379/0"),
-            "redis://***@198.18.0.250:6379/0"
-        );
-        assert_eq!(
-            super::redact("redis://198.18.0.250/"),
-            "redis://198.18.0.250/"
-        );
-    }
-}
