@@ -413,3 +413,68 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
     drop(rig);
     assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
 }
+
+/// A key Redis cannot claim (someone left a list under the cluster's prefix) costs that one
+/// client its sharing, counted, never the other clients' placements in the same pipeline and
+/// never a connection.
+#[test]
+fn a_key_redis_refuses_costs_only_that_client_its_sharing() {
+    require_root();
+    let rig = EcmpRig::build(
+        EcmpRigOptions::new("shout_poison")
+            .balancers(2)
+            .backends(2)
+            .clients(20),
+    )
+    .expect("building the ECMP rig");
+    let prefix = format!("slb-{}-", rig.tag());
+    let scratch = ScratchDir::new(rig.tag());
+    let store = rig.start_store().expect("redis-server");
+    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
+    let servers = rig.start_backend_servers().expect("backend servers");
+    let balancers: Vec<Balancer> = (1..=2)
+        .map(|i| {
+            rig.start_balancer(i, scratch.path(), &config(&rig, i, &[1, 2]))
+                .expect("starting sticky-lb")
+        })
+        .collect();
+    rig.set_ecmp(&[1]).unwrap();
+    let clients = rig.client_addrs().to_vec();
+    let poisoned = clients[0];
+    store
+        .command(&["RPUSH", &format!("sticky-lb:stick:web:{poisoned}"), "x"])
+        .expect("RPUSH");
+    // Every connection works; the 19 others reach node 2 (from the same pipelines).
+    let names = rig.round(&clients, TIMEOUT);
+    assert_eq!(names.len(), clients.len());
+    wait_for(
+        "node 2 learning the others",
+        Duration::from_secs(10),
+        || table(&rig, 2).len() == clients.len() - 1,
+    );
+    assert!(!table(&rig, 2).contains_key(&poisoned.to_string()));
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli_ok(&rig, 1, &["stats", "--json"])).unwrap();
+    let counters = &stats["shared_table"]["counters"];
+    eprintln!("node 1 after a refused claim: {counters}");
+    assert!(
+        counters["redis_errors"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
+    assert!(
+        counters["events_dropped"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
+    assert_eq!(
+        counters["events_sent"].as_u64().unwrap(),
+        clients.len() as u64 - 1,
+        "{counters}"
+    );
+    drop(balancers);
+    drop(guards);
+    drop(servers);
+    drop(store);
+    drop(scratch);
+    drop(rig);
+    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+}

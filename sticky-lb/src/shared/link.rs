@@ -10,7 +10,7 @@ use crate::dataplane::{PinDir, open_pinned};
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use futures_util::StreamExt;
-use redis::{AsyncConnectionConfig, ErrorKind, ServerErrorKind, Value, aio::MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ServerErrorKind, Value, aio::MultiplexedConnection};
 use std::{
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
@@ -310,28 +310,18 @@ async fn send(
     }
     // Only claims and refreshes answer; every other command is `ignore`d in the pipeline.
     Stats::add(&inner.stats.redis_commands, commands);
-    let answers: Vec<Value> = match pipe.query_async(con).await {
-        Ok(answers) => answers,
-        // The connection failed, or Redis lost the script (restarted, SCRIPT FLUSH): the batch
-        // goes back to the queue and is sent again on the next connection.
-        Err(e)
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-        {
-            return Err(anyhow::Error::new(e).context("pipeline"));
-        }
-        // Redis refused the batch itself (a key of another type under our prefix, say):
-        // sending it again would fail again, so it is dropped (counted); the entries still
-        // serve locally.
-        Err(e) => {
-            Stats::add(&inner.stats.redis_errors, 1);
-            Stats::add(&inner.stats.events_dropped, batch.len() as u64);
-            warn!("shared table: Redis refused {} updates: {e}", batch.len());
-            return Ok(());
-        }
-    };
+    // Each command's answer on its own: one command Redis refuses (a key of another type under
+    // our prefix, say) costs that update, not the batch.
+    pipe.ignore_errors();
+    let answers: Vec<Value> = pipe.query_async(con).await.context("pipeline")?;
+    if answers
+        .iter()
+        .any(|a| matches!(a, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript)))
+    {
+        // Redis lost the script (restarted, SCRIPT FLUSH): the batch goes back to the queue
+        // and is sent again once the next connection has loaded it.
+        bail!("Redis no longer has the claim script");
+    }
     if answers.len() != expect.len() {
         bail!(
             "pipeline: {} answers for {} commands",
@@ -376,8 +366,13 @@ fn settle_claim(
             .ok()
             .and_then(|text| Placement::decode(&text)),
         Value::ServerError(e) => {
+            // Not shared (counted); the entry serves here, and the next refresh claims it again.
             Stats::add(&inner.stats.redis_errors, 1);
-            debug!("shared table: claim refused: {e:?}");
+            Stats::add(&inner.stats.events_dropped, 1);
+            warn!(
+                "shared table: Redis refused the claim of {} {}: {e:?}",
+                placed.service, placed.client
+            );
             return;
         }
         _ => None,
