@@ -109,13 +109,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::balancer::{Balancer, DataPathGuard, PeerXdp};
+use crate::balancer::{Balancer, DataPathGuard, PeerXdp, ScratchDir};
 use crate::netns::{self, NetNs, in_netns};
 use crate::redis::{REDIS_PORT, RedisServer};
 use crate::rig::{
-    self, NameServer, backend_addr_of, fetch_names_many, fetch_names_many_from_ports, ns_name,
-    pin_client_neighbours, plug_into_bridge, quiet_namespace, read_mac, set_up_dsr_backend,
-    sysctls,
+    self, HoldServer, NameServer, backend_addr_of, fetch_names_many, fetch_names_many_from_ports,
+    ns_name, pin_client_neighbours, plug_into_bridge, quiet_namespace, read_mac,
+    set_up_dsr_backend, sysctls,
 };
 
 /// The service address: on every balancer's and every backend's `lo`, routed by the router to
@@ -793,6 +793,145 @@ pub fn snmp_counter(ns: &str, group: &str, field: &str) -> anyhow::Result<u64> {
     value
         .parse()
         .with_context(|| format!("{group} {field} = {value:?} in {ns}"))
+}
+
+/// Reading and asking one node's controller (`sticky-lb --netns lbI ...`), for assertions.
+impl EcmpRig {
+    /// Runs `sticky-lb --netns lbI ARGS`; panics unless it succeeds. Its stdout.
+    pub fn node_cli(&self, i: usize, args: &[&str]) -> String {
+        let (code, out, err) = crate::balancer::cli(self.lb_ns(i), args);
+        assert_eq!(code, 0, "lb{i}: sticky-lb {args:?}: {out}{err}");
+        out
+    }
+
+    /// Node `i`'s stick table (`table show --json`): client (as `table show` prints it) ->
+    /// backend.
+    pub fn stick_table(&self, i: usize) -> std::collections::BTreeMap<String, String> {
+        let rows: serde_json::Value =
+            serde_json::from_str(&self.node_cli(i, &["table", "show", "--json"])).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row["client"].as_str().unwrap().to_owned(),
+                    row["backend"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Node `i`'s backends of its first service (`backend list --json`): name -> state
+    /// (`up`, `down`, `drain`, `disabled`).
+    pub fn backend_states(&self, i: usize) -> std::collections::BTreeMap<String, String> {
+        let services: serde_json::Value =
+            serde_json::from_str(&self.node_cli(i, &["backend", "list", "--json"])).unwrap();
+        services[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_owned(),
+                    b["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (bounded: 15 s) until node `i` has backend `name` in `state`; how long it took.
+    pub fn wait_backend_state(&self, i: usize, name: &str, state: &str) -> Duration {
+        crate::wait::wait_for(
+            &format!("{name} {state} on lb{i}"),
+            Duration::from_secs(15),
+            || self.backend_states(i).get(name).map(String::as_str) == Some(state),
+        )
+    }
+
+    /// Node `i`'s `/metrics` text, scraped from `listen` inside its namespace (the node's
+    /// config must have `metrics: {listen: ...}`).
+    pub fn node_metrics(&self, i: usize, listen: SocketAddrV4) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        in_netns(self.lb_ns(i), || {
+            let timeout = Duration::from_secs(3);
+            let mut stream = std::net::TcpStream::connect_timeout(&listen.into(), timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+            let mut text = String::new();
+            stream.take(4 << 20).read_to_string(&mut text)?;
+            Ok(text)
+        })
+    }
+}
+
+/// A rig with its Redis, a server on every backend and a controller on each of `nodes`;
+/// dropped in order: controllers, their pins, servers, Redis, scratch directory, namespaces.
+pub struct Cluster {
+    pub balancers: Vec<Balancer>,
+    pub guards: Vec<DataPathGuard>,
+    /// Backend bK's name server at K-1 (`None` while a test has it stopped).
+    pub servers: Vec<Option<NameServer>>,
+    /// Or its hold server (see [`Cluster::start`]).
+    pub holders: Vec<HoldServer>,
+    pub store: RedisServer,
+    pub scratch: ScratchDir,
+    pub rig: EcmpRig,
+}
+
+impl Cluster {
+    /// The backends answer their name and close, or with `hold` keep every connection open
+    /// (so from the first: a server stopped and at once started again on its port was once
+    /// refused with EADDRINUSE while this file's tests ran in parallel, probably the old
+    /// listener still held by another test thread's child between its fork and exec).
+    pub fn start(
+        opts: EcmpRigOptions,
+        nodes: &[usize],
+        hold: bool,
+        config: impl Fn(&EcmpRig, usize) -> String,
+    ) -> Cluster {
+        let rig = EcmpRig::build(opts).expect("building the ECMP rig");
+        let scratch = ScratchDir::new(rig.tag());
+        let store = rig.start_store().expect("redis-server");
+        let guards = nodes.iter().map(|&i| rig.datapath_guard(i)).collect();
+        let (mut servers, mut holders) = (Vec::new(), Vec::new());
+        for k in 1..=rig.backend_count() {
+            let (ns, any) = (
+                rig.backend_ns(k),
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+            );
+            let name = format!("b{k}");
+            if hold {
+                holders.push(HoldServer::start(ns, any, &name).expect("hold server"));
+            } else {
+                servers.push(Some(
+                    NameServer::start(ns, any, &name).expect("name server"),
+                ));
+            }
+        }
+        let balancers = nodes
+            .iter()
+            .map(|&i| {
+                rig.start_balancer(i, scratch.path(), &config(&rig, i))
+                    .expect("starting sticky-lb")
+            })
+            .collect();
+        Cluster {
+            balancers,
+            guards,
+            servers,
+            holders,
+            store,
+            scratch,
+            rig,
+        }
+    }
+
+    /// Stops everything and checks no namespace of the rig is left.
+    pub fn finish(self) {
+        let prefix = format!("slb-{}-", self.rig.tag());
+        drop(self);
+        assert_eq!(netns::listed_namespaces(&prefix), Vec::<String>::new());
+    }
 }
 
 #[cfg(test)]

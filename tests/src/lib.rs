@@ -15,3 +15,4 @@ pub mod rig;
 pub mod scenario;
 pub mod socket;
 pub mod tunnel;
+pub mod wait;

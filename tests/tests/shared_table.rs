@@ -2,19 +2,18 @@
 //! Redis (`shared_table`): what one node decided about a client, every node honours. Needs root.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapData};
 use sticky_lb::dataplane::{PinDir, open_pinned};
 use sticky_lb_common::{BackendId, SERVICE_INDEX_TOMBSTONE, Service, map_names};
-use sticky_lb_tests::balancer::{Balancer, DataPathGuard, ScratchDir, cli};
-use sticky_lb_tests::ecmp::{EcmpRig, EcmpRigOptions, PORT};
-use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root};
-use sticky_lb_tests::redis::RedisServer;
-use sticky_lb_tests::rig::{HeldConnection, HoldServer, NameServer, open_held};
+use sticky_lb_tests::balancer::cli;
+use sticky_lb_tests::ecmp::{Cluster, EcmpRig, EcmpRigOptions, PORT};
+use sticky_lb_tests::netns::require_root;
+use sticky_lb_tests::rig::{HeldConnection, NameServer, open_held};
+use sticky_lb_tests::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -25,33 +24,6 @@ fn backends_of(rig: &EcmpRig, clients: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, String
         .copied()
         .zip(rig.round(clients, TIMEOUT))
         .collect()
-}
-
-/// Node `i`'s stick table: client -> backend.
-fn table(rig: &EcmpRig, i: usize) -> BTreeMap<String, String> {
-    let (code, out, err) = cli(rig.lb_ns(i), &["table", "show", "--json"]);
-    assert_eq!(code, 0, "table show on lb{i}: {err}");
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            (
-                row["client"].as_str().unwrap().to_owned(),
-                row["backend"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Waits (bounded) until `done` holds; returns how long it took.
-fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    started.elapsed()
 }
 
 /// A node's config: service `web` with backends `names` (of the rig's b1..bK), shared through
@@ -98,43 +70,31 @@ fn node_config(
 /// Clients stuck through node 1; a backend is added (on every node); the ECMP set changes so
 /// they reach node 2. Returns how many clients moved.
 fn clients_moved_by_a_pool_and_ecmp_change(tag: &str, shared: bool) -> usize {
-    let rig = EcmpRig::build(
+    let cluster = Cluster::start(
         EcmpRigOptions::new(tag)
             .balancers(2)
             .backends(3)
             .clients(60),
-    )
-    .expect("building the ECMP rig");
-    let prefix = format!("slb-{}-", rig.tag());
-    let scratch = ScratchDir::new(rig.tag());
-    let store = rig.start_store().expect("redis-server");
-    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
-    let servers = rig.start_backend_servers().expect("backend servers");
-    let balancers: Vec<Balancer> = (1..=2)
-        .map(|i| {
-            rig.start_balancer(
-                i,
-                scratch.path(),
-                &config(&rig, i, shared, "ip-hash", &[1, 2]),
-            )
-            .expect("starting sticky-lb")
-        })
-        .collect();
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, shared, "ip-hash", &[1, 2]),
+    );
+    let rig = &cluster.rig;
     rig.set_ecmp(&[1]).unwrap();
     let clients = rig.client_addrs().to_vec();
-    let before = backends_of(&rig, &clients);
+    let before = backends_of(rig, &clients);
     if shared {
         // Node 2 learns every client node 1 placed.
         let lag = wait_for(
             "node 2 learning node 1's clients",
             Duration::from_secs(10),
-            || table(&rig, 2).len() == clients.len(),
+            || rig.stick_table(2).len() == clients.len(),
         );
         eprintln!(
             "node 2 had all {} clients {lag:?} after the round",
             clients.len()
         );
-        assert_eq!(table(&rig, 1), table(&rig, 2));
+        assert_eq!(rig.stick_table(1), rig.stick_table(2));
     }
     // b3 joins: on every node with --all-nodes when shared, else on each node by hand.
     let add = ["backend", "add", "web/b3", &rig.backend_addr(3).to_string()];
@@ -164,15 +124,9 @@ fn clients_moved_by_a_pool_and_ecmp_change(tag: &str, shared: bool) -> usize {
         });
     }
     rig.set_ecmp(&[2]).unwrap();
-    let after = backends_of(&rig, &clients);
+    let after = backends_of(rig, &clients);
     let moved = clients.iter().filter(|c| before[c] != after[c]).count();
-    drop(balancers);
-    drop(guards);
-    drop(servers);
-    drop(store);
-    drop(scratch);
-    drop(rig);
-    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+    cluster.finish();
     moved
 }
 
@@ -198,110 +152,13 @@ const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180);
 /// Connections each client opens at once in [`parallel_round`].
 const PARALLEL: usize = 4;
 
-/// A rig with its Redis, a server on every backend and a controller on each of `nodes`;
-/// dropped in order: controllers, their pins, servers, Redis, scratch directory, namespaces.
-struct Cluster {
-    _balancers: Vec<Balancer>,
-    _guards: Vec<DataPathGuard>,
-    /// Backend bK's name server at K-1 (`None` while a test has it stopped).
-    servers: Vec<Option<NameServer>>,
-    /// Or its hold server (see [`Cluster::start`]).
-    _holders: Vec<HoldServer>,
-    store: RedisServer,
-    _scratch: ScratchDir,
-    rig: EcmpRig,
-}
-
-impl Cluster {
-    /// The backends answer their name and close, or with `hold` keep every connection open
-    /// (so from the first: a server stopped and at once started again on its port was once
-    /// refused with EADDRINUSE while this file's tests ran in parallel, probably the old
-    /// listener still held by another test thread's child between its fork and exec).
-    fn start(
-        opts: EcmpRigOptions,
-        nodes: &[usize],
-        hold: bool,
-        config: impl Fn(&EcmpRig, usize) -> String,
-    ) -> Cluster {
-        let rig = EcmpRig::build(opts).expect("building the ECMP rig");
-        let scratch = ScratchDir::new(rig.tag());
-        let store = rig.start_store().expect("redis-server");
-        let guards = nodes.iter().map(|&i| rig.datapath_guard(i)).collect();
-        let (mut servers, mut holders) = (Vec::new(), Vec::new());
-        for k in 1..=rig.backend_count() {
-            let (ns, any) = (
-                rig.backend_ns(k),
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-            );
-            let name = format!("b{k}");
-            if hold {
-                holders.push(HoldServer::start(ns, any, &name).expect("hold server"));
-            } else {
-                servers.push(Some(
-                    NameServer::start(ns, any, &name).expect("name server"),
-                ));
-            }
-        }
-        let balancers = nodes
-            .iter()
-            .map(|&i| {
-                rig.start_balancer(i, scratch.path(), &config(&rig, i))
-                    .expect("starting sticky-lb")
-            })
-            .collect();
-        Cluster {
-            _balancers: balancers,
-            _guards: guards,
-            servers,
-            _holders: holders,
-            store,
-            _scratch: scratch,
-            rig,
-        }
-    }
-
-    /// Stops everything and checks no namespace of the rig is left.
-    fn finish(self) {
-        let prefix = format!("slb-{}-", self.rig.tag());
-        drop(self);
-        assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
-    }
-}
-
-/// Node `i`'s backends: name -> state (`up`, `down`, `drain`, `disabled`).
-fn states(rig: &EcmpRig, i: usize) -> BTreeMap<String, String> {
-    let (code, out, err) = cli(rig.lb_ns(i), &["backend", "list", "--json"]);
-    assert_eq!(code, 0, "backend list on lb{i}: {err}");
-    let services: serde_json::Value = serde_json::from_str(&out).unwrap();
-    services[0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_owned(),
-                b["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Waits (bounded) until node `i` has backend `name` in `state`.
-fn wait_state(rig: &EcmpRig, i: usize, name: &str, state: &str) {
-    wait_for(
-        &format!("{name} {state} on lb{i}"),
-        Duration::from_secs(15),
-        || states(rig, i).get(name).map(String::as_str) == Some(state),
-    );
-}
-
 /// Waits (bounded) until every backend is up on every node of `nodes`.
 fn wait_all_up(rig: &EcmpRig, nodes: &[usize]) {
     for &i in nodes {
         wait_for(
             &format!("every backend up on lb{i}"),
             Duration::from_secs(15),
-            || states(rig, i).values().all(|state| state == "up"),
+            || rig.backend_states(i).values().all(|state| state == "up"),
         );
     }
 }
@@ -313,8 +170,8 @@ fn wait_agree(rig: &EcmpRig, nodes: &[usize], n: usize) -> Duration {
         &format!("the tables of {nodes:?} agreeing on {n} clients"),
         Duration::from_secs(15),
         || {
-            let first = table(rig, nodes[0]);
-            first.len() == n && nodes[1..].iter().all(|&i| table(rig, i) == first)
+            let first = rig.stick_table(nodes[0]);
+            first.len() == n && nodes[1..].iter().all(|&i| rig.stick_table(i) == first)
         },
     )
 }
@@ -396,15 +253,7 @@ fn parallel_round<T: Send>(
 /// Node `i`'s metric `name` (no labels) from its /metrics endpoint, scraped inside its
 /// namespace.
 fn metric(rig: &EcmpRig, i: usize, name: &str) -> f64 {
-    let text = in_netns(rig.lb_ns(i), || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&METRICS.into(), TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
-        let mut text = String::new();
-        stream.take(4 << 20).read_to_string(&mut text)?;
-        Ok(text)
-    })
-    .expect("scraping metrics");
+    let text = rig.node_metrics(i, METRICS).expect("scraping metrics");
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {name} in lb{i}'s metrics:\n{text}"))
@@ -496,7 +345,7 @@ fn least_conn_clients_end_on_one_backend_across_nodes() {
         .count();
     let lag = wait_agree(rig, &[1, 2, 3], clients.len());
     let second = parallel_round(&clients, PARALLEL, connect);
-    let agreed = table(rig, 1);
+    let agreed = rig.stick_table(1);
     for (client, reached) in clients.iter().zip(names(&second)) {
         assert_eq!(reached.len(), 1, "client {client} reached {reached:?}");
         assert_eq!(
@@ -555,7 +404,7 @@ fn clients_off_their_redispatch(tag: &str, shared: bool) -> (usize, usize) {
     let k: usize = failed[1..].parse().unwrap();
     cluster.servers[k - 1].take().unwrap().stop();
     for i in 1..=2 {
-        wait_state(rig, i, &failed, "down");
+        rig.wait_backend_state(i, &failed, "down");
     }
     let after = backends_of(rig, &clients);
     let mut moved = 0;
@@ -579,7 +428,7 @@ fn clients_off_their_redispatch(tag: &str, shared: bool) -> (usize, usize) {
     );
     cluster.servers[k - 1] = Some(server.expect("restarting the backend's server"));
     for i in 1..=2 {
-        wait_state(rig, i, &failed, "up");
+        rig.wait_backend_state(i, &failed, "up");
     }
     rig.set_ecmp(&[2]).unwrap();
     let through_2 = backends_of(rig, &clients);
@@ -665,19 +514,19 @@ fn operator_table_changes_reach_every_node() {
     assert_eq!(keys().lines().count(), clients.len() - 1);
 
     // `table flush` on node 1: node 2's table and Redis are empty.
-    assert_eq!(table(rig, 2).len(), clients.len() - 1);
+    assert_eq!(rig.stick_table(2).len(), clients.len() - 1);
     run(1, &["table", "flush", "--service", "web"]);
     let flush_lag = wait_for("lb2 flushing", Duration::from_secs(10), || {
-        table(rig, 2).is_empty()
+        rig.stick_table(2).is_empty()
     });
     assert_eq!(keys(), "");
 
     // `--all-nodes` backend changes.
     run(1, &["backend", "drain", "web/b1", "--all-nodes"]);
-    assert_eq!(states(rig, 1)["b1"], "drain");
-    wait_state(rig, 2, "b1", "drain");
+    assert_eq!(rig.backend_states(1)["b1"], "drain");
+    rig.wait_backend_state(2, "b1", "drain");
     run(1, &["backend", "enable", "web/b1", "--all-nodes"]);
-    wait_state(rig, 2, "b1", "up");
+    rig.wait_backend_state(2, "b1", "up");
     eprintln!(
         "node 2 had the table set after {set_lag:?}; node 1 forgot the deleted client after \
          {delete_lag:?}; node 2 was flushed after {flush_lag:?}"
@@ -693,7 +542,7 @@ fn all_nodes_without_a_shared_table_is_refused_and_changes_nothing() {
     });
     let rig = &cluster.rig;
     wait_all_up(rig, &[1]);
-    let before = states(rig, 1);
+    let before = rig.backend_states(1);
     for args in [
         &["backend", "drain", "web/b1", "--all-nodes"][..],
         &["backend", "list", "--all-nodes"],
@@ -704,7 +553,7 @@ fn all_nodes_without_a_shared_table_is_refused_and_changes_nothing() {
         assert_eq!(out, "", "{args:?}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
-    assert_eq!(states(rig, 1), before);
+    assert_eq!(rig.backend_states(1), before);
     cluster.finish();
 }
 
@@ -714,35 +563,27 @@ fn all_nodes_without_a_shared_table_is_refused_and_changes_nothing() {
 #[test]
 fn a_client_busy_on_one_node_does_not_expire_on_the_others() {
     require_root();
-    let rig = EcmpRig::build(
+    const TIMEOUT_S: u64 = 4;
+    let cluster = Cluster::start(
         EcmpRigOptions::new("shared_alive")
             .balancers(2)
             .backends(3)
             .clients(30),
-    )
-    .expect("building the ECMP rig");
-    let prefix = format!("slb-{}-", rig.tag());
-    let scratch = ScratchDir::new(rig.tag());
-    let store = rig.start_store().expect("redis-server");
-    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
-    let servers = rig.start_backend_servers().expect("backend servers");
-    const TIMEOUT_S: u64 = 4;
-    let timeout = format!("{TIMEOUT_S}s");
-    let balancers: Vec<Balancer> = (1..=2)
-        .map(|i| {
-            let yaml = config(&rig, i, true, "ip-hash", &[1, 2])
-                .replace("timeout: 5m", &format!("timeout: {timeout}"));
-            rig.start_balancer(i, scratch.path(), &yaml)
-                .expect("starting sticky-lb")
-        })
-        .collect();
+        &[1, 2],
+        false,
+        |rig, i| {
+            config(rig, i, true, "ip-hash", &[1, 2])
+                .replace("timeout: 5m", &format!("timeout: {TIMEOUT_S}s"))
+        },
+    );
+    let rig = &cluster.rig;
     rig.set_ecmp(&[1]).unwrap();
     let clients = rig.client_addrs().to_vec();
-    let before = backends_of(&rig, &clients);
+    let before = backends_of(rig, &clients);
     wait_for(
         "node 2 learning node 1's clients",
         Duration::from_secs(10),
-        || table(&rig, 2).len() == clients.len(),
+        || rig.stick_table(2).len() == clients.len(),
     );
     let (code, out, err) = cli(
         rig.lb_ns(1),
@@ -759,17 +600,17 @@ fn a_client_busy_on_one_node_does_not_expire_on_the_others() {
     let busy = Instant::now();
     let mut rounds = 0;
     while busy.elapsed() < Duration::from_secs(2 * TIMEOUT_S) && rounds < 100 {
-        assert_eq!(backends_of(&rig, &clients), before);
+        assert_eq!(backends_of(rig, &clients), before);
         rounds += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(
-        table(&rig, 2).len(),
+        rig.stick_table(2).len(),
         clients.len(),
         "node 2 let clients expire"
     );
     rig.set_ecmp(&[2]).unwrap();
-    let after = backends_of(&rig, &clients);
+    let after = backends_of(rig, &clients);
     let moved = clients.iter().filter(|c| before[c] != after[c]).count();
     eprintln!(
         "{rounds} rounds through node 1 over {:?}; then {moved} of {} clients moved through node 2",
@@ -777,11 +618,5 @@ fn a_client_busy_on_one_node_does_not_expire_on_the_others() {
         clients.len()
     );
     assert_eq!(moved, 0);
-    drop(balancers);
-    drop(guards);
-    drop(servers);
-    drop(store);
-    drop(scratch);
-    drop(rig);
-    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+    cluster.finish();
 }

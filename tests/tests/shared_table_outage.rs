@@ -4,15 +4,14 @@
 //! it forwards a packet). Two nodes behind the router's ECMP route, a real Redis. Needs root.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use sticky_lb_tests::balancer::{Balancer, ScratchDir, cli};
-use sticky_lb_tests::ecmp::{EcmpRig, EcmpRigOptions};
-use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root};
+use sticky_lb_tests::ecmp::{Cluster, EcmpRig, EcmpRigOptions};
+use sticky_lb_tests::netns::require_root;
 use sticky_lb_tests::scenario::count_names;
+use sticky_lb_tests::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// Each node's metrics listener, on its own namespace's loopback.
@@ -37,57 +36,6 @@ fn config(rig: &EcmpRig, i: usize, names: &[usize]) -> String {
     yaml
 }
 
-/// Node `i`'s stick table: client -> backend.
-fn table(rig: &EcmpRig, i: usize) -> BTreeMap<String, String> {
-    let (code, out, err) = cli(rig.lb_ns(i), &["table", "show", "--json"]);
-    assert_eq!(code, 0, "table show on lb{i}: {err}");
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            (
-                row["client"].as_str().unwrap().to_owned(),
-                row["backend"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Waits (bounded) until `done` holds; returns how long it took.
-fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    started.elapsed()
-}
-
-/// Runs `sticky-lb --netns lbI ARGS`; panics unless it succeeds.
-fn cli_ok(rig: &EcmpRig, i: usize, args: &[&str]) -> String {
-    let (code, out, err) = cli(rig.lb_ns(i), args);
-    assert_eq!(code, 0, "lb{i}: sticky-lb {args:?}: {out}{err}");
-    out
-}
-
-/// Waits until backend `name` of `web` is up on node `i`.
-fn wait_up(rig: &EcmpRig, i: usize, name: &str) -> Duration {
-    wait_for(
-        &format!("{name} up on lb{i}"),
-        Duration::from_secs(15),
-        || {
-            let list: serde_json::Value =
-                serde_json::from_str(&cli_ok(rig, i, &["backend", "list", "--json"])).unwrap();
-            list[0]["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|b| b["name"] == name && b["state"] == "up")
-        },
-    )
-}
-
 /// The clients the two tables place differently: (in both tables but on different backends,
 /// in one table only).
 fn differences(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> (usize, usize) {
@@ -100,15 +48,7 @@ fn differences(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> (u
 /// The `sticky_lb_shared_*` samples named `wanted` from node `i`'s `/metrics` (fetched inside
 /// its namespace), or why they could not be read.
 fn shared_metrics(rig: &EcmpRig, i: usize, wanted: &[&str]) -> String {
-    let fetched = in_netns(rig.lb_ns(i), || -> std::io::Result<String> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
-        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
-    });
+    let fetched = rig.node_metrics(i, SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS_PORT));
     match fetched {
         Ok(text) => text
             .lines()
@@ -151,24 +91,16 @@ const TRAFFIC_PAUSE: Duration = Duration::from_millis(10);
 #[test]
 fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
     require_root();
-    let rig = EcmpRig::build(
+    let mut cluster = Cluster::start(
         EcmpRigOptions::new("shout_kill")
             .balancers(2)
             .backends(3)
             .clients(OLD + 2 * NEW),
-    )
-    .expect("building the ECMP rig");
-    let prefix = format!("slb-{}-", rig.tag());
-    let scratch = ScratchDir::new(rig.tag());
-    let mut store = rig.start_store().expect("redis-server");
-    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
-    let servers = rig.start_backend_servers().expect("backend servers");
-    let balancers: Vec<Balancer> = (1..=2)
-        .map(|i| {
-            rig.start_balancer(i, scratch.path(), &config(&rig, i, &[1, 2]))
-                .expect("starting sticky-lb")
-        })
-        .collect();
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, &[1, 2]),
+    );
+    let rig = &cluster.rig;
     let clients = rig.client_addrs().to_vec();
     let old = &clients[..OLD];
     for _ in 0..3 {
@@ -178,7 +110,7 @@ fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
         "both nodes knowing every old client",
         Duration::from_secs(10),
         || {
-            let (t1, t2) = (table(&rig, 1), table(&rig, 2));
+            let (t1, t2) = (rig.stick_table(1), rig.stick_table(2));
             t1.len() == OLD && t1 == t2
         },
     );
@@ -211,28 +143,28 @@ fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
         });
         let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_secs(1));
-        store.kill();
+        cluster.store.kill();
         std::thread::sleep(Duration::from_secs(1));
-        cli_ok(&rig, 1, &add_b3);
-        wait_up(&rig, 1, "b3");
+        rig.node_cli(1, &add_b3);
+        rig.wait_backend_state(1, "b3", "up");
         active.store(OLD + NEW, Relaxed);
         std::thread::sleep(Duration::from_secs(3));
-        cli_ok(&rig, 2, &add_b3);
-        wait_up(&rig, 2, "b3");
+        rig.node_cli(2, &add_b3);
+        rig.wait_backend_state(2, "b3", "up");
         active.store(OLD + 2 * NEW, Relaxed);
         std::thread::sleep(Duration::from_secs(2));
-        let before_restart = (table(&rig, 1), table(&rig, 2));
+        let before_restart = (rig.stick_table(1), rig.stick_table(2));
         let mut known: Vec<&String> = before_restart.0.keys().collect();
         known.extend(before_restart.1.keys());
         known.sort();
         known.dedup();
         assert_eq!(known.len(), clients.len(), "clients the nodes know of");
-        store.restart().expect("restarting redis-server");
+        cluster.store.restart().expect("restarting redis-server");
         let converged = wait_for(
             "both tables agreeing on every client after Redis came back",
             Duration::from_secs(20),
             || {
-                let (t1, t2) = (table(&rig, 1), table(&rig, 2));
+                let (t1, t2) = (rig.stick_table(1), rig.stick_table(2));
                 t1.len() == clients.len() && t1 == t2
             },
         );
@@ -256,7 +188,7 @@ fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
     for i in 1..=2 {
         eprintln!(
             "lb{i}: {}",
-            shared_metrics(&rig, i, &["resyncs", "redis_errors", "claims_lost"])
+            shared_metrics(rig, i, &["resyncs", "redis_errors", "claims_lost"])
         );
     }
     assert!(failed.is_empty(), "failed connections: {failed:#?}");
@@ -265,7 +197,7 @@ fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
         "the nodes never disagreed while Redis was down: the test proves nothing"
     );
     // What both tables say is where every client goes now, through either node.
-    let agreed = table(&rig, 1);
+    let agreed = rig.stick_table(1);
     for round in 0..3 {
         for (client, name) in clients.iter().zip(rig.round(&clients, TIMEOUT)) {
             assert_eq!(
@@ -275,13 +207,7 @@ fn redis_killed_during_traffic_fails_no_connection_and_tables_converge() {
             );
         }
     }
-    drop(balancers);
-    drop(guards);
-    drop(servers);
-    drop(store);
-    drop(scratch);
-    drop(rig);
-    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+    cluster.finish();
 }
 
 /// Clients stuck through both nodes; b3 joins every node (`--all-nodes`), so a node without
@@ -293,24 +219,16 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
     const STUCK: usize = 48;
     const FRESH: usize = 24;
     require_root();
-    let rig = EcmpRig::build(
+    let mut cluster = Cluster::start(
         EcmpRigOptions::new("shout_restart")
             .balancers(2)
             .backends(3)
             .clients(STUCK + FRESH),
-    )
-    .expect("building the ECMP rig");
-    let prefix = format!("slb-{}-", rig.tag());
-    let scratch = ScratchDir::new(rig.tag());
-    let store = rig.start_store().expect("redis-server");
-    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
-    let servers = rig.start_backend_servers().expect("backend servers");
-    let mut balancers: Vec<Balancer> = (1..=2)
-        .map(|i| {
-            rig.start_balancer(i, scratch.path(), &config(&rig, i, &[1, 2]))
-                .expect("starting sticky-lb")
-        })
-        .collect();
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, &[1, 2]),
+    );
+    let rig = &cluster.rig;
     let clients = rig.client_addrs().to_vec();
     let (stuck, fresh) = clients.split_at(STUCK);
     let before = rig.round(stuck, TIMEOUT);
@@ -321,12 +239,11 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
         "both nodes knowing every client",
         Duration::from_secs(10),
         || {
-            let (t1, t2) = (table(&rig, 1), table(&rig, 2));
+            let (t1, t2) = (rig.stick_table(1), rig.stick_table(2));
             t1.len() == STUCK && t1 == t2
         },
     );
-    let out = cli_ok(
-        &rig,
+    let out = rig.node_cli(
         1,
         &[
             "backend",
@@ -338,7 +255,7 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
     );
     assert!(out.contains("sent to every node"), "{out}");
     for i in 1..=2 {
-        wait_up(&rig, i, "b3");
+        rig.wait_backend_state(i, "b3", "up");
     }
     assert_eq!(rig.round(stuck, TIMEOUT), before, "b3 joined: nobody moves");
 
@@ -346,11 +263,11 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
     // its data path with the stick table. It has no state file either, so what it knows of
     // b3 comes from its config, which now lists b3 (as the operator's config would).
     rig.set_ecmp(&[1]).unwrap();
-    balancers[1].stop();
-    let out = cli_ok(&rig, 2, &["detach"]);
+    cluster.balancers[1].stop();
+    let out = rig.node_cli(2, &["detach"]);
     assert!(out.contains("detached"), "{out}");
     assert!(
-        !guards[1].pins().path().exists(),
+        !cluster.guards[1].pins().path().exists(),
         "node 2's pins are still there"
     );
     assert_eq!(
@@ -359,13 +276,13 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
         "node 1 alone, node 2 down"
     );
     let restarted = Instant::now();
-    balancers[1] = rig
-        .start_balancer(2, scratch.path(), &config(&rig, 2, &[1, 2, 3]))
+    cluster.balancers[1] = rig
+        .start_balancer(2, cluster.scratch.path(), &config(rig, 2, &[1, 2, 3]))
         .expect("restarting sticky-lb on node 2");
     let attach = restarted.elapsed();
-    let at_attach = table(&rig, 2);
+    let at_attach = rig.stick_table(2);
     rig.set_ecmp(&[1, 2]).unwrap();
-    let log = balancers[1].log_text();
+    let log = cluster.balancers[1].log_text();
     // The log file is shared by both starts of node 2: its last load line is this start's.
     let loaded = log
         .lines()
@@ -386,7 +303,7 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
     );
     assert_eq!(
         at_attach,
-        table(&rig, 1),
+        rig.stick_table(1),
         "node 2 attached with other entries than node 1's"
     );
 
@@ -405,13 +322,7 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
         newcomers.contains_key("b3"),
         "b3 takes no new clients: the test proves nothing"
     );
-    drop(balancers);
-    drop(guards);
-    drop(servers);
-    drop(store);
-    drop(scratch);
-    drop(rig);
-    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+    cluster.finish();
 }
 
 /// A key Redis cannot claim (someone left a list under the cluster's prefix) costs that one
@@ -420,28 +331,21 @@ fn a_node_restarted_empty_keeps_every_client_where_it_was() {
 #[test]
 fn a_key_redis_refuses_costs_only_that_client_its_sharing() {
     require_root();
-    let rig = EcmpRig::build(
+    let cluster = Cluster::start(
         EcmpRigOptions::new("shout_poison")
             .balancers(2)
             .backends(2)
             .clients(20),
-    )
-    .expect("building the ECMP rig");
-    let prefix = format!("slb-{}-", rig.tag());
-    let scratch = ScratchDir::new(rig.tag());
-    let store = rig.start_store().expect("redis-server");
-    let guards: Vec<_> = (1..=2).map(|i| rig.datapath_guard(i)).collect();
-    let servers = rig.start_backend_servers().expect("backend servers");
-    let balancers: Vec<Balancer> = (1..=2)
-        .map(|i| {
-            rig.start_balancer(i, scratch.path(), &config(&rig, i, &[1, 2]))
-                .expect("starting sticky-lb")
-        })
-        .collect();
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, &[1, 2]),
+    );
+    let rig = &cluster.rig;
     rig.set_ecmp(&[1]).unwrap();
     let clients = rig.client_addrs().to_vec();
     let poisoned = clients[0];
-    store
+    cluster
+        .store
         .command(&["RPUSH", &format!("sticky-lb:stick:web:{poisoned}"), "x"])
         .expect("RPUSH");
     // Every connection works; the 19 others reach node 2 (from the same pipelines).
@@ -450,11 +354,11 @@ fn a_key_redis_refuses_costs_only_that_client_its_sharing() {
     wait_for(
         "node 2 learning the others",
         Duration::from_secs(10),
-        || table(&rig, 2).len() == clients.len() - 1,
+        || rig.stick_table(2).len() == clients.len() - 1,
     );
-    assert!(!table(&rig, 2).contains_key(&poisoned.to_string()));
+    assert!(!rig.stick_table(2).contains_key(&poisoned.to_string()));
     let stats: serde_json::Value =
-        serde_json::from_str(&cli_ok(&rig, 1, &["stats", "--json"])).unwrap();
+        serde_json::from_str(&rig.node_cli(1, &["stats", "--json"])).unwrap();
     let counters = &stats["shared_table"]["counters"];
     eprintln!("node 1 after a refused claim: {counters}");
     assert!(
@@ -470,11 +374,5 @@ fn a_key_redis_refuses_costs_only_that_client_its_sharing() {
         clients.len() as u64 - 1,
         "{counters}"
     );
-    drop(balancers);
-    drop(guards);
-    drop(servers);
-    drop(store);
-    drop(scratch);
-    drop(rig);
-    assert_eq!(listed_namespaces(&prefix), Vec::<String>::new());
+    cluster.finish();
 }
