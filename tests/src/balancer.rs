@@ -23,6 +23,30 @@ pub fn binary() -> PathBuf {
         .join("sticky-lb")
 }
 
+/// For a bench binary (in `target/<profile>/`, where [`binary`], made for tests in
+/// `target/<profile>/deps/`, does not look): the sticky-lb binary beside it, which then is
+/// what [`binary`] returns too. Call it at start-up, before any other thread exists.
+///
+/// Errors: no sticky-lb there and no `$STICKY_LB_BIN`.
+pub fn locate_from_bench() -> anyhow::Result<PathBuf> {
+    let mut path = binary();
+    if !path.exists() && std::env::var_os("STICKY_LB_BIN").is_none() {
+        let beside = std::env::current_exe()?.with_file_name("sticky-lb");
+        if beside.exists() {
+            // SAFETY: the caller runs this before it starts any other thread.
+            unsafe { std::env::set_var("STICKY_LB_BIN", &beside) };
+            path = beside;
+        }
+    }
+    if !path.exists() {
+        bail!(
+            "sticky-lb binary not found at {} (build it with `cargo build --release -p sticky-lb` or set STICKY_LB_BIN)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Runs `sticky-lb --netns NS ARGS...` to completion; returns (status code, stdout, stderr).
 pub fn cli(netns: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())

@@ -186,6 +186,14 @@ fn claim_cmd(
         .arg(placed_head(node, &placed.service, placed.client));
 }
 
+/// Adds to `pipe` the publication of `message` to every node (its answer ignored).
+fn publish(pipe: &mut redis::Pipeline, keys: &Keys, message: &Message) {
+    pipe.cmd("PUBLISH")
+        .arg(keys.channel())
+        .arg(message.encode())
+        .ignore();
+}
+
 /// Sends a batch as one pipeline (a flush first scans its keys) and acts on the answers.
 async fn send(
     inner: &Arc<Inner>,
@@ -232,10 +240,7 @@ async fn send(
                     placement,
                     ttl_ms: placed.ttl_ms,
                 };
-                pipe.cmd("PUBLISH")
-                    .arg(keys.channel())
-                    .arg(message.encode())
-                    .ignore();
+                publish(&mut pipe, keys, &message);
                 commands += 2;
             }
             Update::Delete { service, client } => {
@@ -245,10 +250,7 @@ async fn send(
                     service: service.clone(),
                     client: *client,
                 };
-                pipe.cmd("PUBLISH")
-                    .arg(keys.channel())
-                    .arg(message.encode())
-                    .ignore();
+                publish(&mut pipe, keys, &message);
                 commands += 2;
             }
             Update::Flush { service } => {
@@ -257,10 +259,7 @@ async fn send(
                     node: node.to_string(),
                     service: service.clone(),
                 };
-                pipe.cmd("PUBLISH")
-                    .arg(keys.channel())
-                    .arg(message.encode())
-                    .ignore();
+                publish(&mut pipe, keys, &message);
                 commands += 1;
             }
             Update::Refresh(entries) => {
@@ -288,10 +287,7 @@ async fn send(
                             .map(|p| (p.client, p.backend.clone(), p.created_ms))
                             .collect(),
                     };
-                    pipe.cmd("PUBLISH")
-                        .arg(keys.channel())
-                        .arg(message.encode())
-                        .ignore();
+                    publish(&mut pipe, keys, &message);
                     commands += 1;
                 }
             }
@@ -300,10 +296,7 @@ async fn send(
                     node: node.to_string(),
                     request: serde_json::to_string(request)?,
                 };
-                pipe.cmd("PUBLISH")
-                    .arg(keys.channel())
-                    .arg(message.encode())
-                    .ignore();
+                publish(&mut pipe, keys, &message);
                 commands += 1;
             }
         }
@@ -419,20 +412,30 @@ fn settle_claim(
     }
 }
 
+/// One `SCAN` step from `cursor` over the keys matching `pattern`: the next cursor (0 when
+/// done) and the keys found.
+async fn scan(
+    con: &mut MultiplexedConnection,
+    pattern: &str,
+    cursor: u64,
+) -> Result<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .query_async(con)
+        .await
+        .context("SCAN")
+}
+
 /// Deletes every key matching `pattern` (SCAN + DEL in steps); the commands sent.
 async fn delete_matching(con: &mut MultiplexedConnection, pattern: &str) -> Result<u64> {
     let mut cursor: u64 = 0;
     let mut commands = 0;
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(con)
-            .await
-            .context("SCAN")?;
+        let (next, found) = scan(con, pattern, cursor).await?;
         commands += 1;
         if !found.is_empty() {
             let _: () = redis::cmd("DEL")
@@ -507,15 +510,7 @@ async fn pull(
         let pattern = keys.stick_pattern(&service.name);
         let mut cursor: u64 = 0;
         loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(con)
-                .await
-                .context("SCAN")?;
+            let (next, found) = scan(con, &pattern, cursor).await?;
             commands += 1;
             if !found.is_empty() {
                 let mut pipe = redis::pipe();

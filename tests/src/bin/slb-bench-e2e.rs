@@ -27,14 +27,13 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sticky_lb_tests::{
-    balancer::{ScratchDir, binary},
+    balancer::ScratchDir,
     loadgen::{
         balancers::{self, BackendRole, Backends, Kind, PORT},
         client::{self, LoadResult, LoadSpec, Mode, ThreadPlan},
@@ -226,30 +225,9 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-/// Makes `balancer::binary()` find sticky-lb: it looks next to a test's `deps/` directory,
-/// while this binary sits directly in `target/<profile>/`.
-fn locate_sticky_lb() -> Result<PathBuf> {
-    let mut path = binary();
-    if !path.exists() && std::env::var_os("STICKY_LB_BIN").is_none() {
-        let beside = std::env::current_exe()?.with_file_name("sticky-lb");
-        if beside.exists() {
-            // SAFETY: called at start-up, before this process starts any other thread.
-            unsafe { std::env::set_var("STICKY_LB_BIN", &beside) };
-            path = beside;
-        }
-    }
-    if !path.exists() {
-        bail!(
-            "sticky-lb binary not found at {} (build it with `./x build --release` or set STICKY_LB_BIN)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let sticky_lb = locate_sticky_lb()?;
+    let sticky_lb = sticky_lb_tests::balancer::locate_from_bench()?;
     let machine = machine();
     eprintln!(
         "slb-bench-e2e: {} rounds x {} s per mode, {} client threads, sticky-lb {}, balancers {}",

@@ -28,7 +28,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Barrier, mpsc};
 use std::time::{Duration, Instant};
@@ -38,7 +37,7 @@ use aya::maps::{HashMap, MapData};
 use sticky_lb::dataplane::{PinDir, open_pinned};
 use sticky_lb::state;
 use sticky_lb_common::{Family, StickEntry, StickKey, addr, map_names};
-use sticky_lb_tests::balancer::{Balancer, PeerXdp, ScratchDir, binary, cli};
+use sticky_lb_tests::balancer::{Balancer, PeerXdp, ScratchDir, cli};
 use sticky_lb_tests::ecmp::{EcmpRig, EcmpRigOptions, MAX_CLIENTS};
 use sticky_lb_tests::netns::{in_netns, listed_namespaces, require_root, spawn_in_netns};
 use sticky_lb_tests::redis::RedisServer;
@@ -145,30 +144,9 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-/// Makes `balancer::binary()` find sticky-lb: it looks next to a test's `deps/` directory,
-/// while this binary sits directly in `target/<profile>/`.
-fn locate_sticky_lb() -> Result<PathBuf> {
-    let mut path = binary();
-    if !path.exists() && std::env::var_os("STICKY_LB_BIN").is_none() {
-        let beside = std::env::current_exe()?.with_file_name("sticky-lb");
-        if beside.exists() {
-            // SAFETY: called at start-up, before this process starts any other thread.
-            unsafe { std::env::set_var("STICKY_LB_BIN", &beside) };
-            path = beside;
-        }
-    }
-    if !path.exists() {
-        bail!(
-            "sticky-lb binary not found at {} (build it with `cargo build --release -p sticky-lb` or set STICKY_LB_BIN)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let sticky_lb = locate_sticky_lb()?;
+    let sticky_lb = sticky_lb_tests::balancer::locate_from_bench()?;
     let started = Instant::now();
     eprintln!(
         "slb-bench-shared: sticky-lb {} ({} XDP), {} lag clients, {} bursts of {MAX_CLIENTS}, {} client threads",
