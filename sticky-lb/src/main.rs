@@ -163,21 +163,23 @@ enum TableCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stick a client to a backend: its whole prefix (the service's client_mask) goes there.
+    /// Stick a client to a backend: its whole prefix (the service's client_mask) goes there. On
+    /// every node, for a service shared through `shared_table`.
     Set {
         /// An IPv4 or IPv6 client address, of the service's family.
         client: IpAddr,
         /// SERVICE/BACKEND, as named in the config.
         backend: String,
     },
-    /// Forget a client (its whole prefix): its next connection is placed anew.
+    /// Forget a client (its whole prefix): its next connection is placed anew. On every node,
+    /// for a shared service.
     Delete {
         /// An IPv4 or IPv6 client address.
         client: IpAddr,
         #[arg(long)]
         service: Option<String>,
     },
-    /// Forget every client (of one service with --service).
+    /// Forget every client (of one service with --service). On every node, for shared services.
     Flush {
         #[arg(long)]
         service: Option<String>,
