@@ -376,3 +376,91 @@ fn a_key_redis_refuses_costs_only_that_client_its_sharing() {
     );
     cluster.finish();
 }
+
+/// `ip -n NS route ACTION blackhole ADDR/32`: inside a rig namespace, packets to ADDR vanish
+/// (no reset, no ICMP), as when a host dies or the network between two hosts is cut.
+fn blackhole(ns: &str, action: &str, addr: Ipv4Addr) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            ns,
+            "route",
+            action,
+            "blackhole",
+            &format!("{addr}/32"),
+        ])
+        .output()
+        .expect("ip route");
+    assert!(
+        out.status.success(),
+        "ip -n {ns} route {action} blackhole {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Redis's host dies without a word to node 2 (nothing reaches node 2: no FIN, no reset) and a
+/// new Redis takes its place. Node 2 sends nothing on its idle connections, so only its own
+/// check (a PING when idle) can tell them dead; then it subscribes again and resyncs, and
+/// learns the clients node 1 places on the new Redis.
+#[test]
+fn a_node_whose_redis_died_silently_reconnects_and_learns_again() {
+    require_root();
+    let mut cluster = Cluster::start(
+        EcmpRigOptions::new("shout_silent")
+            .balancers(2)
+            .backends(2)
+            .clients(40),
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, &[1, 2]),
+    );
+    let rig = &cluster.rig;
+    rig.set_ecmp(&[1]).unwrap();
+    let clients = rig.client_addrs().to_vec();
+    let (before, after) = clients.split_at(20);
+    rig.round(before, TIMEOUT);
+    wait_for(
+        "node 2 learning the first clients",
+        Duration::from_secs(10),
+        || rig.stick_table(2).len() == before.len(),
+    );
+    // The store's host vanishes for node 2 in both directions, dies, and a new Redis starts.
+    let (store_ns, store_addr, lb2_ns, lb2_addr) = (
+        rig.store_ns(),
+        rig.store_addr(),
+        rig.lb_ns(2),
+        rig.lb_addr(2),
+    );
+    blackhole(lb2_ns, "add", store_addr);
+    blackhole(store_ns, "add", lb2_addr);
+    // The dead host's kernel must not tell node 2 later either: its FIN, retransmitted after
+    // the blackhole is gone, would close node 2's connections. One retry, then the socket is
+    // forgotten (in the store's namespace only).
+    let sysctl = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            store_ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_orphan_retries=1",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(sysctl.success());
+    cluster.store.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    cluster.store.restart().expect("restarting redis-server");
+    blackhole(store_ns, "del", lb2_addr);
+    blackhole(lb2_ns, "del", store_addr);
+    // New clients through node 1, which saw Redis go and come back.
+    rig.round(after, TIMEOUT);
+    let learned = wait_for(
+        "node 2 learning the new clients",
+        Duration::from_secs(15),
+        || rig.stick_table(2).len() == clients.len(),
+    );
+    eprintln!("node 2 learned the clients placed after the silent failure {learned:?} later");
+    assert_eq!(rig.stick_table(1), rig.stick_table(2));
+    cluster.finish();
+}

@@ -24,6 +24,8 @@ use tracing::{debug, info, warn};
 const BATCH: usize = 256;
 /// Keys a resync reads per SCAN step.
 const SCAN_COUNT: usize = 1000;
+/// How long the command connection stays idle before it checks Redis is there (PING).
+const IDLE_PING: Duration = Duration::from_secs(1);
 /// Waits between reconnection attempts: doubled from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_LAST: Duration = Duration::from_secs(2);
@@ -108,6 +110,7 @@ pub(super) async fn commands(inner: Arc<Inner>) {
         if let Err(e) = serve(&inner, &mut con).await {
             Stats::add(&inner.stats.redis_errors, 1);
             warn!("shared table: Redis connection failed ({e:#}); reconnecting");
+            inner.link_failures.send_modify(|n| *n += 1);
         }
         inner.stats.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(BACKOFF_FIRST).await;
@@ -136,9 +139,15 @@ async fn serve(inner: &Arc<Inner>, con: &mut MultiplexedConnection) -> Result<()
             queue.drain(..n).collect()
         };
         if batch.is_empty() {
-            // Woken by a new update or a resync request; the timeout only bounds a lost wake-up.
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), inner.outgoing.ready.notified()).await;
+            // Woken by a new update or a resync request. A second without either: the
+            // connection is asked whether Redis is still there (a partition closes nothing, and
+            // only a command times out), so a dead Redis is noticed within about 2 s.
+            if tokio::time::timeout(IDLE_PING, inner.outgoing.ready.notified())
+                .await
+                .is_err()
+            {
+                let _: String = redis::cmd("PING").query_async(con).await.context("PING")?;
+            }
             continue;
         }
         if let Err(e) = send(inner, con, &sha, &mut table, &batch).await {
@@ -611,7 +620,23 @@ pub(super) async fn subscription(inner: Arc<Inner>) {
             }
         };
         let mut messages = pubsub.into_on_message();
-        while let Some(message) = messages.next().await {
+        // The command connection's failures: one while subscribed means Redis may be gone
+        // without this connection knowing (nothing is ever sent on it).
+        let mut link_failures = inner.link_failures.subscribe();
+        link_failures.mark_unchanged();
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = link_failures.changed() => {
+                    warn!("shared table: the command connection failed; subscribing again");
+                    break;
+                }
+            };
+            let Some(message) = message else {
+                Stats::add(&inner.stats.redis_errors, 1);
+                warn!("shared table: subscription lost; subscribing again");
+                break;
+            };
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
@@ -624,8 +649,6 @@ pub(super) async fn subscription(inner: Arc<Inner>) {
             }
             receive(&inner, &mut table, message);
         }
-        Stats::add(&inner.stats.redis_errors, 1);
-        warn!("shared table: subscription lost; subscribing again");
         tokio::time::sleep(BACKOFF_FIRST).await;
     }
 }

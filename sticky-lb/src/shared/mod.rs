@@ -96,6 +96,10 @@ struct Inner {
     /// Set when updates were lost (queue overflow, a failed connection): the link task resyncs
     /// before it sends anything else.
     resync_wanted: AtomicBool,
+    /// Counts the command connection's failures. A Redis that went away without closing the
+    /// connections (a partition, a host that died) leaves the subscription silent forever: the
+    /// subscription subscribes again whenever this moves.
+    link_failures: tokio::sync::watch::Sender<u64>,
     /// Operator requests from other nodes, for the controller's main loop.
     operator: tokio::sync::mpsc::Sender<Request>,
     stats: Arc<Stats>,
@@ -164,6 +168,7 @@ impl SharedTable {
                 ready: Notify::new(),
             },
             resync_wanted: AtomicBool::new(true),
+            link_failures: tokio::sync::watch::Sender::new(0),
             operator,
             stats: Arc::new(Stats::default()),
         });
