@@ -464,3 +464,51 @@ fn a_node_whose_redis_died_silently_reconnects_and_learns_again() {
     assert_eq!(rig.stick_table(1), rig.stick_table(2));
     cluster.finish();
 }
+
+/// An `--all-nodes` command given while a node is cut off from Redis reaches it once it is
+/// back: the command is in the operator log as well as on the channel, and a node that
+/// subscribes again reads what it missed.
+#[test]
+fn an_all_nodes_command_reaches_a_node_that_was_cut_off() {
+    require_root();
+    let cluster = Cluster::start(
+        EcmpRigOptions::new("shout_oplog")
+            .balancers(2)
+            .backends(2)
+            .clients(4),
+        &[1, 2],
+        false,
+        |rig, i| config(rig, i, &[1, 2]),
+    );
+    let rig = &cluster.rig;
+    for i in 1..=2 {
+        rig.wait_backend_state(i, "b1", "up");
+    }
+    let (store_ns, store_addr, lb2_ns, lb2_addr) = (
+        rig.store_ns(),
+        rig.store_addr(),
+        rig.lb_ns(2),
+        rig.lb_addr(2),
+    );
+    blackhole(lb2_ns, "add", store_addr);
+    blackhole(store_ns, "add", lb2_addr);
+    wait_for(
+        "node 2 noticing Redis is gone",
+        Duration::from_secs(10),
+        || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&rig.node_cli(2, &["stats", "--json"])).unwrap();
+            stats["shared_table"]["connected"] == false
+        },
+    );
+    let out = rig.node_cli(1, &["backend", "drain", "web/b1", "--all-nodes"]);
+    assert!(out.contains("sent to every node"), "{out}");
+    rig.wait_backend_state(1, "b1", "drain");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rig.backend_states(2)["b1"], "up", "node 2 was cut off");
+    blackhole(store_ns, "del", lb2_addr);
+    blackhole(lb2_ns, "del", store_addr);
+    let took = rig.wait_backend_state(2, "b1", "drain");
+    eprintln!("node 2 applied the command it missed {took:?} after Redis was reachable again");
+    cluster.finish();
+}

@@ -4,7 +4,7 @@
 use super::{
     COMMAND_TIMEOUT, Inner, Stats, Update,
     local::{self, Directory, Learned, LocalTable, Placed},
-    record::{CLAIM_SCRIPT, Keys, Message, Placement, placed_head},
+    record::{CLAIM_SCRIPT, Keys, Message, Placement, placed_head, stream_id},
 };
 use crate::dataplane::{PinDir, open_pinned};
 use anyhow::{Context, Result, bail};
@@ -24,6 +24,9 @@ use tracing::{debug, info, warn};
 const BATCH: usize = 256;
 /// Keys a resync reads per SCAN step.
 const SCAN_COUNT: usize = 1000;
+/// Operator commands the log keeps (about: `MAXLEN ~`): a node away for more than that many
+/// `--all-nodes` commands misses the oldest (it says so).
+const OPERATOR_LOG_LEN: usize = 1000;
 /// How long the command connection stays idle before it checks Redis is there (PING).
 const IDLE_PING: Duration = Duration::from_secs(1);
 /// Waits between reconnection attempts: doubled from the first to the last.
@@ -301,12 +304,28 @@ async fn send(
                 }
             }
             Update::Operator(request) => {
+                // Logged first (a node away now reads it when it is back), then published.
+                let request = serde_json::to_string(request)?;
+                let id: String = redis::cmd("XADD")
+                    .arg(keys.operator_log())
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(OPERATOR_LOG_LEN)
+                    .arg("*")
+                    .arg("node")
+                    .arg(node)
+                    .arg("request")
+                    .arg(&request)
+                    .query_async(con)
+                    .await
+                    .context("XADD")?;
                 let message = Message::Operator {
                     node: node.to_string(),
-                    request: serde_json::to_string(request)?,
+                    id,
+                    request,
                 };
                 publish(&mut pipe, keys, &message);
-                commands += 1;
+                commands += 2;
             }
         }
     }
@@ -612,6 +631,12 @@ pub(super) async fn subscription(inner: Arc<Inner>) {
         };
         backoff = BACKOFF_FIRST;
         inner.want_resync();
+        // Subscribed first, then the log read: a command logged meanwhile comes both ways and
+        // is applied once.
+        if let Err(e) = catch_up_operator_log(&inner).await {
+            Stats::add(&inner.stats.redis_errors, 1);
+            warn!("shared table: reading the operator log: {e:#}");
+        }
         let mut table = match LocalTable::open(&inner.pins) {
             Ok(table) => table,
             Err(e) => {
@@ -708,18 +733,123 @@ fn receive(inner: &Arc<Inner>, table: &mut LocalTable, message: Message) {
                 }
             });
         }
-        Message::Operator { node, request } => {
-            match serde_json::from_str::<crate::control::Request>(&request) {
-                Ok(request) => {
-                    info!("shared table: operator command from {node}: {request:?}");
-                    if inner.operator.try_send(request).is_err() {
-                        warn!(
-                            "shared table: operator command from {node} dropped (controller busy)"
-                        );
-                    }
+        Message::Operator { node, id, request } => apply_operator(inner, &node, &id, request),
+    }
+}
+
+/// Records operator-log entry `id` as seen; whether it was new (an entry read from the log
+/// and again from the channel is applied once).
+fn first_sight(inner: &Inner, id: &str) -> bool {
+    let Some(id) = stream_id(id) else {
+        return true;
+    };
+    let mut seen = inner
+        .operator_seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.is_some_and(|seen| id <= seen) {
+        return false;
+    }
+    *seen = Some(id);
+    true
+}
+
+/// After a (re)subscription: applies the `--all-nodes` commands logged since the newest this
+/// node has seen (while it was cut off from Redis); the first time, only notes where the log
+/// ends (a node that starts takes its state from its config and state file, not from history).
+async fn catch_up_operator_log(inner: &Arc<Inner>) -> Result<()> {
+    let mut con = connect(&inner.client).await.context("connecting")?;
+    let log = inner.keys.operator_log();
+    let seen = *inner
+        .operator_seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some((ms, seq)) = seen else {
+        let last: Value = redis::cmd("XREVRANGE")
+            .arg(&log)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut con)
+            .await
+            .context("XREVRANGE")?;
+        let newest = log_entries(last).first().map(|e| e.0).unwrap_or((0, 0));
+        first_sight(inner, &format!("{}-{}", newest.0, newest.1));
+        return Ok(());
+    };
+    let missed: Value = redis::cmd("XRANGE")
+        .arg(&log)
+        .arg(format!("({ms}-{seq}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(OPERATOR_LOG_LEN)
+        .query_async(&mut con)
+        .await
+        .context("XRANGE")?;
+    for ((ms, seq), node, request) in log_entries(missed) {
+        receive_operator(inner, &format!("{ms}-{seq}"), &node, request);
+    }
+    Ok(())
+}
+
+/// An operator command from the log or the channel: applied here unless this node sent it or
+/// has seen it.
+fn receive_operator(inner: &Arc<Inner>, id: &str, node: &str, request: String) {
+    if node == inner.node {
+        first_sight(inner, id);
+        return;
+    }
+    apply_operator(inner, node, id, request);
+}
+
+/// The entries of an `XRANGE`/`XREVRANGE` answer: (id, node, request); malformed ones skipped.
+fn log_entries(answer: Value) -> Vec<((u64, u64), String, String)> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(entries) = answer else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let Value::Array(parts) = entry else {
+                return None;
+            };
+            let id = stream_id(&text(parts.first()?)?)?;
+            let Value::Array(fields) = parts.get(1)? else {
+                return None;
+            };
+            let mut node = None;
+            let mut request = None;
+            for pair in fields.chunks(2) {
+                match (pair.first().and_then(text).as_deref(), pair.get(1)) {
+                    (Some("node"), Some(v)) => node = text(v),
+                    (Some("request"), Some(v)) => request = text(v),
+                    _ => {}
                 }
-                Err(e) => warn!("shared table: unreadable operator command from {node}: {e}"),
+            }
+            Some((id, node?, request?))
+        })
+        .collect()
+}
+
+/// An `--all-nodes` command from another node (its log id `id`): handed to the controller's
+/// main loop once, however often it arrives.
+fn apply_operator(inner: &Inner, node: &str, id: &str, request: String) {
+    if !first_sight(inner, id) {
+        return;
+    }
+    match serde_json::from_str::<crate::control::Request>(&request) {
+        Ok(request) => {
+            info!("shared table: operator command from {node}: {request:?}");
+            if inner.operator.try_send(request).is_err() {
+                warn!("shared table: operator command from {node} dropped (controller busy)");
             }
         }
+        Err(e) => warn!("shared table: unreadable operator command from {node}: {e}"),
     }
 }

@@ -100,6 +100,9 @@ struct Inner {
     /// connections (a partition, a host that died) leaves the subscription silent forever: the
     /// subscription subscribes again whenever this moves.
     link_failures: tokio::sync::watch::Sender<u64>,
+    /// The newest operator-log entry this node has seen (applied, or was there before it
+    /// started): `None` until the subscription first reads the log.
+    operator_seen: Mutex<Option<(u64, u64)>>,
     /// Operator requests from other nodes, for the controller's main loop.
     operator: tokio::sync::mpsc::Sender<Request>,
     stats: Arc<Stats>,
@@ -169,6 +172,7 @@ impl SharedTable {
             },
             resync_wanted: AtomicBool::new(true),
             link_failures: tokio::sync::watch::Sender::new(0),
+            operator_seen: Mutex::new(None),
             operator,
             stats: Arc::new(Stats::default()),
         });

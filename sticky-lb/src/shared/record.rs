@@ -74,6 +74,11 @@ impl Keys {
         pattern
     }
 
+    /// The operator log: `--all-nodes` commands, a Redis stream (`XADD ... MAXLEN ~`).
+    pub fn operator_log(&self) -> String {
+        format!("{}:operator", self.prefix)
+    }
+
     /// The channel every node publishes to and subscribes to.
     pub fn channel(&self) -> String {
         format!("{}:events", self.prefix)
@@ -108,8 +113,14 @@ pub enum Message {
     },
     /// An operator flushed the service's entries (`table flush`).
     Flushed { node: String, service: String },
-    /// An operator command given with `--all-nodes` (the control request as JSON).
-    Operator { node: String, request: String },
+    /// An operator command given with `--all-nodes` (the control request as JSON), with its id
+    /// in the operator log (`PREFIX:operator`, a stream): a node that was away reads what it
+    /// missed from the log, and applies each command once.
+    Operator {
+        node: String,
+        id: String,
+        request: String,
+    },
 }
 
 impl Message {
@@ -154,7 +165,9 @@ impl Message {
                 client,
             } => format!("deleted\t{node}\t{service}\t{client}"),
             Message::Flushed { node, service } => format!("flushed\t{node}\t{service}"),
-            Message::Operator { node, request } => format!("operator\t{node}\t{request}"),
+            Message::Operator { node, id, request } => {
+                format!("operator\t{node}\t{id}\t{request}")
+            }
         }
     }
 
@@ -211,13 +224,23 @@ impl Message {
                 node,
                 service: rest.to_string(),
             }),
-            "operator" => Some(Message::Operator {
-                node,
-                request: rest.to_string(),
-            }),
+            "operator" => {
+                let (id, request) = rest.split_once('\t')?;
+                Some(Message::Operator {
+                    node,
+                    id: id.to_string(),
+                    request: request.to_string(),
+                })
+            }
             _ => None,
         }
     }
+}
+
+/// A Redis stream entry id (`MS-SEQ`) as a pair that orders like the ids.
+pub fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The start of a `placed` message, to which the claim script appends the placement and TTL.
@@ -289,6 +312,7 @@ mod tests {
             },
             Message::Operator {
                 node: "lb1".into(),
+                id: "1764000000000-0".into(),
                 request: r#"{"command":"backend","service":"shop"}"#.into(),
             },
         ] {
@@ -321,6 +345,15 @@ mod tests {
                 ttl_ms: 30_000
             })
         );
+    }
+
+    #[test]
+    fn stream_ids_order_by_time_then_sequence() {
+        assert!(stream_id("1764000000000-1") > stream_id("1764000000000-0"));
+        assert!(stream_id("1764000000001-0") > stream_id("1764000000000-9"));
+        assert_eq!(stream_id("12-3"), Some((12, 3)));
+        assert_eq!(stream_id("12"), None);
+        assert_eq!(stream_id("a-1"), None);
     }
 
     #[test]
