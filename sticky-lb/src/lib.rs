@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod expiry;
 pub mod health;
+pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbour;

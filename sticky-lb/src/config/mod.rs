@@ -8,10 +8,15 @@
 //! - `location`: the line of a field path in the YAML text, for validation errors;
 //! - `units`: durations and MAC addresses as the config writes them.
 
+mod http;
 mod location;
 mod units;
 mod validate;
 
+pub use http::{
+    BackendProtocol, CookieConfig, HttpConfig, OnFailure, SameSite, ServiceMode, TlsConfig,
+    TokenConfig, is_token,
+};
 pub use units::{format_mac, parse_duration, parse_mac};
 pub use validate::{
     MAX_MAGLEV_TABLE_SIZE, MIN_FLOW_TIMEOUT, MIN_STICK_TIMEOUT, check_backend_address,
@@ -77,6 +82,10 @@ pub struct Config {
     /// behind ECMP or anycast); off unless configured.
     #[serde(default)]
     pub shared_table: Option<SharedTableConfig>,
+    /// The key file that seals `stick.cookie` cookies (required when a service uses them); the
+    /// same file on every node. Read at start and on every reload.
+    #[serde(default)]
+    pub cookie_keys: Option<std::path::PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -163,6 +172,12 @@ pub struct ServiceConfig {
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
+    /// `tcp` (default: the XDP data path) or `http` (proxied per request by the controller).
+    #[serde(default)]
+    pub mode: ServiceMode,
+    /// `mode: http` only: the proxy's settings.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
     #[serde(default)]
     pub policy: Policy,
     #[serde(default)]
@@ -421,6 +436,16 @@ pub struct StickConfig {
     /// policy's hash without an entry, so a SYN flood cannot evict real clients. 0 = no limit.
     #[serde(default = "default_insert_rate_limit")]
     pub insert_rate_limit: u32,
+    /// `mode: http` only: persistence by a sealed cookie the balancer inserts.
+    #[serde(default)]
+    pub cookie: Option<CookieConfig>,
+    /// `mode: http` only: persistence by a session token kept in the shared store.
+    #[serde(default)]
+    pub token: Option<TokenConfig>,
+    /// `mode: http` only: a request whose backend is down or disabled is placed again
+    /// (`redispatch`, default) or answered 503 (`strict`).
+    #[serde(default)]
+    pub on_failure: OnFailure,
 }
 
 impl Default for StickConfig {
@@ -430,6 +455,9 @@ impl Default for StickConfig {
             timeout: default_stick_timeout(),
             client_mask: None,
             insert_rate_limit: default_insert_rate_limit(),
+            cookie: None,
+            token: None,
+            on_failure: OnFailure::default(),
         }
     }
 }
@@ -555,11 +583,11 @@ impl ServiceConfig {
         )
     }
 
-    /// The port a backend with `port` in its config listens on: its own with NAT, else the
-    /// service's (the packet's port is not changed).
+    /// The port a backend with `port` in its config listens on: its own with NAT or HTTP, else
+    /// the service's (the packet's port is not changed).
     pub fn backend_port(&self, port: Option<u16>) -> u16 {
-        match self.forwarding {
-            Forwarding::Nat => port.unwrap_or(self.port),
+        match (self.mode, self.forwarding) {
+            (ServiceMode::Http, _) | (_, Forwarding::Nat) => port.unwrap_or(self.port),
             _ => self.port,
         }
     }

@@ -3,7 +3,8 @@
 //! make sense. An error names the field by its path and, where it can be found, its line.
 
 use super::{
-    CheckKind, Config, ConfigError, Forwarding, HealthCheckConfig, Policy, SourceNat,
+    CheckKind, Config, ConfigError, Forwarding, HealthCheckConfig, OnFailure, Policy, SameSite,
+    ServiceConfig, ServiceMode, SourceNat, is_token,
     location::{PathPart, locate, render_path},
 };
 use crate::maglev::is_prime;
@@ -291,6 +292,8 @@ impl Config {
                         .into(),
                 ));
             }
+            self.check_http(i, service)
+                .map_err(|(path, message)| err(&path, message))?;
             if service.backends.is_empty() {
                 return Err(err(
                     &at("backends"),
@@ -330,7 +333,7 @@ impl Config {
                     return Err(err(&at("address"), message));
                 }
                 if let Some(port) = backend.port {
-                    if service.forwarding != Forwarding::Nat {
+                    if service.forwarding != Forwarding::Nat && service.mode != ServiceMode::Http {
                         return Err(err(
                             &at("port"),
                             format!(
@@ -420,6 +423,172 @@ impl Config {
         Ok(())
     }
 }
+
+impl Config {
+    /// The rules of `mode: http` services and of the settings only they may use: the field
+    /// (as a path) and what is wrong.
+    fn check_http(&self, i: usize, service: &ServiceConfig) -> Result<(), (Vec<PathPart>, String)> {
+        use PathPart::{Index as I, Key as K};
+        let at = |fields: &[&'static str]| {
+            let mut path = vec![K("services"), I(i)];
+            path.extend(fields.iter().map(|f| K(f)));
+            path
+        };
+        let http = service.mode == ServiceMode::Http;
+        if !http {
+            let only_http = "applies only to mode: http (the XDP data path never reads a request)";
+            if service.http.is_some() {
+                return Err((at(&["http"]), only_http.into()));
+            }
+            if service.stick.cookie.is_some() {
+                return Err((at(&["stick", "cookie"]), only_http.into()));
+            }
+            if service.stick.token.is_some() {
+                return Err((at(&["stick", "token"]), only_http.into()));
+            }
+            if service.stick.on_failure != OnFailure::Redispatch {
+                return Err((at(&["stick", "on_failure"]), only_http.into()));
+            }
+            return Ok(());
+        }
+        if service.forwarding != Forwarding::Dsr || service.tunnel.is_some() {
+            return Err((
+                at(&["forwarding"]),
+                "does not apply to mode: http (the proxy connects to the backends itself)".into(),
+            ));
+        }
+        if service.source_nat.is_some() {
+            return Err((
+                at(&["source_nat"]),
+                "does not apply to mode: http (backends see the balancer's address; the client's is in X-Forwarded-For)".into(),
+            ));
+        }
+        if service.stick.client_mask.is_some() && service.stick.cookie.is_some() {
+            return Err((
+                at(&["stick", "client_mask"]),
+                "does not apply with stick.cookie (the cookie, not the address, keys the session)".into(),
+            ));
+        }
+        match (&service.stick.cookie, &service.stick.token) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    at(&["stick", "token"]),
+                    "stick.cookie and stick.token are two persistence methods: choose one".into(),
+                ));
+            }
+            (Some(cookie), None) => {
+                if self.cookie_keys.is_none() {
+                    return Err((
+                        at(&["stick", "cookie"]),
+                        "needs cookie_keys: the key file that seals the cookies (the same on every node)".into(),
+                    ));
+                }
+                if !is_token(&cookie.name) {
+                    return Err((
+                        at(&["stick", "cookie", "name"]),
+                        format!("'{}' is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)", cookie.name),
+                    ));
+                }
+                let attribute = |v: &str| {
+                    !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+                };
+                if cookie.domain.as_deref().is_some_and(|d| !attribute(d)) {
+                    return Err((
+                        at(&["stick", "cookie", "domain"]),
+                        "must be a domain without spaces, ';' or ','".into(),
+                    ));
+                }
+                if !cookie.path.starts_with('/') || !attribute(&cookie.path) {
+                    return Err((
+                        at(&["stick", "cookie", "path"]),
+                        "must start with '/' and hold no spaces, ';' or ','".into(),
+                    ));
+                }
+                if cookie.samesite == Some(SameSite::None) && !cookie.secure {
+                    return Err((
+                        at(&["stick", "cookie", "samesite"]),
+                        "None needs secure: true (browsers drop a SameSite=None cookie without Secure)".into(),
+                    ));
+                }
+                for (field, value) in [
+                    ("max_idle", cookie.max_idle),
+                    ("max_life", cookie.max_life),
+                    ("max_age", cookie.max_age),
+                ] {
+                    if value.is_some_and(|v| v < Duration::from_secs(1)) {
+                        return Err((
+                            at(&["stick", "cookie", field]),
+                            "must be at least 1s (the sealed times count seconds)".into(),
+                        ));
+                    }
+                }
+            }
+            (None, Some(token)) => {
+                let named = [
+                    token.cookie.is_some(),
+                    token.header.is_some(),
+                    token.learn_from_response_cookie.is_some(),
+                ];
+                if named.iter().filter(|n| **n).count() != 1 {
+                    return Err((
+                        at(&["stick", "token"]),
+                        "needs exactly one of cookie, header or learn_from_response_cookie".into(),
+                    ));
+                }
+                for (field, name) in [
+                    ("cookie", &token.cookie),
+                    ("header", &token.header),
+                    ("learn_from_response_cookie", &token.learn_from_response_cookie),
+                ] {
+                    if let Some(name) = name
+                        && !is_token(name)
+                    {
+                        return Err((
+                            at(&["stick", "token", field]),
+                            format!("'{name}' is not a cookie or header name"),
+                        ));
+                    }
+                }
+                if token.cache == 0 {
+                    return Err((at(&["stick", "token", "cache"]), "must be at least 1".into()));
+                }
+                if self.shared_table.is_none() {
+                    return Err((
+                        at(&["stick", "token"]),
+                        "needs shared_table: tokens live in its Redis store, so every node routes them alike".into(),
+                    ));
+                }
+            }
+            (None, None) => {
+                if service.stick.on_failure == OnFailure::Strict {
+                    return Err((
+                        at(&["stick", "on_failure"]),
+                        "strict needs stick.cookie or stick.token (without them no request names a backend)".into(),
+                    ));
+                }
+            }
+        }
+        let settings = service.http.clone().unwrap_or_default();
+        if settings.response_timeout < Duration::from_millis(10) {
+            return Err((
+                at(&["http", "response_timeout"]),
+                "must be at least 10ms".into(),
+            ));
+        }
+        if let Some(tls) = &settings.tls {
+            for (field, path) in [("certificate", &tls.certificate), ("key", &tls.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err((
+                        at(&["http", "tls", field]),
+                        format!("cannot read {}: {e}", path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 
 /// Whether a least-conn service named `service` may have `backends` backends (counting one
 /// about to be added): the data path compares at most [`MAX_LEAST_CONN_BACKENDS`] per pick. The
