@@ -3,13 +3,13 @@
 
 /// One step of a field path: a mapping key or a sequence index.
 #[derive(Clone, Copy)]
-pub(super) enum PathPart {
+pub(crate) enum PathPart {
     Key(&'static str),
     Index(usize),
 }
 
 /// The path as errors print it: `services[0].backends[2].weight`.
-pub(super) fn render_path(path: &[PathPart]) -> String {
+pub(crate) fn render_path(path: &[PathPart]) -> String {
     let mut out = String::new();
     for part in path {
         match part {
@@ -28,7 +28,7 @@ pub(super) fn render_path(path: &[PathPart]) -> String {
 /// Finds the 1-based line of a field in block-style YAML (the style of every example config).
 /// serde_yaml reports lines for syntax and type errors only; semantic checks use this. Returns
 /// `None` where the text does not look like plain block YAML, and the error goes without a line.
-pub(super) fn locate(text: &str, path: &[PathPart]) -> Option<usize> {
+pub(crate) fn locate(text: &str, path: &[PathPart]) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     // The window of lines the current node spans, and the indentation its children have at least.
     let (mut start, mut end, mut min_indent) = (0usize, lines.len(), 0usize);

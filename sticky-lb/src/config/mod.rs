@@ -9,7 +9,7 @@
 //! - `units`: durations and MAC addresses as the config writes them.
 
 mod http;
-mod location;
+pub(crate) mod location;
 mod units;
 mod validate;
 
@@ -699,6 +699,29 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// A type or syntax error of serde_yaml, with the field and line it names. Also used for
+    /// the other YAML files the config points at (`cookie_keys`).
+    pub(crate) fn from_yaml(e: serde_yaml::Error) -> ConfigError {
+        let line = e.location().map(|l| l.line());
+        // serde_yaml appends "at line L column C"; we print the line our own way.
+        let mut message = e.to_string();
+        if let Some(i) = message.find(" at line ") {
+            message.truncate(i);
+        }
+        // serde_yaml prefixes the path ("services[0].vip: ..."); keep it as the field.
+        let (field, message) = match message.split_once(": ") {
+            Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
+            _ => (String::new(), message),
+        };
+        ConfigError {
+            field,
+            line,
+            message,
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file. `check_interface` also requires the interface
     /// to exist in the current network namespace.
@@ -715,24 +738,7 @@ impl Config {
     /// a bad address, a duration or MAC that does not parse) names the field and the line the
     /// YAML parser reports; a broken rule names the field and the line found in `text`.
     pub fn parse(text: &str, check_interface: bool) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line());
-            // serde_yaml appends "at line L column C"; we print the line our own way.
-            let mut message = e.to_string();
-            if let Some(i) = message.find(" at line ") {
-                message.truncate(i);
-            }
-            // serde_yaml prefixes the path ("services[0].vip: ..."); keep it as the field.
-            let (field, message) = match message.split_once(": ") {
-                Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
-                _ => (String::new(), message),
-            };
-            ConfigError {
-                field,
-                line,
-                message,
-            }
-        })?;
+        let config: Config = serde_yaml::from_str(text).map_err(ConfigError::from_yaml)?;
         config.validate(text, check_interface)?;
         Ok(config)
     }
