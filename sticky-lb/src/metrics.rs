@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub sweeps: u64,
     /// The shared stick table's counters, while it runs.
     pub shared: Option<Arc<crate::shared::Stats>>,
+    /// The HTTP proxy's counters (`mode: http` services).
+    pub http: Option<Arc<crate::http::stats::Stats>>,
 }
 
 impl Snapshot {
@@ -82,6 +84,7 @@ impl Snapshot {
             sweep_seconds: 0.0,
             sweeps: 0,
             shared: None,
+            http: None,
         }
     }
 
@@ -366,6 +369,8 @@ enum AnyFamily {
     FloatGauge(Family<f64>),
     /// A histogram without labels: (name, help, unit, the live histogram).
     Histogram(&'static str, &'static str, Unit, Histogram),
+    /// Histograms, one per label set: (name, help, unit, samples).
+    Histograms(&'static str, &'static str, Unit, Vec<(Labels, Histogram)>),
 }
 
 impl From<Family<u64>> for AnyFamily {
@@ -412,6 +417,13 @@ impl Collector for Scrape {
                     let metric =
                         encoder.encode_descriptor(name, help, Some(unit), MetricType::Histogram)?;
                     histogram.encode(metric)?;
+                }
+                AnyFamily::Histograms(name, help, unit, samples) => {
+                    let mut family =
+                        encoder.encode_descriptor(name, help, Some(unit), MetricType::Histogram)?;
+                    for (labels, histogram) in samples {
+                        histogram.encode(family.encode_family(labels)?)?;
+                    }
                 }
             }
         }
@@ -594,7 +606,100 @@ fn read(counts: &impl Counts, snap: &Snapshot, stick_capacity: u32) -> Result<Sc
         sweeps.into(),
     ];
     families.extend(shared);
+    if let Some(stats) = &snap.http {
+        families.extend(http_families(stats));
+    }
     Ok(Scrape(families))
+}
+
+/// The proxy's families: per `mode: http` service (label `service`) and backend.
+fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
+    use crate::http::stats::REJECT_REASONS;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut responses = Family::counter(
+        "http_responses",
+        "Responses sent to clients of mode: http services, by status class.",
+    );
+    let mut sessions = Family::counter(
+        "http_sessions",
+        "Requests by what their session did: new (placed by the policy), kept (reached the backend their cookie or token named), redispatched (its backend was down or refused the connection).",
+    );
+    let mut issued = Family::counter(
+        "http_cookies_issued",
+        "Set-Cookie headers (or tokens) sent: new sessions, re-placed ones and last-seen refreshes.",
+    );
+    let mut rejected = Family::counter(
+        "http_sessions_rejected",
+        "Cookies or tokens that counted as absent, by reason.",
+    );
+    let mut refused = Family::counter(
+        "http_refused",
+        "503s: no backend up, or on_failure: strict with the session's backend down.",
+    );
+    let mut errors = Family::counter(
+        "http_upstream_errors",
+        "Backend exchanges that failed: error (502) or timeout (504).",
+    );
+    let mut upgrades = Family::counter(
+        "http_upgrades",
+        "Connections upgraded (WebSocket) and relayed as bytes.",
+    );
+    let mut latencies = Vec::new();
+    for (service, s) in stats.services() {
+        let labels = |extra: Option<(&'static str, &str)>| {
+            let mut l: Labels = vec![("service", service.clone())];
+            if let Some((k, v)) = extra {
+                l.push((k, v.to_string()));
+            }
+            l
+        };
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            responses.add(&labels(Some(("class", class))), s.responses[i].load(Relaxed));
+        }
+        for (what, counter) in [
+            ("new", &s.sessions_new),
+            ("kept", &s.sessions_kept),
+            ("redispatched", &s.redispatched),
+        ] {
+            sessions.add(&labels(Some(("outcome", what))), counter.load(Relaxed));
+        }
+        issued.add(&labels(None), s.cookies_issued.load(Relaxed));
+        for (i, reason) in REJECT_REASONS.iter().enumerate() {
+            rejected.add(&labels(Some(("reason", reason))), s.rejected[i].load(Relaxed));
+        }
+        refused.add(&labels(None), s.refused.load(Relaxed));
+        errors.add(&labels(Some(("kind", "error"))), s.upstream_errors.load(Relaxed));
+        errors.add(&labels(Some(("kind", "timeout"))), s.upstream_timeouts.load(Relaxed));
+        upgrades.add(&labels(None), s.upgrades.load(Relaxed));
+        latencies.push((labels(None), s.upstream_latency.clone()));
+    }
+    let mut open = Family::gauge(
+        "http_backend_open_requests",
+        "Requests sent to a backend and not answered yet (least-conn's measure).",
+    );
+    let mut requests = Family::counter("http_backend_requests", "Requests sent to a backend.");
+    for ((service, backend), load) in stats.backends() {
+        let l: Labels = vec![("service", service), ("backend", backend)];
+        open.add(&l, load.open.load(Relaxed));
+        requests.add(&l, load.requests.load(Relaxed));
+    }
+    vec![
+        responses.into(),
+        sessions.into(),
+        issued.into(),
+        rejected.into(),
+        refused.into(),
+        errors.into(),
+        upgrades.into(),
+        AnyFamily::Histograms(
+            "http_upstream_latency",
+            "Time from sending a request to a backend to its response's headers.",
+            Unit::Seconds,
+            latencies,
+        ),
+        open.into(),
+        requests.into(),
+    ]
 }
 
 /// `scrape` in the Prometheus text format 0.0.4.
@@ -692,6 +797,7 @@ mod tests {
                 name: "web".into(),
                 vip: Ipv4Addr::new(198, 18, 0, 100).into(),
                 port: 80,
+                mode: "tcp".into(),
                 policy: "maglev".into(),
                 forwarding: "nat".into(),
                 forwarding_detail: None,

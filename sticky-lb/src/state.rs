@@ -86,6 +86,9 @@ pub struct ServiceRecord {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
+    /// `tcp` (the XDP data path) or `http` (the proxy); older state files have no field: tcp.
+    #[serde(default = "tcp")]
+    pub mode: String,
     pub policy: String,
     pub forwarding: String,
     /// What the mode sends from: a tunnel's source prefix, source NAT's address and ports.
@@ -239,4 +242,8 @@ mod tests {
         let again: RuntimeState = serde_json::from_str(&text).unwrap();
         assert_eq!(again.services[0].vip, state.services[0].vip);
     }
+}
+
+fn tcp() -> String {
+    "tcp".into()
 }

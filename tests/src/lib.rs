@@ -16,3 +16,4 @@ pub mod scenario;
 pub mod socket;
 pub mod tunnel;
 pub mod wait;
+pub mod web;

@@ -108,6 +108,8 @@ pub struct Controller {
     operator_tx: mpsc::Sender<Request>,
     /// When each shared service's keys were last refreshed (CLOCK_MONOTONIC_COARSE, ns).
     refresh_rounds: std::collections::BTreeMap<ServiceId, u64>,
+    /// The listeners of the `mode: http` services.
+    http: crate::http::Proxy,
     _lock: instance::Lock,
 }
 
@@ -227,6 +229,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     if let Some(shared) = controller.shared.take() {
         shared.stop();
     }
+    controller.http.shutdown().await;
     controller.stop(detach)
 }
 
@@ -293,7 +296,12 @@ impl Controller {
             .service_index()
             .map_err(|e| format!("reading the service index: {e:#}"))?;
         validate::validate(&plan, limits, &index)?;
+        // Listeners, TLS files and cookie keys first: a plan they refuse changes nothing.
+        let staged = self
+            .http
+            .stage(&http_views(&plan.next), desired.config.cookie_keys.as_deref())?;
         apply::apply(&mut self.dataplane, &self.services, &mut plan).map_err(|e| e.to_string())?;
+        self.http.commit(staged);
         let summary = plan.summary.clone();
         self.services = plan.next;
         self.ids = plan.ids;
@@ -515,4 +523,26 @@ pub fn detach(netns: Option<&str>, interface: &str) -> Result<()> {
     pins.remove()?;
     let _ = std::fs::remove_file(state::path(netns, interface));
     Ok(())
+}
+
+/// The `mode: http` services of a model, as the proxy takes them.
+fn http_views(services: &[ServiceSlot]) -> Vec<crate::http::ServiceView> {
+    services
+        .iter()
+        .filter(|s| s.proxied())
+        .map(|s| crate::http::ServiceView {
+            config: s.config.clone(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| crate::http::BackendView {
+                    name: b.name.clone(),
+                    address: SocketAddr::new(b.address, b.port),
+                    weight: b.weight,
+                    state: b.state,
+                    retry_after_secs: (b.check.interval * b.check.rise).as_secs().max(1),
+                })
+                .collect(),
+        })
+        .collect()
 }

@@ -60,6 +60,9 @@ pub(super) struct BackendSlot {
     /// When it started retiring (CLOCK_MONOTONIC_COARSE, ns): only a sweep that started later
     /// can find it drained out.
     pub retiring_since_ns: u64,
+    /// A `mode: http` service's: the proxy connects to it through the kernel, so it needs no
+    /// MAC.
+    pub proxied: bool,
     /// The data-path state that follows from the fields above.
     pub state: BackendState,
 }
@@ -71,7 +74,7 @@ impl BackendSlot {
     pub(super) fn effective_state(&self) -> BackendState {
         if self.admin == Admin::Disabled {
             BackendState::Disabled
-        } else if self.mac.is_none() || !self.healthy {
+        } else if (self.mac.is_none() && !self.proxied) || !self.healthy {
             BackendState::Down
         } else if self.admin == Admin::Drain || self.weight == 0 || self.retiring {
             BackendState::Drain
@@ -116,6 +119,11 @@ impl ServiceSlot {
 
     pub(super) fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// A `mode: http` service: served by the proxy, never in the data path's service index.
+    pub(super) fn proxied(&self) -> bool {
+        self.config.mode == config::ServiceMode::Http
     }
 
     pub(super) fn family(&self) -> Family {

@@ -6,7 +6,7 @@ use super::{
     ids::IdBook,
     model::{BackendSlot, ServiceSlot, params_differ, service_entry},
 };
-use crate::config::{BackendRemoval, CheckKind};
+use crate::config::{BackendRemoval, CheckKind, ServiceMode};
 use std::collections::BTreeSet;
 use sticky_lb_common::{Backend, BackendId, BackendState, ServiceId, ServiceKey};
 
@@ -195,6 +195,7 @@ pub(super) fn plan(
                 from_api: b.from_api,
                 retiring: false,
                 retiring_since_ns: 0,
+                proxied: service.mode == ServiceMode::Http,
                 state: BackendState::Unused,
             };
             slot.state = slot.effective_state();
@@ -287,10 +288,21 @@ pub(super) fn plan(
     }
     changes.extend(writes);
     for (i, s) in next.iter().enumerate() {
+        // A `mode: http` service stays out of the index: the XDP program passes its packets
+        // to the host, where the proxy listens.
+        // An adopting process cannot tell from the maps whether the last one published it
+        // (the config may have switched it from tcp): it takes the key out, in case.
+        if s.proxied() {
+            if cx.rewrite_all {
+                changes.push(Change::RemoveService(s.key));
+            }
+            continue;
+        }
         let publish = match find_current(s.name()) {
             None => true,
             Some(old) => {
                 cx.rewrite_all
+                    || old.proxied()
                     || old.key != s.key
                     || params_differ(&old.params, &s.params)
                     || old.config.maglev_table_size != s.config.maglev_table_size
@@ -302,13 +314,17 @@ pub(super) fn plan(
             changes.push(Change::Publish(i));
         }
     }
-    let next_keys: Vec<ServiceKey> = next.iter().map(|s| s.key).collect();
+    let next_keys: Vec<ServiceKey> = next
+        .iter()
+        .filter(|s| !s.proxied())
+        .map(|s| s.key)
+        .collect();
     let next_ids: BTreeSet<BackendId> = next
         .iter()
         .flat_map(|s| s.backends.iter().map(|b| b.id))
         .collect();
     for old in current {
-        if !next_keys.contains(&old.key) {
+        if !old.proxied() && !next_keys.contains(&old.key) {
             changes.push(Change::RemoveService(old.key));
         }
         if !next.iter().any(|s| s.name() == old.name()) {

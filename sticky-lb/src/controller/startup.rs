@@ -105,6 +105,7 @@ impl Controller {
             }
         })?;
         let latencies: health::Latencies = Arc::default();
+        let http = crate::http::Proxy::new();
         let mut controller = Controller {
             config_path: config_path.to_path_buf(),
             netns,
@@ -122,7 +123,10 @@ impl Controller {
             neighbour_tx: channels.neighbours,
             pending_tx: channels.pending,
             latencies: latencies.clone(),
-            metrics: Arc::new(Mutex::new(metrics::Snapshot::new(latencies))),
+            metrics: Arc::new(Mutex::new(metrics::Snapshot {
+                http: Some(http.stats()),
+                ..metrics::Snapshot::new(latencies)
+            })),
             orphans_seen: BTreeSet::new(),
             nat_orphans: Default::default(),
             state_behind: false,
@@ -133,6 +137,7 @@ impl Controller {
             shared: None,
             operator_tx: channels.operator,
             refresh_rounds: Default::default(),
+            http,
             _lock: lock,
         };
         if let Err(e) = controller.take_over_leftovers() {
@@ -426,6 +431,7 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> Ba
         from_api: b.from_api,
         retiring: b.retiring,
         retiring_since_ns: now_ns,
+        proxied: config.mode == crate::config::ServiceMode::Http,
         state,
     }
 }
@@ -434,8 +440,9 @@ fn adopted_backend(b: &BackendRecord, config: &ServiceConfig, now_ns: u64) -> Ba
 /// backends matter (the first plan takes it out), so its other fields are the defaults.
 fn departed_service(record: &ServiceRecord) -> ServiceConfig {
     let yaml = format!(
-        "{{name: {:?}, vip: {:?}, port: {}, maglev_table_size: {}, health_check: {{type: none}}, backends: []}}",
+        "{{name: {:?}, mode: {}, vip: {:?}, port: {}, maglev_table_size: {}, health_check: {{type: none}}, backends: []}}",
         record.name,
+        record.mode,
         record.vip.to_string(),
         record.port,
         record.maglev_table_size
@@ -500,6 +507,7 @@ pub(super) fn service_record(s: &ServiceSlot) -> ServiceRecord {
         name: s.name().to_string(),
         vip: addr::from_words(s.family(), s.key.vip),
         port: u16::from_be(s.key.port),
+        mode: s.config.mode.name().into(),
         policy: match s.config.policy {
             crate::config::Policy::IpHash => "ip-hash".into(),
             crate::config::Policy::LeastConn => "least-conn".into(),
@@ -600,6 +608,7 @@ mod tests {
             name: "web6".into(),
             vip: "2001:db8::100".parse().unwrap(),
             port: 443,
+            mode: "tcp".into(),
             policy: "ip-hash".into(),
             forwarding: "dsr".into(),
             forwarding_detail: None,
