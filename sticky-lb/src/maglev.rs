@@ -110,13 +110,20 @@ impl Table {
 }
 
 /// 64-bit FNV-1a of the name with a seed, finished with a murmur3 64-bit mix so short names that
-/// differ in one character still land far apart.
-fn name_hash(name: &str, seed: u64) -> u64 {
+/// differ in one character still land far apart. Fixed constants, no per-process key: every
+/// node computes the same value.
+pub fn name_hash(name: &str, seed: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for byte in name.bytes() {
         h ^= byte as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    mix64(h)
+}
+
+/// MurmurHash3's 64-bit finalizer (`fmix64`, Austin Appleby): every input bit flips each output
+/// bit with probability about one half.
+pub fn mix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

@@ -12,6 +12,7 @@
 //! - `session`: which backend a request's cookie or token names, and what the response adds;
 //! - `proxy`: the exchange with the backend, headers, upgrades;
 //! - `cookie`, `keys`: the sealed persistence cookie and the key file;
+//! - `token`: the token -> backend store in Redis (`stick.token`);
 //! - `tls`: certificates; `stats`: the counters the metrics endpoint exports.
 
 pub mod cookie;
@@ -21,6 +22,7 @@ pub mod route;
 mod session;
 pub mod stats;
 pub mod tls;
+pub mod token;
 
 pub use route::{BackendView, ServiceView};
 

@@ -78,7 +78,9 @@ impl EventReader {
     }
 }
 
-async fn connect(client: &redis::Client) -> redis::RedisResult<MultiplexedConnection> {
+/// A multiplexed connection to `client`'s Redis: connecting and every answer bounded by
+/// [`COMMAND_TIMEOUT`] (a command that takes longer fails, and so does the connection's user).
+pub(crate) async fn connect(client: &redis::Client) -> redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT));

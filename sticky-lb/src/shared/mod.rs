@@ -37,7 +37,8 @@ mod local;
 pub mod record;
 mod stats;
 
-pub use local::{BackendView, Directory, Placed, ServiceView, unix_ms_of};
+pub(crate) use link::connect;
+pub use local::{BackendView, Directory, Placed, ServiceView, unix_ms, unix_ms_of};
 pub use stats::{LAG_BUCKETS, Stats};
 
 use crate::{config::SharedTableConfig, control::Request, dataplane::PinDir};

@@ -63,15 +63,23 @@ impl Keys {
     /// A `SCAN MATCH` pattern for every stick key of `service` (glob characters in the name
     /// escaped).
     pub fn stick_pattern(&self, service: &str) -> String {
-        let mut pattern = String::new();
-        for c in self.stick_head(service).chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                pattern.push('\\');
-            }
-            pattern.push(c);
-        }
-        pattern.push('*');
-        pattern
+        every_key_under(&self.stick_head(service))
+    }
+
+    /// `PREFIX:token:SERVICE:TOKEN`: the backend a session token of a `stick.token` service is
+    /// placed on (the token as the client sends it).
+    pub fn token(&self, service: &str, token: &str) -> String {
+        format!("{}:token:{service}:{token}", self.prefix)
+    }
+
+    /// The part of a token key before the token.
+    pub fn token_head(&self, service: &str) -> String {
+        format!("{}:token:{service}:", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern for every token key of `service`.
+    pub fn token_pattern(&self, service: &str) -> String {
+        every_key_under(&self.token_head(service))
     }
 
     /// The operator log: `--all-nodes` commands, a Redis stream (`XADD ... MAXLEN ~`).
@@ -83,6 +91,19 @@ impl Keys {
     pub fn channel(&self) -> String {
         format!("{}:events", self.prefix)
     }
+}
+
+/// A `SCAN MATCH` pattern for every key that starts with `head` (its glob characters escaped).
+fn every_key_under(head: &str) -> String {
+    let mut pattern = String::new();
+    for c in head.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
 }
 
 /// What one node tells the others on the channel.
@@ -380,6 +401,12 @@ mod tests {
         assert_eq!(
             keys.stick("shop", "198.18.1.0".parse().unwrap()),
             "slb:stick:shop:198.18.1.0"
+        );
+        assert_eq!(keys.token_pattern("a?b"), "slb:token:a\\?b:*");
+        assert_eq!(keys.token("shop", "x*y"), "slb:token:shop:x*y");
+        assert!(
+            keys.token("shop", "t")
+                .starts_with(&keys.token_head("shop"))
         );
     }
 }
