@@ -188,15 +188,17 @@ impl Route {
         }
     }
 
-    /// A backend for a token when the store cannot be asked: rendezvous hashing (highest
-    /// random weight, Thaler and Ravishankar 1998) of the token over the names of the backends
-    /// that take new clients, so every node picks the same one without asking anyone, and a
-    /// backend going away moves only its own tokens.
+    /// A backend for a token when the store cannot be asked: [`super::token::fallback`]
+    /// (rendezvous hashing over backend names) among the backends that take new clients, so
+    /// every node picks the same one without asking anyone.
     pub fn pick_by_token(&self, token: &str) -> Option<&Backend> {
-        self.backends
+        let up: Vec<&Backend> = self
+            .backends
             .iter()
             .filter(|b| b.view.state == BackendState::Up && b.view.weight > 0)
-            .max_by_key(|b| fnv1a64(&[b.view.name.as_bytes(), b"\0", token.as_bytes()]))
+            .collect();
+        let names: Vec<&str> = up.iter().map(|b| b.name()).collect();
+        super::token::fallback(token, &names).map(|i| up[i])
     }
 
     /// `Retry-After` for a request refused because its backend is down (seconds).
@@ -209,39 +211,27 @@ impl Route {
     }
 }
 
-/// The client address masked to `mask` bits, hashed (FNV-1a 64 folded to 32 bits) for the
-/// Maglev table.
+/// The client address masked to `mask` bits, hashed (FNV-1a 64 and murmur3's finaliser, as
+/// Maglev's names) and folded to 32 bits for the Maglev table.
 fn client_hash(client: IpAddr, mask: u8) -> u32 {
-    let bytes: Vec<u8> = match client {
+    let masked = match client {
         IpAddr::V4(a) => {
-            let bits = u32::from(a) & u32::MAX.checked_shl(32 - mask as u32).unwrap_or(0);
-            bits.to_be_bytes().to_vec()
+            IpAddr::from(std::net::Ipv4Addr::from(
+                u32::from(a) & u32::MAX.checked_shl(32 - mask as u32).unwrap_or(0),
+            ))
         }
         IpAddr::V6(a) => {
-            let bits = u128::from(a) & u128::MAX.checked_shl(128 - mask as u32).unwrap_or(0);
-            bits.to_be_bytes().to_vec()
+            IpAddr::from(std::net::Ipv6Addr::from(
+                u128::from(a) & u128::MAX.checked_shl(128 - mask as u32).unwrap_or(0),
+            ))
         }
     };
-    let h = fnv1a64(&[&bytes]);
+    let h = maglev::mix64(maglev::name_hash(&masked.to_string(), CLIENT_SEED));
     (h ^ (h >> 32)) as u32
 }
 
-/// 64-bit FNV-1a over the concatenation of `parts` (Fowler, Noll, Vo), finished with murmur3's
-/// 64-bit mix so inputs that differ in one byte land far apart.
-fn fnv1a64(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for &b in *part {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
+/// Seed of the client-address hash.
+const CLIENT_SEED: u64 = 0x636c_6965_6e74_0001;
 
 #[cfg(test)]
 mod tests {
