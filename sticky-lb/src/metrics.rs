@@ -683,7 +683,19 @@ fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
         open.add(&l, load.open.load(Relaxed));
         requests.add(&l, load.requests.load(Relaxed));
     }
-    vec![
+    let mut tokens: Vec<AnyFamily> = Vec::new();
+    for (name, help, value) in stats.tokens.counters() {
+        let mut family = Family::counter(name, help);
+        family.add(&Vec::new(), value);
+        tokens.push(family.into());
+    }
+    let mut down = Family::gauge(
+        "token_store_down",
+        "1 while the token store's Redis is not used (tokens are routed by cache and fallback hash).",
+    );
+    down.add(&Vec::new(), i64::from(stats.tokens.store_down.load(Relaxed)));
+    tokens.push(down.into());
+    let mut families = vec![
         responses.into(),
         sessions.into(),
         issued.into(),
@@ -699,7 +711,9 @@ fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
         ),
         open.into(),
         requests.into(),
-    ]
+    ];
+    families.extend(tokens);
+    families
 }
 
 /// `scrape` in the Prometheus text format 0.0.4.

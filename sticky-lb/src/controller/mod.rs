@@ -297,9 +297,20 @@ impl Controller {
             .map_err(|e| format!("reading the service index: {e:#}"))?;
         validate::validate(&plan, limits, &index)?;
         // Listeners, TLS files and cookie keys first: a plan they refuse changes nothing.
-        let staged = self
-            .http
-            .stage(&http_views(&plan.next), desired.config.cookie_keys.as_deref())?;
+        let token_store = desired
+            .config
+            .shared_table
+            .as_ref()
+            .map(|t| crate::http::TokenStoreSettings {
+                redis: t.redis.clone(),
+                key_prefix: t.key_prefix.clone(),
+                node: shared::node_name(desired.config.node.as_deref()),
+            });
+        let staged = self.http.stage(
+            &http_views(&plan.next),
+            desired.config.cookie_keys.as_deref(),
+            token_store,
+        )?;
         apply::apply(&mut self.dataplane, &self.services, &mut plan).map_err(|e| e.to_string())?;
         self.http.commit(staged);
         let summary = plan.summary.clone();

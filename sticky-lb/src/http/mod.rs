@@ -68,6 +68,8 @@ pub(crate) struct Frontend {
     route: Route,
     client: Client<HttpConnector, proxy::UpstreamBody>,
     keys: Option<Keyring>,
+    /// The token store, for a `stick.token` service.
+    tokens: Option<token::TokenStore>,
     stats: Arc<ServiceStats>,
     tls: Option<TlsAcceptor>,
 }
@@ -93,6 +95,16 @@ struct Listener {
 pub struct Proxy {
     listeners: BTreeMap<SocketAddr, Listener>,
     stats: Arc<Stats>,
+    /// The token store while a service uses tokens, with what it was made of.
+    tokens: Option<(TokenStoreSettings, token::TokenStore)>,
+}
+
+/// Where the token store is: the shared table's Redis and key prefix, and this node's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenStoreSettings {
+    pub redis: String,
+    pub key_prefix: String,
+    pub node: String,
 }
 
 /// One service's next frontend, and its socket when the plan adds the listener.
@@ -107,6 +119,7 @@ struct StagedService {
 /// Dropped without [`Proxy::commit`], it changes nothing (its sockets close).
 pub struct Staged {
     services: Vec<StagedService>,
+    tokens: Option<(TokenStoreSettings, token::TokenStore)>,
 }
 
 impl Default for Proxy {
@@ -120,6 +133,7 @@ impl Proxy {
         Proxy {
             listeners: BTreeMap::new(),
             stats: Arc::new(Stats::default()),
+            tokens: None,
         }
     }
 
@@ -140,7 +154,30 @@ impl Proxy {
         &self,
         services: &[ServiceView],
         cookie_keys: Option<&Path>,
+        token_store: Option<TokenStoreSettings>,
     ) -> Result<Staged, String> {
+        let token_entries: usize = services
+            .iter()
+            .filter_map(|s| s.config.stick.token.as_ref().map(|t| t.cache))
+            .sum();
+        let tokens = match (token_entries > 0, token_store) {
+            (true, Some(settings)) => match &self.tokens {
+                Some((running, store)) if *running == settings => Some((settings, store.clone())),
+                _ => {
+                    let store = token::TokenStore::new(
+                        &settings.redis,
+                        &settings.key_prefix,
+                        &settings.node,
+                        token_entries,
+                        self.stats.tokens.clone(),
+                    )
+                    .map_err(|e| format!("the token store: {e:#}"))?;
+                    Some((settings, store))
+                }
+            },
+            (true, None) => return Err("stick.token needs shared_table".into()),
+            (false, _) => None,
+        };
         let needs_keys = services.iter().any(|s| s.config.stick.cookie.is_some());
         let keys = match (needs_keys, cookie_keys) {
             (true, Some(path)) => Some(Keyring::load(path).map_err(|e| {
@@ -188,6 +225,12 @@ impl Proxy {
                     route,
                     client,
                     keys: view.config.stick.cookie.as_ref().and(keys.clone()),
+                    tokens: view
+                        .config
+                        .stick
+                        .token
+                        .as_ref()
+                        .and(tokens.as_ref().map(|(_, store)| store.clone())),
                     stats: self.stats.service(view.name()),
                     tls,
                 }),
@@ -195,7 +238,10 @@ impl Proxy {
                 socket,
             });
         }
-        Ok(Staged { services: staged })
+        Ok(Staged {
+            services: staged,
+            tokens,
+        })
     }
 
     /// Puts `staged` in service: each kept listener's frontend is swapped (requests in flight
@@ -219,6 +265,7 @@ impl Proxy {
             })
             .collect();
         let mut next = BTreeMap::new();
+        self.tokens = staged.tokens;
         for service in staged.services {
             let StagedService {
                 listen,

@@ -4,10 +4,10 @@
 //! way back, and a WebSocket (any `Upgrade`) relayed as bytes once the backend agreed (101).
 
 use super::{
-    Frontend,
-    cookie,
+    Frontend, cookie,
     session::{self, Placement, Refusal},
     stats::ServiceStats,
+    token,
 };
 use crate::config::{BackendProtocol, OnFailure};
 use bytes::Bytes;
@@ -53,7 +53,7 @@ pub(super) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let now = unix_seconds();
     let stats = fe.stats.clone();
-    let placement = match session::place(&fe, request.headers(), peer.ip(), now, None) {
+    let placement = match session::place(&fe, request.headers(), peer.ip(), now, None).await {
         Ok(p) => p,
         Err(refusal) => return Ok(refused(&stats, refusal)),
     };
@@ -72,7 +72,7 @@ pub(super) async fn handle(
         && fe.route.config.stick.on_failure == OnFailure::Redispatch
     {
         debug!("{}: {failed} refused the connection; placing the request again", fe.route.name());
-        if let Ok(again) = session::place(&fe, &head.2, peer.ip(), now, Some(failed)) {
+        if let Ok(again) = session::place(&fe, &head.2, peer.ip(), now, Some(failed)).await {
             ServiceStats::count(&stats.redispatched);
             let mut retry = Request::new(Either::Right(Empty::new()));
             *retry.method_mut() = head.0;
@@ -122,6 +122,27 @@ pub(super) async fn handle(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache=\"Set-Cookie\""),
             );
+        }
+    }
+    if let Some((name, value)) = placement.set_header.take() {
+        headers.insert(name, value);
+    }
+    if let (Some(name), Some(store)) = (placement.learn, &fe.tokens)
+        && let Some(token) = cookie::response_cookie(headers, name)
+        && token::acceptable(&token)
+    {
+        // Written before the response leaves, so the client's next request (on any node)
+        // finds it.
+        let claim = store
+            .claim(
+                fe.route.name(),
+                &token,
+                placement.backend.name(),
+                fe.route.config.stick.timeout,
+            )
+            .await;
+        if matches!(claim, token::Claim::Won) {
+            ServiceStats::count(&stats.sessions_new);
         }
     }
     stats.response(response.status().as_u16());

@@ -90,6 +90,8 @@ impl ServiceStats {
 /// kept for the life of the process: a reload that keeps a service keeps its counts.
 #[derive(Default)]
 pub struct Stats {
+    /// The token store's counters (one store per process).
+    pub tokens: Arc<super::token::TokenStats>,
     services: Mutex<BTreeMap<String, Arc<ServiceStats>>>,
     backends: Mutex<BTreeMap<(String, String), Arc<super::route::BackendLoad>>>,
 }
