@@ -66,6 +66,9 @@ pub enum Request {
     },
     /// Forget every client (of every service, or one).
     TableFlush { service: Option<String> },
+    /// `run --take-over`: send the listening sockets of the `mode: http` services with the
+    /// reply (SCM_RIGHTS), then stop without detaching, so the new process serves them.
+    HandOver,
     /// Counters of the data path.
     Stats,
     /// Re-read the config file and apply the difference.
@@ -96,6 +99,19 @@ pub struct Reply {
     /// Structured result for `--json` (table rows, counters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
+    /// Descriptors sent after the reply's line ([`Request::HandOver`]); never serialized.
+    #[serde(skip)]
+    pub fds: Fds,
+}
+
+/// Descriptors a reply carries (shared, so a reply stays cheap to clone).
+#[derive(Clone, Default)]
+pub struct Fds(pub Option<std::sync::Arc<Vec<std::os::fd::OwnedFd>>>);
+
+impl std::fmt::Debug for Fds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} fd(s)", self.0.as_ref().map_or(0, |v| v.len()))
+    }
 }
 
 impl Reply {
@@ -104,6 +120,7 @@ impl Reply {
             ok: true,
             message: message.into(),
             data: None,
+            fds: Fds::default(),
         }
     }
 
@@ -112,6 +129,7 @@ impl Reply {
             ok: true,
             message: message.into(),
             data: Some(data),
+            fds: Fds::default(),
         }
     }
 
@@ -120,6 +138,7 @@ impl Reply {
             ok: false,
             message: message.into(),
             data: None,
+            fds: Fds::default(),
         }
     }
 }
@@ -147,6 +166,7 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
             let peer_is_root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
             let requests = requests.clone();
             tokio::spawn(async move {
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
                 let (read, mut write) = stream.into_split();
                 if !peer_is_root {
                     let text = serde_json::to_string(&Reply::error("permission denied: root only"))
@@ -175,7 +195,15 @@ pub fn serve(path: &Path, requests: mpsc::Sender<Envelope>) -> Result<tokio::tas
                     };
                 let mut text = serde_json::to_string(&reply).unwrap_or_default();
                 text.push('\n');
-                let _ = write.write_all(text.as_bytes()).await;
+                if write.write_all(text.as_bytes()).await.is_ok()
+                    && let Some(fds) = &reply.fds.0
+                {
+                    let raw_fds: Vec<_> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+                    // `write` (and so the socket) lives until this returns.
+                    if let Err(e) = crate::http::handover::send_fds(raw, &raw_fds) {
+                        tracing::warn!("handing the listening sockets over: {e}");
+                    }
+                }
             });
         }
     }))

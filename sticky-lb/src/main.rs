@@ -77,6 +77,12 @@ enum Command {
         /// The YAML config (see config/sticky-lb.yaml).
         #[arg(long, short)]
         config: PathBuf,
+        /// Restart or upgrade without refusing a connection: the controller running on the
+        /// interface hands over the listening sockets of its mode: http services and stops
+        /// (its requests in flight finish); this one serves the same sockets and adopts the
+        /// data path. Without a running controller, an ordinary start.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Validate a config without touching the kernel; exit status 2 if it is invalid.
     CheckConfig {
@@ -307,13 +313,13 @@ fn print_reply(reply: &Reply, json: bool) -> anyhow::Result<()> {
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let target = || Target::pick(cli.netns.clone(), cli.interface.clone());
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, take_over } => {
             let parsed = Config::load(&config, true)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(controller::run(parsed, &config, cli.netns))
+            runtime.block_on(controller::run(parsed, &config, cli.netns, take_over))
         }
         Command::CheckConfig { file } => {
             let config = Config::load(&file, true)?;

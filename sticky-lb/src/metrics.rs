@@ -654,7 +654,10 @@ fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
             l
         };
         for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            responses.add(&labels(Some(("class", class))), s.responses[i].load(Relaxed));
+            responses.add(
+                &labels(Some(("class", class))),
+                s.responses[i].load(Relaxed),
+            );
         }
         for (what, counter) in [
             ("new", &s.sessions_new),
@@ -665,11 +668,20 @@ fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
         }
         issued.add(&labels(None), s.cookies_issued.load(Relaxed));
         for (i, reason) in REJECT_REASONS.iter().enumerate() {
-            rejected.add(&labels(Some(("reason", reason))), s.rejected[i].load(Relaxed));
+            rejected.add(
+                &labels(Some(("reason", reason))),
+                s.rejected[i].load(Relaxed),
+            );
         }
         refused.add(&labels(None), s.refused.load(Relaxed));
-        errors.add(&labels(Some(("kind", "error"))), s.upstream_errors.load(Relaxed));
-        errors.add(&labels(Some(("kind", "timeout"))), s.upstream_timeouts.load(Relaxed));
+        errors.add(
+            &labels(Some(("kind", "error"))),
+            s.upstream_errors.load(Relaxed),
+        );
+        errors.add(
+            &labels(Some(("kind", "timeout"))),
+            s.upstream_timeouts.load(Relaxed),
+        );
         upgrades.add(&labels(None), s.upgrades.load(Relaxed));
         latencies.push((labels(None), s.upstream_latency.clone()));
     }
@@ -693,7 +705,10 @@ fn http_families(stats: &crate::http::stats::Stats) -> Vec<AnyFamily> {
         "token_store_down",
         "1 while the token store's Redis is not used (tokens are routed by cache and fallback hash).",
     );
-    down.add(&Vec::new(), i64::from(stats.tokens.store_down.load(Relaxed)));
+    down.add(
+        &Vec::new(),
+        i64::from(stats.tokens.store_down.load(Relaxed)),
+    );
     tokens.push(down.into());
     let mut families = vec![
         responses.into(),

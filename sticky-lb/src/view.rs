@@ -183,6 +183,8 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
+    /// `tcp` (the XDP data path) or `http` (the proxy).
+    pub mode: String,
     pub policy: String,
     pub forwarding: String,
     /// A tunnel's source prefix, source NAT's address and ports.
@@ -249,6 +251,7 @@ pub fn status(target: &Target) -> Result<Status> {
             name: s.name.clone(),
             vip: s.vip,
             port: s.port,
+            mode: s.mode.clone(),
             policy: s.policy.clone(),
             forwarding: s.forwarding.clone(),
             forwarding_detail: s.forwarding_detail.clone(),
@@ -300,11 +303,16 @@ pub fn print_status(s: &Status) {
     for svc in &s.services {
         println!();
         println!(
-            "service {}  {}/tcp  {} {}{}  stick timeout {}  client mask /{}",
+            "service {}  {}/{}  {} {}{}  stick timeout {}  client mask /{}",
             svc.name,
             SocketAddr::new(svc.vip, svc.port),
+            svc.mode,
             svc.policy,
-            svc.forwarding,
+            if svc.mode == "http" {
+                "proxied"
+            } else {
+                svc.forwarding.as_str()
+            },
             svc.forwarding_detail
                 .as_ref()
                 .map(|d| format!(" ({d})"))

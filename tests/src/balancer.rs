@@ -90,6 +90,32 @@ impl Balancer {
         config_yaml: &str,
         env: &[(&str, &OsStr)],
     ) -> Result<Balancer> {
+        Balancer::spawn_with(netns, interface, dir, config_yaml, env, &[])
+    }
+
+    /// `sticky-lb run --take-over`: a second controller that takes the running one's listening
+    /// sockets and lock; waits until it serves (see [`Balancer::wait_up`]).
+    pub fn take_over(
+        netns: &str,
+        interface: &str,
+        dir: &Path,
+        config_yaml: &str,
+    ) -> Result<Balancer> {
+        let mut balancer =
+            Balancer::spawn_with(netns, interface, dir, config_yaml, &[], &["--take-over"])?;
+        balancer.wait_up(Duration::from_secs(30))?;
+        Ok(balancer)
+    }
+
+    /// [`Balancer::spawn`] with `run_args` after `run --config FILE`.
+    fn spawn_with(
+        netns: &str,
+        interface: &str,
+        dir: &Path,
+        config_yaml: &str,
+        env: &[(&str, &OsStr)],
+        run_args: &[&str],
+    ) -> Result<Balancer> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)?;
@@ -106,6 +132,7 @@ impl Balancer {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(run_args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

@@ -187,7 +187,10 @@ async fn respond(
         *response.body_mut() = Full::new(Bytes::new());
         let headers = response.headers_mut();
         headers.insert(header::UPGRADE, protocol);
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
         return Ok(response);
     }
     if path == "/login" {
@@ -393,7 +396,15 @@ pub fn http_config(s: &crate::scenario::Setup, top: &str, service: &str) -> Stri
 pub fn curl(s: &crate::scenario::Setup, source: std::net::IpAddr, args: &[&str]) -> String {
     let source = source.to_string();
     let mut all = vec![
-        "netns", "exec", s.rig.client_ns(), "curl", "-s", "-i", "--max-time", "5", "--interface",
+        "netns",
+        "exec",
+        s.rig.client_ns(),
+        "curl",
+        "-s",
+        "-i",
+        "--max-time",
+        "5",
+        "--interface",
         &source,
     ];
     all.extend_from_slice(args);

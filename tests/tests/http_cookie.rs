@@ -33,7 +33,9 @@ fn start(tag: &str, backends: usize, cookie: &str, service: &str) -> (Setup, Vec
     let config = http_config(
         &s,
         &format!("cookie_keys: {}\n", keys.display()),
-        &format!("    policy: least-conn\n    stick:\n      cookie:\n        name: {COOKIE}\n{cookie}{service}"),
+        &format!(
+            "    policy: least-conn\n    stick:\n      cookie:\n        name: {COOKIE}\n{cookie}{service}"
+        ),
     );
     s.start(&config);
     for k in 1..=backends {
@@ -90,7 +92,9 @@ fn a_cookie_jar_keeps_one_backend_and_visitors_behind_one_address_spread() {
     }
     assert!(!set_cookie.contains("Secure"), "{set_cookie}");
     assert!(
-        first.to_ascii_lowercase().contains("cache-control: no-cache=\"set-cookie\""),
+        first
+            .to_ascii_lowercase()
+            .contains("cache-control: no-cache=\"set-cookie\""),
         "nocache: {first}"
     );
     let value = jar_value(&jar).expect("the cookie is in the jar");
@@ -100,7 +104,11 @@ fn a_cookie_jar_keeps_one_backend_and_visitors_behind_one_address_spread() {
     }
     for i in 0..9 {
         let again = curl(&s, client(&s, 0), &["-c", jar_arg, "-b", jar_arg, &url]);
-        assert_eq!(curl_backend(&again).as_deref(), Some(backend.as_str()), "request {i}");
+        assert_eq!(
+            curl_backend(&again).as_deref(),
+            Some(backend.as_str()),
+            "request {i}"
+        );
         assert!(
             !again.to_ascii_lowercase().contains("set-cookie"),
             "no new cookie without max_idle: {again}"
@@ -121,7 +129,13 @@ fn a_cookie_jar_keeps_one_backend_and_visitors_behind_one_address_spread() {
     }
     eprintln!("8 visitors behind one address went to {seen:?}");
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert_eq!(metric(&s, "sticky_lb_http_responses_total{service=\"web\",class=\"2xx\"}"), 42.0);
+    assert_eq!(
+        metric(
+            &s,
+            "sticky_lb_http_responses_total{service=\"web\",class=\"2xx\"}"
+        ),
+        42.0
+    );
 }
 
 /// One connection, many sessions: requests on one HTTP/1.1 keep-alive connection, and on one
@@ -166,8 +180,16 @@ fn forged_foreign_and_stale_cookies_count_as_absent_by_reason() {
         "        max_idle: 1h\n        max_life: 1d\n",
         "",
     );
-    let keys = Keyring::parse(&format!("keys:\n  - id: 1\n    secret: {}\n", test_secret(1))).unwrap();
-    let foreign = Keyring::parse(&format!("keys:\n  - id: 9\n    secret: {}\n", test_secret(9))).unwrap();
+    let keys = Keyring::parse(&format!(
+        "keys:\n  - id: 1\n    secret: {}\n",
+        test_secret(1)
+    ))
+    .unwrap();
+    let foreign = Keyring::parse(&format!(
+        "keys:\n  - id: 9\n    secret: {}\n",
+        test_secret(9)
+    ))
+    .unwrap();
     let t = now();
     let sealed = |keys: &Keyring, service: &str, issued: u64, last_seen: u64| {
         cookie::seal(
@@ -190,15 +212,22 @@ fn forged_foreign_and_stale_cookies_count_as_absent_by_reason() {
         ("tampered", tampered),
         ("unknown_key", sealed(&foreign, "web", t, t)),
         ("other_service", sealed(&keys, "shop", t, t)),
-        ("idle_expired", sealed(&keys, "web", t - 3 * 3600, t - 2 * 3600)),
+        (
+            "idle_expired",
+            sealed(&keys, "web", t - 3 * 3600, t - 2 * 3600),
+        ),
         ("life_expired", sealed(&keys, "web", t - 3 * 86_400, t - 60)),
         ("malformed", "not-a-cookie".to_string()),
     ];
     let mut c = WebClient::connect(s.rig.client_ns(), client(&s, 0), s.vip(), false).unwrap();
     for (reason, value) in &cases {
-        let sample = format!("sticky_lb_http_sessions_rejected_total{{service=\"web\",reason=\"{reason}\"}}");
+        let sample = format!(
+            "sticky_lb_http_sessions_rejected_total{{service=\"web\",reason=\"{reason}\"}}"
+        );
         let before = metric(&s, &sample);
-        let reply = c.get("/", &[("cookie", &format!("{COOKIE}={value}"))]).unwrap();
+        let reply = c
+            .get("/", &[("cookie", &format!("{COOKIE}={value}"))])
+            .unwrap();
         assert_eq!(reply.status, 200);
         assert!(
             reply.cookie(COOKIE).is_some(),
@@ -208,7 +237,9 @@ fn forged_foreign_and_stale_cookies_count_as_absent_by_reason() {
     }
     // The good one goes to b2 every time.
     for _ in 0..6 {
-        let reply = c.get("/", &[("cookie", &format!("{COOKIE}={good}"))]).unwrap();
+        let reply = c
+            .get("/", &[("cookie", &format!("{COOKIE}={good}"))])
+            .unwrap();
         assert_eq!(reply.backend(), "b2");
     }
 }
@@ -218,7 +249,11 @@ fn forged_foreign_and_stale_cookies_count_as_absent_by_reason() {
 #[test]
 fn a_stale_last_seen_is_refreshed_and_a_fresh_one_is_not() {
     let (s, _web) = start("hck-refresh", 2, "        max_idle: 1h\n", "");
-    let keys = Keyring::parse(&format!("keys:\n  - id: 1\n    secret: {}\n", test_secret(1))).unwrap();
+    let keys = Keyring::parse(&format!(
+        "keys:\n  - id: 1\n    secret: {}\n",
+        test_secret(1)
+    ))
+    .unwrap();
     let t = now();
     let with = |last_seen: u64| {
         cookie::seal(
@@ -233,12 +268,21 @@ fn a_stale_last_seen_is_refreshed_and_a_fresh_one_is_not() {
         .unwrap()
     };
     let mut c = WebClient::connect(s.rig.client_ns(), client(&s, 0), s.vip(), false).unwrap();
-    let fresh = c.get("/", &[("cookie", &format!("{COOKIE}={}", with(t - 60)))]).unwrap();
+    let fresh = c
+        .get("/", &[("cookie", &format!("{COOKIE}={}", with(t - 60)))])
+        .unwrap();
     assert_eq!(fresh.backend(), "b1");
-    assert!(fresh.cookie(COOKIE).is_none(), "seen a minute ago: no refresh");
-    let stale = c.get("/", &[("cookie", &format!("{COOKIE}={}", with(t - 1800)))]).unwrap();
+    assert!(
+        fresh.cookie(COOKIE).is_none(),
+        "seen a minute ago: no refresh"
+    );
+    let stale = c
+        .get("/", &[("cookie", &format!("{COOKIE}={}", with(t - 1800)))])
+        .unwrap();
     assert_eq!(stale.backend(), "b1");
-    let refreshed = stale.cookie(COOKIE).expect("seen 30 min ago (> 1h/4): refreshed");
+    let refreshed = stale
+        .cookie(COOKIE)
+        .expect("seen 30 min ago (> 1h/4): refreshed");
     let opened = cookie::open(
         &keys,
         &refreshed,
@@ -274,7 +318,11 @@ fn keys_rotate_without_losing_sessions() {
     s.cli_ok(&["reload"]);
     for _ in 0..3 {
         let out = curl(&s, client(&s, 0), &["-b", &format!("{COOKIE}={old}"), &url]);
-        assert_eq!(curl_backend(&out).as_deref(), Some(backend.as_str()), "{out}");
+        assert_eq!(
+            curl_backend(&out).as_deref(),
+            Some(backend.as_str()),
+            "{out}"
+        );
     }
     let ring = Keyring::parse(&format!(
         "keys:\n  - id: 2\n    secret: {}\n  - id: 1\n    secret: {}\n",
@@ -286,13 +334,19 @@ fn keys_rotate_without_losing_sessions() {
     let other_jar = other_jar.to_str().unwrap();
     curl(&s, client(&s, 1), &["-c", other_jar, "-b", other_jar, &url]);
     let new = jar_value(std::path::Path::new(other_jar)).unwrap();
-    assert!(cookie::sealed_with_primary(&ring, &new), "new cookies are sealed with key 2");
+    assert!(
+        cookie::sealed_with_primary(&ring, &new),
+        "new cookies are sealed with key 2"
+    );
     write_keys(s.scratch.path(), "keys.yaml", &[(2, &test_secret(2))]);
     s.cli_ok(&["reload"]);
     let sample = "sticky_lb_http_sessions_rejected_total{service=\"web\",reason=\"unknown_key\"}";
     let before = metric(&s, sample);
     let out = curl(&s, client(&s, 0), &["-b", &format!("{COOKIE}={old}"), &url]);
-    assert!(out.to_ascii_lowercase().contains("set-cookie"), "placed anew: {out}");
+    assert!(
+        out.to_ascii_lowercase().contains("set-cookie"),
+        "placed anew: {out}"
+    );
     assert_eq!(metric(&s, sample), before + 1.0);
 }
 
@@ -314,8 +368,15 @@ fn drain_keeps_holders_and_failover_moves_them_once() {
     let with = |value: &str| format!("{COOKIE}={value}");
     s.cli_ok(&["backend", "drain", "web/b1"]);
     for _ in 0..5 {
-        assert_eq!(c.get("/", &[("cookie", &with(&on_b1))]).unwrap().backend(), "b1");
-        assert_ne!(c.get("/", &[]).unwrap().backend(), "b1", "no new visitor on a draining backend");
+        assert_eq!(
+            c.get("/", &[("cookie", &with(&on_b1))]).unwrap().backend(),
+            "b1"
+        );
+        assert_ne!(
+            c.get("/", &[]).unwrap().backend(),
+            "b1",
+            "no new visitor on a draining backend"
+        );
     }
     s.cli_ok(&["backend", "enable", "web/b1"]);
     // b1 dies: its holder moves once, with a new cookie, and stays.
@@ -362,10 +423,21 @@ fn strict_answers_503_while_the_sessions_backend_is_down() {
     s.wait_state("b1", "down", Duration::from_secs(10));
     let refused = c.get("/", &[("cookie", &value)]).unwrap();
     assert_eq!(refused.status, 503);
-    let retry: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1, "{retry}");
-    assert!(refused.cookie(COOKIE).is_none(), "strict never moves the session");
-    assert_eq!(c.get("/", &[]).unwrap().backend(), "b2", "new visitors are served");
+    assert!(
+        refused.cookie(COOKIE).is_none(),
+        "strict never moves the session"
+    );
+    assert_eq!(
+        c.get("/", &[]).unwrap().backend(),
+        "b2",
+        "new visitors are served"
+    );
     web[0] = WebBackend::start(
         s.rig.backend_ns(1),
         std::net::SocketAddr::new(s.backend_addr(1), sticky_lb_tests::web::BACKEND_PORT),
@@ -387,13 +459,25 @@ fn forwarded_headers_indirect_and_upgrades() {
     let first = c.get("/", &[]).unwrap();
     let value = first.cookie(COOKIE).unwrap();
     let reply = c
-        .get("/", &[("cookie", &format!("app=1; {COOKIE}={value}; theme=dark"))])
+        .get(
+            "/",
+            &[("cookie", &format!("app=1; {COOKIE}={value}; theme=dark"))],
+        )
         .unwrap();
-    assert_eq!(reply.received("x-forwarded-for").as_deref(), Some(me.to_string().as_str()));
-    assert_eq!(reply.received("forwarded"), Some(format!("for={me};proto=http")));
+    assert_eq!(
+        reply.received("x-forwarded-for").as_deref(),
+        Some(me.to_string().as_str())
+    );
+    assert_eq!(
+        reply.received("forwarded"),
+        Some(format!("for={me};proto=http"))
+    );
     assert_eq!(reply.received("x-forwarded-proto").as_deref(), Some("http"));
     let seen = reply.received("cookie").unwrap_or_default();
-    assert!(seen.contains("app=1") && seen.contains("theme=dark"), "{seen}");
+    assert!(
+        seen.contains("app=1") && seen.contains("theme=dark"),
+        "{seen}"
+    );
     assert!(!seen.contains(COOKIE), "indirect: {seen}");
 
     // An upgrade, over a raw connection.
@@ -401,7 +485,9 @@ fn forwarded_headers_indirect_and_upgrades() {
         sticky_lb_tests::socket::connect_from(me, s.vip(), Duration::from_secs(3))
     })
     .unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     write!(
         stream,
         "GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {COOKIE}={value}\r\n\r\n"
@@ -415,13 +501,22 @@ fn forwarded_headers_indirect_and_upgrades() {
     }
     let head = String::from_utf8_lossy(&head).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("x-backend: ".to_string().as_str()));
-    assert!(head.contains(first.backend()), "the upgrade goes to the session's backend: {head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-backend: ".to_string().as_str())
+    );
+    assert!(
+        head.contains(first.backend()),
+        "the upgrade goes to the session's backend: {head}"
+    );
     for message in ["hello", "a longer message over the relay", "bye"] {
         stream.write_all(message.as_bytes()).unwrap();
         let mut echo = vec![0u8; message.len()];
         stream.read_exact(&mut echo).unwrap();
         assert_eq!(echo, message.as_bytes());
     }
-    assert_eq!(metric(&s, "sticky_lb_http_upgrades_total{service=\"web\"}"), 1.0);
+    assert_eq!(
+        metric(&s, "sticky_lb_http_upgrades_total{service=\"web\"}"),
+        1.0
+    );
 }

@@ -206,7 +206,7 @@ fn default_token_cache() -> usize {
 /// Whether `name` is an RFC 7230/6265 token (what cookie and header names must be).
 pub fn is_token(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

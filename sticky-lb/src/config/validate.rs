@@ -466,7 +466,8 @@ impl Config {
         if service.stick.client_mask.is_some() && service.stick.cookie.is_some() {
             return Err((
                 at(&["stick", "client_mask"]),
-                "does not apply with stick.cookie (the cookie, not the address, keys the session)".into(),
+                "does not apply with stick.cookie (the cookie, not the address, keys the session)"
+                    .into(),
             ));
         }
         match (&service.stick.cookie, &service.stick.token) {
@@ -486,11 +487,16 @@ impl Config {
                 if !is_token(&cookie.name) {
                     return Err((
                         at(&["stick", "cookie", "name"]),
-                        format!("'{}' is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)", cookie.name),
+                        format!(
+                            "'{}' is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+                            cookie.name
+                        ),
                     ));
                 }
                 let attribute = |v: &str| {
-                    !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+                    !v.is_empty()
+                        && v.bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
                 };
                 if cookie.domain.as_deref().is_some_and(|d| !attribute(d)) {
                     return Err((
@@ -538,7 +544,10 @@ impl Config {
                 for (field, name) in [
                     ("cookie", &token.cookie),
                     ("header", &token.header),
-                    ("learn_from_response_cookie", &token.learn_from_response_cookie),
+                    (
+                        "learn_from_response_cookie",
+                        &token.learn_from_response_cookie,
+                    ),
                 ] {
                     if let Some(name) = name
                         && !is_token(name)
@@ -550,7 +559,10 @@ impl Config {
                     }
                 }
                 if token.cache == 0 {
-                    return Err((at(&["stick", "token", "cache"]), "must be at least 1".into()));
+                    return Err((
+                        at(&["stick", "token", "cache"]),
+                        "must be at least 1".into(),
+                    ));
                 }
                 if self.shared_table.is_none() {
                     return Err((
@@ -588,7 +600,6 @@ impl Config {
         Ok(())
     }
 }
-
 
 /// Whether a least-conn service named `service` may have `backends` backends (counting one
 /// about to be added): the data path compares at most [`MAX_LEAST_CONN_BACKENDS`] per pick. The

@@ -50,6 +50,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+/// How long `run --take-over` waits for the running controller to let go of its lock.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(30);
 /// How often the neighbour table is read again for every backend's MAC.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(2);
 
@@ -114,14 +116,46 @@ pub struct Controller {
 }
 
 /// Runs until SIGINT, SIGTERM or a `detach` request. The config must already be validated.
-pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> Result<()> {
+///
+/// `take_over`: a controller running on the interface hands its HTTP listening sockets over
+/// and stops (see [`crate::http::handover`]); this one waits for its lock (at most
+/// [`TAKE_OVER_WAIT`]) and serves the same sockets, so no connection is refused meanwhile.
+pub async fn run(
+    config: Config,
+    config_path: &Path,
+    netns: Option<String>,
+    take_over: bool,
+) -> Result<()> {
     // Handlers first: a SIGHUP that arrives while the controller starts (checks and neighbour
     // answers can take a second) is queued, never the default action that ends the process.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     release_sighup();
-    let lock = instance::Lock::acquire(netns.as_deref(), &config.interface)?;
+    let socket = control::socket_path(netns.as_deref(), &config.interface);
+    let (listeners, lock) = if take_over {
+        let listeners = crate::http::handover::take_over(&socket)?;
+        if !listeners.is_empty() {
+            info!(
+                "took over {} listening socket(s) from the running controller",
+                listeners.len()
+            );
+        }
+        let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+        let lock = loop {
+            match instance::Lock::acquire(netns.as_deref(), &config.interface) {
+                Ok(lock) => break lock,
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        (listeners, lock)
+    } else {
+        (
+            Vec::new(),
+            instance::Lock::acquire(netns.as_deref(), &config.interface)?,
+        )
+    };
     let (health_tx, mut health_rx) = mpsc::channel::<health::Transition>(256);
     let (neighbour_tx, mut neighbour_rx) = mpsc::channel::<NeighbourAnswer>(1024);
     let (pending_tx, mut pending_rx) = mpsc::channel::<requests::Pending>(16);
@@ -133,11 +167,11 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
         neighbours: neighbour_tx,
         pending: pending_tx,
         operator: operator_tx,
+        listeners,
     };
     // The control socket before anything is attached: if it cannot be bound, nothing is.
     // Requests wait in the channel until the main loop runs.
     let (control_tx, mut control_rx) = mpsc::channel::<Envelope>(16);
-    let socket = control::socket_path(netns.as_deref(), &config.interface);
     let server = control::serve(&socket, control_tx)?;
     let mut controller = match Controller::start(config, config_path, netns, channels, lock).await {
         Ok(controller) => controller,
@@ -160,6 +194,7 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     let (sweep_tx, mut sweep_rx) = mpsc::channel::<sweep::Swept>(4);
     let mut sweeping: Option<JoinHandle<()>> = None;
     let mut detach = false;
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -175,6 +210,18 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
                 Request::Detach => {
                     let _ = reply.send(Reply::ok(format!("detaching from {}", controller.config().interface)));
                     detach = true;
+                    break;
+                }
+                Request::HandOver => {
+                    let (addresses, fds) = controller.http.hand_over();
+                    info!("handing {} listening socket(s) over to a new controller; stopping", addresses.len());
+                    let mut answer = Reply::with_data(
+                        format!("handing {} listening socket(s) over", addresses.len()),
+                        serde_json::json!({ "listeners": addresses }),
+                    );
+                    answer.fds = control::Fds(Some(Arc::new(fds)));
+                    let _ = reply.send(answer);
+                    handed_over = true;
                     break;
                 }
                 request => controller.handle(request, reply),
@@ -229,8 +276,14 @@ pub async fn run(config: Config, config_path: &Path, netns: Option<String>) -> R
     if let Some(shared) = controller.shared.take() {
         shared.stop();
     }
-    controller.http.shutdown().await;
-    controller.stop(detach)
+    // Requests in flight finish after the lock is released, so a new controller taking over
+    // starts without waiting for them.
+    let draining = controller.http.stop_accepting();
+    let stopped = controller.stop(detach, handed_over);
+    for listener in draining {
+        let _ = listener.await;
+    }
+    stopped
 }
 
 impl Controller {
@@ -297,15 +350,16 @@ impl Controller {
             .map_err(|e| format!("reading the service index: {e:#}"))?;
         validate::validate(&plan, limits, &index)?;
         // Listeners, TLS files and cookie keys first: a plan they refuse changes nothing.
-        let token_store = desired
-            .config
-            .shared_table
-            .as_ref()
-            .map(|t| crate::http::TokenStoreSettings {
-                redis: t.redis.clone(),
-                key_prefix: t.key_prefix.clone(),
-                node: shared::node_name(desired.config.node.as_deref()),
-            });
+        let token_store =
+            desired
+                .config
+                .shared_table
+                .as_ref()
+                .map(|t| crate::http::TokenStoreSettings {
+                    redis: t.redis.clone(),
+                    key_prefix: t.key_prefix.clone(),
+                    node: shared::node_name(desired.config.node.as_deref()),
+                });
         let staged = self.http.stage(
             &http_views(&plan.next),
             desired.config.cookie_keys.as_deref(),
@@ -472,11 +526,15 @@ impl Controller {
     }
 
     /// SIGINT/SIGTERM: leave the data path running (the default) or detach and remove the pins.
-    /// A `detach` request always detaches.
-    fn stop(self, detach: bool) -> Result<()> {
+    /// A `detach` request always detaches; a hand-over never does.
+    fn stop(self, detach: bool, handed_over: bool) -> Result<()> {
         let pins = self.pins.clone();
         let interface = self.config().interface.clone();
         let state_path = state::path(self.netns.as_deref(), &interface);
+        if handed_over {
+            info!("handed over: the data path on {interface} stays for the new controller");
+            return Ok(());
+        }
         if self.config().on_exit == OnExit::KeepRunning && !detach {
             info!(
                 "leaving the data path on {interface} running (on_exit: keep-running); pins in {}",

@@ -94,6 +94,8 @@ impl Controller {
                 return;
             }
             Request::Detach => Reply::ok(format!("detaching from {}", self.config().interface)),
+            // Answered by the main loop, which stops after it; a remote node cannot ask it.
+            Request::HandOver => Reply::error("hand-over is for `run --take-over` on this host"),
         };
         let _ = reply.send(answer);
     }

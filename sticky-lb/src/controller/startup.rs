@@ -38,6 +38,8 @@ pub(super) struct Channels {
     pub neighbours: mpsc::Sender<NeighbourAnswer>,
     pub pending: mpsc::Sender<super::requests::Pending>,
     pub operator: mpsc::Sender<crate::control::Request>,
+    /// Listening sockets taken over from the controller that ran before (`run --take-over`).
+    pub listeners: Vec<(std::net::SocketAddr, std::net::TcpListener)>,
 }
 
 impl Controller {
@@ -105,7 +107,7 @@ impl Controller {
             }
         })?;
         let latencies: health::Latencies = Arc::default();
-        let http = crate::http::Proxy::new();
+        let http = crate::http::Proxy::with_listeners(channels.listeners);
         let mut controller = Controller {
             config_path: config_path.to_path_buf(),
             netns,

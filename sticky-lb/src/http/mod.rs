@@ -16,6 +16,7 @@
 //! - `tls`: certificates; `stats`: the counters the metrics endpoint exports.
 
 pub mod cookie;
+pub mod handover;
 pub mod keys;
 mod proxy;
 pub mod route;
@@ -30,7 +31,7 @@ use crate::config::BackendProtocol;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use keys::Keyring;
 use route::Route;
@@ -38,8 +39,9 @@ use stats::{ServiceStats, Stats};
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio::{
@@ -56,6 +58,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight may go on once a listener stops (a service removed, or the
 /// controller stopping); connections still open then are cut.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection accepted just before a stop may take to send its first request
+/// before it is closed.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (usually no file descriptors left), so it does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections a listener queues before accepting them.
@@ -84,6 +89,8 @@ struct PoolSettings {
 }
 
 struct Listener {
+    /// The listening socket (a duplicate of the accept loop's): what a hand-over passes on.
+    fd: OwnedFd,
     frontend: watch::Sender<Arc<Frontend>>,
     pool: PoolSettings,
     /// Asks the accept loop to close the socket and drain.
@@ -94,6 +101,9 @@ struct Listener {
 /// The listeners of every `mode: http` service, by VIP:port.
 pub struct Proxy {
     listeners: BTreeMap<SocketAddr, Listener>,
+    /// Sockets taken over from the previous controller, until a plan's service claims them
+    /// (those no service claims close with the first commit).
+    inherited: Mutex<BTreeMap<SocketAddr, std::net::TcpListener>>,
     stats: Arc<Stats>,
     /// The token store while a service uses tokens, with what it was made of.
     tokens: Option<(TokenStoreSettings, token::TokenStore)>,
@@ -130,8 +140,15 @@ impl Default for Proxy {
 
 impl Proxy {
     pub fn new() -> Proxy {
+        Proxy::with_listeners(Vec::new())
+    }
+
+    /// A proxy that serves `listeners` (taken over from a controller that ran before) for the
+    /// services that listen on their addresses, instead of binding new sockets.
+    pub fn with_listeners(listeners: Vec<(SocketAddr, std::net::TcpListener)>) -> Proxy {
         Proxy {
             listeners: BTreeMap::new(),
+            inherited: Mutex::new(listeners.into_iter().collect()),
             stats: Arc::new(Stats::default()),
             tokens: None,
         }
@@ -180,9 +197,9 @@ impl Proxy {
         };
         let needs_keys = services.iter().any(|s| s.config.stick.cookie.is_some());
         let keys = match (needs_keys, cookie_keys) {
-            (true, Some(path)) => Some(Keyring::load(path).map_err(|e| {
-                format!("cookie_keys {}: {e}", path.display())
-            })?),
+            (true, Some(path)) => Some(
+                Keyring::load(path).map_err(|e| format!("cookie_keys {}: {e}", path.display()))?,
+            ),
             (true, None) => return Err("stick.cookie needs cookie_keys".into()),
             (false, _) => None,
         };
@@ -207,9 +224,14 @@ impl Proxy {
                 Some(l) if l.pool == pool => l.frontend.borrow().client.clone(),
                 _ => backend_pool(pool),
             };
+            let taken = || {
+                let socket = self.inherited.lock().ok()?.remove(&listen)?;
+                socket.set_nonblocking(true).ok()?;
+                TcpListener::from_std(socket).ok()
+            };
             let socket = match existing {
                 Some(_) => None,
-                None => Some(bind(listen).map_err(|e| {
+                None => Some(taken().map_or_else(|| bind(listen), Ok).map_err(|e| {
                     format!(
                         "service {}: cannot listen on {listen}: {e} (a mode: http service's vip must be an address of this host)",
                         view.name()
@@ -280,13 +302,21 @@ impl Proxy {
                     next.insert(listen, listener);
                 }
                 (None, Some(socket)) => {
-                    info!("{}: listening on {listen} (mode: http)", frontend.route.name());
+                    info!(
+                        "{}: listening on {listen} (mode: http)",
+                        frontend.route.name()
+                    );
+                    let Ok(fd) = socket.as_fd().try_clone_to_owned() else {
+                        warn!("{listen}: cannot duplicate the listening socket; not served");
+                        continue;
+                    };
                     let (tx, rx) = watch::channel(frontend);
                     let (stop, stopped) = oneshot::channel();
                     let task = tokio::spawn(serve(socket, rx, stopped));
                     next.insert(
                         listen,
                         Listener {
+                            fd,
                             frontend: tx,
                             pool,
                             stop: Some(stop),
@@ -304,22 +334,33 @@ impl Proxy {
             }
         }
         self.stats.retain(&keep);
+        if let Ok(mut inherited) = self.inherited.lock() {
+            inherited.clear();
+        }
     }
 
-    /// Stops every listener and waits until their connections are done (at most
-    /// [`DRAIN_TIMEOUT`]).
-    pub async fn shutdown(&mut self) {
-        let listeners = std::mem::take(&mut self.listeners);
-        let mut tasks = Vec::new();
-        for (_, mut listener) in listeners {
-            if let Some(stop) = listener.stop.take() {
-                let _ = stop.send(());
-            }
-            tasks.push(listener.task);
-        }
-        for task in tasks {
-            let _ = task.await;
-        }
+    /// For a hand-over: every listening socket (duplicated) with its VIP:port. This proxy
+    /// keeps accepting until [`Proxy::stop_accepting`]; the kernel gives each new connection to
+    /// whichever process accepts first.
+    pub fn hand_over(&self) -> (Vec<SocketAddr>, Vec<OwnedFd>) {
+        self.listeners
+            .iter()
+            .filter_map(|(listen, l)| Some((*listen, l.fd.try_clone().ok()?)))
+            .unzip()
+    }
+
+    /// Stops accepting on every listener; each one's task ends once its connections are done
+    /// (at most [`DRAIN_TIMEOUT`]): await the handles for that.
+    pub fn stop_accepting(&mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.listeners)
+            .into_values()
+            .map(|mut listener| {
+                if let Some(stop) = listener.stop.take() {
+                    let _ = stop.send(());
+                }
+                listener.task
+            })
+            .collect()
     }
 
     /// The VIP:ports served now.
@@ -364,13 +405,16 @@ fn backend_pool(settings: PoolSettings) -> Client<HttpConnector, proxy::Upstream
     builder.build(connector)
 }
 
-/// Accepts until `stopped`, then closes the socket and lets the connections finish (bounded).
+/// Accepts until `stopped`, then closes its copy of the socket and lets the connections
+/// finish: each is shut down gracefully (the request in flight answered, then closed; HTTP/2:
+/// GOAWAY) once it has had its first request, so a connection accepted just before the stop is
+/// served rather than reset. Connections still open after [`DRAIN_TIMEOUT`] are cut.
 async fn serve(
     listener: TcpListener,
     frontend: watch::Receiver<Arc<Frontend>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let (draining, drain) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -378,9 +422,8 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let watcher = graceful.watcher();
                     let frontend = frontend.clone();
-                    connections.spawn(connection(stream, peer, frontend, watcher));
+                    connections.spawn(connection(stream, peer, frontend, drain.clone()));
                 }
                 Err(e) => {
                     warn!("http: accepting a connection: {e}");
@@ -391,21 +434,30 @@ async fn serve(
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+    let _ = draining.send(true);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.shutdown().await;
 }
 
 /// Serves one client connection (TLS handshake first, if the service terminates TLS), HTTP/1.1
 /// or HTTP/2 by the client's preface; each request is handled with the frontend current when
-/// it arrives.
+/// it arrives. When `drain` turns true the connection is shut down gracefully, but not before
+/// its first request arrived (at most [`FIRST_REQUEST_GRACE`]): its client has sent, or is
+/// sending, one.
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     frontend: watch::Receiver<Arc<Frontend>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: watch::Receiver<bool>,
 ) {
     let tls = frontend.borrow().tls.clone();
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let arrived = first_request.clone();
     let service = hyper::service::service_fn(move |request| {
+        arrived.notify_one();
         let fe = frontend.borrow().clone();
         proxy::handle(fe, request, peer)
     });
@@ -417,13 +469,8 @@ async fn connection(
     let result = match tls {
         Some(acceptor) => match acceptor.accept(stream).await {
             Ok(stream) => {
-                watcher
-                    .watch(
-                        builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .into_owned(),
-                    )
-                    .await
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                until_drained(conn, drain, first_request).await
             }
             Err(e) => {
                 debug!("http: TLS handshake with {peer}: {e}");
@@ -431,16 +478,62 @@ async fn connection(
             }
         },
         None => {
-            watcher
-                .watch(
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned(),
-                )
-                .await
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            until_drained(conn, drain, first_request).await
         }
     };
     if let Err(e) = result {
         debug!("http: connection from {peer}: {e}");
+    }
+}
+
+/// Drives `conn` to its end; once `drain` turns true and its first request has arrived (or
+/// [`FIRST_REQUEST_GRACE`] passed), asks it to shut down gracefully.
+async fn until_drained<I, S, B>(
+    conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
+    mut drain: watch::Receiver<bool>,
+    first_request: Arc<tokio::sync::Notify>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::pin!(conn);
+    let mut had_request = false;
+    let mut shutting_down = false;
+    let mut draining = false;
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = first_request.notified(), if !had_request => {
+                had_request = true;
+                if draining && !shutting_down {
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            changed = drain.changed(), if !draining => {
+                if changed.is_err() || *drain.borrow() {
+                    draining = true;
+                    if had_request {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        grace.as_mut().reset(tokio::time::Instant::now() + FIRST_REQUEST_GRACE);
+                    }
+                }
+            }
+            _ = &mut grace, if draining && !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }

@@ -12,8 +12,7 @@ use super::{
 use crate::config::{BackendProtocol, OnFailure};
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header,
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
 };
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
@@ -64,14 +63,21 @@ pub(super) async fn handle(
     // A request without a body can be sent again to another backend if the first refuses
     // the connection (HAProxy `option redispatch` with `retries`).
     let resendable = body.is_end_stream();
-    let head = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+    let head = (
+        parts.method.clone(),
+        parts.uri.clone(),
+        parts.headers.clone(),
+    );
     let mut outcome = exchange(&fe, &placement, parts, Either::Left(body)).await;
     let mut placement = placement;
     if let Err(Failure::Connect(failed)) = &outcome
         && resendable
         && fe.route.config.stick.on_failure == OnFailure::Redispatch
     {
-        debug!("{}: {failed} refused the connection; placing the request again", fe.route.name());
+        debug!(
+            "{}: {failed} refused the connection; placing the request again",
+            fe.route.name()
+        );
         if let Ok(again) = session::place(&fe, &head.2, peer.ip(), now, Some(failed)).await {
             ServiceStats::count(&stats.redispatched);
             let mut retry = Request::new(Either::Right(Empty::new()));
@@ -117,7 +123,14 @@ pub(super) async fn handle(
     }
     if let Some(set_cookie) = placement.set_cookie.take() {
         headers.append(header::SET_COOKIE, set_cookie);
-        if fe.route.config.stick.cookie.as_ref().is_some_and(|c| c.nocache) {
+        if fe
+            .route
+            .config
+            .stick
+            .cookie
+            .as_ref()
+            .is_some_and(|c| c.nocache)
+        {
             headers.append(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache=\"Set-Cookie\""),
@@ -269,7 +282,11 @@ fn forward_headers(
         return;
     }
     let proto = if fe.tls.is_some() { "https" } else { "http" };
-    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.to_string());
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.to_string(),
+    );
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
@@ -279,7 +296,11 @@ fn forward_headers(
         IpAddr::V4(a) => a.to_string(),
         IpAddr::V6(a) => format!("\"[{a}]\""),
     };
-    append_list(headers, header::FORWARDED, &format!("for={node};proto={proto}"));
+    append_list(
+        headers,
+        header::FORWARDED,
+        &format!("for={node};proto={proto}"),
+    );
 }
 
 /// Appends `value` to the comma-separated list in `name` (one field, as proxies do).
@@ -305,7 +326,11 @@ fn refused(stats: &ServiceStats, refusal: Refusal) -> Response<ResponseBody> {
 }
 
 /// A response of the balancer's own, counted.
-fn local(stats: &ServiceStats, status: StatusCode, retry_after: Option<u64>) -> Response<ResponseBody> {
+fn local(
+    stats: &ServiceStats,
+    status: StatusCode,
+    retry_after: Option<u64>,
+) -> Response<ResponseBody> {
     stats.response(status.as_u16());
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
         "{}\n",

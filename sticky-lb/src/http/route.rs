@@ -215,16 +215,12 @@ impl Route {
 /// Maglev's names) and folded to 32 bits for the Maglev table.
 fn client_hash(client: IpAddr, mask: u8) -> u32 {
     let masked = match client {
-        IpAddr::V4(a) => {
-            IpAddr::from(std::net::Ipv4Addr::from(
-                u32::from(a) & u32::MAX.checked_shl(32 - mask as u32).unwrap_or(0),
-            ))
-        }
-        IpAddr::V6(a) => {
-            IpAddr::from(std::net::Ipv6Addr::from(
-                u128::from(a) & u128::MAX.checked_shl(128 - mask as u32).unwrap_or(0),
-            ))
-        }
+        IpAddr::V4(a) => IpAddr::from(std::net::Ipv4Addr::from(
+            u32::from(a) & u32::MAX.checked_shl(32 - mask as u32).unwrap_or(0),
+        )),
+        IpAddr::V6(a) => IpAddr::from(std::net::Ipv6Addr::from(
+            u128::from(a) & u128::MAX.checked_shl(128 - mask as u32).unwrap_or(0),
+        )),
     };
     let h = maglev::mix64(maglev::name_hash(&masked.to_string(), CLIENT_SEED));
     (h ^ (h >> 32)) as u32
@@ -298,8 +294,16 @@ mod tests {
         let turns: Vec<String> = (0..4)
             .map(|_| route.pick(client, None).unwrap().name().to_string())
             .collect();
-        assert_eq!(turns.iter().filter(|n| *n == "web-1").count(), 2, "{turns:?}");
-        assert_eq!(turns.iter().filter(|n| *n == "web-2").count(), 2, "{turns:?}");
+        assert_eq!(
+            turns.iter().filter(|n| *n == "web-1").count(),
+            2,
+            "{turns:?}"
+        );
+        assert_eq!(
+            turns.iter().filter(|n| *n == "web-2").count(),
+            2,
+            "{turns:?}"
+        );
         route.backends[0].load.open.store(3, Ordering::Relaxed);
         route.backends[1].load.open.store(1, Ordering::Relaxed);
         for _ in 0..3 {

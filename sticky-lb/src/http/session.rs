@@ -162,7 +162,9 @@ async fn by_token<'r>(
                 }
                 // Moved, once: the first node to move it decides where.
                 let next = pick(route, client, Some(avoid.unwrap_or(&name)))?;
-                let claim = store.replace(service, &token, &name, next.name(), ttl).await;
+                let claim = store
+                    .replace(service, &token, &name, next.name(), ttl)
+                    .await;
                 ServiceStats::count(&stats.redispatched);
                 Ok(Placement::to(follow(route, &claim, next)))
             }
@@ -197,11 +199,15 @@ fn follow<'r>(route: &'r Route, claim: &Claim, chosen: &'r Backend) -> &'r Backe
 fn issue_token(fe: &Frontend, cfg: &TokenConfig, token: &str, placement: &mut Placement<'_>) {
     ServiceStats::count(&fe.stats.cookies_issued);
     if let Some(name) = &cfg.cookie
-        && let Ok(v) = HeaderValue::from_str(&format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax"))
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax"))
     {
         placement.set_cookie = Some(v);
     } else if let Some(name) = &cfg.header
-        && let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(token))
+        && let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(token),
+        )
     {
         placement.set_header = Some((n, v));
     }
@@ -304,7 +310,11 @@ fn issue(
             Some(cookie::set_cookie(cfg, &value))
         }
         Err(e) => {
-            tracing::warn!("{}: no cookie for {}: {e}", session.service, session.backend);
+            tracing::warn!(
+                "{}: no cookie for {}: {e}",
+                session.service,
+                session.backend
+            );
             None
         }
     }

@@ -128,12 +128,18 @@ impl Stats {
     /// Every service's counters, by name.
     pub fn services(&self) -> Vec<(String, Arc<ServiceStats>)> {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        services.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        services
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Every backend's load, by (service, backend).
     pub fn backends(&self) -> Vec<((String, String), Arc<super::route::BackendLoad>)> {
         let backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        backends.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        backends
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
