@@ -48,6 +48,21 @@ pub struct WebBackend {
 impl WebBackend {
     /// Starts backend `name` in namespace `ns` on `addr`; returns once it listens.
     pub fn start(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<WebBackend> {
+        WebBackend::start_with(ns, addr, name, false)
+    }
+
+    /// A backend that expects a PROXY protocol v2 header first on every connection (and
+    /// closes one without it), and names the client it gives in `x-proxy-client: IP:PORT`.
+    pub fn start_proxied(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<WebBackend> {
+        WebBackend::start_with(ns, addr, name, true)
+    }
+
+    fn start_with(
+        ns: &str,
+        addr: SocketAddr,
+        name: &str,
+        proxy_protocol: bool,
+    ) -> anyhow::Result<WebBackend> {
         let requests = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = oneshot::channel();
         let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -64,7 +79,14 @@ impl WebBackend {
                         return;
                     }
                 };
-                runtime.block_on(serve(addr, name, requests, ready_tx, stopped));
+                runtime.block_on(serve(
+                    addr,
+                    name,
+                    requests,
+                    ready_tx,
+                    stopped,
+                    proxy_protocol,
+                ));
                 // Open connections end with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(100));
             })
@@ -117,6 +139,7 @@ async fn serve(
     requests: Arc<AtomicU64>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
     mut stopped: oneshot::Receiver<()>,
+    proxy_protocol: bool,
 ) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => {
@@ -133,12 +156,31 @@ async fn serve(
         tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((mut stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let (name, requests, logins) = (name.clone(), requests.clone(), logins.clone());
                 tokio::spawn(async move {
+                    let proxied = if proxy_protocol {
+                        match read_proxy_v2(&mut stream).await {
+                            Some(client) => Some(client),
+                            None => return,
+                        }
+                    } else {
+                        None
+                    };
                     let service = hyper::service::service_fn(move |request| {
-                        respond(request, name.clone(), requests.clone(), logins.clone())
+                        let reply = respond(request, name.clone(), requests.clone(), logins.clone());
+                        async move {
+                            let mut response = reply.await?;
+                            if let Some(client) = proxied {
+                                response.headers_mut().insert(
+                                    "x-proxy-client",
+                                    header::HeaderValue::from_str(&client.to_string())
+                                        .expect("an address is a header value"),
+                                );
+                            }
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -146,6 +188,34 @@ async fn serve(
                 });
             }
         }
+    }
+}
+
+/// Reads a PROXY protocol v2 header (PROXY command, TCP over IPv4 or IPv6): the client's
+/// address and port. `None` for anything else (a health check's bare connect, say).
+async fn read_proxy_v2(stream: &mut tokio::net::TcpStream) -> Option<SocketAddr> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    if &head[..12] != b"\r\n\r\n\0\r\nQUIT\n" || head[12] != 0x21 {
+        return None;
+    }
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    match (head[13], len) {
+        (0x11, 12..) => Some(SocketAddr::new(
+            std::net::Ipv4Addr::new(body[0], body[1], body[2], body[3]).into(),
+            u16::from_be_bytes([body[8], body[9]]),
+        )),
+        (0x21, 36..) => Some(SocketAddr::new(
+            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&body[..16]).ok()?).into(),
+            u16::from_be_bytes([body[32], body[33]]),
+        )),
+        _ => None,
     }
 }
 

@@ -520,3 +520,49 @@ fn forwarded_headers_indirect_and_upgrades() {
         1.0
     );
 }
+
+/// `http.proxy_protocol`: every backend connection opens with a PROXY v2 header naming the
+/// client connection (its address and port), and a pooled connection is reused only by the
+/// client connection it was opened for (two client connections from one address are named
+/// with their own ports).
+#[test]
+fn proxy_protocol_v2_names_each_client_connection_to_the_backend() {
+    let mut s = Setup::new("hck-proxyv2", Mode::Generic, 1, 4);
+    let _web = WebBackend::start_proxied(
+        s.rig.backend_ns(1),
+        std::net::SocketAddr::new(s.backend_addr(1), sticky_lb_tests::web::BACKEND_PORT),
+        "b1",
+    )
+    .unwrap();
+    let keys = write_keys(s.scratch.path(), "keys.yaml", &[(1, &test_secret(1))]);
+    let config = http_config(
+        &s,
+        &format!("cookie_keys: {}\n", keys.display()),
+        "    http:\n      proxy_protocol: true\n    stick:\n      cookie: {}\n",
+    );
+    s.start(&config);
+    s.wait_state("b1", "up", Duration::from_secs(10));
+    let me = client(&s, 0);
+    let mut seen = BTreeSet::new();
+    for _ in 0..2 {
+        let mut c = WebClient::connect(s.rig.client_ns(), me, s.vip(), false).unwrap();
+        let mut ports = BTreeSet::new();
+        for _ in 0..3 {
+            let reply = c.get("/", &[]).unwrap();
+            let named = reply.headers["x-proxy-client"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let address: std::net::SocketAddr = named.parse().unwrap();
+            assert_eq!(address.ip(), me, "{named}");
+            ports.insert(address.port());
+        }
+        assert_eq!(ports.len(), 1, "one client connection, one port: {ports:?}");
+        seen.extend(ports);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "each client connection is named with its own port: {seen:?}"
+    );
+}

@@ -15,6 +15,7 @@
 //! - `token`: the token -> backend store in Redis (`stick.token`);
 //! - `tls`: certificates; `stats`: the counters the metrics endpoint exports.
 
+pub mod connect;
 pub mod cookie;
 pub mod handover;
 pub mod keys;
@@ -29,7 +30,7 @@ pub use route::{BackendView, ServiceView};
 
 use crate::config::BackendProtocol;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -71,7 +72,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Everything a service's requests are handled with; a plan swaps it in whole.
 pub(crate) struct Frontend {
     route: Route,
-    client: Client<HttpConnector, proxy::UpstreamBody>,
+    client: Client<connect::Connector, proxy::UpstreamBody>,
     keys: Option<Keyring>,
     /// The token store, for a `stick.token` service.
     tokens: Option<token::TokenStore>,
@@ -386,12 +387,11 @@ fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// A pool of keep-alive connections to the backends (one pool per service, keyed inside by
-/// backend address).
-fn backend_pool(settings: PoolSettings) -> Client<HttpConnector, proxy::UpstreamBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    connector.enforce_http(true);
+/// the request's authority: the backend, and with the PROXY protocol the client connection).
+fn backend_pool(settings: PoolSettings) -> Client<connect::Connector, proxy::UpstreamBody> {
+    let connector = connect::Connector {
+        timeout: CONNECT_TIMEOUT,
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

@@ -68,7 +68,7 @@ pub(super) async fn handle(
         parts.uri.clone(),
         parts.headers.clone(),
     );
-    let mut outcome = exchange(&fe, &placement, parts, Either::Left(body)).await;
+    let mut outcome = exchange(&fe, &placement, parts, Either::Left(body), peer).await;
     let mut placement = placement;
     if let Err(Failure::Connect(failed)) = &outcome
         && resendable
@@ -85,7 +85,7 @@ pub(super) async fn handle(
             *retry.uri_mut() = head.1;
             *retry.headers_mut() = head.2;
             let (parts, body) = retry.into_parts();
-            outcome = exchange(&fe, &again, parts, body).await;
+            outcome = exchange(&fe, &again, parts, body, peer).await;
             placement = again;
         }
     }
@@ -177,6 +177,7 @@ async fn exchange(
     placement: &Placement<'_>,
     mut parts: http::request::Parts,
     body: UpstreamBody,
+    peer: SocketAddr,
 ) -> Result<Response<Incoming>, Failure> {
     let backend = placement.backend;
     let path = parts
@@ -186,7 +187,15 @@ async fn exchange(
         .to_string();
     parts.uri = Uri::builder()
         .scheme("http")
-        .authority(backend.view.address.to_string())
+        .authority(super::connect::authority(
+            backend.view.address,
+            fe.route.http.proxy_protocol.then(|| {
+                (
+                    peer,
+                    SocketAddr::new(fe.route.config.vip, fe.route.config.port),
+                )
+            }),
+        ))
         .path_and_query(path)
         .build()
         .map_err(|_| Failure::Exchange)?;
