@@ -1107,4 +1107,100 @@ mod tests {
             "{e}"
         );
     }
+
+    /// A `mode: http` service `web` with `service` lines (service indentation) and `top` lines.
+    fn http_service(top: &str, service: &str) -> String {
+        format!(
+            "interface: lo\n{top}services:\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n{service}    backends:\n      - name: b1\n        address: 198.18.0.11\n        port: 8080\n"
+        )
+    }
+
+    #[test]
+    fn http_settings_are_refused_with_their_field_and_line() {
+        const KEYS: &str = "cookie_keys: /etc/sticky-lb/cookie-keys.yaml\n";
+        const SHARED: &str = "shared_table:\n  redis: redis://198.18.0.250:6379/\n";
+        for (text, expected) in [
+            (
+                http_service(KEYS, "    stick:\n      cookie: {}\n"),
+                "services[0].stick.cookie (line 8): applies only to mode: http",
+            ),
+            (
+                http_service("", "    mode: http\n    stick:\n      cookie: {}\n"),
+                "services[0].stick.cookie (line 8): needs cookie_keys",
+            ),
+            (
+                http_service(
+                    KEYS,
+                    "    mode: http\n    stick:\n      cookie:\n        name: \"a b\"\n",
+                ),
+                "services[0].stick.cookie.name (line 10): 'a b' is not a cookie name",
+            ),
+            (
+                http_service(
+                    KEYS,
+                    "    mode: http\n    stick:\n      cookie:\n        samesite: None\n",
+                ),
+                "services[0].stick.cookie.samesite (line 10): None needs secure: true",
+            ),
+            (
+                http_service(
+                    KEYS,
+                    "    mode: http\n    stick:\n      cookie:\n        max_idle: 500ms\n",
+                ),
+                "services[0].stick.cookie.max_idle (line 10): must be at least 1s",
+            ),
+            (
+                http_service(
+                    KEYS,
+                    "    mode: http\n    stick:\n      cookie: {}\n      token: {cookie: T}\n",
+                ),
+                "services[0].stick.token (line 10): stick.cookie and stick.token are two persistence methods",
+            ),
+            (
+                http_service("", "    mode: http\n    stick:\n      token: {cookie: T}\n"),
+                "services[0].stick.token (line 8): needs shared_table",
+            ),
+            (
+                http_service(
+                    SHARED,
+                    "    mode: http\n    stick:\n      token: {cookie: T, header: X-T}\n",
+                ),
+                "services[0].stick.token (line 10): needs exactly one of cookie, header or learn_from_response_cookie",
+            ),
+            (
+                http_service("", "    mode: http\n    stick:\n      on_failure: strict\n"),
+                "services[0].stick.on_failure (line 8): strict needs stick.cookie or stick.token",
+            ),
+            (
+                http_service("", "    mode: http\n    forwarding: nat\n"),
+                "services[0].forwarding (line 7): does not apply to mode: http",
+            ),
+            (
+                http_service("", "    http:\n      forwarded: false\n"),
+                "services[0].http (line 6): applies only to mode: http",
+            ),
+            (
+                http_service(
+                    "",
+                    "    mode: http\n    http:\n      tls:\n        certificate: /nonexistent/cert.pem\n        key: /nonexistent/key.pem\n",
+                ),
+                "services[0].http.tls.certificate (line 9): cannot read /nonexistent/cert.pem",
+            ),
+        ] {
+            let e = error(&text);
+            assert!(e.starts_with(expected), "{e}\nexpected: {expected}");
+        }
+        // What is allowed passes, with a backend port of its own.
+        let good = Config::parse(
+            &http_service(
+                &format!("{KEYS}{SHARED}"),
+                "    mode: http\n    policy: least-conn\n    stick:\n      cookie: {name: SRV, samesite: Lax, max_idle: 30m}\n      on_failure: strict\n",
+            ),
+            false,
+        )
+        .unwrap();
+        let service = &good.services[0];
+        assert_eq!(service.backend_port(service.backends[0].port), 8080);
+        assert!(service.stick.cookie.as_ref().unwrap().httponly);
+    }
 }
