@@ -1,4 +1,5 @@
-//! Prometheus metrics over HTTP/1.1, off unless `metrics.listen` is set.
+//! Prometheus metrics over HTTP (the proxy's server: HTTP/1.1 or HTTP/2), off unless
+//! `metrics.listen` is set.
 //!
 //! - `GET /metrics` (or `HEAD`): 200 with every metric family (all named `sticky_lb_*`) in the
 //!   Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), `# HELP` and `# TYPE` lines
@@ -23,13 +24,9 @@ use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
-    server::conn::http1,
     service::service_fn,
 };
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
@@ -44,8 +41,8 @@ use std::{
     time::Duration,
 };
 use sticky_lb_common::{BackendCounters, BackendId, Counter, ServiceCounters, ServiceId};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
-use tracing::{debug, warn};
+use tokio::{net::TcpListener, sync::oneshot};
+use tracing::debug;
 
 /// Prepended (with `_`) to every family name.
 const PREFIX: &str = "sticky_lb";
@@ -54,9 +51,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long scrapes in progress may go on once [`MetricsServer::shutdown`] closed the listening
 /// socket; connections still open then are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause after a failed accept: the usual cause (no file descriptors left) does not clear at
-/// once, and retrying at full speed would spin a core.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the controller knows that the maps do not, kept current by the controller.
 pub struct Snapshot {
@@ -105,7 +99,7 @@ pub struct MetricsServer {
     listen: SocketAddr,
     /// Asks the server task to stop; it answers on the enclosed sender once its listening
     /// socket is closed.
-    stop: oneshot::Sender<oneshot::Sender<()>>,
+    stop: crate::http::server::Stop,
 }
 
 /// What a scrape reads.
@@ -144,7 +138,13 @@ impl MetricsServer {
             stick_capacity,
         });
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(serve(listener, source, stopped));
+        tokio::spawn(crate::http::server::serve(
+            "metrics",
+            listener,
+            stopped,
+            DRAIN_TIMEOUT,
+            move |stream, peer, drain| connection(stream, peer, source.clone(), drain),
+        ));
         Ok(MetricsServer { listen, stop })
     }
 
@@ -166,49 +166,20 @@ impl MetricsServer {
     }
 }
 
-/// Accepts and serves connections until asked to stop on `stopped` (or its sender is dropped),
-/// then closes the listening socket, says so, and drains the open connections.
-async fn serve(
-    listener: TcpListener,
+/// Serves one scrape connection on the server the proxy's listeners run (HTTP/1.1 or HTTP/2).
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
     source: Arc<Source>,
-    mut stopped: oneshot::Receiver<oneshot::Sender<()>>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(REQUEST_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    // Owning the connection tasks here means none outlives the server, whatever its client does.
-    let mut connections = JoinSet::new();
-    let closed = loop {
-        tokio::select! {
-            stop = &mut stopped => break stop.ok(),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let source = source.clone();
-                    let service = service_fn(move |request| respond(request, source.clone()));
-                    let connection =
-                        graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    connections.spawn(async move {
-                        if let Err(e) = connection.await {
-                            debug!("metrics: connection from {peer}: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!("metrics: accepting a connection: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            // Reaps finished connections, whose results the set would otherwise keep.
-            Some(_) = connections.join_next() => {}
-        }
-    };
-    drop(listener);
-    if let Some(closed) = closed {
-        let _ = closed.send(());
+    let service = service_fn(move |request| respond(request, source.clone()));
+    let builder = crate::http::server::builder(REQUEST_TIMEOUT);
+    if let Err(e) =
+        crate::http::server::until_drained(&builder, TokioIo::new(stream), service, drain).await
+    {
+        debug!("metrics: connection from {peer}: {e}");
     }
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    connections.shutdown().await;
 }
 
 /// Answers one request; errors become responses, so the connection is never torn down.

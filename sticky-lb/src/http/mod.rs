@@ -21,6 +21,7 @@ pub mod handover;
 pub mod keys;
 mod proxy;
 pub mod route;
+pub mod server;
 mod session;
 pub mod stats;
 pub mod tls;
@@ -32,7 +33,6 @@ use crate::config::BackendProtocol;
 use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
 };
 use keys::Keyring;
 use route::Route;
@@ -48,7 +48,7 @@ use std::{
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::{oneshot, watch},
-    task::{JoinHandle, JoinSet},
+    task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -59,11 +59,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight may go on once a listener stops (a service removed, or the
 /// controller stopping); connections still open then are cut.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection accepted just before a stop may take to send its first request
-/// before it is closed.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
-/// Pause after a failed accept (usually no file descriptors left), so it does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections a listener queues before accepting them.
 const BACKLOG: u32 = 4096;
 /// Time to connect to a backend; the rest of `response_timeout` waits for its answer.
@@ -95,7 +90,7 @@ struct Listener {
     frontend: watch::Sender<Arc<Frontend>>,
     pool: PoolSettings,
     /// Asks the accept loop to close the socket and drain.
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<server::Stop>,
     task: JoinHandle<()>,
 }
 
@@ -313,7 +308,13 @@ impl Proxy {
                     };
                     let (tx, rx) = watch::channel(frontend);
                     let (stop, stopped) = oneshot::channel();
-                    let task = tokio::spawn(serve(socket, rx, stopped));
+                    let task = tokio::spawn(server::serve(
+                        "http",
+                        socket,
+                        stopped,
+                        DRAIN_TIMEOUT,
+                        move |stream, peer, drain| connection(stream, peer, rx.clone(), drain),
+                    ));
                     next.insert(
                         listen,
                         Listener {
@@ -331,7 +332,7 @@ impl Proxy {
         for (listen, mut listener) in std::mem::replace(&mut self.listeners, next) {
             info!("{listen}: no longer served; draining its connections");
             if let Some(stop) = listener.stop.take() {
-                let _ = stop.send(());
+                let _ = stop.send(oneshot::channel().0);
             }
         }
         self.stats.retain(&keep);
@@ -357,7 +358,7 @@ impl Proxy {
             .into_values()
             .map(|mut listener| {
                 if let Some(stop) = listener.stop.take() {
-                    let _ = stop.send(());
+                    let _ = stop.send(oneshot::channel().0);
                 }
                 listener.task
             })
@@ -405,48 +406,8 @@ fn backend_pool(settings: PoolSettings) -> Client<connect::Connector, proxy::Ups
     builder.build(connector)
 }
 
-/// Accepts until `stopped`, then closes its copy of the socket and lets the connections
-/// finish: each is shut down gracefully (the request in flight answered, then closed; HTTP/2:
-/// GOAWAY) once it has had its first request, so a connection accepted just before the stop is
-/// served rather than reset. Connections still open after [`DRAIN_TIMEOUT`] are cut.
-async fn serve(
-    listener: TcpListener,
-    frontend: watch::Receiver<Arc<Frontend>>,
-    mut stopped: oneshot::Receiver<()>,
-) {
-    let (draining, drain) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let frontend = frontend.clone();
-                    connections.spawn(connection(stream, peer, frontend, drain.clone()));
-                }
-                Err(e) => {
-                    warn!("http: accepting a connection: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            Some(_) = connections.join_next() => {}
-        }
-    }
-    drop(listener);
-    let _ = draining.send(true);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    connections.shutdown().await;
-}
-
-/// Serves one client connection (TLS handshake first, if the service terminates TLS), HTTP/1.1
-/// or HTTP/2 by the client's preface; each request is handled with the frontend current when
-/// it arrives. When `drain` turns true the connection is shut down gracefully, but not before
-/// its first request arrived (at most [`FIRST_REQUEST_GRACE`]): its client has sent, or is
-/// sending, one.
+/// Serves one client connection of a listener (TLS handshake first, if the service terminates
+/// TLS); each request is handled with the frontend current when it arrives.
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -454,86 +415,24 @@ async fn connection(
     drain: watch::Receiver<bool>,
 ) {
     let tls = frontend.borrow().tls.clone();
-    let first_request = Arc::new(tokio::sync::Notify::new());
-    let arrived = first_request.clone();
     let service = hyper::service::service_fn(move |request| {
-        arrived.notify_one();
         let fe = frontend.borrow().clone();
         proxy::handle(fe, request, peer)
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let builder = server::builder(HEADER_READ_TIMEOUT);
     let result = match tls {
         Some(acceptor) => match acceptor.accept(stream).await {
             Ok(stream) => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                until_drained(conn, drain, first_request).await
+                server::until_drained(&builder, TokioIo::new(stream), service, drain).await
             }
             Err(e) => {
                 debug!("http: TLS handshake with {peer}: {e}");
                 return;
             }
         },
-        None => {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            until_drained(conn, drain, first_request).await
-        }
+        None => server::until_drained(&builder, TokioIo::new(stream), service, drain).await,
     };
     if let Err(e) = result {
         debug!("http: connection from {peer}: {e}");
-    }
-}
-
-/// Drives `conn` to its end; once `drain` turns true and its first request has arrived (or
-/// [`FIRST_REQUEST_GRACE`] passed), asks it to shut down gracefully.
-async fn until_drained<I, S, B>(
-    conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
-    mut drain: watch::Receiver<bool>,
-    first_request: Arc<tokio::sync::Notify>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    tokio::pin!(conn);
-    let mut had_request = false;
-    let mut shutting_down = false;
-    let mut draining = false;
-    let grace = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            _ = first_request.notified(), if !had_request => {
-                had_request = true;
-                if draining && !shutting_down {
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            changed = drain.changed(), if !draining => {
-                if changed.is_err() || *drain.borrow() {
-                    draining = true;
-                    if had_request {
-                        shutting_down = true;
-                        conn.as_mut().graceful_shutdown();
-                    } else {
-                        grace.as_mut().reset(tokio::time::Instant::now() + FIRST_REQUEST_GRACE);
-                    }
-                }
-            }
-            _ = &mut grace, if draining && !shutting_down => {
-                shutting_down = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
     }
 }
