@@ -136,6 +136,11 @@ fn a_cookie_jar_keeps_one_backend_and_visitors_behind_one_address_spread() {
         ),
         42.0
     );
+    let stats: serde_json::Value = serde_json::from_str(&s.cli_ok(&["stats", "--json"])).unwrap();
+    let web = &stats["services"][0];
+    assert_eq!(web["mode"], "http", "{stats}");
+    assert_eq!(web["responses"]["2xx"], 42, "{stats}");
+    assert_eq!(web["sessions_new"], 9, "1 + 8 visitors: {stats}");
 }
 
 /// One connection, many sessions: requests on one HTTP/1.1 keep-alive connection, and on one

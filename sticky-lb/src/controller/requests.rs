@@ -379,6 +379,10 @@ impl Controller {
         let counters = maps.counters()?;
         let mut services = Vec::new();
         for s in &self.services {
+            if s.proxied() {
+                services.push(self.http_stats(s));
+                continue;
+            }
             let c = maps.service_counters(s.id())?;
             let mut backends = Vec::new();
             for b in &s.backends {
@@ -411,6 +415,26 @@ impl Controller {
                 .join("  "),
         ];
         for s in &services {
+            if s["mode"] == "http" {
+                lines.push(format!(
+                    "{} (http): responses 2xx {} 3xx {} 4xx {} 5xx {}  sessions new {} kept {} redispatched {}  cookies issued {}  rejected {}  refused {}  upstream errors {} timeouts {}  upgrades {}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["responses"]["2xx"],
+                    s["responses"]["3xx"],
+                    s["responses"]["4xx"],
+                    s["responses"]["5xx"],
+                    s["sessions_new"],
+                    s["sessions_kept"],
+                    s["redispatched"],
+                    s["cookies_issued"],
+                    s["rejected"].as_object().map_or(0, |r| r.values().filter_map(|v| v.as_u64()).sum::<u64>()),
+                    s["refused"],
+                    s["upstream_errors"],
+                    s["upstream_timeouts"],
+                    s["upgrades"],
+                ));
+                continue;
+            }
             lines.push(format!(
                 "{}: hits {} misses {} inserts {} redispatches {} races_lost {} inserts_skipped {} connections_untracked {}",
                 s["name"].as_str().unwrap_or(""),
@@ -459,5 +483,51 @@ impl Controller {
             lines.join("\n"),
             serde_json::json!({"counters": global, "services": services, "shared_table": shared}),
         ))
+    }
+
+    /// The proxy's counters of `mode: http` service `s`, for `stats`.
+    fn http_stats(&self, s: &super::model::ServiceSlot) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.http.stats();
+        let c = stats.service(s.name());
+        let responses: serde_json::Map<String, serde_json::Value> =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .iter()
+                .zip(&c.responses)
+                .map(|(class, n)| (class.to_string(), n.load(Relaxed).into()))
+                .collect();
+        let rejected: serde_json::Map<String, serde_json::Value> =
+            crate::http::stats::REJECT_REASONS
+                .iter()
+                .zip(&c.rejected)
+                .map(|(reason, n)| (reason.to_string(), n.load(Relaxed).into()))
+                .collect();
+        let backends: Vec<serde_json::Value> = stats
+            .backends()
+            .into_iter()
+            .filter(|((service, _), _)| service == s.name())
+            .map(|((_, name), load)| {
+                serde_json::json!({
+                    "name": name,
+                    "requests": load.requests.load(Relaxed),
+                    "open_requests": load.open.load(Relaxed),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": s.name(),
+            "mode": "http",
+            "responses": responses,
+            "sessions_new": c.sessions_new.load(Relaxed),
+            "sessions_kept": c.sessions_kept.load(Relaxed),
+            "redispatched": c.redispatched.load(Relaxed),
+            "cookies_issued": c.cookies_issued.load(Relaxed),
+            "rejected": rejected,
+            "refused": c.refused.load(Relaxed),
+            "upstream_errors": c.upstream_errors.load(Relaxed),
+            "upstream_timeouts": c.upstream_timeouts.load(Relaxed),
+            "upgrades": c.upgrades.load(Relaxed),
+            "backends": backends,
+        })
     }
 }
