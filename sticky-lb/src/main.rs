@@ -212,7 +212,7 @@ enum BackendCommand {
         /// from the neighbour table.
         #[arg(long)]
         mac: Option<String>,
-        /// NAT: the port the backend listens on (default the service's).
+        /// NAT and mode: http: the port the backend listens on (default the service's).
         #[arg(long)]
         port: Option<u16>,
     },

@@ -571,3 +571,70 @@ fn proxy_protocol_v2_names_each_client_connection_to_the_backend() {
         "each client connection is named with its own port: {seen:?}"
     );
 }
+
+/// An IPv6 service (VIP6 on the balancer, IPv6 backends and clients) with cookies, and a
+/// backend added at run time with a port of its own: sessions keep their backends, new
+/// visitors reach the new one.
+#[test]
+fn an_ipv6_service_keeps_sessions_while_a_backend_is_added() {
+    use sticky_lb_common::Family;
+    let mut s = Setup::new_in("hck-ipv6", Mode::Generic, Family::Ipv6, 2, 4);
+    let mut web = start_backends(&s);
+    let keys = write_keys(s.scratch.path(), "keys.yaml", &[(1, &test_secret(1))]);
+    let config = http_config(
+        &s,
+        &format!("cookie_keys: {}\n", keys.display()),
+        "    policy: least-conn\n    stick:\n      cookie: {}\n",
+    );
+    s.start(&config);
+    for k in 1..=2 {
+        s.wait_state(&format!("b{k}"), "up", Duration::from_secs(10));
+    }
+    let me = client(&s, 0);
+    assert!(me.is_ipv6() && s.vip().is_ipv6());
+    let mut c = WebClient::connect(s.rig.client_ns(), me, s.vip(), true).unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let reply = c.get("/", &[]).unwrap();
+        assert_eq!(reply.received("x-forwarded-for"), Some(me.to_string()));
+        assert_eq!(
+            reply.received("forwarded"),
+            Some(format!("for=\"[{me}]\";proto=http"))
+        );
+        sessions.push((reply.backend().to_string(), reply.cookie(COOKIE).unwrap()));
+    }
+    let k = s.rig.add_backend().expect("a third backend");
+    let address = s.rig.backend_addr_in(Family::Ipv6, k);
+    web.push(
+        WebBackend::start(
+            s.rig.backend_ns(k),
+            std::net::SocketAddr::new(address, sticky_lb_tests::web::BACKEND_PORT),
+            "b3",
+        )
+        .unwrap(),
+    );
+    let out = s.cli_ok(&[
+        "backend",
+        "add",
+        "web/b3",
+        &address.to_string(),
+        "--port",
+        &sticky_lb_tests::web::BACKEND_PORT.to_string(),
+    ]);
+    assert!(out.contains("web/b3 added"), "{out}");
+    s.wait_state("b3", "up", Duration::from_secs(10));
+    for (backend, value) in &sessions {
+        let reply = c
+            .get("/", &[("cookie", &format!("{COOKIE}={value}"))])
+            .unwrap();
+        assert_eq!(reply.backend(), backend);
+    }
+    let mut reached = BTreeSet::new();
+    for _ in 0..6 {
+        reached.insert(c.get("/", &[]).unwrap().backend().to_string());
+    }
+    assert!(
+        reached.contains("b3"),
+        "new visitors reach the added backend: {reached:?}"
+    );
+}

@@ -166,14 +166,16 @@ impl Controller {
     ) -> Result<(String, String, AddedBackend), Reply> {
         self.may_add(service, backend, address)?;
         if let Some(port) = port {
-            let forwarding = self
+            let own_port = self
                 .services
                 .iter()
                 .find(|s| s.name() == service)
-                .map(|s| s.config.forwarding);
-            if forwarding != Some(crate::config::Forwarding::Nat) || port == 0 {
+                .is_some_and(|s| {
+                    s.proxied() || s.config.forwarding == crate::config::Forwarding::Nat
+                });
+            if !own_port || port == 0 {
                 return Err(Reply::error(
-                    "--port needs a service with forwarding: nat and a port of 1 to 65535 (other modes forward the packet's port unchanged)",
+                    "--port needs a service with forwarding: nat or mode: http and a port of 1 to 65535 (other modes forward the packet's port unchanged)",
                 ));
             }
         }
