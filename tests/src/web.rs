@@ -464,11 +464,16 @@ pub fn http_config(s: &crate::scenario::Setup, top: &str, service: &str) -> Stri
 
 /// Runs `curl -s -i ARGS` in the client namespace from `source`; the output (headers and body).
 pub fn curl(s: &crate::scenario::Setup, source: std::net::IpAddr, args: &[&str]) -> String {
+    curl_in(s.rig.client_ns(), source, args)
+}
+
+/// Runs `curl -s -i ARGS` in namespace `ns` from `source`; the output (headers and body).
+pub fn curl_in(ns: &str, source: std::net::IpAddr, args: &[&str]) -> String {
     let source = source.to_string();
     let mut all = vec![
         "netns",
         "exec",
-        s.rig.client_ns(),
+        ns,
         "curl",
         "-s",
         "-i",

@@ -935,6 +935,10 @@ mod example_configs {
                 "demo-cluster.yaml",
                 include_str!("../../../config/demo-cluster.yaml"),
             ),
+            (
+                "demo-web.yaml",
+                include_str!("../../../config/demo-web.yaml"),
+            ),
         ] {
             Config::parse(text, false).unwrap_or_else(|e| panic!("config/{name}: {e}"));
         }

@@ -6,7 +6,9 @@
 //! backend without moving a stuck client, then removes everything it made. Then a second
 //! sandbox: two balancer nodes behind a router's ECMP route sharing one stick table through a
 //! real Redis (config/demo-cluster.yaml): a backend joins on every node, the ECMP set changes,
-//! and no client moves.
+//! and no client moves. Last, a web shop as a `mode: http` service (config/demo-web.yaml): eight
+//! phones behind one address, each with its own cookie jar, spread over the backends and keep
+//! theirs; a backend fails and its phones move once.
 
 use std::{
     collections::BTreeMap,
@@ -20,10 +22,14 @@ use sticky_lb_tests::{
     ecmp::{EcmpRig, EcmpRigOptions},
     netns::{require_root, unique_tag},
     rig::{NameServer, Rig, RigOptions, fetch_names_many},
+    web::{WebBackend, curl_backend, curl_in, test_secret, write_keys},
 };
 
 const CONFIG: &str = include_str!("../../../config/demo.yaml");
 const CLUSTER_CONFIG: &str = include_str!("../../../config/demo-cluster.yaml");
+const WEB_CONFIG: &str = include_str!("../../../config/demo-web.yaml");
+/// Phones behind one address in the web part, each with its own cookie jar.
+const PHONES: usize = 8;
 /// Clients of the cluster part, each opening [`CONNECTIONS`] connections.
 const CLUSTER_CLIENTS: usize = 24;
 const CLIENTS: usize = 48;
@@ -44,7 +50,7 @@ fn main() {
     // Ctrl-C ends the demo between steps, through the normal clean-up.
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    if let Err(e) = demo().and_then(|()| cluster()) {
+    if let Err(e) = demo().and_then(|()| cluster()).and_then(|()| web()) {
         eprintln!("demo failed: {e:#}");
         std::process::exit(1);
     }
@@ -324,6 +330,87 @@ fn cluster() -> anyhow::Result<()> {
     drop(guards);
     drop(servers);
     drop(store);
+    drop(scratch);
+    drop(rig);
+    Ok(())
+}
+
+/// The third sandbox: a web shop whose visitors are kept by a sealed cookie.
+fn web() -> anyhow::Result<()> {
+    step(&format!(
+        "A web shop as a mode: http service (config/demo-web.yaml): {PHONES} phones behind one carrier-NAT address, each with its own cookie jar"
+    ))?;
+    let tag = unique_tag("demo-web");
+    let rig = Rig::build(RigOptions::new(&tag).backends(3).clients(1))?;
+    let scratch = ScratchDir::new(&tag);
+    let guard = DataPathGuard::new(rig.lb_ns(), rig.lb_dev());
+    let mut backends = (1..=3)
+        .map(|k| {
+            WebBackend::start(
+                rig.backend_ns(k),
+                SocketAddr::new(rig.backend_addr(k).into(), 8080),
+                &format!("backend-{k}"),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let keys = write_keys(
+        scratch.path(),
+        "demo-cookie-keys.yaml",
+        &[(1, &test_secret(7))],
+    );
+    let config = WEB_CONFIG.replace("demo-cookie-keys.yaml", &keys.display().to_string());
+    let balancer = Balancer::start(rig.lb_ns(), rig.lb_dev(), scratch.path(), &config)?;
+    // The first health checks (every 200 ms, up after 2).
+    std::thread::sleep(Duration::from_millis(800));
+    let phone_address = rig.client_addrs()[0].into();
+    let url = format!("http://{}/", rig.vip());
+    let visit = |phone: usize| {
+        let jar = scratch.path().join(format!("phone-{phone}.jar"));
+        let jar = jar.display().to_string();
+        let out = curl_in(
+            rig.client_ns(),
+            phone_address,
+            &["-c", &jar, "-b", &jar, &url],
+        );
+        curl_backend(&out).unwrap_or_else(|| "no answer".into())
+    };
+    let mut first = Vec::new();
+    for phone in 0..PHONES {
+        let visits: Vec<String> = (0..5).map(|_| visit(phone)).collect();
+        let same = visits.iter().all(|v| *v == visits[0]);
+        println!(
+            "  phone {phone} ({phone_address}) -> {}   {}",
+            visits.join(" "),
+            if same {
+                "same backend every time"
+            } else {
+                "MOVED"
+            }
+        );
+        first.push(visits[0].clone());
+    }
+    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in &first {
+        *spread.entry(name.as_str()).or_default() += 1;
+    }
+    println!("phones per backend (one client address): {spread:?}");
+    step("backend-1's web server stops; its phones move once (a new cookie) and stay")?;
+    backends[0].stop();
+    // Down after 3 failed checks, 200 ms apart.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (phone, before) in first.iter().enumerate() {
+        let visits: Vec<String> = (0..3).map(|_| visit(phone)).collect();
+        println!("  phone {phone}: was on {before}, now {}", visits.join(" "));
+    }
+    step("`sticky-lb stats` (the proxy's counters)")?;
+    let stats = sticky_lb(rig.lb_ns(), &["stats"])?;
+    if let Some(line) = stats.lines().find(|l| l.contains("(http)")) {
+        println!("{line}");
+    }
+    step("Tearing down: controller stopped, namespaces removed")?;
+    drop(balancer);
+    drop(guard);
+    drop(backends);
     drop(scratch);
     drop(rig);
     println!("done. Try `./x test` for the test suite; README.md for running it on a real NIC.");
