@@ -1,9 +1,11 @@
 //! A real HTTP backend for the `mode: http` tests: hyper (HTTP/1.1 keep-alive and HTTP/2 over
 //! cleartext) on its own thread and runtime inside a rig namespace.
 //!
-//! Every response names the backend (`x-backend: NAME`, and the body's first line), and the
-//! body then lists the request's headers as the backend received them (`name: value` lines,
-//! lower case), so a test sees what the balancer added and removed. Paths:
+//! Every response names the backend (`x-backend: NAME`, and the body's first line) and the
+//! address the request's connection came from (`x-peer: ADDR`: with several balancers, the
+//! one that proxied it), and the body then lists the request's headers as the backend
+//! received them (`name: value` lines, lower case), so a test sees what the balancer added and
+//! removed. Paths:
 //! - `/login`: the response also sets the application's own session cookie
 //!   `APPSESSION=NAME-N` (N counts logins), for learning tokens from responses;
 //! - `/slow/MS`: answers after MS milliseconds;
@@ -133,12 +135,12 @@ async fn serve(
         tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let (name, requests, logins) = (name.clone(), requests.clone(), logins.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        respond(request, name.clone(), requests.clone(), logins.clone())
+                        respond(request, name.clone(), peer, requests.clone(), logins.clone())
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -152,6 +154,7 @@ async fn serve(
 async fn respond(
     mut request: Request<Incoming>,
     name: String,
+    peer: SocketAddr,
     requests: Arc<AtomicU64>,
     logins: Arc<AtomicU64>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -174,6 +177,11 @@ async fn respond(
         "x-backend",
         header::HeaderValue::from_str(&name).expect("backend names are header values"),
     );
+    response.headers_mut().insert(
+        "x-peer",
+        header::HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an address is a header value"),
+    );
     if let Some(protocol) = upgrade {
         let upgraded = hyper::upgrade::on(&mut request);
         tokio::spawn(async move {
@@ -187,7 +195,10 @@ async fn respond(
         *response.body_mut() = Full::new(Bytes::new());
         let headers = response.headers_mut();
         headers.insert(header::UPGRADE, protocol);
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
         return Ok(response);
     }
     if path == "/login" {
@@ -214,6 +225,15 @@ impl Reply {
     pub fn backend(&self) -> &str {
         self.headers
             .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The address the backend saw the request come from (`x-peer`: the balancer that
+    /// proxied it), or "" for the balancer's own responses.
+    pub fn peer(&self) -> &str {
+        self.headers
+            .get("x-peer")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
@@ -393,7 +413,15 @@ pub fn http_config(s: &crate::scenario::Setup, top: &str, service: &str) -> Stri
 pub fn curl(s: &crate::scenario::Setup, source: std::net::IpAddr, args: &[&str]) -> String {
     let source = source.to_string();
     let mut all = vec![
-        "netns", "exec", s.rig.client_ns(), "curl", "-s", "-i", "--max-time", "5", "--interface",
+        "netns",
+        "exec",
+        s.rig.client_ns(),
+        "curl",
+        "-s",
+        "-i",
+        "--max-time",
+        "5",
+        "--interface",
         &source,
     ];
     all.extend_from_slice(args);
