@@ -22,6 +22,8 @@ use tokio::{
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// The most tokens `table show --service S` lists (a listing stops there).
+pub const TOKEN_LIST_LIMIT: usize = 100_000;
 
 /// What an operator can ask.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,11 +67,25 @@ pub enum Request {
         client: std::net::IpAddr,
         service: Option<String>,
     },
-    /// Forget every client (of every service, or one).
+    /// Forget every client (of every service, or one). Without a service, the tokens of every
+    /// `stick.token` service go too; a named token service is [`Request::TokenFlush`].
     TableFlush { service: Option<String> },
     /// `run --take-over`: send the listening sockets of the `mode: http` services with the
     /// reply (SCM_RIGHTS), then stop without detaching, so the new process serves them.
     HandOver,
+    /// The tokens of a `stick.token` service as the shared store holds them: at most `limit`,
+    /// sorted by token (`table show --service S`).
+    TokenList { service: String, limit: usize },
+    /// One token of a `stick.token` service (`table get TOKEN --service S`).
+    TokenGet { service: String, token: String },
+    /// Forget one token: its next request is placed anew, on every node (`table delete`).
+    TokenDelete { service: String, token: String },
+    /// Forget a token service's tokens: every one, or only those placed on `backend` (an
+    /// evacuation, `table flush --service S --backend B`).
+    TokenFlush {
+        service: String,
+        backend: Option<String>,
+    },
     /// Counters of the data path.
     Stats,
     /// Re-read the config file and apply the difference.
@@ -141,6 +157,50 @@ impl Reply {
             data: None,
             fds: Fds::default(),
         }
+    }
+}
+
+/// What `table get KEY` (or, with `delete`, `table delete KEY`) asks for: a token when
+/// `service` names a `mode: http` service (`http`), otherwise the stick entries of client
+/// address KEY. Errors (one line): a KEY that is not an address where an address is needed.
+pub fn keyed_request(
+    key: &str,
+    service: Option<String>,
+    http: bool,
+    delete: bool,
+) -> Result<Request, String> {
+    if let (true, Some(service)) = (http, service.clone()) {
+        let token = key.to_string();
+        return Ok(match delete {
+            true => Request::TokenDelete { service, token },
+            false => Request::TokenGet { service, token },
+        });
+    }
+    let client: std::net::IpAddr = key.parse().map_err(|_| {
+        format!(
+            "'{key}' is not a client address (a token needs --service naming a mode: http service with stick.token)"
+        )
+    })?;
+    Ok(match delete {
+        true => Request::TableDelete { client, service },
+        false => Request::TableGet { client, service },
+    })
+}
+
+/// What `table flush [--service S] [--backend B]` asks for; `http`: S is a `mode: http`
+/// service. Errors (one line): `--backend` without a token service to evacuate.
+pub fn flush_request(
+    service: Option<String>,
+    backend: Option<String>,
+    http: bool,
+) -> Result<Request, String> {
+    match (service, backend, http) {
+        (Some(service), backend, true) => Ok(Request::TokenFlush { service, backend }),
+        (service, None, _) => Ok(Request::TableFlush { service }),
+        (None, Some(_), _) => Err("--backend needs --service naming a token service".into()),
+        (Some(service), Some(_), false) => Err(format!(
+            "--backend evacuates the tokens of a stick.token service; {service} keeps its clients in the stick table (`table delete CLIENT` forgets one)"
+        )),
     }
 }
 
@@ -430,6 +490,95 @@ mod tests {
             r#"{"command":"table-delete","client":"2001:db8:1:2::7","service":"web"}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), v6);
+    }
+
+    #[test]
+    fn token_requests_have_a_stable_json_form() {
+        let flush = Request::TokenFlush {
+            service: "web".into(),
+            backend: Some("b1".into()),
+        };
+        let json = serde_json::to_string(&flush).unwrap();
+        assert_eq!(
+            json,
+            r#"{"command":"token-flush","service":"web","backend":"b1"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), flush);
+        let get = r#"{"command":"token-get","service":"web","token":"AbC-_"}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(get).unwrap(),
+            Request::TokenGet {
+                service: "web".into(),
+                token: "AbC-_".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_key_is_a_token_of_an_http_service_and_an_address_otherwise() {
+        let web = || Some("web".to_string());
+        assert_eq!(
+            keyed_request("198.18.1.7", web(), true, false),
+            Ok(Request::TokenGet {
+                service: "web".into(),
+                token: "198.18.1.7".into()
+            })
+        );
+        assert_eq!(
+            keyed_request("tok", web(), true, true),
+            Ok(Request::TokenDelete {
+                service: "web".into(),
+                token: "tok".into()
+            })
+        );
+        assert_eq!(
+            keyed_request("2001:db8::7", None, false, true),
+            Ok(Request::TableDelete {
+                client: "2001:db8::7".parse().unwrap(),
+                service: None
+            })
+        );
+        assert_eq!(
+            keyed_request("198.18.1.7", web(), false, false),
+            Ok(Request::TableGet {
+                client: [198, 18, 1, 7].into(),
+                service: web()
+            })
+        );
+        let e = keyed_request("AbCd", None, false, false).unwrap_err();
+        assert!(
+            e.contains("not a client address") && e.contains("--service"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_flush_with_a_backend_evacuates_a_token_service_only() {
+        let web = || Some("web".to_string());
+        assert_eq!(
+            flush_request(web(), Some("b1".into()), true),
+            Ok(Request::TokenFlush {
+                service: "web".into(),
+                backend: Some("b1".into())
+            })
+        );
+        assert_eq!(
+            flush_request(web(), None, true),
+            Ok(Request::TokenFlush {
+                service: "web".into(),
+                backend: None
+            })
+        );
+        assert_eq!(
+            flush_request(web(), None, false),
+            Ok(Request::TableFlush { service: web() })
+        );
+        assert_eq!(
+            flush_request(None, None, false),
+            Ok(Request::TableFlush { service: None })
+        );
+        assert!(flush_request(None, Some("b1".into()), false).is_err());
+        assert!(flush_request(web(), Some("b1".into()), false).is_err());
     }
 
     #[tokio::test]

@@ -95,7 +95,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The stick table: show, get, set, delete, flush.
+    /// The stick table: show, get, set, delete, flush. Naming a `mode: http` service with
+    /// `stick.token` (`--service`), the same commands list, get, delete and flush its tokens in
+    /// the shared store.
     Table {
         #[command(subcommand)]
         command: TableCommand,
@@ -146,9 +148,10 @@ enum Command {
 enum TableCommand {
     /// List stick entries: service, client, backend, idle time, age. A client shows as the
     /// prefix its service keys (`198.18.1.0/24`, `2001:db8:1:2::/64`), or as an address when the
-    /// service keys whole addresses.
+    /// service keys whole addresses. With --service naming a token service: its tokens
+    /// (service, token, backend, time to live, age, the node that placed it), at most 100000.
     Show {
-        /// Only this service's entries.
+        /// Only this service's entries (or tokens).
         #[arg(long)]
         service: Option<String>,
         /// Only the entry this client address (IPv4 or IPv6) falls in.
@@ -159,10 +162,11 @@ enum TableCommand {
         json: bool,
     },
     /// The entries of one client address: the entry of the prefix it falls in, in each service
-    /// of its family.
+    /// of its family. With --service naming a token service: that token.
     Get {
-        /// An IPv4 or IPv6 client address.
-        client: IpAddr,
+        /// An IPv4 or IPv6 client address, or a token of the --service.
+        #[arg(value_name = "CLIENT|TOKEN")]
+        key: String,
         #[arg(long)]
         service: Option<String>,
         /// Print JSON.
@@ -178,17 +182,24 @@ enum TableCommand {
         backend: String,
     },
     /// Forget a client (its whole prefix): its next connection is placed anew. On every node,
-    /// for a shared service.
+    /// for a shared service. With --service naming a token service: forget that token (on
+    /// every node: the store is shared).
     Delete {
-        /// An IPv4 or IPv6 client address.
-        client: IpAddr,
+        /// An IPv4 or IPv6 client address, or a token of the --service.
+        #[arg(value_name = "CLIENT|TOKEN")]
+        key: String,
         #[arg(long)]
         service: Option<String>,
     },
     /// Forget every client (of one service with --service). On every node, for shared services.
+    /// Without --service the tokens of every token service go too.
     Flush {
         #[arg(long)]
         service: Option<String>,
+        /// Evacuate a backend: forget only the tokens placed on it (needs --service naming a
+        /// token service); their next requests are placed anew.
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<String>,
     },
 }
 
@@ -344,7 +355,27 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Table { command } => {
             let target = target()?;
+            // A table command naming a `mode: http` service is about its tokens.
+            let http = |service: &Option<String>| -> anyhow::Result<bool> {
+                match service {
+                    Some(name) => view::is_http_service(&target, name),
+                    None => Ok(false),
+                }
+            };
             match command {
+                TableCommand::Show {
+                    service: Some(service),
+                    client,
+                    json,
+                } if view::is_http_service(&target, &service)? => {
+                    if client.is_some() {
+                        anyhow::bail!(
+                            "--client selects stick entries; service {service} is mode: http (its tokens: `table get TOKEN --service {service}`)"
+                        );
+                    }
+                    let limit = control::TOKEN_LIST_LIMIT;
+                    print_reply(&call(&target, Request::TokenList { service, limit })?, json)
+                }
                 TableCommand::Show {
                     service,
                     client,
@@ -358,11 +389,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                TableCommand::Get {
-                    client,
-                    service,
-                    json,
-                } => print_reply(&call(&target, Request::TableGet { client, service })?, json),
+                TableCommand::Get { key, service, json } => {
+                    let http = http(&service)?;
+                    let request = control::keyed_request(&key, service, http, false)
+                        .map_err(anyhow::Error::msg)?;
+                    print_reply(&call(&target, request)?, json)
+                }
                 TableCommand::Set { client, backend } => {
                     let (service, backend) = service_backend(&backend)?;
                     print_reply(
@@ -377,12 +409,17 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                         false,
                     )
                 }
-                TableCommand::Delete { client, service } => print_reply(
-                    &call(&target, Request::TableDelete { client, service })?,
-                    false,
-                ),
-                TableCommand::Flush { service } => {
-                    print_reply(&call(&target, Request::TableFlush { service })?, false)
+                TableCommand::Delete { key, service } => {
+                    let http = http(&service)?;
+                    let request = control::keyed_request(&key, service, http, true)
+                        .map_err(anyhow::Error::msg)?;
+                    print_reply(&call(&target, request)?, false)
+                }
+                TableCommand::Flush { service, backend } => {
+                    let http = http(&service)?;
+                    let request = control::flush_request(service, backend, http)
+                        .map_err(anyhow::Error::msg)?;
+                    print_reply(&call(&target, request)?, false)
                 }
             }
         }

@@ -66,6 +66,64 @@ pub struct StickRow {
     pub expired: bool,
 }
 
+/// Whether `service` is a `mode: http` service, by the state file of the running data path
+/// (the table commands then go to its tokens). `false` for a name the state does not know
+/// (the controller answers for it).
+pub fn is_http_service(target: &Target, service: &str) -> Result<bool> {
+    let path = state::path(target.netns.as_deref(), &target.interface);
+    let state = RuntimeState::read(&path)
+        .with_context(|| format!("no sticky-lb data path is running on {}", target.interface))?;
+    Ok(state
+        .services
+        .iter()
+        .any(|s| s.name == service && s.mode == "http"))
+}
+
+/// One token of a `stick.token` service, as `table show`, `table get` and their `--json`
+/// give it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TokenRow {
+    pub service: String,
+    pub token: String,
+    pub backend: String,
+    /// The backend's address and port, if the service has a backend of that name.
+    pub backend_address: Option<SocketAddr>,
+    /// Time left before the store forgets it (ms); `None`: no TTL (written by hand).
+    pub ttl_ms: Option<u64>,
+    /// Since it was placed (ms, by the placing node's wall clock); `None` if not recorded.
+    pub age_ms: Option<u64>,
+    /// The node that placed it ("" if not recorded).
+    pub node: String,
+}
+
+/// Tokens as `table show` prints them: a header, one line per token, and the count.
+pub fn token_table(rows: &[TokenRow]) -> String {
+    // Our tokens have 22 characters; a learned application cookie may be longer.
+    let width = rows.iter().map(|r| r.token.len()).fold(22, usize::max);
+    let optional = |ms: Option<u64>| ms.map_or_else(|| "-".to_string(), seconds);
+    let mut text = format!(
+        "{:<16} {:<width$} {:<16} {:>10} {:>10} NODE\n",
+        "SERVICE", "TOKEN", "BACKEND", "TTL", "AGE"
+    );
+    for r in rows {
+        text += &format!(
+            "{:<16} {:<width$} {:<16} {:>10} {:>10} {}\n",
+            r.service,
+            r.token,
+            r.backend,
+            optional(r.ttl_ms),
+            optional(r.age_ms),
+            if r.node.is_empty() { "-" } else { &r.node }
+        );
+    }
+    text += &format!(
+        "{} token{}",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+    text
+}
+
 /// Stick entries, optionally of one service and/or one client address (masked as its service
 /// masks it).
 pub fn stick_rows(
@@ -415,6 +473,51 @@ mod tests {
         assert_eq!(at(0), "::/0");
         assert_eq!(at(128), "2001:db8:1:2:aaaa:bbbb:cccc:dddd");
         assert_eq!(at(56), "2001:db8:1::/56");
+    }
+
+    #[test]
+    fn tokens_print_one_line_each_with_ttl_age_and_node() {
+        let row = |token: &str, ttl_ms, age_ms, node: &str| TokenRow {
+            service: "web".into(),
+            token: token.into(),
+            backend: "b1".into(),
+            backend_address: Some("198.18.0.11:8080".parse().unwrap()),
+            ttl_ms,
+            age_ms,
+            node: node.into(),
+        };
+        let text = token_table(&[
+            row("Zm9vYmFyYmF6cXV4cXV1eA", Some(1_799_950), Some(50), "lb1"),
+            row("hand", None, None, ""),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("SERVICE") && lines[0].ends_with("NODE"));
+        let first: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            first,
+            [
+                "web",
+                "Zm9vYmFyYmF6cXV4cXV1eA",
+                "b1",
+                "1799.9s",
+                "0.0s",
+                "lb1"
+            ]
+        );
+        let second: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(second, ["web", "hand", "b1", "-", "-", "-"]);
+        assert_eq!(lines[3], "2 tokens");
+        assert_eq!(token_table(&[]).lines().last(), Some("0 tokens"));
+        // A long learned token widens the column instead of shifting the others.
+        let long = "x".repeat(40);
+        let text = token_table(&[row(&long, Some(1000), Some(0), "lb2")]);
+        let header = text.lines().next().unwrap();
+        let line = text.lines().nth(1).unwrap();
+        assert_eq!(header.find("BACKEND"), line.find("b1"));
+        let json = serde_json::to_value(row("t", Some(5), None, "lb1")).unwrap();
+        assert_eq!(json["backend_address"], "198.18.0.11:8080");
+        assert_eq!(json["age_ms"], serde_json::Value::Null);
     }
 
     #[test]

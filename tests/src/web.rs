@@ -1,9 +1,11 @@
 //! A real HTTP backend for the `mode: http` tests: hyper (HTTP/1.1 keep-alive and HTTP/2 over
 //! cleartext) on its own thread and runtime inside a rig namespace.
 //!
-//! Every response names the backend (`x-backend: NAME`, and the body's first line), and the
-//! body then lists the request's headers as the backend received them (`name: value` lines,
-//! lower case), so a test sees what the balancer added and removed. Paths:
+//! Every response names the backend (`x-backend: NAME`, and the body's first line) and the
+//! address the request's connection came from (`x-peer: ADDR`: with several balancers, the
+//! one that proxied it), and the body then lists the request's headers as the backend
+//! received them (`name: value` lines, lower case), so a test sees what the balancer added and
+//! removed. Paths:
 //! - `/login`: the response also sets the application's own session cookie
 //!   `APPSESSION=NAME-N` (N counts logins), for learning tokens from responses;
 //! - `/slow/MS`: answers after MS milliseconds;
@@ -156,7 +158,7 @@ async fn serve(
         tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => {
-                let Ok((mut stream, _)) = accepted else { continue };
+                let Ok((mut stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let (name, requests, logins) = (name.clone(), requests.clone(), logins.clone());
                 tokio::spawn(async move {
@@ -169,7 +171,8 @@ async fn serve(
                         None
                     };
                     let service = hyper::service::service_fn(move |request| {
-                        let reply = respond(request, name.clone(), requests.clone(), logins.clone());
+                        let reply =
+                            respond(request, name.clone(), peer, requests.clone(), logins.clone());
                         async move {
                             let mut response = reply.await?;
                             if let Some(client) = proxied {
@@ -222,6 +225,7 @@ async fn read_proxy_v2(stream: &mut tokio::net::TcpStream) -> Option<SocketAddr>
 async fn respond(
     mut request: Request<Incoming>,
     name: String,
+    peer: SocketAddr,
     requests: Arc<AtomicU64>,
     logins: Arc<AtomicU64>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -243,6 +247,11 @@ async fn respond(
     response.headers_mut().insert(
         "x-backend",
         header::HeaderValue::from_str(&name).expect("backend names are header values"),
+    );
+    response.headers_mut().insert(
+        "x-peer",
+        header::HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an address is a header value"),
     );
     if let Some(protocol) = upgrade {
         let upgraded = hyper::upgrade::on(&mut request);
@@ -287,6 +296,15 @@ impl Reply {
     pub fn backend(&self) -> &str {
         self.headers
             .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The address the backend saw the request come from (`x-peer`: the balancer that
+    /// proxied it), or "" for the balancer's own responses.
+    pub fn peer(&self) -> &str {
+        self.headers
+            .get("x-peer")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }

@@ -428,9 +428,16 @@ fn a_killed_redis_is_skipped_and_gets_the_claims_made_meanwhile() {
         assert_eq!(a.lookup(SVC, &both, TIMEOUT).await, found(&winner));
         assert_eq!(b.lookup(SVC, &both, TIMEOUT).await, found(&winner));
         assert_eq!(a.lookup(SVC, &new, TIMEOUT).await, found(chosen));
-        // What Redis lost (the old token) is lost: it is placed anew.
+        // What Redis lost and a node still caches (the old token, on the node that placed
+        // it) is written back as well, with the TTL it had left: it keeps its backend, on
+        // every node, past the cache's trust.
         tokio::time::sleep(sticky_lb::http::token::CACHE_TRUST).await;
-        assert_eq!(a.lookup(SVC, &old, TIMEOUT).await, Lookup::Absent);
+        assert_eq!(a.lookup(SVC, &old, TIMEOUT).await, found("b1"));
+        assert_eq!(b.lookup(SVC, &old, TIMEOUT).await, found("b1"));
+        let ttl = lab.pttl(&old);
+        assert!(ttl > 0 && ttl <= TIMEOUT.as_millis() as i64, "{ttl}");
+        assert_eq!(count(&a.stats().restored), 1);
+        assert_eq!(count(&b.stats().restored), 0);
     });
 }
 

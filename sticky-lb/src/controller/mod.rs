@@ -21,6 +21,7 @@ mod shared;
 mod startup;
 mod sweep;
 mod table;
+mod tokens;
 mod validate;
 
 pub use model::state_name;

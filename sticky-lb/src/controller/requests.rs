@@ -86,6 +86,22 @@ impl Controller {
                 self.table_flush(service.as_deref(), reply);
                 return;
             }
+            Request::TokenList { service, limit } => {
+                self.token_list(&service, limit, reply);
+                return;
+            }
+            Request::TokenGet { service, token } => {
+                self.token_get(&service, token, reply);
+                return;
+            }
+            Request::TokenDelete { service, token } => {
+                self.token_delete(&service, token, reply);
+                return;
+            }
+            Request::TokenFlush { service, backend } => {
+                self.token_flush(&service, backend, reply);
+                return;
+            }
             Request::Stats => self
                 .stats()
                 .unwrap_or_else(|e| Reply::error(format!("{e:#}"))),

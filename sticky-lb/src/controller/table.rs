@@ -1,6 +1,7 @@
 //! Stick-table requests (`table get/set/delete/flush`): they read and write the pinned stick
 //! table directly, since it is the data path's own state rather than part of a plan. A flush
-//! walks the whole table on a blocking thread, so health events never wait behind it.
+//! walks the whole table on a blocking thread, so health events never wait behind it. A
+//! `mode: http` service has no stick entries: its tokens are `tokens`' business.
 
 use super::{
     Controller,
@@ -29,12 +30,18 @@ impl Controller {
             return Ok(self
                 .services
                 .iter()
+                .filter(|s| !s.proxied())
                 .filter_map(|s| Some((s, s.stick_key(client).ok()?)))
                 .collect());
         };
         let Some(s) = self.services.iter().find(|s| s.name() == name) else {
             return Err(Reply::error(format!("no service '{name}'")));
         };
+        if s.proxied() {
+            return Err(Reply::error(format!(
+                "service {name} is mode: http: no stick entries by client address (a token service's tokens: `table get TOKEN --service {name}`)"
+            )));
+        }
         let key = s.stick_key(client).map_err(Reply::error)?;
         Ok(vec![(s, key)])
     }
@@ -91,6 +98,11 @@ impl Controller {
         };
         let s = &self.services[i];
         let b = &s.backends[j];
+        if s.proxied() {
+            return Ok(Reply::error(format!(
+                "service {service} is mode: http: its requests are placed by their cookie or token, not by client address"
+            )));
+        }
         let key = match s.stick_key(client) {
             Ok(key) => key,
             Err(message) => return Ok(Reply::error(message)),
@@ -146,50 +158,86 @@ impl Controller {
     }
 
     /// Deletes every entry (of one service or all) on a blocking thread: a million-entry table
-    /// takes a while, and health events must not wait behind it.
+    /// takes a while, and health events must not wait behind it. A named `mode: http` service
+    /// is its tokens' flush; without a name, every token service's tokens go too.
     pub(super) fn table_flush(&self, service: Option<&str>, reply: oneshot::Sender<Reply>) {
-        if let Some(name) = service
-            && !self.services.iter().any(|s| s.name() == name)
-        {
-            let _ = reply.send(Reply::error(format!("no service '{name}'")));
-            return;
+        if let Some(name) = service {
+            match self.services.iter().find(|s| s.name() == name) {
+                None => {
+                    let _ = reply.send(Reply::error(format!("no service '{name}'")));
+                    return;
+                }
+                Some(s) if s.proxied() => return self.token_flush(name, None, reply),
+                Some(_) => {}
+            }
         }
+        let flushed = |s: &&super::model::ServiceSlot| {
+            !s.proxied() && service.is_none_or(|name| s.name() == name)
+        };
         let ids: Vec<ServiceId> = self
             .services
             .iter()
-            .filter(|s| service.is_none_or(|name| s.name() == name))
+            .filter(flushed)
             .map(|s| s.id())
             .collect();
         let names: Vec<String> = self
             .services
             .iter()
-            .filter(|s| service.is_none_or(|name| s.name() == name))
+            .filter(flushed)
             .map(|s| s.name().to_string())
             .collect();
+        let token_services = match service {
+            None => self.token_services(),
+            Some(_) => Vec::new(),
+        };
         self.share_flush(&names);
         let pins = self.pins.clone();
-        tokio::task::spawn_blocking(move || {
-            let flush = || -> anyhow::Result<u64> {
-                let mut maps = PinnedMaps::open(&pins)?;
-                let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
-                    .into_iter()
-                    .map(|(k, _)| k)
-                    .filter(|k| ids.contains(&k.service))
-                    .collect();
-                Ok(keys.iter().filter(|k| maps.stick.remove(k).is_ok()).count() as u64)
-            };
-            let answer = match flush() {
-                Ok(deleted) => {
-                    let message = format!(
-                        "{deleted} stick entr{} deleted",
-                        if deleted == 1 { "y" } else { "ies" }
-                    );
-                    info!("operator: table flush: {message}");
-                    Reply::with_data(message, serde_json::json!({ "deleted": deleted }))
+        let entries = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let mut maps = PinnedMaps::open(&pins)?;
+            let keys: Vec<StickKey> = crate::batch::lookup_all(&maps.stick, 8192)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| ids.contains(&k.service))
+                .collect();
+            Ok(keys.iter().filter(|k| maps.stick.remove(k).is_ok()).count() as u64)
+        });
+        tokio::spawn(async move {
+            let has_tokens = !token_services.is_empty();
+            let deleted = match entries.await {
+                Ok(Ok(deleted)) => deleted,
+                Ok(Err(e)) => {
+                    let _ = reply.send(Reply::error(format!("{e:#}")));
+                    return;
                 }
-                Err(e) => Reply::error(format!("{e:#}")),
+                Err(e) => {
+                    let _ = reply.send(Reply::error(format!("the flush did not finish: {e}")));
+                    return;
+                }
             };
-            let _ = reply.send(answer);
+            let mut message = format!(
+                "{deleted} stick entr{} deleted",
+                if deleted == 1 { "y" } else { "ies" }
+            );
+            let mut data = serde_json::json!({ "deleted": deleted });
+            if has_tokens {
+                match super::tokens::flush_all(token_services).await {
+                    Ok(tokens) => {
+                        message += &format!(
+                            ", {tokens} token{} deleted",
+                            if tokens == 1 { "" } else { "s" }
+                        );
+                        data["tokens_deleted"] = tokens.into();
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Reply::error(format!(
+                            "{message}; the tokens were not flushed: {e:#}"
+                        )));
+                        return;
+                    }
+                }
+            }
+            info!("operator: table flush: {message}");
+            let _ = reply.send(Reply::with_data(message, data));
         });
     }
 }

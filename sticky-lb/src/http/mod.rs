@@ -365,6 +365,18 @@ impl Proxy {
             .collect()
     }
 
+    /// The token store of `service`, if it is a `stick.token` service served now (operator
+    /// commands: `table show/get/delete/flush` on it).
+    pub fn token_store(&self, service: &str) -> Option<token::TokenStore> {
+        self.listeners.values().find_map(|listener| {
+            let frontend = listener.frontend.borrow();
+            if frontend.route.name() != service {
+                return None;
+            }
+            frontend.tokens.clone()
+        })
+    }
+
     /// The VIP:ports served now.
     pub fn listening(&self) -> Vec<SocketAddr> {
         self.listeners.keys().copied().collect()

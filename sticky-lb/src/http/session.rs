@@ -13,7 +13,9 @@
 //! a token the store names a backend for goes there; a new or unknown one is placed by the
 //! policy and claimed (the first node to claim it wins, the others follow); with the store down
 //! (and the token not in this node's cache) it goes where [`Route::pick_by_token`] says, which
-//! every node computes alike, so no request fails because of the store.
+//! every node computes alike, so no request fails because of the store. A new token whose
+//! claim finds the store gone, and an unknown one just after the store came back (see
+//! [`TokenStore::settling`]), go there too: other nodes route them that way meanwhile.
 
 use super::{
     Frontend,
@@ -128,14 +130,13 @@ async fn by_token<'r>(
         // it; the claim is kept and written once the store is back.
         let token = token::new_token();
         let backend = if store.is_up() {
-            pick(route, client, avoid)?
+            let chosen = pick(route, client, avoid)?;
+            claim_new(route, store, service, &token, chosen, ttl).await?
         } else {
-            route
-                .pick_by_token(&token)
-                .ok_or(Refusal::NoBackend { retry_after: 1 })?
+            let hashed = by_hash(route, store, &token)?;
+            store.claim(service, &token, hashed.name(), ttl).await;
+            hashed
         };
-        let claim = store.claim(service, &token, backend.name(), ttl).await;
-        let backend = follow(route, &claim, backend);
         ServiceStats::count(&stats.sessions_new);
         let mut placement = Placement::to(backend);
         issue_token(fe, cfg, &token, &mut placement);
@@ -170,16 +171,57 @@ async fn by_token<'r>(
             }
         },
         Lookup::Absent => {
-            let chosen = pick(route, client, avoid)?;
-            let claim = store.claim(service, &token, chosen.name(), ttl).await;
+            // Just after the store came back, an unknown token may be another node's
+            // placement made while it was away (by the hash) and not written back yet.
+            let chosen = if store.settling() {
+                by_hash(route, store, &token)?
+            } else {
+                pick(route, client, avoid)?
+            };
+            let backend = claim_new(route, store, service, &token, chosen, ttl).await?;
             ServiceStats::count(&stats.sessions_new);
-            Ok(Placement::to(follow(route, &claim, chosen)))
+            Ok(Placement::to(backend))
         }
-        Lookup::StoreDown => route
-            .pick_by_token(&token)
-            .map(Placement::to)
-            .ok_or(Refusal::NoBackend { retry_after: 1 }),
+        Lookup::StoreDown => by_hash(route, store, &token).map(Placement::to),
     }
+}
+
+/// Claims unplaced `token` on `chosen` (the policy's pick, made while the store was up); the
+/// backend it goes to. If the store fails during this very claim, no other node can learn of
+/// the token until it is back, and each of them routes it by the fallback hash meanwhile: so
+/// it goes there here too (its pending claim with it), rather than where the policy said.
+async fn claim_new<'r>(
+    route: &'r Route,
+    store: &TokenStore,
+    service: &str,
+    token: &str,
+    chosen: &'r Backend,
+    ttl: std::time::Duration,
+) -> Result<&'r Backend, Refusal> {
+    let claim = store.claim(service, token, chosen.name(), ttl).await;
+    if claim != Claim::StoreDown {
+        return Ok(follow(route, &claim, chosen));
+    }
+    let hashed = by_hash(route, store, token)?;
+    if hashed.name() == chosen.name() {
+        return Ok(hashed);
+    }
+    // With the store down this only replaces the pending claim and the cache entry.
+    let again = store.claim(service, token, hashed.name(), ttl).await;
+    Ok(follow(route, &again, hashed))
+}
+
+/// Where `token` goes while the store is down ([`Route::pick_by_token`], the same on every
+/// node), counted in `token_fallback_routings`.
+fn by_hash<'r>(route: &'r Route, store: &TokenStore, token: &str) -> Result<&'r Backend, Refusal> {
+    let backend = route
+        .pick_by_token(token)
+        .ok_or(Refusal::NoBackend { retry_after: 1 })?;
+    store
+        .stats()
+        .fallback_routings
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(backend)
 }
 
 /// The backend a claim leaves the token on: the winner's if it is here and takes its

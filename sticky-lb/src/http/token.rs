@@ -30,7 +30,12 @@
 //!   down, a token is answered from the cache (however old the entry), else
 //!   [`Lookup::StoreDown`]: the caller routes it by [`fallback`], a hash of the token that is the
 //!   same on every node. Claims made while down are kept (bounded, [`PENDING_LIMIT`]) and
-//!   written, first writer wins as always, before the store counts as up again.
+//!   written, first writer wins as always, before the store counts as up again; so are the
+//!   cached placements (a Redis that restarted empty learns again where the tokens in use go,
+//!   as the shared stick table's resync does for its entries). For [`SETTLE`] after that,
+//!   [`TokenStore::settling`] tells callers that a token Redis does not know may be another
+//!   node's claim not written back yet (its probe's round comes up to [`PROBE_INTERVAL`]
+//!   later): that node placed it by the hash, so the caller does too.
 //! - Connection: one [`MultiplexedConnection`] per store, shared by all requests, replaced by
 //!   the probe after a failure (not a `ConnectionManager`: that one reconnects inside the
 //!   requests that find it broken, and the point here is that requests never wait for that).
@@ -70,6 +75,10 @@ pub const CACHE_TRUST: Duration = Duration::from_secs(2);
 /// How often the probe PINGs Redis: a store marked down comes back within about this much of
 /// Redis answering again, and an idle store notices a silent death within about this much.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after the store came back [`TokenStore::settling`] holds: other nodes write back
+/// their claims within about one [`PROBE_INTERVAL`] of Redis answering; three leave room for
+/// their connect and their write.
+pub const SETTLE: Duration = Duration::from_secs(3);
 /// Claims made while Redis is down, kept to write once it is back (entries); beyond it they
 /// are counted in `token_pending_dropped` and only the cache remembers them.
 pub const PENDING_LIMIT: usize = 10_000;
@@ -191,6 +200,8 @@ pub struct TokenStats {
     pub pending_claimed: AtomicU64,
     /// Claims made while Redis was down that did not fit in the pending set.
     pub pending_dropped: AtomicU64,
+    /// Cached placements written to Redis when it answered again, as it no longer had them.
+    pub restored: AtomicU64,
     /// Whether a store is down now (requests skip Redis).
     pub store_down: AtomicBool,
 }
@@ -270,6 +281,11 @@ impl TokenStats {
                 "Placements made while Redis was down that did not fit in the pending set.",
                 c(&self.pending_dropped),
             ),
+            (
+                "token_restored",
+                "Cached placements written back to Redis when it answered again, as it no longer had them.",
+                c(&self.restored),
+            ),
         ]
     }
 }
@@ -296,6 +312,8 @@ struct Inner {
     delete_if_script: redis::Script,
     stats: Arc<TokenStats>,
     probe: Mutex<Option<AbortHandle>>,
+    /// When the store last came up (see [`TokenStore::settling`]).
+    up_since: Mutex<Option<Instant>>,
 }
 
 /// The connection requests use, and which one it is: a request that fails on a connection the
@@ -406,6 +424,7 @@ impl TokenStore {
             delete_if_script: redis::Script::new(DELETE_IF_SCRIPT),
             stats,
             probe: Mutex::new(None),
+            up_since: Mutex::new(None),
         });
         let task = tokio::spawn(probe(Arc::downgrade(&inner)));
         *lock(&inner.probe) = Some(task.abort_handle());
@@ -419,6 +438,13 @@ impl TokenStore {
     /// Whether requests use Redis now (else they skip it: cache, pending claims, fallback).
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Relaxed)
+    }
+
+    /// Whether the store came up less than [`SETTLE`] ago: a token Redis does not know may then
+    /// be one another node placed while Redis was away (by the hash) and has not written back
+    /// yet, so an unknown token is best placed by the hash too.
+    pub fn settling(&self) -> bool {
+        self.is_up() && lock(&self.inner.up_since).is_some_and(|at| at.elapsed() < SETTLE)
     }
 
     /// Waits until the store is up, at most `within`; whether it is.
@@ -850,24 +876,25 @@ impl Inner {
             }
         };
         self.unpend(&key);
-        self.settle(key, backend, previous.is_some(), ttl, answer, now)
+        let claim = self.settle(key, backend, ttl, answer, now);
+        self.count(previous.is_some(), &claim);
+        claim
     }
 
-    /// Acts on a claim script's answer: caches what stands and counts it.
-    fn settle(
-        &self,
-        key: String,
-        backend: &str,
-        replace: bool,
-        ttl: u64,
-        answer: Value,
-        now: Instant,
-    ) -> Claim {
-        let (won, lost) = if replace {
-            (&self.stats.replaces, &self.stats.replaces_lost)
-        } else {
-            (&self.stats.claims_won, &self.stats.claims_lost)
+    /// Counts a claim's (or, `replace`, a re-placement's) outcome.
+    fn count(&self, replace: bool, claim: &Claim) {
+        let counter = match (replace, claim) {
+            (false, Claim::Won) => &self.stats.claims_won,
+            (false, _) => &self.stats.claims_lost,
+            (true, Claim::Won) => &self.stats.replaces,
+            (true, _) => &self.stats.replaces_lost,
         };
+        TokenStats::add(counter, 1);
+    }
+
+    /// Acts on a claim script's answer: caches what stands ([`Claim::Won`] or
+    /// [`Claim::Lost`]).
+    fn settle(&self, key: String, backend: &str, ttl: u64, answer: Value, now: Instant) -> Claim {
         let (standing, expires) = match answer {
             Value::Nil => (backend.to_string(), Some(now + Duration::from_millis(ttl))),
             Value::Array(parts) => {
@@ -904,10 +931,8 @@ impl Inner {
             },
         );
         if standing == backend {
-            TokenStats::add(won, 1);
             Claim::Won
         } else {
-            TokenStats::add(lost, 1);
             Claim::Lost(standing)
         }
     }
@@ -990,14 +1015,81 @@ impl Inner {
                 return;
             }
         };
+        // Best effort, unlike the pending claims: a write-back that fails (a key of another
+        // type under the prefix fails its whole pipeline) must not keep the store down.
+        let restored = match self.restore_cached(&mut con).await {
+            Ok(restored) => restored,
+            Err(e) => {
+                TokenStats::add(&self.stats.store_errors, 1);
+                warn!("token store: writing back the cached placements: {e:#}");
+                0
+            }
+        };
         {
             let mut link = lock(&self.link);
             link.con = Some(con);
             link.generation += 1;
+            *lock(&self.up_since) = Some(Instant::now());
             self.up.store(true, Relaxed);
         }
         self.stats.store_down.store(false, Relaxed);
-        info!("token store: Redis answers; {claimed} placements made while it was away claimed");
+        info!(
+            "token store: Redis answers; {claimed} placements made while it was away claimed, {restored} cached placements it no longer had written back"
+        );
+    }
+
+    /// Writes the cached placements back to a Redis that answers again, first writer wins (as
+    /// a new claim: only a key that is absent is written), each with the TTL it had left: a
+    /// Redis that lost its data (restarted empty, or an empty replica took over) learns again
+    /// where the tokens in use go, instead of their next requests being placed anew. A key
+    /// Redis still has stands, and the cache takes what it names. Entries whose expiry is not
+    /// known or has passed are left out. The placement's time is the write's (the original is
+    /// not cached). Returns the placements written.
+    async fn restore_cached(&self, con: &mut MultiplexedConnection) -> Result<usize> {
+        let now = Instant::now();
+        let entries: Vec<(String, String, u64)> = self
+            .cache
+            .entries()
+            .into_iter()
+            .filter_map(|(key, cached)| {
+                Some((key, cached.backend, restorable(now, cached.expires)?))
+            })
+            .collect();
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let sha = operator(self.claim_script.load_async(con), "SCRIPT LOAD").await?;
+        let created_ms = shared::unix_ms();
+        let mut written = 0;
+        for chunk in entries.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for (key, backend, ttl) in chunk {
+                let placement = Placement {
+                    backend: backend.clone(),
+                    created_ms,
+                    node: self.node.clone(),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&sha)
+                    .arg(1)
+                    .arg(key)
+                    .arg(placement.encode())
+                    .arg(*ttl)
+                    .arg("");
+            }
+            TokenStats::add(&self.stats.store_commands, chunk.len() as u64);
+            let answers: Vec<Value> = operator(pipe.query_async(con), "EVALSHA restore").await?;
+            if answers.len() != chunk.len() {
+                bail!("{} answers for {} restores", answers.len(), chunk.len());
+            }
+            let now = Instant::now();
+            for ((key, backend, ttl), answer) in chunk.iter().zip(answers) {
+                written += usize::from(answer == Value::Nil);
+                self.settle(key.clone(), backend, *ttl, answer, now);
+            }
+        }
+        TokenStats::add(&self.stats.restored, written as u64);
+        Ok(written)
     }
 
     /// Claims the placements made while Redis was down (first writer wins, as always); what
@@ -1039,14 +1131,9 @@ impl Inner {
                 }
                 let now = Instant::now();
                 for ((key, pending), answer) in chunk.iter().zip(answers) {
-                    self.settle(
-                        key.clone(),
-                        &pending.backend,
-                        pending.previous.is_some(),
-                        pending.ttl_ms,
-                        answer,
-                        now,
-                    );
+                    let claim =
+                        self.settle(key.clone(), &pending.backend, pending.ttl_ms, answer, now);
+                    self.count(pending.previous.is_some(), &claim);
                 }
                 TokenStats::add(&self.stats.pending_claimed, chunk.len() as u64);
                 done += chunk.len();
@@ -1067,6 +1154,13 @@ impl Inner {
         }
         Ok(done)
     }
+}
+
+/// The TTL (ms) a cached placement that Redis expires at `expires` is written back with, or
+/// `None` if its expiry is not known or is less than a millisecond away.
+fn restorable(now: Instant, expires: Option<Instant>) -> Option<u64> {
+    let left = expires?.saturating_duration_since(now).as_millis() as u64;
+    (left > 0).then_some(left)
 }
 
 /// Runs a request's Redis call, failing at `deadline`.
@@ -1224,6 +1318,16 @@ impl Cache {
         for shard in &self.shards {
             lock(shard).retain(&keep);
         }
+    }
+
+    /// A copy of every entry (a shard at a time: entries added meanwhile may be missed).
+    fn entries(&self) -> Vec<(String, Cached)> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let shard = lock(shard);
+            all.extend(shard.slots.iter().map(|s| (s.key.clone(), s.value.clone())));
+        }
+        all
     }
 }
 
@@ -1570,6 +1674,39 @@ mod tests {
         );
         assert_eq!(entry("t", Some(b"web-2"), -1).unwrap().ttl_ms, None);
         assert!(entry("t", None, -2).is_none());
+    }
+
+    #[test]
+    fn cached_placements_are_written_back_with_the_ttl_they_had_left() {
+        let now = Instant::now();
+        assert_eq!(
+            restorable(now, Some(now + Duration::from_millis(1500))),
+            Some(1500)
+        );
+        assert_eq!(restorable(now, Some(now)), None);
+        assert_eq!(restorable(now + Duration::from_secs(1), Some(now)), None);
+        assert_eq!(restorable(now, None), None);
+        let cache = Cache::new(10);
+        for (key, expires) in [("a", Some(now + Duration::from_secs(5))), ("b", None)] {
+            cache.insert(
+                key.into(),
+                Cached {
+                    backend: "web-1".into(),
+                    checked: now,
+                    expires,
+                },
+            );
+        }
+        let mut entries: Vec<(String, Option<u64>)> = cache
+            .entries()
+            .into_iter()
+            .map(|(k, c)| (k, restorable(now, c.expires)))
+            .collect();
+        entries.sort();
+        assert_eq!(
+            entries,
+            [("a".to_string(), Some(5000)), ("b".to_string(), None)]
+        );
     }
 
     #[test]
