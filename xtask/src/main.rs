@@ -26,8 +26,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("redis-server", "redis-server"),
 ];
-/// What the end-to-end benchmark compares sticky-lb with.
-const BENCH_PACKAGES: &[(&str, &str)] = &[("nft", "nftables"), ("haproxy", "haproxy")];
+/// What the benchmarks compare sticky-lb with: nftables and HAProxy (end to end, layer 4),
+/// HAProxy and nginx (HTTP with cookie persistence). The HTTP benchmark runs its own nginx in
+/// the foreground with a config of its own inside a rig namespace; it never uses the package's
+/// service or /etc/nginx (on a machine that starts services on install, that service listens
+/// on the host's port 80 and is left as the package set it up).
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx"),
+];
 
 #[derive(Parser)]
 #[command(about = "Set-up, build, test and demo for sticky-lb")]
@@ -381,9 +389,10 @@ fn dist() -> Result<()> {
     Ok(())
 }
 
-/// Runs the per-packet/control-plane benchmark, then the end-to-end one; each prints a markdown
-/// report (also saved under target/bench/ next to its JSON). Then the packet fuzzer at a million
-/// frames, whose summary is saved as target/bench/fuzz.md.
+/// Runs the per-packet/control-plane benchmark, the end-to-end one, the shared table's and the
+/// HTTP one (HAProxy, nginx and sticky-lb with cookie persistence); each prints a markdown report
+/// (also saved under target/bench/ next to its JSON). Then the packet fuzzer at a million frames,
+/// whose summary is saved as target/bench/fuzz.md.
 fn bench() -> Result<()> {
     let root = workspace();
     let out_dir = root.join("target/bench");
@@ -400,6 +409,7 @@ fn bench() -> Result<()> {
         ("slb-bench", "datapath.md"),
         ("slb-bench-e2e", "e2e.md"),
         ("slb-bench-shared", "shared.md"),
+        ("slb-bench-http", "http.md"),
     ] {
         eprintln!("xtask: running {binary}");
         let out = Command::new(root.join("target/release").join(binary))

@@ -13,6 +13,7 @@
 //! it is gone, and `Drop` does the same on any error path.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::client::{probe_keepalive, probe_short};
-use super::command::in_ns;
+use super::command::{check_ns, in_ns};
 use crate::balancer::{Balancer, DataPathGuard, PeerXdp};
 use crate::rig::Rig;
 
@@ -593,16 +594,36 @@ fn start_haproxy(running: &mut Running, rig: &Rig, scratch: &Path) -> Result<()>
     let config_path = dir.join("haproxy.cfg");
     std::fs::write(&config_path, &config)?;
     let log_path = dir.join("haproxy.log");
-    let log = std::fs::File::create(&log_path)?;
+    let mut args: Vec<&OsStr> = ["haproxy", "-db", "-f"].map(OsStr::new).to_vec();
+    args.push(config_path.as_os_str());
+    running.haproxy = Some(spawn_logged(&running.lb_ns, &args, &log_path)?);
+    let vip = SocketAddr::new(rig.vip().into(), PORT);
+    wait_listening(
+        "haproxy",
+        &mut running.haproxy,
+        &running.lb_ns,
+        vip,
+        &log_path,
+        READY_TIMEOUT,
+    )
+}
+
+/// Starts `ip netns exec NS ARGS...` as our child, output (stdout and stderr) to `log_path`,
+/// so a server in the namespace (HAProxy, nginx) runs in the foreground under our control; never
+/// a host service.
+pub(crate) fn spawn_logged(ns: &str, args: &[&OsStr], log_path: &Path) -> Result<Child> {
+    check_ns(ns)?;
+    let log = std::fs::File::create(log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let mut command = Command::new("ip");
     command
-        .args(["netns", "exec", &running.lb_ns, "haproxy", "-db", "-f"])
-        .arg(&config_path)
+        .args(["netns", "exec", ns])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // If this process dies without unwinding (SIGKILL), the kernel kills HAProxy too: `ip netns
-    // exec` execs it in place, so the death signal set here survives into HAProxy.
+    // If this process dies without unwinding (SIGKILL), the kernel kills the server too: `ip
+    // netns exec` execs it in place, so the death signal set here survives into it.
     // SAFETY: prctl is async-signal-safe and touches nothing of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -612,41 +633,52 @@ fn start_haproxy(running: &mut Running, rig: &Rig, scratch: &Path) -> Result<()>
             Ok(())
         });
     }
-    running.haproxy = Some(command.spawn().context("starting haproxy")?);
-    // Wait until it listens (or died: its log says why).
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let program = args.first().map_or("?".into(), |p| p.to_string_lossy());
+    command
+        .spawn()
+        .with_context(|| format!("starting {program} in {ns}"))
+}
+
+/// Waits until something listens on `addr` in `ns` (TCP), or fails when `child` (called `what`
+/// in errors) exits first (then `child` is cleared and its log is in the error) or `within`
+/// passes.
+pub(crate) fn wait_listening(
+    what: &str,
+    child: &mut Option<Child>,
+    ns: &str,
+    addr: SocketAddr,
+    log_path: &Path,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
     loop {
-        if let Some(status) = running.haproxy.as_mut().unwrap().try_wait()? {
-            running.haproxy = None;
-            bail!(
-                "haproxy exited with {status}: {}",
-                read_log(&log_path).trim()
-            );
+        let Some(process) = child.as_mut() else {
+            bail!("{what} was already stopped");
+        };
+        if let Some(status) = process.try_wait()? {
+            *child = None;
+            bail!("{what} exited with {status}: {}", read_log(log_path).trim());
         }
-        let listening = in_ns(
-            &running.lb_ns,
-            &["ss", "-Hltn", &format!("src {}:{PORT}", rig.vip())],
-            None,
-        )?;
+        let listening = in_ns(ns, &["ss", "-Hltn", &format!("src {addr}")], None)?;
         if !listening.trim().is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "haproxy does not listen after {READY_TIMEOUT:?}: {}",
-                read_log(&log_path)
+                "{what} does not listen on {addr} after {within:?}: {}",
+                read_log(log_path).trim()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn read_log(path: &Path) -> String {
+pub(crate) fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// SIGTERM (HAProxy stops at once on it), SIGKILL after 5 s; always reaps the child.
-fn stop_child(mut child: Child) -> Result<()> {
+/// SIGTERM (HAProxy and nginx stop at once on it), SIGKILL after 5 s; always reaps the child.
+pub(crate) fn stop_child(mut child: Child) -> Result<()> {
     // SAFETY: signalling our own, not yet reaped child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -658,7 +690,7 @@ fn stop_child(mut child: Child) -> Result<()> {
     }
     child.kill()?;
     child.wait()?;
-    bail!("haproxy ignored SIGTERM and was killed")
+    bail!("pid {} ignored SIGTERM and was killed", child.id())
 }
 
 fn format_mac(mac: [u8; 6]) -> String {

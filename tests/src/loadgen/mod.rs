@@ -1,7 +1,10 @@
-//! Load generation for the end-to-end benchmark (`slb-bench-e2e`): an HTTP/1.1 backend server,
-//! a bounded multi-threaded HTTP client, whole-machine CPU accounting, the competing balancers
-//! (none, sticky-lb, nftables, HAProxy) set up and torn down inside a rig's namespaces, and a
-//! packet-rate generator on BPF_PROG_TEST_RUN's live-frames mode.
+//! Load generation for the end-to-end benchmarks: an HTTP/1.1 backend server, a bounded
+//! multi-threaded HTTP client, CPU accounting (whole machine, a process tree, our own threads),
+//! the competing balancers (none, sticky-lb, nftables, HAProxy) set up and torn down inside a
+//! rig's namespaces, and a packet-rate generator on BPF_PROG_TEST_RUN's live-frames mode
+//! (`slb-bench-e2e`); the HTTP balancers with cookie persistence (HAProxy, nginx, sticky-lb
+//! `mode: http`), backends on one event-loop thread, and a keep-alive client on tokio that
+//! sends and checks the balancers' cookies (`slb-bench-http`).
 //!
 //! Everything here runs inside namespaces a [`crate::rig::Rig`] owns and only talks to
 //! 198.18.0.0/15 addresses; every loop is bounded by a count and a deadline.
@@ -10,6 +13,9 @@ pub mod balancers;
 pub mod client;
 pub mod command;
 pub mod cpu;
+pub mod event_server;
+pub mod http_balancers;
+pub mod http_client;
 pub mod live_frames;
 pub mod server;
 

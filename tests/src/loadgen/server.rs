@@ -1,7 +1,7 @@
 //! A small multi-threaded HTTP/1.1 server for the backends of the end-to-end benchmark.
 //!
-//! `GET /` gets `200` with the server's name as the body (so a client can tell which backend
-//! answered); anything else gets `404`. Keep-alive is the HTTP/1.1 default; `Connection: close`
+//! `GET /` gets `200` with the server's name as the body and in an `X-Backend` header (so a
+//! client, or a proxy's log, can tell which backend answered); anything else gets `404`. Keep-alive is the HTTP/1.1 default; `Connection: close`
 //! (or HTTP/1.0) makes the server close right after its answer, so the TIME_WAIT state stays on
 //! the server side and the load generator never runs out of ports.
 //!
@@ -28,11 +28,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Safety net: one connection is served at most this long (a run lasts seconds).
 const CONNECTION_MAX_LIFETIME: Duration = Duration::from_secs(120);
 /// Safety net: a server nobody stops ends by itself.
-const SERVER_MAX_LIFETIME: Duration = Duration::from_secs(4 * 3600);
+pub(crate) const SERVER_MAX_LIFETIME: Duration = Duration::from_secs(4 * 3600);
 /// A request head must fit in this; a longer one closes the connection.
-const HEAD_LIMIT: usize = 4096;
+pub(crate) const HEAD_LIMIT: usize = 4096;
 /// Listen backlog: bursts of short connections from many client threads.
-const BACKLOG: libc::c_int = 1024;
+pub(crate) const BACKLOG: libc::c_int = 1024;
 
 /// Shared by the handle and the workers.
 struct Shared {
@@ -134,12 +134,12 @@ impl Drop for HttpBackend {
 }
 
 /// The full answer, built once: status line, headers, body.
-fn response(status: u16, name: &str, close: bool) -> Vec<u8> {
+pub(crate) fn response(status: u16, name: &str, close: bool) -> Vec<u8> {
     let body = format!("{name}\n");
     let reason = if status == 200 { "OK" } else { "Not Found" };
     let connection = if close { "Connection: close\r\n" } else { "" };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n{connection}\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -220,7 +220,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, ok: &[u8], ok_close: &[u8]) {
 }
 
 /// Length of the request head (through the blank line), if complete.
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn find_head_end(bytes: &[u8]) -> Option<usize> {
     bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -228,7 +228,7 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 }
 
 /// HTTP/1.0 closes unless it asks for keep-alive; HTTP/1.1 keeps alive unless it asks to close.
-fn wants_close(head: &[u8]) -> bool {
+pub(crate) fn wants_close(head: &[u8]) -> bool {
     let text = String::from_utf8_lossy(head).to_ascii_lowercase();
     let mut lines = text.split("\r\n");
     let http10 = lines.next().is_some_and(|l| l.ends_with("http/1.0"));
@@ -269,6 +269,7 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(r.contains("Content-Length: 3\r\n"));
         assert!(r.contains("Connection: close\r\n"));
+        assert!(r.contains("X-Backend: b1\r\n"));
         assert!(r.ends_with("\r\n\r\nb1\n"));
     }
 }
