@@ -405,9 +405,12 @@ async fn connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let tls = frontend.borrow().tls.clone();
+    // What the connection is, for X-Forwarded-Proto: a reload may turn TLS on or off for
+    // the listener, but a connection keeps the protocol it began with.
+    let https = tls.is_some();
     let service = hyper::service::service_fn(move |request| {
         let fe = frontend.borrow().clone();
-        proxy::handle(fe, request, peer)
+        proxy::handle(fe, request, peer, https)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
