@@ -3,6 +3,8 @@
 //! several behind an ECMP router, sharing a Redis store: `ecmp`).
 
 pub mod balancer;
+pub mod browser;
+pub mod certs;
 pub mod decap;
 pub mod ecmp;
 pub mod fixture;

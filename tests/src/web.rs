@@ -9,6 +9,12 @@
 //! - `/login`: the response also sets the application's own session cookie
 //!   `APPSESSION=NAME-N` (N counts logins), for learning tokens from responses;
 //! - `/slow/MS`: answers after MS milliseconds;
+//! - `/page`: the same as an HTML page for a browser (see [`page`]): the backend's name in
+//!   `<p id="backend">`, what a page script reads from `document.cookie` in
+//!   `<pre id="script-cookies">`, the request's headers in `<pre id="request">`; it also sets
+//!   the application's own cookie `visit=NAME` (persistent, no attributes), which scripts see;
+//! - `/go?to=URL`: a page whose script navigates the browser to URL (a link followed from this
+//!   backend's own address, i.e. from another site than the VIP's);
 //! - any request with `Connection: upgrade` + `Upgrade`: 101, then every byte is echoed back
 //!   (a stand-in for a WebSocket server: the balancer relays bytes without reading them).
 //!
@@ -239,10 +245,15 @@ async fn respond(
         ));
     }
     let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
     if let Some(ms) = path.strip_prefix("/slow/").and_then(|ms| ms.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let upgrade = request.headers().get(header::UPGRADE).cloned();
+    let body = match path.as_str() {
+        "/page" => page(&name, &body),
+        _ => body,
+    };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     response.headers_mut().insert(
         "x-backend",
@@ -272,6 +283,30 @@ async fn respond(
         );
         return Ok(response);
     }
+    if path == "/page" {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        headers.insert(
+            header::SET_COOKIE,
+            header::HeaderValue::from_str(&format!("visit={name}; Max-Age=3600; Path=/"))
+                .expect("a cookie is a header value"),
+        );
+    }
+    if path == "/go" {
+        match go(&query) {
+            Some(html) => {
+                *response.body_mut() = Full::new(Bytes::from(html));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+            }
+            None => *response.status_mut() = StatusCode::BAD_REQUEST,
+        }
+    }
     if path == "/login" {
         let n = logins.fetch_add(1, Ordering::Relaxed) + 1;
         response.headers_mut().insert(
@@ -281,6 +316,39 @@ async fn respond(
         );
     }
     Ok(response)
+}
+
+/// The HTML of `/page` from backend `name`, with `echo` (the plain body: name, then the
+/// request's headers) in `<pre id="request">`. Its script writes `document.cookie: ` and what
+/// it reads there into `<pre id="script-cookies">`, so a browser's dumped DOM shows which
+/// cookies a page script can see (an HttpOnly one is not among them). The icon is inline so
+/// the browser asks for nothing else.
+pub fn page(name: &str, echo: &str) -> String {
+    let request = echo.split_once('\n').map_or("", |(_, headers)| headers);
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{name}</title><link rel=\"icon\" href=\"data:,\"></head>\n<body>\n<p id=\"backend\">{name}</p>\n<pre id=\"script-cookies\"></pre>\n<pre id=\"request\">{}</pre>\n<script>document.getElementById(\"script-cookies\").textContent = \"document.cookie: \" + document.cookie;</script>\n</body></html>\n",
+        html_escape(request)
+    )
+}
+
+/// The page of `/go?to=URL`: its script sends the browser to URL. Only URLs of plain
+/// characters are taken (they go into a script unescaped); anything else is None (400).
+fn go(query: &str) -> Option<String> {
+    let to = query.strip_prefix("to=")?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || ":/.-_?=&%".contains(c);
+    if !(to.starts_with("http://") || to.starts_with("https://")) || !to.chars().all(plain) {
+        return None;
+    }
+    Some(format!(
+        "<!doctype html>\n<html><head><link rel=\"icon\" href=\"data:,\"></head><body><script>location.href = \"{to}\";</script></body></html>\n"
+    ))
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// One answer as a client saw it.
@@ -465,8 +533,13 @@ pub fn test_secret(byte: u8) -> String {
 /// service indentation), every rig backend on [`BACKEND_PORT`] with health checks every
 /// 200 ms, `top` lines added at the top, and metrics on [`METRICS`].
 pub fn http_config(s: &crate::scenario::Setup, top: &str, service: &str) -> String {
+    http_config_on(s, 80, top, service)
+}
+
+/// [`http_config`] with the service on VIP:`port` (443 for HTTPS).
+pub fn http_config_on(s: &crate::scenario::Setup, port: u16, top: &str, service: &str) -> String {
     let mut yaml = format!(
-        "interface: {}\nxdp_mode: {}\nsweep_interval: 500ms\nmetrics:\n  listen: {METRICS}\n{top}services:\n  - name: web\n    mode: http\n    vip: {}\n    port: 80\n    health_check:\n      interval: 200ms\n      timeout: 150ms\n{service}    backends:\n",
+        "interface: {}\nxdp_mode: {}\nsweep_interval: 500ms\nmetrics:\n  listen: {METRICS}\n{top}services:\n  - name: web\n    mode: http\n    vip: {}\n    port: {port}\n    health_check:\n      interval: 200ms\n      timeout: 150ms\n{service}    backends:\n",
         s.rig.lb_dev(),
         s.mode.yaml(),
         s.rig.vip_in(s.family)

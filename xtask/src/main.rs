@@ -18,13 +18,18 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `redis-server` (the shared stick table's store in the multi-balancer rig; it brings
 /// `redis-cli`). The tests start their own `redis-server` processes inside the rig's
 /// namespaces and never use the package's own service (on 127.0.0.1:6379 of the host, if the
-/// package manager started it at all).
+/// package manager started it at all). `chromium` is the cookie tests' real browser (headless,
+/// in the client namespace: browsers are the users of cookies, and only one shows what its
+/// jar does with Max-Age, HttpOnly, SameSite and Secure); `sqlite3` reads that jar (Chromium
+/// keeps it in an SQLite database) for the attributes the browser stored.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("redis-server", "redis-server"),
+    ("chromium", "chromium"),
+    ("sqlite3", "sqlite3"),
 ];
 /// What the benchmarks compare sticky-lb with: nftables and HAProxy (end to end, layer 4),
 /// HAProxy and nginx (HTTP with cookie persistence). The HTTP benchmark runs its own nginx in

@@ -427,9 +427,12 @@ async fn connection(
     drain: watch::Receiver<bool>,
 ) {
     let tls = frontend.borrow().tls.clone();
+    // What the connection is, for X-Forwarded-Proto: a reload may turn TLS on or off for
+    // the listener, but a connection keeps the protocol it began with.
+    let https = tls.is_some();
     let service = hyper::service::service_fn(move |request| {
         let fe = frontend.borrow().clone();
-        proxy::handle(fe, request, peer)
+        proxy::handle(fe, request, peer, https)
     });
     let builder = server::builder(HEADER_READ_TIMEOUT);
     let result = match tls {

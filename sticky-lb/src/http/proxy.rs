@@ -44,11 +44,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Answers one client request: place, forward, return the backend's response with the
 /// session's cookie. Every failure becomes a response (502, 503, 504), never a broken
-/// connection.
+/// connection. `https`: the request came over TLS (its connection's, not the frontend's
+/// current setting).
 pub(super) async fn handle(
     fe: Arc<Frontend>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    https: bool,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let now = unix_seconds();
     let stats = fe.stats.clone();
@@ -59,7 +61,14 @@ pub(super) async fn handle(
     let upgrade = wants_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
-    forward_headers(&fe, &mut parts.headers, &parts.uri, peer.ip(), upgrade);
+    forward_headers(
+        &fe,
+        &mut parts.headers,
+        &parts.uri,
+        peer.ip(),
+        https,
+        upgrade,
+    );
     // A request without a body can be sent again to another backend if the first refuses
     // the connection (HAProxy `option redispatch` with `retries`).
     let resendable = body.is_end_stream();
@@ -262,12 +271,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The request's headers as the backend gets them: hop-by-hop fields out (the upgrade's own
 /// back in), `Host` kept (or taken from an HTTP/2 request's authority), the balancer's cookie
 /// out under `indirect`, and the client named in `X-Forwarded-For`, `X-Forwarded-Proto` and
-/// `Forwarded` (appended to what earlier proxies wrote).
+/// `Forwarded` (appended to what earlier proxies wrote), with the protocol the client used
+/// (`https` if it came over TLS).
 fn forward_headers(
     fe: &Frontend,
     headers: &mut HeaderMap,
     uri: &Uri,
     client: IpAddr,
+    https: bool,
     upgrade: bool,
 ) {
     let upgrade_value = headers.get(header::UPGRADE).cloned();
@@ -290,7 +301,7 @@ fn forward_headers(
     if !fe.route.http.forwarded {
         return;
     }
-    let proto = if fe.tls.is_some() { "https" } else { "http" };
+    let proto = if https { "https" } else { "http" };
     append_list(
         headers,
         HeaderName::from_static("x-forwarded-for"),
