@@ -327,7 +327,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, take_over } => {
             let parsed = Config::load(&config, true)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(parsed.worker_threads())
                 .enable_all()
                 .build()?;
             runtime.block_on(controller::run(parsed, &config, cli.netns, take_over))

@@ -82,6 +82,10 @@ pub struct Config {
     /// behind ECMP or anycast); off unless configured.
     #[serde(default)]
     pub shared_table: Option<SharedTableConfig>,
+    /// Worker threads of the controller's runtime, which also runs the proxy of `mode: http`
+    /// services (HAProxy's `nbthread`). Default: the CPUs this process may run on.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// The key file that seals `stick.cookie` cookies (required when a service uses them); the
     /// same file on every node. Read at start and on every reload.
     #[serde(default)]
@@ -723,6 +727,14 @@ impl ConfigError {
 }
 
 impl Config {
+    /// The runtime's worker threads: `threads`, or the CPUs this process may run on (its
+    /// affinity mask and cgroup quota), at least 1.
+    pub fn worker_threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     /// Reads, parses and validates a config file. `check_interface` also requires the interface
     /// to exist in the current network namespace.
     pub fn load(path: &Path, check_interface: bool) -> Result<Config, ConfigError> {

@@ -49,6 +49,9 @@ impl Config {
                 ),
             ));
         }
+        if self.threads.is_some_and(|t| t == 0 || t > 1024) {
+            return Err(err(&[K("threads")], "must be 1 to 1024".into()));
+        }
         if self.stick_table_size == 0 {
             return Err(err(&[K("stick_table_size")], "must be at least 1".into()));
         }

@@ -395,6 +395,7 @@ fn sticky_config(rig: &Rig, keys: &Path) -> String {
     let mut yaml = format!(
         "interface: {dev}\n\
          on_exit: detach\n\
+         threads: 1\n\
          cookie_keys: {keys}\n\
          services:\n\
          \x20 - name: web\n\
