@@ -164,8 +164,9 @@ enum TableCommand {
     /// The entries of one client address: the entry of the prefix it falls in, in each service
     /// of its family. With --service naming a token service: that token.
     Get {
-        /// An IPv4 or IPv6 client address, or a token of the --service.
-        #[arg(value_name = "CLIENT|TOKEN")]
+        /// An IPv4 or IPv6 client address, or a token of the --service (a token may start
+        /// with '-').
+        #[arg(value_name = "CLIENT|TOKEN", allow_hyphen_values = true)]
         key: String,
         #[arg(long)]
         service: Option<String>,
@@ -185,8 +186,9 @@ enum TableCommand {
     /// for a shared service. With --service naming a token service: forget that token (on
     /// every node: the store is shared).
     Delete {
-        /// An IPv4 or IPv6 client address, or a token of the --service.
-        #[arg(value_name = "CLIENT|TOKEN")]
+        /// An IPv4 or IPv6 client address, or a token of the --service (a token may start
+        /// with '-').
+        #[arg(value_name = "CLIENT|TOKEN", allow_hyphen_values = true)]
         key: String,
         #[arg(long)]
         service: Option<String>,

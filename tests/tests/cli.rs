@@ -195,10 +195,14 @@ fn read_commands_without_a_data_path_fail_in_one_line() {
     require_root();
     let tag = unique_tag("cli-none");
     let rig = Rig::build(RigOptions::new(&tag).backends(1).clients(1)).unwrap();
+    // A token may start with '-' (base64url): it is a value, not an unknown flag (status 1,
+    // not clap's 2).
     for args in [
         &["table", "show"][..],
         &["status", "--json"],
         &["detach", "--interface", "lb0"],
+        &["table", "get", "-8i0zwTW9RnZTarFwSRMig", "--service", "web"],
+        &["table", "delete", "--service", "web", "-_x"],
     ] {
         let (code, out, err) = cli(rig.lb_ns(), args);
         assert_eq!(code, 1, "{args:?}: {err}");
